@@ -1,0 +1,1 @@
+"""Job functions: plain `fn(session, **kwargs)`; the worker commits and closes."""

@@ -1,0 +1,68 @@
+"""Resolve "package.module:function" to the function, at load time.
+
+A typo in a job's `call` must stop the worker before the first job starts, not
+surface at 3 a.m. when that job first comes due.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable, Mapping
+
+from .config import Config, ConfigError
+
+JobFunction = Callable[..., Any]
+
+
+class CallableError(Exception):
+    """`call` does not name a usable job function."""
+
+
+def resolve(call: str) -> JobFunction:
+    module_name, _, attr_path = call.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise CallableError(f"no module named {exc.name!r} (is the package on "
+                                f"the Python path? the worker adds the current "
+                                f"directory)") from None
+        raise CallableError(f"importing {module_name!r} failed: {exc}") from None
+    except Exception as exc:  # the module itself is broken: show why
+        raise CallableError(f"importing {module_name!r} failed: "
+                            f"{type(exc).__name__}: {exc}") from None
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise CallableError(f"module {module_name!r} has no attribute "
+                                f"{attr_path!r}") from None
+    if not callable(target):
+        raise CallableError(f"{call!r} is a {type(target).__name__}, not a function")
+    return target
+
+
+def check_arguments(function: JobFunction, kwargs: Mapping[str, Any]) -> None:
+    """The worker calls function(session, **kwargs): make sure that call can bind."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return  # builtins and some C callables have no signature; let them be
+    try:
+        signature.bind(object(), **kwargs)
+    except TypeError as exc:
+        raise CallableError(f"cannot be called as fn(session, **kwargs) with kwargs "
+                            f"{sorted(kwargs)}: {exc}") from None
+
+
+def resolve_jobs(config: Config) -> dict[str, JobFunction]:
+    """Every job's function, by job name; ConfigError on the first that fails."""
+    functions: dict[str, JobFunction] = {}
+    for job in config.jobs:
+        try:
+            function = resolve(job.call)
+            check_arguments(function, job.kwargs)
+        except CallableError as exc:
+            raise config.error(f"{job.call}: {exc}", job=job, key="call") from None
+        functions[job.name] = function
+    return functions

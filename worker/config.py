@@ -1,0 +1,508 @@
+"""YAML job list -> frozen, validated settings.
+
+Everything is checked before anything runs, and every error names the file, the
+job, the key and (where YAML knows it) the line, so that a bad deploy fails at
+start-up with one readable message instead of half-way through a batch.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+DEFAULT_CONFIG_PATH = "config/jobs.yaml"
+CONFIG_ENV_VAR = "WORKER_CONFIG"
+
+
+class ConfigError(Exception):
+    """An invalid configuration; nothing may run (exit code 78)."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None,
+                 job: str | None = None, key: str | None = None,
+                 line: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = str(path) if path is not None else None
+        self.job = job
+        self.key = key
+        self.line = line
+
+    def __str__(self) -> str:
+        where = self.path or "<config>"
+        if self.line is not None:
+            where += f":{self.line}"
+        parts = [where]
+        if self.job is not None:
+            parts.append(f"job {self.job!r}")
+        if self.key is not None:
+            parts.append(f"key {self.key!r}")
+        return ": ".join(parts) + ": " + self.message
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5          # total tries; 1 means no retry
+    wait_initial: float = 0.5  # seconds before the first retry
+    wait_max: float = 30.0     # cap on any single wait
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str
+    pool_size: int
+    max_overflow: int = 0
+    pool_timeout: float = 30.0
+    pool_recycle: float = 3600.0   # -1: never recycle
+    pool_pre_ping: bool = False
+    connect_args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    max_workers: int = 4
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    call: str                      # "package.module:function"
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    timeout: float | None = None   # seconds per attempt
+    every: float | None = None     # seconds between runs (daemon)
+    cron: str | None = None        # cron expression (daemon)
+    retry: RetryPolicy = RetryPolicy()
+    enabled: bool = True
+    idempotent: bool = False       # safe to re-run when a commit's outcome is unknown
+    line: int | None = None        # where the job starts in the YAML file
+
+    @property
+    def schedule(self) -> str | None:
+        if self.cron is not None:
+            return f"cron {self.cron!r}"
+        if self.every is not None:
+            return f"every {format_duration(self.every)}"
+        return None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    database: DatabaseSettings
+    worker: WorkerSettings
+    retry: RetryPolicy
+    jobs: tuple[JobSpec, ...]
+
+    def job_names(self) -> list[str]:
+        return [job.name for job in self.jobs]
+
+    def error(self, message: str, job: JobSpec | None = None,
+              key: str | None = None) -> ConfigError:
+        """A ConfigError about this file (used by later checks such as callables)."""
+        return ConfigError(message, path=self.path, job=job.name if job else None,
+                           key=key, line=job.line if job else None)
+
+
+# --- durations -------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as '500ms', '30s', '5m', '1h30m'."""
+    if isinstance(value, bool):
+        raise ValueError("a duration, not true/false")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        pos, total, matched = 0, 0.0, False
+        while pos < len(text):
+            m = _DURATION_PART.match(text, pos)
+            if not m:
+                break
+            total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+            pos = m.end()
+            matched = True
+            while pos < len(text) and text[pos] == " ":
+                pos += 1
+        if matched and pos == len(text):
+            return total
+    raise ValueError(f"not a duration: {value!r} (use seconds, or a number with "
+                     "ms, s, m or h, e.g. '30s', '5m', '1h30m')")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+# --- environment expansion ---------------------------------------------------
+
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, environ: Mapping[str, str]) -> str:
+    """Expand ${VAR} and ${VAR:-default}; '$$' is a literal '$'."""
+    def substitute(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group(1), m.group(2)
+        value = environ.get(name)
+        if value:  # like the shell's :-, an empty value takes the default too
+            return value
+        if default is not None:
+            return default
+        if value is not None:
+            return value
+        raise LookupError(f"environment variable {name} is not set and has no "
+                          f"default (write ${{{name}:-default}} to give one)")
+    return _ENV_REF.sub(substitute, text)
+
+
+# --- reading YAML with line numbers ------------------------------------------
+
+KeyPath = tuple  # a key path inside the document, e.g. ("jobs", 0, "retry")
+
+
+def _read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found (pass -c PATH or set "
+                          f"${CONFIG_ENV_VAR})", path=path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the file: {exc}", path=path) from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = " ".join(p for p in (exc.context, exc.problem) if p)
+        if "\t" in text and "'\\t'" in problem:
+            problem += " (YAML does not allow tabs for indentation; use spaces)"
+        raise ConfigError(f"invalid YAML: {problem}", path=path,
+                          line=mark.line + 1 if mark else None) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", path=path) from None
+    finally:
+        loader.dispose()
+    lines: dict[KeyPath, int] = {}
+    if node is not None:
+        _index_lines(node, (), lines, path)
+    return data, lines
+
+
+def _index_lines(node: yaml.Node, at: KeyPath, lines: dict, path: Path) -> None:
+    lines.setdefault(at, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: set = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} in the same mapping",
+                                  path=path, key=_dotted(at + (key,)),
+                                  line=key_node.start_mark.line + 1)
+            seen.add(key)
+            lines[at + (key,)] = key_node.start_mark.line + 1
+            _index_lines(value_node, at + (key,), lines, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _index_lines(item, at + (index,), lines, path)
+
+
+def _dotted(at: KeyPath) -> str:
+    out = ""
+    for part in at:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# --- validation ----------------------------------------------------------------
+
+class _Checker:
+    """Typed getters that raise ConfigError naming the file, job, key and line."""
+
+    def __init__(self, path: Path, lines: dict[KeyPath, int]) -> None:
+        self.path = path
+        self.lines = lines
+        self.jobs_raw: list = []
+
+    def job_name_at(self, at: KeyPath) -> str | None:
+        """The name of the job that a key path points into, if any."""
+        if len(at) >= 2 and at[0] == "jobs":
+            job = self.jobs_raw[at[1]] if at[1] < len(self.jobs_raw) else None
+            if isinstance(job, dict) and isinstance(job.get("name"), str):
+                return job["name"]
+        return None
+
+    def fail(self, message: str, at: KeyPath, job: str | None = None) -> ConfigError:
+        line = None
+        for n in range(len(at), -1, -1):
+            if at[:n] in self.lines:
+                line = self.lines[at[:n]]
+                break
+        if job is not None and len(at) >= 2 and at[0] == "jobs":
+            key = _dotted(at[2:]) or None
+        else:
+            key = _dotted(at) or None
+        return ConfigError(message, path=self.path, job=job, key=key, line=line)
+
+    def mapping(self, value: Any, at: KeyPath, allowed: tuple[str, ...],
+                job: str | None = None) -> dict:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise self.fail(f"must be a mapping of keys to values, got "
+                            f"{_describe(value)}", at, job)
+        for key in value:
+            if key not in allowed:
+                hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+                suggestion = f"; did you mean {hint[0]!r}?" if hint else \
+                    f"; known keys: {', '.join(allowed)}"
+                raise self.fail(f"unknown key {key!r}{suggestion}", at + (key,), job)
+        return value
+
+    def integer(self, value: Any, at: KeyPath, minimum: int, job=None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(f"must be a whole number, got {_describe(value)}", at, job)
+        if value < minimum:
+            raise self.fail(f"must be at least {minimum}, got {value}", at, job)
+        return value
+
+    def duration(self, value: Any, at: KeyPath, job=None, *, positive=True,
+                 allow_never=False) -> float:
+        if allow_never and value == -1:
+            return -1.0
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            raise self.fail(str(exc), at, job) from None
+        if seconds < 0 or (positive and seconds == 0):
+            raise self.fail(f"must be {'greater than 0' if positive else 'at least 0'}"
+                            f", got {value!r}", at, job)
+        return seconds
+
+    def boolean(self, value: Any, at: KeyPath, job=None) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(f"must be true or false, got {_describe(value)}", at, job)
+        return value
+
+    def string(self, value: Any, at: KeyPath, job=None) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(f"must be a non-empty string, got {_describe(value)}", at, job)
+        return value
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    kind = {bool: "true/false", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+    return f"{kind} ({value!r})" if not isinstance(value, (list, dict)) else kind
+
+
+TOP_KEYS = ("database", "worker", "retry", "jobs")
+DATABASE_KEYS = ("url", "pool_size", "max_overflow", "pool_timeout", "pool_recycle",
+                 "pool_pre_ping", "connect_args")
+WORKER_KEYS = ("max_workers",)
+RETRY_KEYS = ("attempts", "wait_initial", "wait_max")
+JOB_KEYS = ("name", "call", "kwargs", "timeout", "every", "cron", "retry", "enabled",
+            "idempotent")
+
+
+def _expand_tree(value: Any, at: KeyPath, check: _Checker, environ) -> Any:
+    if isinstance(value, str):
+        try:
+            return expand_env(value, environ)
+        except LookupError as exc:
+            raise check.fail(str(exc), at, check.job_name_at(at)) from None
+    if isinstance(value, dict):
+        return {k: _expand_tree(v, at + (k,), check, environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_tree(v, at + (i,), check, environ) for i, v in enumerate(value)]
+    return value
+
+
+def _retry_policy(raw: Any, at: KeyPath, base: RetryPolicy, check: _Checker,
+                  job: str | None = None) -> RetryPolicy:
+    raw = check.mapping(raw, at, RETRY_KEYS, job)
+    policy = base
+    if "attempts" in raw:
+        policy = replace(policy, attempts=check.integer(raw["attempts"], at + ("attempts",),
+                                                        1, job))
+    if "wait_initial" in raw:
+        policy = replace(policy, wait_initial=check.duration(
+            raw["wait_initial"], at + ("wait_initial",), job, positive=False))
+    if "wait_max" in raw:
+        policy = replace(policy, wait_max=check.duration(
+            raw["wait_max"], at + ("wait_max",), job, positive=False))
+    if policy.wait_max < policy.wait_initial:
+        raise check.fail(f"wait_max ({format_duration(policy.wait_max)}) is smaller than "
+                         f"wait_initial ({format_duration(policy.wait_initial)})",
+                         at + ("wait_max",), job)
+    return policy
+
+
+def _job(raw: Any, index: int, defaults: RetryPolicy, check: _Checker,
+         cron_is_valid: Callable[[str], bool]) -> JobSpec:
+    at: KeyPath = ("jobs", index)
+    if not isinstance(raw, dict):
+        raise check.fail(f"each job must be a mapping with at least 'name' and 'call', "
+                         f"got {_describe(raw)}", at)
+    name_value = raw.get("name")
+    if name_value is None:
+        raise check.fail("job has no 'name'", at)
+    name = check.string(name_value, at + ("name",)).strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+        raise check.fail("a job name may use letters, digits, '.', '_' and '-' only",
+                         at + ("name",), name)
+    check.mapping(raw, at, JOB_KEYS, name)
+    if "call" not in raw:
+        raise check.fail("missing key 'call' (the job's function, as "
+                         "'package.module:function')", at + ("call",), name)
+    call = check.string(raw["call"], at + ("call",), name).strip()
+    module, sep, attr = call.partition(":")
+    if not sep or not module or not attr:
+        raise check.fail(f"must be 'package.module:function', got {call!r}",
+                         at + ("call",), name)
+    kwargs = raw.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise check.fail(f"must be a mapping of argument names to values, got "
+                         f"{_describe(kwargs)}", at + ("kwargs",), name)
+    for key in kwargs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise check.fail(f"argument name {key!r} is not a Python identifier",
+                             at + ("kwargs", key), name)
+        if key == "session":
+            raise check.fail("'session' is passed by the worker; it cannot be a kwarg",
+                             at + ("kwargs", key), name)
+    timeout = None
+    if raw.get("timeout") is not None:
+        timeout = check.duration(raw["timeout"], at + ("timeout",), name)
+    every = cron = None
+    if raw.get("every") is not None and raw.get("cron") is not None:
+        raise check.fail("give either 'every' or 'cron', not both", at + ("cron",), name)
+    if raw.get("every") is not None:
+        every = check.duration(raw["every"], at + ("every",), name)
+    if raw.get("cron") is not None:
+        cron = check.string(raw["cron"], at + ("cron",), name).strip()
+        if not cron_is_valid(cron):
+            raise check.fail(f"not a valid cron expression: {cron!r} (five fields: "
+                             "minute hour day-of-month month day-of-week)",
+                             at + ("cron",), name)
+    retry = _retry_policy(raw.get("retry"), at + ("retry",), defaults, check, name)
+    enabled = check.boolean(raw.get("enabled", True), at + ("enabled",), name)
+    idempotent = check.boolean(raw.get("idempotent", False), at + ("idempotent",), name)
+    return JobSpec(name=name, call=call, kwargs=dict(kwargs), timeout=timeout,
+                   every=every, cron=cron, retry=retry, enabled=enabled,
+                   idempotent=idempotent, line=check.lines.get(at))
+
+
+def _cron_is_valid(expression: str) -> bool:
+    from croniter import croniter  # imported only when a config uses cron
+    return bool(croniter.is_valid(expression))
+
+
+def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file; raise ConfigError on the first problem."""
+    path = Path(path)
+    environ = os.environ if environ is None else environ
+    data, lines = _read_yaml(path)
+    check = _Checker(path, lines)
+    if data is None:
+        raise check.fail("the file is empty; it needs 'database' and 'jobs'", ())
+    top = check.mapping(data, (), TOP_KEYS)
+    if isinstance(top.get("jobs"), list):
+        check.jobs_raw = top["jobs"]
+    top = _expand_tree(top, (), check, environ)
+
+    worker_raw = check.mapping(top.get("worker"), ("worker",), WORKER_KEYS)
+    max_workers = check.integer(worker_raw.get("max_workers", 4),
+                                ("worker", "max_workers"), 1)
+    worker = WorkerSettings(max_workers=max_workers)
+
+    if "database" not in top:
+        raise check.fail("missing section 'database' (at least 'url')", ("database",))
+    db_raw = check.mapping(top["database"], ("database",), DATABASE_KEYS)
+    database = _database(db_raw, worker, check)
+
+    retry = _retry_policy(top.get("retry"), ("retry",), RetryPolicy(), check)
+
+    jobs_raw = top.get("jobs")
+    if not isinstance(jobs_raw, list) or not jobs_raw:
+        raise check.fail("'jobs' must be a non-empty list of jobs", ("jobs",))
+    jobs: list[JobSpec] = []
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(jobs_raw):
+        spec = _job(raw, index, retry, check, _cron_is_valid)
+        if spec.name in seen:
+            raise check.fail(f"duplicate job name (first defined at line "
+                             f"{seen[spec.name]})", ("jobs", index, "name"), spec.name)
+        seen[spec.name] = spec.line or 0
+        jobs.append(spec)
+    return Config(path=path, database=database, worker=worker, retry=retry,
+                  jobs=tuple(jobs))
+
+
+def _database(raw: dict, worker: WorkerSettings, check: _Checker) -> DatabaseSettings:
+    at: KeyPath = ("database",)
+    if "url" not in raw:
+        raise check.fail("missing key 'url' (an SQLAlchemy URL, e.g. "
+                         "sqlite:///worker.db)", at + ("url",))
+    url = check.string(raw["url"], at + ("url",)).strip()
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise check.fail("not a valid SQLAlchemy URL (expected "
+                         "dialect+driver://user:password@host/database)",
+                         at + ("url",)) from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise check.fail("an in-memory SQLite database cannot be shared by job threads; "
+                         "use a file, e.g. sqlite:///worker.db", at + ("url",))
+    pool_size = check.integer(raw.get("pool_size", worker.max_workers),
+                              at + ("pool_size",), 1)
+    max_overflow = check.integer(raw.get("max_overflow", 0), at + ("max_overflow",), 0)
+    if worker.max_workers > pool_size + max_overflow:
+        raise check.fail(
+            f"worker.max_workers ({worker.max_workers}) is larger than pool_size + "
+            f"max_overflow ({pool_size} + {max_overflow}); every job holds one "
+            f"connection, so extra workers would wait on the pool and time out. Raise "
+            f"pool_size or lower max_workers", at + ("pool_size",))
+    connect_args = raw.get("connect_args") or {}
+    if not isinstance(connect_args, dict):
+        raise check.fail(f"must be a mapping, got {_describe(connect_args)}",
+                         at + ("connect_args",))
+    return DatabaseSettings(
+        url=url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=check.duration(raw.get("pool_timeout", 30), at + ("pool_timeout",)),
+        pool_recycle=check.duration(raw.get("pool_recycle", 3600), at + ("pool_recycle",),
+                                    allow_never=True),
+        pool_pre_ping=check.boolean(raw.get("pool_pre_ping", False),
+                                    at + ("pool_pre_ping",)),
+        connect_args=dict(connect_args),
+    )
+
+
+def masked_url(url: str) -> str:
+    """The URL as it may be shown: password replaced by ***."""
+    from sqlalchemy.engine import make_url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # never echo an unparsable URL: it may hold a password
+        return "<unparsable URL>"
