@@ -132,7 +132,7 @@ def run_job(job: JobSpec, function: JobFunction, database: Database, *,
 
     retrying = Retrying(
         stop=stop_after_attempt(policy.attempts),
-        wait=wait_exponential_jitter(initial=policy.wait_initial, max=policy.wait_max,
+        wait=wait_exponential_jitter(multiplier=policy.wait_initial, max=policy.wait_max,
                                      jitter=policy.wait_initial),
         retry=retry_if_exception(should_retry),
         before_sleep=log_retry,

@@ -1,0 +1,74 @@
+"""Shared fixtures: real databases only (SQLite files and MariaDB through pyodbc)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from worker.config import DatabaseSettings, JobSpec, RetryPolicy
+from worker.db import Database, Session
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# scripts/test.sh creates this user and database; override to test elsewhere.
+MARIADB_URL = os.environ.get(
+    "TEST_MARIADB_URL",
+    "mysql+pyodbc://worker_test:worker_test@127.0.0.1/worker_test"
+    "?driver=MariaDB+Unicode&Port=3306")
+MARIADB_ODBC = os.environ.get(
+    "TEST_MARIADB_ODBC",
+    "DRIVER={MariaDB Unicode};SERVER=127.0.0.1;PORT=3306;DATABASE=worker_test;"
+    "UID=worker_test;PWD=worker_test")
+
+
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+@pytest.fixture(params=["sqlite", "mariadb"])
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_database(tmp_path, backend):
+    """Factory: Database(pool_size=...) on the parametrised backend; disposed after."""
+    made: list[Database] = []
+
+    def make(pool_size: int = 4, **settings) -> Database:
+        url = sqlite_url(tmp_path) if backend == "sqlite" else MARIADB_URL
+        database = Database(DatabaseSettings(url=url, pool_size=pool_size, **settings))
+        made.append(database)
+        return database
+
+    yield make
+    Session.remove()
+    for database in made:
+        if database.dialect != "sqlite":
+            with database.engine.begin() as connection:
+                for table in ("commands", "worker_test_counters", "worker_test_items"):
+                    connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
+        database.dispose()
+
+
+@pytest.fixture
+def database(make_database) -> Database:
+    return make_database()
+
+
+@pytest.fixture
+def admin_odbc():
+    """A raw pyodbc connection on the side, for KILL and locks (not the worker's pool)."""
+    import pyodbc
+    connection = pyodbc.connect(MARIADB_ODBC, autocommit=True)
+    yield connection
+    connection.close()
+
+
+def spec(name: str = "job", call: str = "tests.jobfuncs:select_one", *, attempts: int = 3,
+         wait: float = 0.01, idempotent: bool = False, **kwargs) -> JobSpec:
+    """A JobSpec for tests: fast retries by default."""
+    return JobSpec(name=name, call=call, kwargs=kwargs, idempotent=idempotent,
+                   retry=RetryPolicy(attempts=attempts, wait_initial=wait, wait_max=wait))

@@ -1,0 +1,164 @@
+"""worker.cli: each exit code, produced by the real command in a real process."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MARIADB_URL, ROOT
+
+
+def write_config(tmp_path: Path, jobs: str, url: str | None = None) -> Path:
+    url = url or f"sqlite:///{tmp_path / 'cli.db'}"
+    path = tmp_path / "jobs.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        database:
+          url: "{url}"
+        worker:
+          max_workers: 2
+        retry:
+          attempts: 2
+          wait_initial: 10ms
+          wait_max: 10ms
+        jobs:
+        """) + textwrap.indent(textwrap.dedent(jobs), "  "))
+    return path
+
+
+def worker(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "run_worker.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+GOOD_JOBS = """\
+- name: first
+  call: tests.jobfuncs:select_one
+- name: second
+  call: tests.jobfuncs:touch
+  kwargs: {path: "%s"}
+- name: dormant
+  call: tests.jobfuncs:touch
+  kwargs: {path: "%s"}
+  enabled: false
+"""
+
+
+def test_once_runs_enabled_jobs_and_exits_0(tmp_path):
+    config = write_config(tmp_path, GOOD_JOBS % (tmp_path / "second", tmp_path / "dormant"))
+    done = worker("-c", str(config), "--once")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "second").exists() and not (tmp_path / "dormant").exists()
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["job", "outcome", "attempts", "duration", "error"]
+    assert lines[1].split()[:3] == ["first", "success", "1"]
+    assert lines[2].split()[:3] == ["second", "success", "1"]
+    assert lines[-1] == "2 job(s): 2 succeeded, 0 failed"
+    assert "job=first attempt=1/2 succeeded" in done.stderr
+
+
+def test_job_flag_runs_only_named_jobs_even_disabled(tmp_path):
+    config = write_config(tmp_path, GOOD_JOBS % (tmp_path / "second", tmp_path / "dormant"))
+    done = worker("-c", str(config), "--once", "--job", "dormant")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "dormant").exists() and not (tmp_path / "second").exists()
+    assert "1 job(s): 1 succeeded" in done.stdout
+
+
+def test_worker_config_env_var_selects_the_file(tmp_path):
+    config = write_config(tmp_path, GOOD_JOBS % (tmp_path / "second", tmp_path / "dormant"))
+    done = worker("--once", "--job", "second", env={"WORKER_CONFIG": str(config)})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "second").exists()
+
+
+def test_a_failed_job_exits_1_after_its_retries(tmp_path):
+    config = write_config(tmp_path, """\
+        - name: ok
+          call: tests.jobfuncs:select_one
+        - name: broken
+          call: tests.jobfuncs:syntax_error
+        """)
+    done = worker("-c", str(config), "--once")
+    assert done.returncode == 1
+    broken = next(line for line in done.stdout.splitlines() if line.startswith("broken"))
+    assert broken.split()[:3] == ["broken", "failed", "1"]
+    assert "syntax error" in broken
+    assert "job=broken attempt=1/2 failed" in done.stderr
+    assert "1 failed" in done.stdout.splitlines()[-1]
+
+
+def test_unknown_job_name_exits_2_and_lists_the_known_ones(tmp_path):
+    config = write_config(tmp_path, GOOD_JOBS % (tmp_path / "a", tmp_path / "b"))
+    done = worker("-c", str(config), "--once", "--job", "nope")
+    assert done.returncode == 2
+    assert "unknown job 'nope'" in done.stderr
+    assert "first, second, dormant" in done.stderr
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("args", [["--bogus"], ["--connect"], ["--log-level", "LOUD"]])
+def test_command_line_misuse_exits_2(args):
+    done = worker(*args)
+    assert done.returncode == 2
+    assert "usage:" in done.stderr
+
+
+def test_invalid_configuration_exits_78_and_runs_nothing(tmp_path):
+    config = write_config(tmp_path, """\
+        - name: ok
+          call: tests.jobfuncs:touch
+          kwargs: {path: "%s"}
+        - name: typo
+          call: tests.jobfuncs:does_not_exist
+        """ % (tmp_path / "ran"))
+    done = worker("-c", str(config), "--once")
+    assert done.returncode == 78
+    assert done.stderr.strip().count("\n") == 0
+    assert str(config) in done.stderr and "'typo'" in done.stderr and "'call'" in done.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+def test_check_validates_and_runs_nothing(tmp_path):
+    config = write_config(tmp_path, GOOD_JOBS % (tmp_path / "a", tmp_path / "b"))
+    done = worker("-c", str(config), "--check")
+    assert done.returncode == 0, done.stderr
+    assert "OK: 3 jobs" in done.stdout
+    assert not (tmp_path / "a").exists()
+
+
+def test_check_connect_reaches_mariadb_through_odbc(tmp_path):
+    config = write_config(tmp_path, "- {name: a, call: 'tests.jobfuncs:noop'}\n",
+                          url=MARIADB_URL)
+    done = worker("-c", str(config), "--check", "--connect")
+    assert done.returncode == 0, done.stderr
+    assert "connected to mysql+pyodbc://worker_test:***@127.0.0.1" in done.stdout
+    assert "worker_test:worker_test" not in done.stdout + done.stderr
+
+
+def test_check_connect_with_a_missing_odbc_driver_exits_69_and_lists_drivers(tmp_path):
+    url = MARIADB_URL.replace("MariaDB+Unicode", "No+Such+Driver")
+    config = write_config(tmp_path, "- {name: a, call: 'tests.jobfuncs:noop'}\n", url=url)
+    done = worker("-c", str(config), "--check", "--connect")
+    assert done.returncode == 69
+    assert "cannot connect" in done.stderr
+    assert "installed ODBC drivers: " in done.stderr and "'MariaDB Unicode'" in done.stderr
+    assert "worker_test:worker_test" not in done.stdout + done.stderr
+
+
+def test_help_documents_flags_and_exit_codes():
+    done = worker("--help")
+    assert done.returncode == 0
+    for text in ("--once", "--job NAME", "--check", "--connect", "--log-level", "-c PATH",
+                 "78", "69"):
+        assert text in done.stdout
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "run-worker"
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and "usage: run-worker" in done.stdout

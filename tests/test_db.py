@@ -1,0 +1,89 @@
+"""worker.db: the engine, the one registry, and dead connections leaving the pool."""
+from __future__ import annotations
+
+import pyodbc
+import pytest
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+
+from worker.callables import resolve
+from worker.config import DatabaseSettings
+from worker.db import Database, Session
+from worker.runner import Outcome, run_job
+from tests.conftest import MARIADB_URL, spec
+
+mariadb_only = pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+
+
+def connection_ids(admin) -> set[int]:
+    rows = admin.execute("SELECT ID FROM information_schema.PROCESSLIST "
+                         "WHERE USER = 'worker_test' AND ID <> CONNECTION_ID()").fetchall()
+    return {row[0] for row in rows}
+
+
+def test_pool_settings_reach_the_engine(make_database):
+    database = make_database(pool_size=3, max_overflow=2, pool_timeout=7)
+    assert database.engine.pool.size() == 3
+    assert database.engine.pool._max_overflow == 2
+    assert database.engine.pool._timeout == 7
+
+
+def test_registry_is_bound_to_the_database(database):
+    session = Session()
+    try:
+        assert session.get_bind() is database.engine
+    finally:
+        Session.remove()
+
+
+def test_display_url_hides_the_password():
+    database = Database(DatabaseSettings(url=MARIADB_URL, pool_size=1))
+    try:
+        assert "worker_test:***@" in database.display_url
+        assert "worker_test:worker_test" not in database.display_url
+    finally:
+        database.dispose()
+
+
+def test_pyodbc_url_turns_odbc_pooling_off():
+    pyodbc.pooling = True
+    database = Database(DatabaseSettings(url=MARIADB_URL, pool_size=1))
+    try:
+        assert pyodbc.pooling is False
+    finally:
+        database.dispose()
+
+
+@mariadb_only
+def test_killed_connection_is_reported_as_a_disconnect(make_database, admin_odbc):
+    """mysql+pyodbc alone says connection_invalidated=False here (field-notes §3);
+    the handle_error listener makes SQLAlchemy invalidate it."""
+    database = make_database(pool_size=1)
+    session = Session()
+    try:
+        own_id = session.execute(text("SELECT CONNECTION_ID()")).scalar_one()
+        admin_odbc.execute(f"KILL {own_id}")
+        with pytest.raises(sa_exc.DBAPIError) as raised:
+            session.execute(text("SELECT 1"))
+        assert raised.value.connection_invalidated is True
+        assert database.classify(raised.value).disconnect
+    finally:
+        Session.remove()                        # must not raise after invalidation
+    assert database.checked_out() == 0
+
+
+@mariadb_only
+def test_idle_pooled_connections_killed_between_jobs(make_database, admin_odbc):
+    database = make_database(pool_size=2)
+    job = spec("probe", "tests.jobfuncs:select_one", attempts=3)
+    function = resolve(job.call)
+    assert run_job(job, function, database).ok
+    pooled = connection_ids(admin_odbc)
+    assert pooled                                # the job's connection waits in the pool
+    for connection_id in pooled:
+        admin_odbc.execute(f"KILL {connection_id}")
+    results = [run_job(job, function, database) for _ in range(5)]
+    assert all(r.outcome is Outcome.SUCCESS for r in results)
+    assert results[0].attempts <= 2             # at most one retry for the dead one
+    assert all(r.attempts == 1 for r in results[1:])
+    assert database.checked_out() == 0

@@ -1,0 +1,174 @@
+"""worker.runner: one Session scope per attempt, commit/rollback/remove, retries."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+from sqlalchemy import text
+
+from worker.callables import resolve
+from worker.config import DatabaseSettings
+from worker.db import Database, Session
+from worker.runner import Outcome, run_job
+from tests.conftest import spec, sqlite_url
+
+
+def run(job, database, **kwargs):
+    return run_job(job, resolve(job.call), database, **kwargs)
+
+
+def count_rows(database) -> int:
+    with database.engine.connect() as connection:
+        return connection.execute(text("SELECT COUNT(*) FROM worker_test_counters")).scalar()
+
+
+def test_success_commits_and_removes_the_session(database):
+    result = run(spec("insert", "tests.jobfuncs:insert_row", value=1), database)
+    assert result.outcome is Outcome.SUCCESS and result.attempts == 1 and result.ok
+    assert count_rows(database) == 1
+    assert not Session.registry.has()          # registry cleared in this thread
+    assert database.checked_out() == 0         # nothing left out of the pool
+
+
+def test_failure_rolls_back_removes_and_is_not_retried(database):
+    run(spec("setup", "tests.jobfuncs:create_counters"), database)
+    result = run(spec("bad", "tests.jobfuncs:insert_then_fail", attempts=5, value=7),
+                 database)
+    assert result.outcome is Outcome.FAILED
+    assert result.attempts == 1                # a bug in the job is never retried
+    assert "bug" in result.error or "failing after the insert" in result.error
+    assert count_rows(database) == 0           # the insert was rolled back
+    assert not Session.registry.has()
+    assert database.checked_out() == 0
+
+
+def test_permanent_database_error_is_not_retried(database):
+    result = run(spec("syntax", "tests.jobfuncs:syntax_error", attempts=5), database)
+    assert result.outcome is Outcome.FAILED and result.attempts == 1
+    assert database.checked_out() == 0
+
+
+def test_each_attempt_gets_a_fresh_session(tmp_path):
+    database = Database(DatabaseSettings(url=sqlite_url(tmp_path), pool_size=1,
+                                         connect_args={"timeout": 0.05}))
+    sessions = []
+    holder = sqlite3.connect(tmp_path / "test.db", isolation_level=None,
+                             check_same_thread=False)
+    holder.execute("CREATE TABLE IF NOT EXISTS worker_test_counters "
+                   "(id INTEGER PRIMARY KEY, value INTEGER NOT NULL)")
+    holder.execute("BEGIN EXCLUSIVE")            # every writer now gets SQLITE_BUSY
+
+    def job(session, value):
+        sessions.append(session)
+        if len(sessions) == 3:
+            holder.execute("COMMIT")             # the lock goes away before attempt 3
+        session.execute(text("INSERT INTO worker_test_counters VALUES (:v, :v)"),
+                        {"v": value})
+
+    try:
+        result = run_job(spec("busy", attempts=5, value=1), job, database)
+    finally:
+        holder.close()
+        database.dispose()
+    assert result.outcome is Outcome.SUCCESS
+    assert result.attempts == 3                  # two 'database is locked', then success
+    assert len({id(s) for s in sessions}) == 3   # a new Session for every attempt
+
+
+def test_transient_sqlite_lock_is_retried_and_logged(tmp_path, caplog):
+    """A real SQLITE_BUSY from another connection holding the write lock."""
+    database = Database(DatabaseSettings(url=sqlite_url(tmp_path), pool_size=1,
+                                         connect_args={"timeout": 0.1}))
+    holder = sqlite3.connect(tmp_path / "test.db", isolation_level=None,
+                             check_same_thread=False)
+    holder.execute("CREATE TABLE worker_test_counters (id INTEGER PRIMARY KEY, "
+                   "value INTEGER NOT NULL)")
+    holder.execute("BEGIN EXCLUSIVE")
+    threading.Timer(0.5, holder.execute, args=("COMMIT",)).start()
+    try:
+        with caplog.at_level("WARNING", logger="worker.runner"):
+            result = run(spec("locked", "tests.jobfuncs:sqlite_write", attempts=10,
+                              wait=0.2, value=3), database)
+        assert result.outcome is Outcome.SUCCESS and result.attempts >= 2
+        assert count_rows(database) == 1         # applied exactly once
+        retry_lines = [r.getMessage() for r in caplog.records if "retrying in" in r.message]
+        assert retry_lines, "each retry is logged"
+        assert "job=locked attempt=1/10" in retry_lines[0]
+        assert "native 5" in retry_lines[0] and "database is locked" in retry_lines[0]
+    finally:
+        time.sleep(0.6)
+        holder.close()
+        database.dispose()
+
+
+def test_retries_stop_after_the_configured_attempts(tmp_path):
+    database = Database(DatabaseSettings(url=sqlite_url(tmp_path), pool_size=1,
+                                         connect_args={"timeout": 0.01}))
+    holder = sqlite3.connect(tmp_path / "test.db", isolation_level=None,
+                             check_same_thread=False)
+    holder.execute("CREATE TABLE worker_test_counters (id INTEGER PRIMARY KEY, "
+                   "value INTEGER NOT NULL)")
+    holder.execute("BEGIN EXCLUSIVE")
+    waits = []
+    try:
+        result = run(spec("locked", "tests.jobfuncs:sqlite_write", attempts=3, value=1),
+                     database, sleep=waits.append)
+    finally:
+        holder.close()
+        database.dispose()
+    assert result.outcome is Outcome.FAILED and result.attempts == 3
+    assert len(waits) == 2                       # waits between attempts, none after
+    assert "database is locked" in result.error
+
+
+def test_backoff_is_exponential_with_jitter_and_capped(tmp_path):
+    from worker.config import JobSpec, RetryPolicy
+    database = Database(DatabaseSettings(url=sqlite_url(tmp_path), pool_size=1,
+                                         connect_args={"timeout": 0.001}))
+    holder = sqlite3.connect(tmp_path / "test.db", isolation_level=None,
+                             check_same_thread=False)
+    holder.execute("CREATE TABLE worker_test_counters (id INTEGER PRIMARY KEY, "
+                   "value INTEGER NOT NULL)")
+    holder.execute("BEGIN EXCLUSIVE")
+    waits = []
+    job = JobSpec(name="backoff", call="tests.jobfuncs:sqlite_write", kwargs={"value": 1},
+                  retry=RetryPolicy(attempts=6, wait_initial=1.0, wait_max=5.0))
+    try:
+        result = run(job, database, sleep=waits.append)
+    finally:
+        holder.close()
+        database.dispose()
+    assert result.attempts == 6 and len(waits) == 5
+    # initial * 2**n plus up to `initial` of jitter, never above wait_max
+    assert 1.0 <= waits[0] <= 2.0
+    assert 2.0 <= waits[1] <= 3.0
+    assert 4.0 <= waits[2] <= 5.0
+    assert waits[3] == waits[4] == 5.0
+
+
+def test_global_style_session_is_the_jobs_session(database):
+    seen = []
+    barrier = threading.Barrier(1)
+    result = run(spec("global", "tests.jobfuncs:global_style_reader",
+                      barrier=barrier, seen=seen), database)
+    assert result.ok
+    assert seen[0][0] is True                    # Session() is session inside the job
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_killed_connection_is_retried_and_never_pooled_again(make_database, admin_odbc):
+    """field-notes §3: a KILLed connection must be seen as dead, cleaned up without
+    hiding the error, retried in a new Session, and never handed to the next job."""
+    database = make_database(pool_size=1)
+    calls = []
+    result = run(spec("killed", "tests.jobfuncs:kill_own_connection_once", attempts=3,
+                      admin=admin_odbc, calls=calls), database)
+    assert result.outcome is Outcome.SUCCESS
+    assert result.attempts == 2
+    assert database.checked_out() == 0
+    # With one pooled connection, a dead one returned to the pool would fail these.
+    for n in range(20):
+        after = run(spec(f"after-{n}", attempts=1), database)
+        assert after.ok and after.attempts == 1, after.error
