@@ -93,3 +93,62 @@ def sqlite_write(session, value: int) -> None:
     """Writes to SQLite; fails with 'database is locked' while another connection
     holds the write lock and the busy timeout is short."""
     insert_row(session, value)
+
+
+def sqlite_long_query(session) -> None:
+    """Keeps SQLite busy for minutes unless interrupted."""
+    session.execute(text("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+                         "WHERE x < 5000000000) SELECT count(*) FROM c")).scalar()
+
+
+def long_query(session, seconds: float = 30) -> None:
+    """A statement that runs `seconds` on MariaDB, or very long on SQLite."""
+    if session.connection().dialect.name == "sqlite":
+        sqlite_long_query(session)
+    else:
+        sleep_query(session, seconds)
+
+
+def python_sleep(session, seconds: float) -> None:
+    """Stuck in pure Python: no statement to cancel."""
+    time.sleep(seconds)
+
+
+def sleep_then_insert(session, seconds: float, value: int) -> None:
+    time.sleep(seconds)
+    insert_row(session, value)
+
+
+def insert_then_sleep(session, seconds: float, value: int) -> None:
+    insert_row(session, value)
+    time.sleep(seconds)
+
+
+def slow_first_attempt(session, calls: list, seconds: float) -> None:
+    """Runs a long statement on the first attempt only."""
+    calls.append(1)
+    if len(calls) == 1:
+        long_query(session, seconds)
+    select_one(session)
+
+
+def transfer(session, forward: bool, pause: float = 0.005) -> None:
+    """Updates rows 1 and 2 in one order or the other: run many at once for deadlocks."""
+    first, second = (1, 2) if forward else (2, 1)
+    update = text("UPDATE worker_test_counters SET value = value + 1 WHERE id = :id")
+    session.execute(update, {"id": first})
+    time.sleep(pause)
+    session.execute(update, {"id": second})
+
+
+def update_with_short_lock_wait(session, row: int) -> None:
+    session.execute(text("SET SESSION innodb_lock_wait_timeout = 1"))
+    session.execute(text("UPDATE worker_test_counters SET value = value + 1 WHERE id = :id"),
+                    {"id": row})
+
+
+def insert_unique(session, value: int) -> None:
+    """Idempotent insert: re-running it after an unknown COMMIT cannot double it."""
+    session.execute(text("INSERT IGNORE INTO worker_test_counters (id, value) "
+                         "VALUES (:v, :v)"), {"v": value})
+    time.sleep(0.05)

@@ -6,19 +6,11 @@ import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-from worker.callables import resolve
 from worker.config import DatabaseSettings
 from worker.db import Database, Session
-from worker.runner import Outcome, run_job
-from tests.conftest import MARIADB_URL, spec
+from tests.conftest import MARIADB_URL
 
 mariadb_only = pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
-
-
-def connection_ids(admin) -> set[int]:
-    rows = admin.execute("SELECT ID FROM information_schema.PROCESSLIST "
-                         "WHERE USER = 'worker_test' AND ID <> CONNECTION_ID()").fetchall()
-    return {row[0] for row in rows}
 
 
 def test_pool_settings_reach_the_engine(make_database):
@@ -69,21 +61,4 @@ def test_killed_connection_is_reported_as_a_disconnect(make_database, admin_odbc
         assert database.classify(raised.value).disconnect
     finally:
         Session.remove()                        # must not raise after invalidation
-    assert database.checked_out() == 0
-
-
-@mariadb_only
-def test_idle_pooled_connections_killed_between_jobs(make_database, admin_odbc):
-    database = make_database(pool_size=2)
-    job = spec("probe", "tests.jobfuncs:select_one", attempts=3)
-    function = resolve(job.call)
-    assert run_job(job, function, database).ok
-    pooled = connection_ids(admin_odbc)
-    assert pooled                                # the job's connection waits in the pool
-    for connection_id in pooled:
-        admin_odbc.execute(f"KILL {connection_id}")
-    results = [run_job(job, function, database) for _ in range(5)]
-    assert all(r.outcome is Outcome.SUCCESS for r in results)
-    assert results[0].attempts <= 2             # at most one retry for the dead one
-    assert all(r.attempts == 1 for r in results[1:])
     assert database.checked_out() == 0

@@ -180,3 +180,15 @@ def test_should_retry_respects_idempotency():
     unknown = classify(wrapped(odbc(pyodbc.OperationalError, "08007", MS + "x", 0)), "mssql")
     assert not unknown.should_retry(idempotent=False)
     assert unknown.should_retry(idempotent=True)
+
+
+def test_site_codes_override_the_tables():
+    from worker.errors import ExtraCodes
+    cannot_open = odbc(pyodbc.Error, "42000", MS + "Cannot open database \"mes\"", 4060)
+    assert classify(wrapped(cannot_open), "mssql").verdict is N
+    site = ExtraCodes(retry=frozenset({4060}), never=frozenset({1205}))
+    assert classify(wrapped(cannot_open), "mssql", site).verdict is R
+    victim = odbc(pyodbc.Error, "40001", MS + "deadlock victim", 1205)
+    assert classify(wrapped(victim), "mssql", site).verdict is N
+    assert classify(wrapped(odbc(pyodbc.Error, "HYT00", MS + "timeout", 0)), "mssql",
+                    ExtraCodes(retry=frozenset({"HYT00"}))).verdict is R

@@ -5,7 +5,6 @@ import sqlite3
 import threading
 import time
 
-import pytest
 from sqlalchemy import text
 
 from worker.callables import resolve
@@ -155,20 +154,3 @@ def test_global_style_session_is_the_jobs_session(database):
                       barrier=barrier, seen=seen), database)
     assert result.ok
     assert seen[0][0] is True                    # Session() is session inside the job
-
-
-@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
-def test_killed_connection_is_retried_and_never_pooled_again(make_database, admin_odbc):
-    """field-notes §3: a KILLed connection must be seen as dead, cleaned up without
-    hiding the error, retried in a new Session, and never handed to the next job."""
-    database = make_database(pool_size=1)
-    calls = []
-    result = run(spec("killed", "tests.jobfuncs:kill_own_connection_once", attempts=3,
-                      admin=admin_odbc, calls=calls), database)
-    assert result.outcome is Outcome.SUCCESS
-    assert result.attempts == 2
-    assert database.checked_out() == 0
-    # With one pooled connection, a dead one returned to the pool would fail these.
-    for n in range(20):
-        after = run(spec(f"after-{n}", attempts=1), database)
-        assert after.ok and after.attempts == 1, after.error

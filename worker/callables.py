@@ -28,7 +28,9 @@ def resolve(call: str) -> JobFunction:
                                 f"the Python path? the worker adds the current "
                                 f"directory)") from None
         raise CallableError(f"importing {module_name!r} failed: {exc}") from None
-    except Exception as exc:  # the module itself is broken: show why
+    except (Exception, SystemExit) as exc:  # the module itself is broken: show why
+        # (SystemExit: a script's sys.exit() or argparse at import time must not
+        # end the worker with the script's exit code instead of 78)
         raise CallableError(f"importing {module_name!r} failed: "
                             f"{type(exc).__name__}: {exc}") from None
     for part in attr_path.split("."):
@@ -38,7 +40,9 @@ def resolve(call: str) -> JobFunction:
             raise CallableError(f"module {module_name!r} has no attribute "
                                 f"{attr_path!r}") from None
     if not callable(target):
-        raise CallableError(f"{call!r} is a {type(target).__name__}, not a function")
+        kind = type(target).__name__
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise CallableError(f"{call!r} is {article} {kind}, not a function")
     return target
 
 

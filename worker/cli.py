@@ -128,7 +128,7 @@ def _check(config: Config, selected: list[JobSpec], connect: bool) -> int:
         return EXIT_OK
     from .db import Database, installed_odbc_drivers
     from .errors import describe
-    database = Database(config.database)
+    database = Database(config.database, config.extra_codes)
     try:
         database.ping()
     except Exception as exc:  # report any failure to connect, whatever the driver
@@ -153,22 +153,30 @@ def _is_missing_driver(exc: BaseException) -> bool:
 
 
 def _run_once(config: Config, selected: list[JobSpec], functions) -> int:
+    from .batch import run_batch
     from .db import Database
     from .pool import WorkerPool
-    from .runner import run_job
 
-    database = Database(config.database)
+    database = Database(config.database, config.extra_codes)
     log.info("running %d job(s) once from %s on %s, max_workers %d", len(selected),
              config.path, database.display_url, config.worker.max_workers)
+    pool = WorkerPool(config.worker.max_workers)
     try:
-        with WorkerPool(config.worker.max_workers) as pool:
-            results = pool.run_all([
-                (lambda job=job: run_job(job, functions[job.name], database))
-                for job in selected])
+        batch = run_batch(selected, functions, database, pool)
     finally:
-        database.dispose()
-    _print_summary(results)
-    return EXIT_OK if all(result.ok for result in results) else EXIT_JOB_FAILED
+        pool.shutdown(wait=False)
+    _print_summary(batch.results)
+    code = EXIT_OK if batch.ok else EXIT_JOB_FAILED
+    if batch.abandoned:
+        # A thread cannot be killed; waiting for it would hang cron. Leave now.
+        log.error("%d job thread(s) stuck past their deadline; exiting without them",
+                  batch.abandoned)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    pool.shutdown(wait=True)
+    database.dispose()
+    return code
 
 
 def _print_summary(results) -> None:

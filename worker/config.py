@@ -7,6 +7,7 @@ start-up with one readable message instead of half-way through a batch.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
+
+from .errors import ExtraCodes
 
 DEFAULT_CONFIG_PATH = "config/jobs.yaml"
 CONFIG_ENV_VAR = "WORKER_CONFIG"
@@ -41,7 +44,21 @@ class ConfigError(Exception):
             parts.append(f"job {self.job!r}")
         if self.key is not None:
             parts.append(f"key {self.key!r}")
-        return ": ".join(parts) + ": " + self.message
+        # One line, and never a password (a message may quote a value, e.g. a URL
+        # written where a mapping belongs).
+        message = " ".join(self.message.splitlines())
+        return mask_secrets(": ".join(parts) + ": " + message)
+
+
+_URL_PASSWORD = re.compile(  # the placeholder in "user:password@host" may stay
+    r"(\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s'\"]*:)(?!password@)[^\s'\"]*@")
+_ODBC_PASSWORD = re.compile(r"(?i)\b(pwd|password)(\s*=\s*)[^;\s'\"]*")
+
+
+def mask_secrets(text: str) -> str:
+    """`text` with URL passwords and ODBC PWD=... values replaced by ***."""
+    text = _URL_PASSWORD.sub(r"\1***@", text)
+    return _ODBC_PASSWORD.sub(r"\1\2***", text)
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,7 @@ class RetryPolicy:
     attempts: int = 5          # total tries; 1 means no retry
     wait_initial: float = 0.5  # seconds before the first retry
     wait_max: float = 30.0     # cap on any single wait
+    on_timeout: bool = False   # retry an attempt that passed its job's timeout
 
 
 @dataclass(frozen=True)
@@ -96,6 +114,7 @@ class Config:
     worker: WorkerSettings
     retry: RetryPolicy
     jobs: tuple[JobSpec, ...]
+    extra_codes: ExtraCodes = ExtraCodes()   # the site's additions to the classifier
 
     def job_names(self) -> list[str]:
         return [job.name for job in self.jobs]
@@ -118,6 +137,8 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration, not true/false")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"not a duration: {value!r} (use a finite number of seconds)")
         return float(value)
     if isinstance(value, str):
         text = value.strip()
@@ -184,8 +205,13 @@ def _read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the file: {exc}", path=path) from None
     loader = yaml.SafeLoader(text)
+    lines: dict[KeyPath, int] = {}
     try:
         node = loader.get_single_node()
+        if node is not None:
+            # Before constructing: construction flattens merge keys (<<: *base)
+            # in place, which would look like duplicate keys.
+            _index_lines(node, (), lines, path)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -198,28 +224,35 @@ def _read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
         raise ConfigError(f"invalid YAML: {exc}", path=path) from None
     finally:
         loader.dispose()
-    lines: dict[KeyPath, int] = {}
-    if node is not None:
-        _index_lines(node, (), lines, path)
     return data, lines
 
 
-def _index_lines(node: yaml.Node, at: KeyPath, lines: dict, path: Path) -> None:
+def _index_lines(node: yaml.Node, at: KeyPath, lines: dict, path: Path,
+                 stack: frozenset = frozenset(), job: str | None = None) -> None:
+    if id(node) in stack:
+        raise ConfigError("invalid YAML: an alias refers to a node that contains it",
+                          path=path, key=_dotted(at) or None,
+                          line=node.start_mark.line + 1)
+    stack = stack | {id(node)}
     lines.setdefault(at, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
+        if len(at) == 2 and at[0] == "jobs":
+            job = next((v.value for k, v in node.value if k.value == "name"
+                        and isinstance(v, yaml.ScalarNode)), None)
         seen: set = set()
         for key_node, value_node in node.value:
             key = key_node.value
-            if key in seen:
+            if isinstance(key, str) and key in seen:
+                where = at[2:] if job is not None else at
                 raise ConfigError(f"duplicate key {key!r} in the same mapping",
-                                  path=path, key=_dotted(at + (key,)),
+                                  path=path, job=job, key=_dotted(where + (key,)),
                                   line=key_node.start_mark.line + 1)
             seen.add(key)
             lines[at + (key,)] = key_node.start_mark.line + 1
-            _index_lines(value_node, at + (key,), lines, path)
+            _index_lines(value_node, at + (key,), lines, path, stack, job)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _index_lines(item, at + (index,), lines, path)
+            _index_lines(item, at + (index,), lines, path, stack, job)
 
 
 def _dotted(at: KeyPath) -> str:
@@ -317,17 +350,25 @@ TOP_KEYS = ("database", "worker", "retry", "jobs")
 DATABASE_KEYS = ("url", "pool_size", "max_overflow", "pool_timeout", "pool_recycle",
                  "pool_pre_ping", "connect_args")
 WORKER_KEYS = ("max_workers",)
-RETRY_KEYS = ("attempts", "wait_initial", "wait_max")
+RETRY_KEYS = ("attempts", "wait_initial", "wait_max", "on_timeout")
 JOB_KEYS = ("name", "call", "kwargs", "timeout", "every", "cron", "retry", "enabled",
             "idempotent")
+
+
+_WHOLE_ENV_REF = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}")
 
 
 def _expand_tree(value: Any, at: KeyPath, check: _Checker, environ) -> Any:
     if isinstance(value, str):
         try:
-            return expand_env(value, environ)
+            expanded = expand_env(value, environ)
         except LookupError as exc:
             raise check.fail(str(exc), at, check.job_name_at(at)) from None
+        if expanded != value and _WHOLE_ENV_REF.fullmatch(value.strip()):
+            # A value that is only `${VAR}` is typed as YAML would type it, so
+            # that `max_workers: ${WORKERS:-4}` is a number and `enabled: ${ON}` a bool.
+            return _yaml_scalar(expanded)
+        return expanded
     if isinstance(value, dict):
         return {k: _expand_tree(v, at + (k,), check, environ) for k, v in value.items()}
     if isinstance(value, list):
@@ -335,8 +376,55 @@ def _expand_tree(value: Any, at: KeyPath, check: _Checker, environ) -> Any:
     return value
 
 
+EXTRA_CODE_KEYS = ("transient_codes", "permanent_codes")  # top-level retry section only
+_SQLSTATE_CODE = re.compile(r"[0-9A-Z]{5}")
+
+
+def _extra_codes(raw: Any, check: _Checker) -> ExtraCodes:
+    if not isinstance(raw, dict):
+        return ExtraCodes()
+    found = {}
+    for key in EXTRA_CODE_KEYS:
+        at = ("retry", key)
+        values = raw.get(key) or []
+        if not isinstance(values, list):
+            raise check.fail(f"must be a list of native error numbers or SQLSTATEs, got "
+                             f"{_describe(values)}", at)
+        codes: set = set()
+        for index, value in enumerate(values):
+            if isinstance(value, int) and not isinstance(value, bool):
+                codes.add(value)
+            elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                codes.add(int(value))
+            elif isinstance(value, str) and _SQLSTATE_CODE.fullmatch(value.strip()):
+                codes.add(value.strip())
+            else:
+                raise check.fail(f"{value!r} is neither a native error number (e.g. 1205) "
+                                 f"nor a five-character SQLSTATE (e.g. 'HYT00')",
+                                 at + (index,))
+        found[key] = frozenset(codes)
+    both = found["transient_codes"] & found["permanent_codes"]
+    if both:
+        raise check.fail(f"{sorted(map(str, both))} listed as both transient and permanent",
+                         ("retry", "permanent_codes"))
+    return ExtraCodes(retry=found["transient_codes"], never=found["permanent_codes"])
+
+
+def _yaml_scalar(text: str) -> Any:
+    try:
+        typed = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return typed if isinstance(typed, (bool, int, float)) else text
+
+
 def _retry_policy(raw: Any, at: KeyPath, base: RetryPolicy, check: _Checker,
                   job: str | None = None) -> RetryPolicy:
+    if isinstance(raw, dict) and job is not None:
+        for key in EXTRA_CODE_KEYS:
+            if key in raw:
+                raise check.fail(f"{key!r} applies to every job: set it in the top-level "
+                                 f"'retry' section", at + (key,), job)
     raw = check.mapping(raw, at, RETRY_KEYS, job)
     policy = base
     if "attempts" in raw:
@@ -345,6 +433,9 @@ def _retry_policy(raw: Any, at: KeyPath, base: RetryPolicy, check: _Checker,
     if "wait_initial" in raw:
         policy = replace(policy, wait_initial=check.duration(
             raw["wait_initial"], at + ("wait_initial",), job, positive=False))
+    if "on_timeout" in raw:
+        policy = replace(policy, on_timeout=check.boolean(raw["on_timeout"],
+                                                          at + ("on_timeout",), job))
     if "wait_max" in raw:
         policy = replace(policy, wait_max=check.duration(
             raw["wait_max"], at + ("wait_max",), job, positive=False))
@@ -399,8 +490,9 @@ def _job(raw: Any, index: int, defaults: RetryPolicy, check: _Checker,
     if raw.get("cron") is not None:
         cron = check.string(raw["cron"], at + ("cron",), name).strip()
         if not cron_is_valid(cron):
-            raise check.fail(f"not a valid cron expression: {cron!r} (five fields: "
-                             "minute hour day-of-month month day-of-week)",
+            raise check.fail(f"not a valid cron expression: {cron!r} (e.g. '*/5 * * * *': "
+                             "minute hour day-of-month month day-of-week; or @hourly, "
+                             "@daily, @weekly, @monthly)",
                              at + ("cron",), name)
     retry = _retry_policy(raw.get("retry"), at + ("retry",), defaults, check, name)
     enabled = check.boolean(raw.get("enabled", True), at + ("enabled",), name)
@@ -438,7 +530,11 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> C
     db_raw = check.mapping(top["database"], ("database",), DATABASE_KEYS)
     database = _database(db_raw, worker, check)
 
-    retry = _retry_policy(top.get("retry"), ("retry",), RetryPolicy(), check)
+    retry_raw = top.get("retry") or {}
+    extra_codes = _extra_codes(retry_raw, check)
+    retry = _retry_policy({k: v for k, v in retry_raw.items() if k not in EXTRA_CODE_KEYS}
+                          if isinstance(retry_raw, dict) else retry_raw,
+                          ("retry",), RetryPolicy(), check)
 
     jobs_raw = top.get("jobs")
     if not isinstance(jobs_raw, list) or not jobs_raw:
@@ -453,6 +549,7 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> C
         seen[spec.name] = spec.line or 0
         jobs.append(spec)
     return Config(path=path, database=database, worker=worker, retry=retry,
+                  extra_codes=extra_codes,
                   jobs=tuple(jobs))
 
 
@@ -466,7 +563,7 @@ def _database(raw: dict, worker: WorkerSettings, check: _Checker) -> DatabaseSet
     from sqlalchemy.exc import ArgumentError
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: e.g. a port that is not a number
         raise check.fail("not a valid SQLAlchemy URL (expected "
                          "dialect+driver://user:password@host/database)",
                          at + ("url",)) from None
@@ -503,6 +600,11 @@ def masked_url(url: str) -> str:
     """The URL as it may be shown: password replaced by ***."""
     from sqlalchemy.engine import make_url
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        if parsed.query:  # e.g. mssql+pyodbc:///?odbc_connect=...;PWD=secret
+            parsed = parsed.update_query_dict(
+                {k: mask_secrets(v) if isinstance(v, str) else [mask_secrets(i) for i in v]
+                 for k, v in parsed.query.items()})
+        return parsed.render_as_string(hide_password=True)
     except Exception:  # never echo an unparsable URL: it may hold a password
         return "<unparsable URL>"

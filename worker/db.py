@@ -8,6 +8,9 @@ clears it (`Session.remove()`) when the job ends.
 from __future__ import annotations
 
 import logging
+import math
+import threading
+import time
 from typing import Any
 
 from sqlalchemy import create_engine, event, select
@@ -39,6 +42,7 @@ class Database:
         self.engine: Engine = create_engine(self.url, **_engine_options(settings))
         self.dialect = self.engine.dialect.name
         event.listen(self.engine, "handle_error", self._mark_disconnect)
+        self.statements = StatementTracker(self.engine, self.url.get_driver_name())
         registry.configure(bind=self.engine)
 
     @property
@@ -49,12 +53,16 @@ class Database:
         return classify(exc, self.dialect, self.extra_codes)
 
     def _mark_disconnect(self, context: Any) -> None:
+        self.statements.forget_current()
         # SQLAlchemy's own disconnect detection misses codes on some dialects
         # (mysql+pyodbc treats a killed connection as alive); a connection we
         # call dead is invalidated, so it never goes back into the pool.
         if not context.is_disconnect and is_disconnect(context.original_exception,
                                                        self.dialect):
             context.is_disconnect = True
+
+    def cancel_statement(self, thread: int) -> bool:
+        return self.statements.cancel(thread)
 
     def ping(self) -> None:
         """Open one connection and run a trivial statement; raise on failure."""
@@ -68,6 +76,83 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class DeadlineExceeded(Exception):
+    """Raised instead of running a statement once the job's deadline has passed."""
+
+
+class StatementTracker:
+    """Knows the statement each job thread has in flight, so that another thread
+    (a deadline, a shutdown) can cancel it through the driver."""
+
+    def __init__(self, engine: Engine, driver: str) -> None:
+        self.driver = driver
+        self._in_flight: dict[int, tuple[Any, Any]] = {}  # thread id -> (dbapi conn, cursor)
+        self._deadlines: dict[int, float] = {}             # thread id -> monotonic deadline
+        self._lock = threading.Lock()
+        event.listen(engine, "before_cursor_execute", self._before)
+        event.listen(engine, "after_cursor_execute", self._after)
+        if driver == "pyodbc":
+            event.listen(engine, "begin", self._set_query_timeout)
+
+    def _set_query_timeout(self, conn) -> None:
+        # Fallback for ODBC drivers that ignore SQLCancel: the query timeout
+        # (SQL_ATTR_QUERY_TIMEOUT, taken by each new cursor), a second behind the
+        # deadline so that the cancel normally wins. 0 clears it for jobs without one.
+        deadline = self._deadlines.get(threading.get_ident())
+        timeout = 0 if deadline is None else max(1, math.ceil(deadline - time.monotonic()) + 1)
+        dbapi_connection = conn.connection.dbapi_connection
+        if dbapi_connection.timeout != timeout:
+            dbapi_connection.timeout = timeout
+
+    def _before(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        deadline = self._deadlines.get(threading.get_ident())
+        if deadline is not None and time.monotonic() >= deadline:
+            # The deadline passed between two statements: start no new one.
+            raise DeadlineExceeded("the job's deadline passed; no new statement may start")
+        with self._lock:
+            self._in_flight[threading.get_ident()] = (conn.connection.dbapi_connection,
+                                                      cursor)
+
+    def _after(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        self.forget_current()
+
+    def forget_current(self) -> None:
+        with self._lock:
+            self._in_flight.pop(threading.get_ident(), None)
+
+    def set_deadline(self, thread: int, deadline: float | None) -> None:
+        """Statements of this thread started from now on get a driver-side timeout."""
+        if deadline is None:
+            self._deadlines.pop(thread, None)
+        else:
+            self._deadlines[thread] = deadline
+
+    def running(self, thread: int) -> bool:
+        return thread in self._in_flight
+
+    def cancel(self, thread: int) -> bool:
+        """Cancel the statement this thread is running; False if there is none."""
+        with self._lock:
+            entry = self._in_flight.get(thread)
+        if entry is None:
+            return False
+        dbapi_connection, cursor = entry
+        try:
+            if self.driver == "pyodbc":
+                cursor.cancel()                   # SQLCancel; the statement fails HY008
+            elif hasattr(dbapi_connection, "interrupt"):
+                dbapi_connection.interrupt()      # sqlite3
+            elif hasattr(dbapi_connection, "cancel"):
+                dbapi_connection.cancel()         # psycopg 2 and 3
+            else:
+                log.warning("driver %s cannot cancel a running statement", self.driver)
+                return False
+        except Exception as exc:  # the statement may have just finished
+            log.debug("cancelling a statement failed: %s", exc)
+            return False
+        return True
 
 
 def _engine_options(settings: DatabaseSettings) -> dict[str, Any]:

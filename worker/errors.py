@@ -236,9 +236,9 @@ def _lookup(family: str | None, sqlstate: str | None, native: int | None,
     if extra is not None:
         for code in (native, sqlstate):
             if code is not None and code in extra.never:
-                return Rule(Verdict.NEVER, "listed in retry.never_codes")
+                return Rule(Verdict.NEVER, "listed in retry.permanent_codes")
             if code is not None and code in extra.retry:
-                return Rule(Verdict.RETRY, "listed in retry.retry_codes")
+                return Rule(Verdict.RETRY, "listed in retry.transient_codes")
     lowered = message.lower()
     for fragment, rule in MESSAGE_RULES.get(family or "", []):
         if fragment in lowered:

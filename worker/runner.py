@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from tenacity import (RetryCallState, Retrying, retry_if_exception,
                       stop_after_attempt, wait_exponential_jitter)
 
 from .callables import JobFunction
-from .config import JobSpec
+from .config import JobSpec, format_duration
 from .db import Database
 from .errors import Diagnosis, Verdict, describe
 
@@ -50,11 +51,63 @@ class JobResult:
 class AttemptFailed(Exception):
     """One attempt's error, with the classifier's verdict on it."""
 
-    def __init__(self, error: BaseException, diagnosis: Diagnosis, during_commit: bool):
+    def __init__(self, error: BaseException, diagnosis: Diagnosis, during_commit: bool,
+                 timed_out: bool = False):
         super().__init__(describe(error))
         self.error = error
         self.diagnosis = diagnosis
         self.during_commit = during_commit
+        self.timed_out = timed_out
+
+    def should_retry(self, job: JobSpec) -> bool:
+        if self.timed_out:
+            return job.retry.on_timeout
+        return self.diagnosis.should_retry(job.idempotent)
+
+
+class AttemptTimedOut(Exception):
+    """The attempt's deadline passed."""
+
+
+@dataclass
+class RunWatch:
+    """What the thread waiting for a job may see of it while it runs."""
+    attempt: int = 0
+    started: float = field(default_factory=time.monotonic)
+    overdue_since: float | None = None   # when the current attempt's deadline passed
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Deadline:
+    """One attempt's deadline. When it passes, the statement in flight is cancelled
+    through the driver from the timer's thread, and no new statement may start."""
+
+    def __init__(self, job: JobSpec, attempt: int, database: Database, watch: RunWatch):
+        self.job, self.attempt, self.database, self.watch = job, attempt, database, watch
+        self.thread = threading.get_ident()
+        self.expired = threading.Event()
+        self._timer = threading.Timer(job.timeout, self._expire)
+        self._timer.daemon = True
+        self._timer.name = f"deadline-{job.name}"
+
+    def __enter__(self) -> "Deadline":
+        self.database.statements.set_deadline(self.thread, time.monotonic() + self.job.timeout)
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._timer.cancel()
+        self.database.statements.set_deadline(self.thread, None)
+
+    def _expire(self) -> None:
+        self.expired.set()
+        self.watch.overdue_since = time.monotonic()
+        cancelled = self.database.cancel_statement(self.thread)
+        log.warning("%s passed its deadline of %s; %s", _tag(self.job, self.attempt),
+                    format_duration(self.job.timeout),
+                    "cancelling its statement" if cancelled else
+                    "it is not inside a database call, so it ends at its next statement "
+                    "or when it returns")
 
 
 def _tag(job: JobSpec, attempt: int) -> str:
@@ -62,17 +115,34 @@ def _tag(job: JobSpec, attempt: int) -> str:
 
 
 def run_attempt(job: JobSpec, function: JobFunction, database: Database,
-                attempt: int = 1) -> None:
+                attempt: int = 1, watch: RunWatch | None = None) -> None:
     """One attempt in one Session scope; raises AttemptFailed on any error."""
+    if job.timeout is None:
+        _run_in_session(job, function, database, attempt, None)
+        return
+    with Deadline(job, attempt, database, watch or RunWatch()) as deadline:
+        _run_in_session(job, function, database, attempt, deadline)
+
+
+def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
+                    attempt: int, deadline: Deadline | None) -> None:
     registry = database.registry
     session = registry()
     during_commit = False
     try:
         function(session, **job.kwargs)
+        if deadline is not None and deadline.expired.is_set():
+            # Too late: what the job did is rolled back, not committed.
+            raise AttemptTimedOut(f"returned after its deadline of "
+                                  f"{format_duration(job.timeout)}")
         during_commit = True
         session.commit()
     except Exception as exc:
         _rollback(session, job, attempt)
+        if deadline is not None and deadline.expired.is_set() and not during_commit:
+            timeout = Diagnosis(Verdict.NEVER, f"deadline of {format_duration(job.timeout)} "
+                                               f"passed")
+            raise AttemptFailed(exc, timeout, during_commit, timed_out=True) from exc
         diagnosis = database.classify(exc)
         if during_commit and diagnosis.disconnect and diagnosis.verdict is Verdict.RETRY:
             # The COMMIT may or may not have reached the server.
@@ -115,13 +185,23 @@ def _invalidate(session, job: JobSpec, attempt: int) -> None:
 
 
 def run_job(job: JobSpec, function: JobFunction, database: Database, *,
-            sleep: Callable[[float], None] = time.sleep) -> JobResult:
+            sleep: Callable[[float], None] = time.sleep,
+            watch: RunWatch | None = None) -> JobResult:
     """Run a job with its retry policy; never raises for the job's own errors."""
+    watch = watch or RunWatch()
+    try:
+        return _run_job(job, function, database, sleep, watch)
+    finally:
+        watch.done.set()
+
+
+def _run_job(job: JobSpec, function: JobFunction, database: Database,
+             sleep: Callable[[float], None], watch: RunWatch) -> JobResult:
     policy = job.retry
-    started = time.monotonic()
+    started = watch.started = time.monotonic()
 
     def should_retry(exc: BaseException) -> bool:
-        return isinstance(exc, AttemptFailed) and exc.diagnosis.should_retry(job.idempotent)
+        return isinstance(exc, AttemptFailed) and exc.should_retry(job)
 
     def log_retry(state: RetryCallState) -> None:
         failure = state.outcome.exception()
@@ -143,13 +223,19 @@ def run_job(job: JobSpec, function: JobFunction, database: Database, *,
     try:
         for attempt_context in retrying:
             with attempt_context:
-                attempt = attempt_context.retry_state.attempt_number
+                attempt = watch.attempt = attempt_context.retry_state.attempt_number
+                watch.overdue_since = None
                 log.debug("%s starting", _tag(job, attempt))
-                run_attempt(job, function, database, attempt)
+                run_attempt(job, function, database, attempt, watch)
     except AttemptFailed as failure:
         duration = time.monotonic() - started
         diagnosis = failure.diagnosis
-        if diagnosis.should_retry(job.idempotent):
+        if failure.timed_out:
+            log.error("%s timed out: %s: %s; %s", _tag(job, attempt), diagnosis.reason,
+                      failure, "no attempts left" if failure.should_retry(job)
+                      else "not retried (set retry.on_timeout to retry)")
+            return JobResult(job.name, Outcome.TIMEOUT, attempt, duration, str(failure))
+        if failure.should_retry(job):
             why = "no attempts left"
         elif diagnosis.verdict is Verdict.RETRY_IF_IDEMPOTENT:
             why = "not retried: the job is not marked idempotent"

@@ -1,0 +1,217 @@
+"""`call: "module:function"` is resolved and its arguments checked at load time."""
+from __future__ import annotations
+
+import os.path
+import pathlib
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests import jobfuncs
+from worker.callables import CallableError, check_arguments, resolve, resolve_jobs
+from worker.config import Config, ConfigError, JobSpec, load
+
+
+# --- resolve -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, expected", [
+    ("tests.jobfuncs:touch", jobfuncs.touch),
+    ("tests.jobfuncs:needs_two_args", jobfuncs.needs_two_args),
+    ("os.path:join", os.path.join),                 # dotted module
+    ("os:path.join", os.path.join),                 # dotted attribute
+    ("pathlib:PurePath.with_name", pathlib.PurePath.with_name),  # attribute of a class
+    ("tests.jobfuncs:Path", Path),                  # a class is callable too
+], ids=["function", "function-2", "dotted-module", "dotted-attribute",
+        "class-attribute", "class"])
+def test_resolve(call, expected):
+    assert resolve(call) is expected
+
+
+@pytest.mark.parametrize("call, module", [
+    ("tests.no_such_module:run", "tests.no_such_module"),
+    ("no_such_package_xyz:run", "no_such_package_xyz"),
+    ("no_such_package_xyz.sub.mod:run", "no_such_package_xyz"),
+])
+def test_resolve_missing_module(call, module):
+    with pytest.raises(CallableError) as info:
+        resolve(call)
+    message = str(info.value)
+    assert message.startswith(f"no module named {module!r}")
+    assert "Python path" in message
+
+
+BROKEN_MODULES = [
+    # (id, source of the module, expected part of the message)
+    ("missing-dependency", "import no_such_dependency_xyz\n",
+     "failed: No module named 'no_such_dependency_xyz'"),
+    ("raises", "raise RuntimeError('boom at import')\n",
+     "failed: RuntimeError: boom at import"),
+    ("syntax-error", "def broken(:\n", "failed: SyntaxError"),
+    ("exits", "import sys\nsys.exit(3)\n", "failed: SystemExit: 3"),
+]
+
+
+@pytest.mark.parametrize("source, fragment", [(s, f) for _, s, f in BROKEN_MODULES],
+                         ids=[i for i, _, _ in BROKEN_MODULES])
+def test_a_module_whose_own_import_fails_is_not_reported_as_missing(
+        source, fragment, tmp_path, monkeypatch):
+    (tmp_path / "broken_jobs_module.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "broken_jobs_module", raising=False)
+    with pytest.raises(CallableError) as info:
+        resolve("broken_jobs_module:run")
+    message = str(info.value)
+    assert message.startswith("importing 'broken_jobs_module' ")
+    assert fragment in message
+    assert "no module named 'broken_jobs_module'" not in message
+    assert "broken_jobs_module" not in sys.modules
+
+
+def test_a_good_temporary_module_resolves(tmp_path, monkeypatch):
+    """The control for the broken modules above: same place, same name pattern."""
+    (tmp_path / "good_jobs_module.py").write_text("def run(session):\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        function = resolve("good_jobs_module:run")
+        assert function(None) == 1
+    finally:
+        sys.modules.pop("good_jobs_module", None)
+
+
+@pytest.mark.parametrize("call, fragment", [
+    ("tests.jobfuncs:no_such_function",
+     "module 'tests.jobfuncs' has no attribute 'no_such_function'"),
+    ("os:path.no_such_function", "module 'os' has no attribute 'path.no_such_function'"),
+])
+def test_resolve_missing_attribute(call, fragment):
+    with pytest.raises(CallableError, match="has no attribute") as info:
+        resolve(call)
+    assert str(info.value) == fragment
+
+
+def test_resolve_not_callable():
+    with pytest.raises(CallableError) as info:
+        resolve("tests.jobfuncs:NOT_CALLABLE")
+    assert str(info.value) == "'tests.jobfuncs:NOT_CALLABLE' is an int, not a function"
+
+
+# --- check_arguments: the worker calls fn(session, **kwargs) ---------------------------
+
+def only_session(session): ...
+def with_defaults(session, a, b=2): ...
+def any_kwargs(session, **kwargs): ...
+def anything(*args, **kwargs): ...
+def keyword_only(session, *, a): ...
+def positional_only_session(session, /, a): ...
+def no_session(): ...
+def session_keyword_only(*, session): ...
+def two_sessions(session, other): ...
+
+
+class CallableObject:
+    def __call__(self, session, limit=10): ...
+
+
+ACCEPTED = [
+    ("only-session", only_session, {}),
+    ("required-kwarg", with_defaults, {"a": 1}),
+    ("all-kwargs", with_defaults, {"a": 1, "b": 3}),
+    ("var-kwargs-empty", any_kwargs, {}),
+    ("var-kwargs", any_kwargs, {"x": 1, "y": 2}),
+    ("var-args", anything, {"z": 1}),
+    ("keyword-only", keyword_only, {"a": 1}),
+    ("positional-only-session", positional_only_session, {"a": 1}),
+    ("callable-object", CallableObject(), {"limit": 5}),
+    ("lambda", lambda session, n=1: None, {"n": 2}),
+    ("jobfuncs-touch", jobfuncs.touch, {"path": "/tmp/x"}),
+    ("jobfuncs-two-args", jobfuncs.needs_two_args, {"a": 1, "b": 2}),
+    ("builtin-without-signature", max, {}),   # nothing to check: let it be
+]
+
+REJECTED = [
+    # (id, function, kwargs, expected part of the message)
+    ("missing-kwarg", jobfuncs.needs_two_args, {"a": 1}, "missing a required argument: 'b'"),
+    ("unexpected-kwarg", only_session, {"a": 1}, "unexpected keyword argument 'a'"),
+    ("no-session-parameter", no_session, {}, "too many positional arguments"),
+    ("session-keyword-only", session_keyword_only, {}, "too many positional arguments"),
+    ("kwarg-is-the-session-parameter", with_defaults, {"session": 1, "a": 1},
+     "multiple values for argument 'session'"),
+    ("wrong-name", with_defaults, {"c": 1}, "missing a required argument: 'a'"),
+    ("positional-only-by-name", positional_only_session, {"session": 1, "a": 1},
+     "session"),
+    ("two-positionals", two_sessions, {}, "missing a required argument: 'other'"),
+]
+
+
+@pytest.mark.parametrize("function, kwargs", [(f, k) for _, f, k in ACCEPTED],
+                         ids=[i for i, _, _ in ACCEPTED])
+def test_check_arguments_accepts(function, kwargs):
+    check_arguments(function, kwargs)   # no exception
+
+
+@pytest.mark.parametrize("function, kwargs, fragment", [(f, k, m) for _, f, k, m in REJECTED],
+                         ids=[i for i, _, _, _ in REJECTED])
+def test_check_arguments_rejects(function, kwargs, fragment):
+    with pytest.raises(CallableError) as info:
+        check_arguments(function, kwargs)
+    message = str(info.value)
+    assert message.startswith(f"cannot be called as fn(session, **kwargs) with kwargs "
+                              f"{sorted(kwargs)}: ")
+    assert fragment in message
+
+
+# --- resolve_jobs ------------------------------------------------------------------------
+
+def write(tmp_path: Path, jobs: str) -> Path:
+    path = tmp_path / "jobs.yaml"
+    path.write_text("database:\n  url: sqlite:///w.db\njobs:\n" + textwrap.dedent(jobs))
+    return path
+
+
+def test_resolve_jobs_returns_every_function_by_job_name(tmp_path):
+    config = load(write(tmp_path, """\
+        - name: a
+          call: tests.jobfuncs:touch
+          kwargs: {path: /tmp/x}
+        - name: b
+          call: tests.jobfuncs:noop
+          enabled: false
+        """), environ={})
+    assert resolve_jobs(config) == {"a": jobfuncs.touch, "b": jobfuncs.noop}
+
+
+@pytest.mark.parametrize("call, kwargs, fragment", [
+    ("tests.no_such_module:run", "{}", "no module named 'tests.no_such_module'"),
+    ("tests.jobfuncs:nope", "{}", "has no attribute 'nope'"),
+    ("tests.jobfuncs:NOT_CALLABLE", "{}", "not a function"),
+    ("tests.jobfuncs:needs_two_args", "{a: 1}", "missing a required argument: 'b'"),
+], ids=["missing-module", "missing-attribute", "not-callable", "bad-kwargs"])
+def test_resolve_jobs_names_the_job_and_key_call(call, kwargs, fragment, tmp_path):
+    path = write(tmp_path, f"""\
+        - name: good
+          call: tests.jobfuncs:noop
+        - name: bad
+          call: {call}
+          kwargs: {kwargs}
+        - name: also-bad
+          call: tests.no_such_module_either:run
+        """)
+    config = load(path, environ={})
+    with pytest.raises(ConfigError) as info:
+        resolve_jobs(config)
+    error = info.value
+    assert (error.path, error.job, error.key, error.line) == (str(path), "bad", "call", 6)
+    assert error.message.startswith(f"{call}: ")
+    assert fragment in error.message
+    assert str(error).startswith(f"{path}:6: job 'bad': key 'call': {call}: ")
+
+
+def test_resolve_jobs_on_a_config_built_in_code():
+    config = Config(path=Path("built.yaml"), database=None, worker=None, retry=None,
+                    jobs=(JobSpec(name="x", call="tests.jobfuncs:nope"),))
+    with pytest.raises(ConfigError) as info:
+        resolve_jobs(config)
+    assert str(info.value) == ("built.yaml: job 'x': key 'call': tests.jobfuncs:nope: "
+                               "module 'tests.jobfuncs' has no attribute 'nope'")

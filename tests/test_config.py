@@ -1,0 +1,690 @@
+"""The job list: every broken config stops the worker with exit 78, one line on
+stderr naming file, job, key and line, and nothing runs; valid configs load with
+the documented defaults."""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from worker import cli
+from worker.callables import resolve_jobs
+from worker.config import (ConfigError, RetryPolicy, expand_env, format_duration, load,
+                           masked_url, parse_duration)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Placeholders filled in per test: @DIR@ = tmp_path, @RAN@ = the file that the
+# `touch` job creates when it runs.  A line ending in MARK is the line that the
+# error must name (`path:LINE: ...`).
+MARK = "# <-- error here"
+DB = "database:\n  url: sqlite:///@DIR@/worker.db\n"
+TOUCH = ("  - name: touch\n"
+         "    call: tests.jobfuncs:touch\n"
+         '    kwargs: {path: "@RAN@"}\n')
+HEAD = DB + "jobs:\n" + TOUCH          # lines 1-6: a valid file with one job
+
+
+@dataclass(frozen=True)
+class Broken:
+    id: str
+    yaml: str | bytes | None   # None: see `path`
+    fragment: str              # expected part of the message
+    key: str | None = None     # key named in the error ("key 'retry.attempts'")
+    job: str | None = None     # job named in the error
+    path: str = "file"         # "file", "missing" (no such file) or "directory"
+    no_line: bool = False      # the error must not name a line
+
+
+BROKEN = [
+    # --- YAML itself ----------------------------------------------------------
+    Broken("yaml-syntax-error",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
+                  f"   stray: indentation  {MARK}\n",
+           "invalid YAML"),
+    Broken("tabs-for-indentation",
+           HEAD + f"\t- name: b  {MARK}\n",
+           "YAML does not allow tabs for indentation"),
+    Broken("duplicate-key-in-database",
+           DB + f"  url: sqlite:///@DIR@/other.db  {MARK}\njobs:\n" + TOUCH,
+           "duplicate key 'url' in the same mapping", key="database.url"),
+    Broken("duplicate-key-in-job",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
+                  f"    call: tests.jobfuncs:select_one  {MARK}\n",
+           "duplicate key 'call' in the same mapping", key="call", job="b"),
+    Broken("python-object-tag",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
+                  f'    kwargs: !!python/object/apply:os.system ["touch @RAN@"]  {MARK}\n',
+           "could not determine a constructor for the tag"),
+    Broken("recursive-alias",
+           DB + f"jobs: &jobs [*jobs]  {MARK}\n",
+           "an alias refers to a node that contains it"),
+    Broken("file-is-a-list",
+           f"- database  {MARK}\n- jobs\n",
+           "must be a mapping of keys to values, got a list"),
+    Broken("empty-file", "", "the file is empty", no_line=True),
+    Broken("only-comments", "# nothing here yet\n", "the file is empty", no_line=True),
+    Broken("missing-file", None, "file not found", path="missing", no_line=True),
+    Broken("directory-as-path", None, "cannot read the file", path="directory",
+           no_line=True),
+    Broken("not-utf8", HEAD.encode() + b"  # caf\xe9\n", "cannot read the file",
+           no_line=True),
+    # --- unknown keys -----------------------------------------------------------
+    Broken("unknown-top-level-key-close",
+           HEAD + f"wroker:  {MARK}\n  max_workers: 2\n",
+           "unknown key 'wroker'; did you mean 'worker'?", key="wroker"),
+    Broken("unknown-top-level-key-far",
+           HEAD + f"colour: blue  {MARK}\n",
+           "known keys: database, worker, retry, jobs", key="colour"),
+    Broken("unknown-job-key-kwarg",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
+                  f"    kwarg: {{a: 1}}  {MARK}\n",
+           "unknown key 'kwarg'; did you mean 'kwargs'?", key="kwarg", job="b"),
+    Broken("unknown-database-key",
+           DB + f"  pool_sise: 4  {MARK}\njobs:\n" + TOUCH,
+           "did you mean 'pool_size'?", key="database.pool_sise"),
+    Broken("unknown-job-retry-key",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
+                  f"    retry: {{attempt: 3}}  {MARK}\n",
+           "did you mean 'attempts'?", key="retry.attempt", job="b"),
+    # --- types and ranges ---------------------------------------------------------
+    Broken("pool-size-wrong-type",
+           DB + f'  pool_size: "four"  {MARK}\njobs:\n' + TOUCH,
+           "must be a whole number, got a string ('four')", key="database.pool_size"),
+    Broken("max-workers-zero",
+           HEAD + f"worker:\n  max_workers: 0  {MARK}\n",
+           "must be at least 1, got 0", key="worker.max_workers"),
+    Broken("pool-size-negative",
+           DB + f"  pool_size: -1  {MARK}\njobs:\n" + TOUCH,
+           "must be at least 1, got -1", key="database.pool_size"),
+    Broken("max-workers-above-pool",
+           DB + f"  pool_size: 4  {MARK}\n  max_overflow: 2\n"
+                "worker:\n  max_workers: 8\njobs:\n" + TOUCH,
+           "worker.max_workers (8) is larger than pool_size + max_overflow (4 + 2); "
+           "every job holds one connection", key="database.pool_size"),
+    Broken("retry-attempts-zero",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n    retry:\n"
+                  f"      attempts: 0  {MARK}\n",
+           "must be at least 1, got 0", key="retry.attempts", job="b"),
+    Broken("wait-max-below-wait-initial",
+           HEAD + f"retry:\n  wait_initial: 2s\n  wait_max: 1s  {MARK}\n",
+           "wait_max (1s) is smaller than wait_initial (2s)", key="retry.wait_max"),
+    Broken("enabled-not-a-boolean",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
+                  f'    enabled: "yes-ish"  {MARK}\n',
+           "must be true or false, got a string ('yes-ish')", key="enabled", job="b"),
+    # --- durations and schedules ----------------------------------------------------
+    Broken("duration-in-words",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
+                  f'    timeout: "5 minutes"  {MARK}\n',
+           "not a duration: '5 minutes'", key="timeout", job="b"),
+    Broken("duration-abc",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
+                  f"    every: abc  {MARK}\n",
+           "not a duration: 'abc'", key="every", job="b"),
+    Broken("duration-nan",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
+                  f"    timeout: .nan  {MARK}\n",
+           "not a duration", key="timeout", job="b"),
+    Broken("every-zero",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
+                  f"    every: 0  {MARK}\n",
+           "must be greater than 0, got 0", key="every", job="b"),
+    Broken("bad-cron",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
+                  f'    cron: "61 * * * *"  {MARK}\n',
+           "not a valid cron expression: '61 * * * *'", key="cron", job="b"),
+    Broken("cron-and-every",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n    every: 5m\n"
+                  f'    cron: "0 3 * * *"  {MARK}\n',
+           "give either 'every' or 'cron', not both", key="cron", job="b"),
+    # --- jobs -------------------------------------------------------------------------
+    Broken("empty-job-list",
+           DB + f"jobs: []  {MARK}\n",
+           "'jobs' must be a non-empty list of jobs", key="jobs"),
+    Broken("missing-jobs-key",
+           DB + "worker:\n  max_workers: 2\n",
+           "'jobs' must be a non-empty list of jobs", key="jobs"),
+    Broken("job-not-a-mapping",
+           HEAD + f"  - just-a-string  {MARK}\n",
+           "each job must be a mapping", key="jobs[1]"),
+    Broken("job-without-name",
+           HEAD + f"  - call: tests.jobfuncs:noop  {MARK}\n",
+           "job has no 'name'", key="jobs[1]"),
+    Broken("duplicate-job-name",
+           HEAD + f"  - name: touch  {MARK}\n    call: tests.jobfuncs:noop\n",
+           "duplicate job name (first defined at line 4)", key="name", job="touch"),
+    Broken("job-name-with-space",
+           HEAD + f'  - name: "my job"  {MARK}\n    call: tests.jobfuncs:noop\n',
+           "a job name may use letters, digits", key="name", job="my job"),
+    Broken("session-as-kwarg",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
+                  f"    kwargs: {{session: 1}}  {MARK}\n",
+           "'session' is passed by the worker", key="kwargs.session", job="b"),
+    # --- call: checked at load time, before any job starts ------------------------------
+    Broken("call-without-colon",
+           HEAD + f"  - name: b\n    call: tests.jobfuncs.noop  {MARK}\n",
+           "must be 'package.module:function', got 'tests.jobfuncs.noop'",
+           key="call", job="b"),
+    Broken("call-missing-module",
+           HEAD + f"  - name: b  {MARK}\n    call: tests.no_such_module:run\n",
+           "no module named 'tests.no_such_module'", key="call", job="b"),
+    Broken("call-missing-attribute",
+           HEAD + f"  - name: b  {MARK}\n    call: tests.jobfuncs:no_such_function\n",
+           "module 'tests.jobfuncs' has no attribute 'no_such_function'",
+           key="call", job="b"),
+    Broken("call-not-callable",
+           HEAD + f"  - name: b  {MARK}\n    call: tests.jobfuncs:NOT_CALLABLE\n",
+           "'tests.jobfuncs:NOT_CALLABLE' is an int, not a function", key="call", job="b"),
+    Broken("kwargs-do-not-fit",
+           HEAD + f"  - name: b  {MARK}\n    call: tests.jobfuncs:needs_two_args\n"
+                  "    kwargs: {a: 1}\n",
+           "missing a required argument: 'b'", key="call", job="b"),
+    Broken("kwargs-unexpected",
+           HEAD + f"  - name: b  {MARK}\n    call: tests.jobfuncs:noop\n"
+                  "    kwargs: {colour: red}\n",
+           "unexpected keyword argument 'colour'", key="call", job="b"),
+    # --- database -----------------------------------------------------------------------
+    Broken("missing-database",
+           "jobs:\n" + TOUCH,
+           "missing section 'database'", key="database"),
+    Broken("missing-database-url",
+           f"database:  {MARK}\n  pool_size: 4\njobs:\n" + TOUCH,
+           "missing key 'url'", key="database.url"),
+    Broken("in-memory-sqlite",
+           f'database:\n  url: "sqlite:///:memory:"  {MARK}\njobs:\n' + TOUCH,
+           "an in-memory SQLite database cannot be shared", key="database.url"),
+    Broken("in-memory-sqlite-no-path",
+           f"database:\n  url: sqlite://  {MARK}\njobs:\n" + TOUCH,
+           "an in-memory SQLite database cannot be shared", key="database.url"),
+    Broken("url-port-not-a-number",
+           f"database:\n  url: postgresql://db.example:port/x  {MARK}\njobs:\n" + TOUCH,
+           "not a valid SQLAlchemy URL", key="database.url"),
+    # --- environment ------------------------------------------------------------------------
+    Broken("env-var-unset-no-default",
+           f"database:\n  url: ${{WORKER_TEST_UNSET_URL}}  {MARK}\njobs:\n" + TOUCH,
+           "environment variable WORKER_TEST_UNSET_URL is not set and has no default",
+           key="database.url"),
+    Broken("env-var-unset-in-job",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:touch\n"
+                  f"    kwargs:\n      path: ${{WORKER_TEST_UNSET_PATH}}  {MARK}\n",
+           "environment variable WORKER_TEST_UNSET_PATH is not set",
+           key="kwargs.path", job="b"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch):
+    """cli.main() edits sys.path and the root logger: undo both after each test."""
+    monkeypatch.chdir(ROOT)   # `tests.jobfuncs:...` imports resolve from here
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in ("WORKER_CONFIG", "WORKER_DATABASE_URL", "WORKER_TEST_UNSET_URL",
+                 "WORKER_TEST_UNSET_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def fill(text, tmp_path: Path):
+    if isinstance(text, bytes):
+        return text.replace(b"@DIR@", str(tmp_path).encode()).replace(
+            b"@RAN@", str(tmp_path / "ran").encode())
+    return text.replace("@DIR@", str(tmp_path)).replace("@RAN@", str(tmp_path / "ran"))
+
+
+def write_config(tmp_path: Path, text) -> Path:
+    path = tmp_path / "jobs.yaml"
+    text = fill(text, tmp_path)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def marked_line(text) -> int | None:
+    if isinstance(text, bytes) or text is None:
+        return None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.endswith(MARK):
+            return number
+    return None
+
+
+def test_the_touch_job_runs_when_the_config_is_valid(tmp_path, capsys):
+    """The control for every broken case: if the config were accepted, `ran` would exist."""
+    path = write_config(tmp_path, HEAD)
+    assert cli.main(["-c", str(path), "--once"]) == cli.EXIT_OK
+    assert (tmp_path / "ran").read_text() == "ran"
+    assert "1 job(s): 1 succeeded, 0 failed" in capsys.readouterr().out
+
+
+def test_there_are_enough_broken_cases():
+    assert len(BROKEN) >= 28
+    assert len({case.id for case in BROKEN}) == len(BROKEN)
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=[case.id for case in BROKEN])
+def test_broken_config_exits_78_with_one_line_and_runs_nothing(case, tmp_path, capsys):
+    if case.path == "missing":
+        path = tmp_path / "no-such-dir" / "jobs.yaml"
+    elif case.path == "directory":
+        path = tmp_path / "a-directory"
+        path.mkdir()
+    else:
+        path = write_config(tmp_path, case.yaml)
+
+    code = cli.main(["-c", str(path), "--once"])
+
+    out, err = capsys.readouterr()
+    assert code == cli.EXIT_CONFIG == 78
+    assert out == ""
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    line = err.rstrip("\n")
+    assert line.strip()
+    assert line.startswith("run-worker: invalid configuration: ")
+    assert str(path) in line
+    assert case.fragment in line
+    if case.key is not None:
+        assert f"key {case.key!r}" in line
+    if case.job is not None:
+        assert f"job {case.job!r}" in line
+    expected_line = marked_line(case.yaml)
+    if expected_line is not None:
+        assert f"{path}:{expected_line}: " in line
+    if case.no_line:
+        assert f"{path}: " in line
+    assert not (tmp_path / "ran").exists(), "a job ran although the config is invalid"
+    assert not (tmp_path / "worker.db").exists(), "the database was opened"
+
+
+def test_a_broken_module_with_a_multiline_error_still_gives_one_line(tmp_path, capsys,
+                                                                    monkeypatch):
+    (tmp_path / "multiline_broken_jobs.py").write_text(
+        'raise RuntimeError("first line\\nsecond line")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write_config(tmp_path, HEAD + "  - name: b\n"
+                                         "    call: multiline_broken_jobs:run\n")
+    assert cli.main(["-c", str(path), "--once"]) == 78
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "RuntimeError: first line second line" in err
+    assert f"{path}:7: job 'b': key 'call'" in err
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_module_that_exits_at_import_is_a_config_error(tmp_path, capsys, monkeypatch):
+    (tmp_path / "script_like_jobs.py").write_text("import sys\nsys.exit(0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write_config(tmp_path, HEAD + "  - name: b\n"
+                                         "    call: script_like_jobs:run\n")
+    assert cli.main(["-c", str(path), "--once"]) == 78
+    assert "importing 'script_like_jobs' failed: SystemExit" in capsys.readouterr().err
+    assert not (tmp_path / "ran").exists()
+
+
+def test_config_path_comes_from_worker_config_env(tmp_path, capsys, monkeypatch):
+    path = write_config(tmp_path, DB + "jobs: []\n")
+    monkeypatch.setenv("WORKER_CONFIG", str(path))
+    assert cli.main(["--once"]) == 78
+    assert f"{path}:3: key 'jobs'" in capsys.readouterr().err
+
+
+# --- passwords ------------------------------------------------------------------------
+
+SECRET_URL = "postgresql://u:s3cret@127.0.0.1/x"
+
+PASSWORD_CASES = [
+    ("error-elsewhere",
+     f"database:\n  url: {SECRET_URL}\njobs:\n" + TOUCH + "    retry: {attempts: 0}\n"),
+    ("url-where-the-section-belongs", f"database: {SECRET_URL}\njobs:\n" + TOUCH),
+    ("url-without-key", f"database:\n  url {SECRET_URL}\njobs:\n" + TOUCH),
+    ("url-as-the-whole-file", f"{SECRET_URL}\n"),
+    ("odbc-pwd-where-a-mapping-belongs",
+     "database:\n  url: mssql+pyodbc://h/db\n  connect_args: \"UID=u;PWD=s3cret\"\n"
+     "jobs:\n" + TOUCH),
+]
+
+
+@pytest.mark.parametrize("text", [text for _, text in PASSWORD_CASES],
+                         ids=[name for name, _ in PASSWORD_CASES])
+def test_password_never_in_config_error(text, tmp_path, capsys):
+    path = write_config(tmp_path, text)
+    assert cli.main(["-c", str(path), "--once"]) == 78
+    out, err = capsys.readouterr()
+    assert str(path) in err
+    assert "s3cret" not in out + err
+
+
+@pytest.mark.parametrize("url, shown", [
+    (SECRET_URL, "postgresql://u:***@127.0.0.1/x"),
+    ("mssql+pyodbc://u:s3cret@sqlhost/db?driver=ODBC+Driver+18+for+SQL+Server",
+     "mssql+pyodbc://u:***@sqlhost/db"),
+    ("mssql+pyodbc:///?odbc_connect=DRIVER%3D%7BX%7D%3BSERVER%3Dh%3BUID%3Du%3BPWD%3Ds3cret",
+     "mssql+pyodbc:///?odbc_connect="),
+], ids=["postgresql", "pyodbc-url", "pyodbc-odbc_connect"])
+def test_password_never_in_check_output(url, shown, tmp_path, capsys):
+    path = write_config(tmp_path, f"database:\n  url: '{url}'\njobs:\n" + TOUCH)
+    assert cli.main(["-c", str(path), "--check"]) == cli.EXIT_OK
+    out, err = capsys.readouterr()
+    assert shown in out
+    assert "s3cret" not in out + err
+    assert not (tmp_path / "ran").exists()
+
+
+def test_masked_url():
+    assert masked_url(SECRET_URL) == "postgresql://u:***@127.0.0.1/x"
+    assert masked_url("sqlite:///worker.db") == "sqlite:///worker.db"
+    assert "s3cret" not in masked_url("postgresql://u:s3cret@h:notaport/x")
+
+
+# --- --check ---------------------------------------------------------------------------
+
+def test_check_on_the_default_config_prints_jobs_and_runs_nothing(tmp_path, capsys,
+                                                                  monkeypatch):
+    database_file = tmp_path / "check.db"
+    monkeypatch.setenv("WORKER_DATABASE_URL", f"sqlite:///{database_file}")
+    assert cli.main(["--check"]) == cli.EXIT_OK
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0] == (f"config/jobs.yaml: OK: 3 jobs, database sqlite:///{database_file}, "
+                        "max_workers 4")
+    assert lines[1:] == [
+        "  enqueue-commands: jobs.commands:enqueue_commands (enabled; every 10s)",
+        "  process-commands: jobs.commands:process_pending (enabled; every 30s)",
+        "  purge-commands: jobs.commands:purge_processed (enabled; cron '0 3 * * *')",
+    ]
+    assert err == ""
+    assert not database_file.exists(), "--check without --connect opened the database"
+
+
+def test_check_runs_no_job(tmp_path, capsys):
+    path = write_config(tmp_path, HEAD)
+    assert cli.main(["-c", str(path), "--check"]) == cli.EXIT_OK
+    assert "  touch: tests.jobfuncs:touch (enabled; no schedule)" in capsys.readouterr().out
+    assert not (tmp_path / "ran").exists()
+    assert not (tmp_path / "worker.db").exists()
+
+
+# --- config.load: what a valid file means ------------------------------------------------
+
+def load_text(tmp_path: Path, text: str, environ=None):
+    return load(write_config(tmp_path, text), environ=environ if environ is not None else {})
+
+
+def test_defaults(tmp_path):
+    config = load_text(tmp_path, "database:\n  url: sqlite:///w.db\njobs:\n"
+                                 "  - name: a\n    call: tests.jobfuncs:noop\n")
+    assert config.worker.max_workers == 4
+    db = config.database
+    assert (db.url, db.pool_size, db.max_overflow, db.pool_timeout, db.pool_recycle,
+            db.pool_pre_ping, dict(db.connect_args)) == (
+        "sqlite:///w.db", 4, 0, 30.0, 3600.0, False, {})
+    assert config.retry == RetryPolicy(attempts=5, wait_initial=0.5, wait_max=30.0)
+    (job,) = config.jobs
+    assert (job.name, job.call, dict(job.kwargs), job.timeout, job.every, job.cron,
+            job.enabled, job.idempotent, job.line) == (
+        "a", "tests.jobfuncs:noop", {}, None, None, None, True, False, 4)
+    assert job.retry == config.retry
+    assert job.schedule is None
+
+
+def test_pool_size_defaults_to_max_workers(tmp_path):
+    config = load_text(tmp_path, "database:\n  url: sqlite:///w.db\nworker:\n"
+                                 "  max_workers: 7\njobs:\n  - {name: a, call: 'm:f'}\n")
+    assert config.database.pool_size == 7
+
+
+def test_every_key_is_read(tmp_path):
+    config = load_text(tmp_path, """\
+database:
+  url: sqlite:///w.db
+  pool_size: 2
+  max_overflow: 3
+  pool_timeout: 5s
+  pool_recycle: -1
+  pool_pre_ping: true
+  connect_args: {timeout: 15}
+worker:
+  max_workers: 5
+jobs:
+  - name: a
+    call: m:f
+    kwargs: {x: 1, y: [1, 2]}
+    timeout: 2m
+    every: 1h
+    enabled: false
+    idempotent: true
+  - name: b
+    call: m:g
+    cron: "*/5 * * * *"
+""")
+    db = config.database
+    assert (db.pool_size, db.max_overflow, db.pool_timeout, db.pool_recycle,
+            db.pool_pre_ping, dict(db.connect_args)) == (2, 3, 5.0, -1.0, True, {"timeout": 15})
+    assert config.worker.max_workers == 5
+    a, b = config.jobs
+    assert (dict(a.kwargs), a.timeout, a.every, a.enabled, a.idempotent) == (
+        {"x": 1, "y": [1, 2]}, 120.0, 3600.0, False, True)
+    assert a.schedule == "every 1h"
+    assert b.cron == "*/5 * * * *" and b.schedule == "cron '*/5 * * * *'"
+    assert (a.line, b.line) == (12, 19)
+    assert config.job_names() == ["a", "b"]
+
+
+def test_retry_defaults_are_inherited_and_overridden_per_job(tmp_path):
+    config = load_text(tmp_path, """\
+database: {url: "sqlite:///w.db"}
+retry: {attempts: 3, wait_initial: 1s}
+jobs:
+  - {name: inherits, call: "m:f"}
+  - {name: one-try, call: "m:f", retry: {attempts: 1}}
+  - {name: longer-wait, call: "m:f", retry: {wait_max: 2m}}
+""")
+    assert config.retry == RetryPolicy(attempts=3, wait_initial=1.0, wait_max=30.0)
+    retries = {job.name: job.retry for job in config.jobs}
+    assert retries == {
+        "inherits": RetryPolicy(3, 1.0, 30.0),
+        "one-try": RetryPolicy(1, 1.0, 30.0),
+        "longer-wait": RetryPolicy(3, 1.0, 120.0),
+    }
+
+
+def test_yaml_merge_keys_share_settings_between_jobs(tmp_path):
+    config = load_text(tmp_path, """\
+database: {url: "sqlite:///w.db"}
+jobs:
+  - &base
+    name: a
+    call: m:f
+    retry: {attempts: 2}
+  - <<: *base
+    name: b
+""")
+    a, b = config.jobs
+    assert (a.name, b.name) == ("a", "b")
+    assert b.call == "m:f" and b.retry.attempts == 2
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("1h30m", 5400.0),
+    ("1h 30m", 5400.0), ("1.5s", 1.5), (" 2s ", 2.0), (2.5, 2.5), (10, 10.0), (0, 0.0),
+])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", ["5 minutes", "abc", "", "5", "1h30", "-1s", "5d",
+                                   True, None, [1], float("nan"), float("inf")])
+def test_parse_duration_rejects(value):
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(value)
+
+
+def test_durations_in_a_file(tmp_path):
+    config = load_text(tmp_path, """\
+database: {url: "sqlite:///w.db", pool_timeout: 500ms}
+retry: {wait_initial: 30s, wait_max: 5m}
+jobs:
+  - {name: a, call: "m:f", timeout: 1h, every: 1h30m}
+  - {name: b, call: "m:f", timeout: 2.5}
+""")
+    assert config.database.pool_timeout == 0.5
+    assert config.retry == RetryPolicy(5, 30.0, 300.0)
+    a, b = config.jobs
+    assert (a.timeout, a.every, b.timeout) == (3600.0, 5400.0, 2.5)
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (0.5, "500ms"), (0.001, "1ms"), (1, "1s"), (2.5, "2.5s"), (30, "30s"), (90, "90s"),
+    (60, "1m"), (300, "5m"), (5400, "90m"), (3600, "1h"), (7200, "2h"),
+])
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_format_duration_round_trips_through_parse():
+    for seconds in (0.25, 1, 45, 120, 5400, 86400):
+        assert parse_duration(format_duration(seconds)) == seconds
+
+
+@pytest.mark.parametrize("text, environ, expanded", [
+    ("${A}", {"A": "x"}, "x"),
+    ("pre-${A}-post", {"A": "x"}, "pre-x-post"),
+    ("${A:-fallback}", {"A": "x"}, "x"),
+    ("${A:-fallback}", {}, "fallback"),
+    ("${A:-fallback}", {"A": ""}, "fallback"),     # empty takes the default, as in sh
+    ("${A:-}", {}, ""),
+    ("${A}", {"A": ""}, ""),                        # set but empty, no default: empty
+    ("$$", {}, "$"),
+    ("$${A}", {"A": "x"}, "${A}"),                  # $$ escapes the reference
+    ("cost: $5", {}, "cost: $5"),                   # a lone $ stays
+    ("${A}${B:-b}", {"A": "a"}, "ab"),
+])
+def test_expand_env(text, environ, expanded):
+    assert expand_env(text, environ) == expanded
+
+
+def test_expand_env_unset_without_default():
+    with pytest.raises(LookupError, match=r"MISSING is not set.*\$\{MISSING:-default\}"):
+        expand_env("${MISSING}", {})
+
+
+def test_env_expansion_in_a_file(tmp_path):
+    text = """\
+database:
+  url: ${DB_URL}
+jobs:
+  - name: a
+    call: m:f
+    kwargs:
+      path: ${OUT:-/tmp/default}
+      label: ${LABEL:-unnamed}
+      price: $$5
+      literal: $${DB_URL}
+"""
+    config = load_text(tmp_path, text, {"DB_URL": "sqlite:///from-env.db", "LABEL": ""})
+    assert config.database.url == "sqlite:///from-env.db"
+    assert dict(config.jobs[0].kwargs) == {"path": "/tmp/default", "label": "unnamed",
+                                           "price": "$5", "literal": "${DB_URL}"}
+
+
+def test_a_value_that_is_only_an_env_reference_is_typed_like_yaml(tmp_path):
+    text = """\
+database:
+  url: sqlite:///w.db
+  pool_pre_ping: ${PING:-false}
+worker:
+  max_workers: ${WORKERS:-4}
+jobs:
+  - name: a
+    call: m:f
+    every: ${EVERY:-30}
+    kwargs: {label: "id-${N}", n: "${N}", text: "${TEXT}"}
+"""
+    config = load_text(tmp_path, text, {"WORKERS": "6", "PING": "true", "N": "7",
+                                        "TEXT": "hello"})
+    assert config.worker.max_workers == 6 and config.database.pool_size == 6
+    assert config.database.pool_pre_ping is True
+    assert config.jobs[0].every == 30.0
+    assert dict(config.jobs[0].kwargs) == {"label": "id-7", "n": 7, "text": "hello"}
+
+
+def test_load_reads_os_environ_by_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKER_TEST_DB_URL", "sqlite:///os-environ.db")
+    path = write_config(tmp_path, "database:\n  url: ${WORKER_TEST_DB_URL}\n"
+                                  "jobs:\n  - {name: a, call: 'm:f'}\n")
+    assert load(path).database.url == "sqlite:///os-environ.db"
+
+
+def test_the_default_config_loads_and_its_callables_resolve():
+    config = load(ROOT / "config" / "jobs.yaml", environ={})
+    assert config.database.url == "sqlite:///worker.db"
+    assert config.database.pool_recycle == 3600.0
+    assert config.database.pool_size == config.worker.max_workers == 4
+    assert config.job_names() == ["enqueue-commands", "process-commands", "purge-commands"]
+    process = config.jobs[1]
+    assert process.timeout == 300.0 and process.every == 30.0
+    assert process.retry == RetryPolicy(attempts=3, wait_initial=0.5, wait_max=30.0)
+    functions = resolve_jobs(config)
+    import jobs.commands
+    assert functions == {
+        "enqueue-commands": jobs.commands.enqueue_commands,
+        "process-commands": jobs.commands.process_pending,
+        "purge-commands": jobs.commands.purge_processed,
+    }
+
+
+def test_the_default_config_takes_the_url_from_the_environment():
+    config = load(ROOT / "config" / "jobs.yaml",
+                  environ={"WORKER_DATABASE_URL": "sqlite:///elsewhere.db"})
+    assert config.database.url == "sqlite:///elsewhere.db"
+
+
+def test_config_error_format():
+    error = ConfigError("must be at least 1, got 0", path="/tmp/x/jobs.yaml", job="a",
+                        key="retry.attempts", line=12)
+    assert str(error) == ("/tmp/x/jobs.yaml:12: job 'a': key 'retry.attempts': "
+                          "must be at least 1, got 0")
+    assert str(ConfigError("the file is empty", path="f.yaml")) == "f.yaml: the file is empty"
+    assert str(ConfigError("x\ny")) == "<config>: x y"
+
+
+def test_site_codes_extend_the_classifier(tmp_path):
+    config = load_text(tmp_path, """\
+database:
+  url: sqlite:///w.db
+retry:
+  attempts: 2
+  transient_codes: [4060, "HYT00", "1234"]
+  permanent_codes: [1205]
+jobs:
+  - {name: a, call: 'm:f'}
+""")
+    assert config.extra_codes.retry == {4060, "HYT00", 1234}
+    assert config.extra_codes.never == {1205}
+    assert config.retry.attempts == 2
+
+
+@pytest.mark.parametrize("retry,fragment", [
+    ("{transient_codes: [abc]}", "neither a native error number"),
+    ("{transient_codes: 1205}", "must be a list"),
+    ("{transient_codes: [1205], permanent_codes: [1205]}", "both transient and permanent"),
+])
+def test_site_codes_are_validated(tmp_path, retry, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_text(tmp_path, f"database:\n  url: sqlite:///w.db\nretry: {retry}\n"
+                            "jobs:\n  - {name: a, call: 'm:f'}\n")
+
+
+def test_site_codes_only_at_the_top_level(tmp_path):
+    with pytest.raises(ConfigError, match="top-level 'retry' section") as raised:
+        load_text(tmp_path, "database:\n  url: sqlite:///w.db\njobs:\n"
+                            "  - {name: a, call: 'm:f', retry: {transient_codes: [1]}}\n")
+    assert raised.value.job == "a"
