@@ -9,7 +9,7 @@ import importlib
 import inspect
 from typing import Any, Callable, Mapping
 
-from .config import Config, ConfigError
+from .config import Config
 
 JobFunction = Callable[..., Any]
 
