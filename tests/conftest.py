@@ -48,7 +48,7 @@ def make_database(tmp_path, backend):
     for database in made:
         if database.dialect != "sqlite":
             with database.engine.begin() as connection:
-                for table in ("commands", "worker_test_counters", "worker_test_items"):
+                for table in ("commands", "worker_test_counters", "worker_test_runs"):
                     connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
         database.dispose()
 

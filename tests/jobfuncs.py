@@ -152,3 +152,27 @@ def insert_unique(session, value: int) -> None:
     session.execute(text("INSERT IGNORE INTO worker_test_counters (id, value) "
                          "VALUES (:v, :v)"), {"v": value})
     time.sleep(0.05)
+
+
+def record_run(session, name: str) -> None:
+    """Appends one row per run, so a test can count runs from outside the process."""
+    session.execute(text("CREATE TABLE IF NOT EXISTS worker_test_runs "
+                         "(name VARCHAR(64) NOT NULL, at FLOAT NOT NULL)"))
+    session.execute(text("INSERT INTO worker_test_runs (name, at) VALUES (:n, :t)"),
+                    {"n": name, "t": time.time()})
+
+
+def slow_record(session, name: str, seconds: float) -> None:
+    """Records the run, then spends `seconds` inside one database call before the
+    commit: on MariaDB SELECT SLEEP, on SQLite a Python sleep while holding the row."""
+    record_run(session, name)
+    if session.connection().dialect.name == "sqlite":
+        time.sleep(seconds)
+    else:
+        sleep_query(session, seconds)
+
+
+def record_then_long_query(session, name: str, seconds: float = 30) -> None:
+    """Records the run, then runs a long statement: a stop must roll the row back."""
+    record_run(session, name)
+    long_query(session, seconds)

@@ -8,7 +8,7 @@ import time
 import pytest
 from sqlalchemy import text
 
-from worker.batch import run_batch
+from worker.loop import run_batch
 from worker.callables import resolve
 from worker.config import DatabaseSettings, JobSpec, RetryPolicy
 from worker.db import Database

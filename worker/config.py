@@ -83,6 +83,10 @@ class DatabaseSettings:
 @dataclass(frozen=True)
 class WorkerSettings:
     max_workers: int = 4
+    timezone: str | None = None          # IANA name for cron schedules; None: local
+    misfire_grace_time: float = 60.0     # a run later than this is skipped, not run
+    shutdown_timeout: float = 30.0       # how long a stop waits for running jobs
+    lock_dir: str | None = None          # per-job host locks; None: default_lock_dir()
 
 
 @dataclass(frozen=True)
@@ -349,7 +353,8 @@ def _describe(value: Any) -> str:
 TOP_KEYS = ("database", "worker", "retry", "jobs")
 DATABASE_KEYS = ("url", "pool_size", "max_overflow", "pool_timeout", "pool_recycle",
                  "pool_pre_ping", "connect_args")
-WORKER_KEYS = ("max_workers",)
+WORKER_KEYS = ("max_workers", "timezone", "misfire_grace_time", "shutdown_timeout",
+               "lock_dir")
 RETRY_KEYS = ("attempts", "wait_initial", "wait_max", "on_timeout")
 JOB_KEYS = ("name", "call", "kwargs", "timeout", "every", "cron", "retry", "enabled",
             "idempotent")
@@ -523,7 +528,7 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> C
     worker_raw = check.mapping(top.get("worker"), ("worker",), WORKER_KEYS)
     max_workers = check.integer(worker_raw.get("max_workers", 4),
                                 ("worker", "max_workers"), 1)
-    worker = WorkerSettings(max_workers=max_workers)
+    worker = _worker(worker_raw, max_workers, check)
 
     if "database" not in top:
         raise check.fail("missing section 'database' (at least 'url')", ("database",))
@@ -551,6 +556,31 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> C
     return Config(path=path, database=database, worker=worker, retry=retry,
                   extra_codes=extra_codes,
                   jobs=tuple(jobs))
+
+
+def _worker(raw: dict, max_workers: int, check: _Checker) -> WorkerSettings:
+    at: KeyPath = ("worker",)
+    zone = raw.get("timezone")
+    if zone is not None:
+        zone = check.string(zone, at + ("timezone",)).strip()
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise check.fail(f"unknown time zone {zone!r} (use an IANA name such as "
+                             f"'Europe/Berlin' or 'UTC')", at + ("timezone",)) from None
+    lock_dir = raw.get("lock_dir")
+    if lock_dir is not None:
+        lock_dir = check.string(lock_dir, at + ("lock_dir",)).strip()
+    return WorkerSettings(
+        max_workers=max_workers,
+        timezone=zone,
+        misfire_grace_time=check.duration(raw.get("misfire_grace_time", 60),
+                                          at + ("misfire_grace_time",)),
+        shutdown_timeout=check.duration(raw.get("shutdown_timeout", 30),
+                                        at + ("shutdown_timeout",), positive=False),
+        lock_dir=lock_dir,
+    )
 
 
 def _database(raw: dict, worker: WorkerSettings, check: _Checker) -> DatabaseSettings:

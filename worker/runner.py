@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tenacity import (RetryCallState, Retrying, retry_if_exception,
-                      stop_after_attempt, wait_exponential_jitter)
+                      stop_after_attempt, stop_when_event_set, wait_exponential_jitter)
 
 from .callables import JobFunction
 from .config import JobSpec, format_duration
@@ -32,7 +32,8 @@ class Outcome(enum.Enum):
     SUCCESS = "success"
     FAILED = "failed"
     TIMEOUT = "timeout"
-    SKIPPED = "skipped"
+    CANCELLED = "cancelled"   # stopped by a shutdown
+    SKIPPED = "skipped"       # not run: another run of the job held its lock
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,28 @@ class AttemptTimedOut(Exception):
     """The attempt's deadline passed."""
 
 
+class Cancelled(Exception):
+    """The worker is stopping: no new attempt, no new statement."""
+
+
 @dataclass
 class RunWatch:
-    """What the thread waiting for a job may see of it while it runs."""
+    """What other threads may see of a job while it runs, and how they stop it."""
     attempt: int = 0
     started: float = field(default_factory=time.monotonic)
+    thread: int | None = None            # the pool thread running the job
     overdue_since: float | None = None   # when the current attempt's deadline passed
     done: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self, database: Database) -> bool:
+        """Stop the job: no further attempt, no new statement, the statement in
+        flight cancelled through the driver. True if a statement was cancelled."""
+        self.cancelled.set()
+        if self.thread is None:
+            return False
+        database.statements.set_deadline(self.thread, time.monotonic())
+        return database.cancel_statement(self.thread)
 
 
 class Deadline:
@@ -189,9 +205,11 @@ def run_job(job: JobSpec, function: JobFunction, database: Database, *,
             watch: RunWatch | None = None) -> JobResult:
     """Run a job with its retry policy; never raises for the job's own errors."""
     watch = watch or RunWatch()
+    watch.thread = threading.get_ident()
     try:
         return _run_job(job, function, database, sleep, watch)
     finally:
+        database.statements.set_deadline(watch.thread, None)
         watch.done.set()
 
 
@@ -210,13 +228,16 @@ def _run_job(job: JobSpec, function: JobFunction, database: Database,
                     _tag(job, state.attempt_number), failure.diagnosis.reason,
                     failure.diagnosis.codes, failure, wait)
 
+    def wait_or_stop(seconds: float) -> None:
+        watch.cancelled.wait(seconds)        # a shutdown cuts the wait short
+
     retrying = Retrying(
-        stop=stop_after_attempt(policy.attempts),
+        stop=stop_after_attempt(policy.attempts) | stop_when_event_set(watch.cancelled),
         wait=wait_exponential_jitter(multiplier=policy.wait_initial, max=policy.wait_max,
                                      jitter=policy.wait_initial),
         retry=retry_if_exception(should_retry),
         before_sleep=log_retry,
-        sleep=sleep,
+        sleep=wait_or_stop if sleep is time.sleep else sleep,
         reraise=True,
     )
     attempt = 0
@@ -225,11 +246,18 @@ def _run_job(job: JobSpec, function: JobFunction, database: Database,
             with attempt_context:
                 attempt = watch.attempt = attempt_context.retry_state.attempt_number
                 watch.overdue_since = None
+                if watch.cancelled.is_set():
+                    raise AttemptFailed(Cancelled("the worker is stopping"),
+                                        Diagnosis(Verdict.NEVER, "cancelled"), False)
                 log.debug("%s starting", _tag(job, attempt))
                 run_attempt(job, function, database, attempt, watch)
     except AttemptFailed as failure:
         duration = time.monotonic() - started
         diagnosis = failure.diagnosis
+        if watch.cancelled.is_set():
+            log.error("%s cancelled: the worker is stopping (%s)", _tag(job, attempt),
+                      failure)
+            return JobResult(job.name, Outcome.CANCELLED, attempt, duration, str(failure))
         if failure.timed_out:
             log.error("%s timed out: %s: %s; %s", _tag(job, attempt), diagnosis.reason,
                       failure, "no attempts left" if failure.should_retry(job)

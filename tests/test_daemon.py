@@ -1,0 +1,322 @@
+"""Daemon mode, cron use and systemd, with real processes and real signals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.conftest import MARIADB_URL, ROOT
+
+
+class Daemon:
+    """A worker process started from a config file, its stderr kept in a file."""
+
+    def __init__(self, config: Path, *args: str, env: dict | None = None) -> None:
+        self.log_path = config.with_suffix(f".{time.monotonic_ns()}.log")
+        self._log = open(self.log_path, "w")
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "run_worker.py"), "-c", str(config), *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, text=True,
+            env={**os.environ, **(env or {})})
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for(self, fragment: str, timeout: float = 20, count: int = 1) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log.count(fragment) >= count:
+                return time.monotonic()
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{fragment!r} not logged within {timeout}s:\n{self.log}")
+
+    def signal(self, signum: int) -> float:
+        self.process.send_signal(signum)
+        return time.monotonic()
+
+    def wait(self, timeout: float = 30) -> int:
+        try:
+            self.process.wait(timeout)
+        finally:
+            self._log.close()
+            if self.process.poll() is None:
+                self.process.kill()
+        return self.process.returncode
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+        return self.wait()
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemon] = []
+
+    def start(*args, **kwargs) -> Daemon:
+        daemon = Daemon(*args, **kwargs)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.wait()
+
+
+@pytest.fixture
+def db_url(backend, tmp_path):
+    url = f"sqlite:///{tmp_path / 'daemon.db'}" if backend == "sqlite" else MARIADB_URL
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS worker_test_runs"))
+        connection.execute(text("CREATE TABLE worker_test_runs "
+                                "(name VARCHAR(64) NOT NULL, at FLOAT NOT NULL)"))
+    yield url
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS worker_test_runs"))
+    engine.dispose()
+
+
+def runs(url: str, name: str, after: float = 0.0) -> list[float]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [row[0] for row in connection.execute(
+                text("SELECT at FROM worker_test_runs WHERE name = :n AND at >= :t "
+                     "ORDER BY at"), {"n": name, "t": after})]
+    finally:
+        engine.dispose()
+
+
+def write_config(path: Path, url: str, jobs: str, **worker) -> Path:
+    settings = {"max_workers": 4, "shutdown_timeout": "10s", "lock_dir": str(
+        path.parent / "locks"), **worker}
+    worker_yaml = "\n".join(f"  {k}: {json.dumps(v)}" for k, v in settings.items())
+    path.write_text(f'database:\n  url: "{url}"\nworker:\n{worker_yaml}\n'
+                    "retry:\n  attempts: 3\n  wait_initial: 50ms\n  wait_max: 200ms\n"
+                    "jobs:\n" + textwrap.indent(textwrap.dedent(jobs), "  "))
+    return path
+
+
+def test_every_jobs_run_on_time_for_five_seconds(db_url, tmp_path, daemons):
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: one, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {name: one}}
+        - {name: two, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {name: two}}
+        - {name: batch-only, call: 'tests.jobfuncs:noop'}
+        """)
+    daemon = daemons(config)
+    began = daemon.wait_for("daemon started")
+    time.sleep(5.2)
+    elapsed = daemon.signal(signal.SIGTERM) - began
+    assert daemon.wait() == 0
+    expected = int(elapsed) + 1                     # a run at start, then every second
+    for name in ("one", "two"):
+        count = len(runs(db_url, name))
+        assert abs(count - expected) <= 1, (name, count, expected)
+    assert "batch-only jobs (no every/cron; they run only with --once): batch-only" in \
+        daemon.log
+    lateness = [line for line in daemon.log.splitlines() if "started late by median" in line]
+    assert lateness, daemon.log
+    print("\n" + lateness[0].split("worker.loop: ")[1])
+
+
+def test_sigterm_lets_the_running_job_commit(db_url, tmp_path, daemons):
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - name: slow
+          call: tests.jobfuncs:slow_record
+          every: 1h
+          kwargs: {name: slow, seconds: 2}
+        """, shutdown_timeout="10s")
+    daemon = daemons(config)
+    daemon.wait_for("job=slow starting")
+    time.sleep(0.5)                                 # the job is inside its 2 s call
+    sent = daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    stop_time = time.monotonic() - sent
+    print(f"\nSIGTERM to exit with a job in a 2 s database call: {stop_time:.2f}s")
+    assert stop_time < 10
+    assert len(runs(db_url, "slow")) == 1          # its work was committed
+    assert "job=slow attempt=1/3 succeeded" in daemon.log
+    assert "every job finished" in daemon.log
+
+
+def test_stop_past_the_shutdown_timeout_cancels_and_rolls_back(db_url, tmp_path, daemons):
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - name: endless
+          call: tests.jobfuncs:record_then_long_query
+          every: 1h
+          kwargs: {name: endless, seconds: 60}
+        """, shutdown_timeout="1s")
+    daemon = daemons(config)
+    daemon.wait_for("job=endless starting")
+    time.sleep(0.5)
+    sent = daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 1                       # something had to be cancelled
+    stop_time = time.monotonic() - sent
+    print(f"\nSIGTERM to exit when a job had to be cancelled: {stop_time:.2f}s")
+    assert stop_time < 8
+    assert runs(db_url, "endless") == []           # rolled back
+    assert "job=endless attempt=1/3 cancelled after shutdown_timeout 1s" in daemon.log
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_second_signal_skips_the_wait(db_url, tmp_path, daemons):
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - name: endless
+          call: tests.jobfuncs:record_then_long_query
+          every: 1h
+          kwargs: {name: endless, seconds: 60}
+        """, shutdown_timeout="60s")
+    daemon = daemons(config)
+    daemon.wait_for("job=endless starting")
+    sent = daemon.signal(signal.SIGTERM)
+    daemon.wait_for("stopping: no new runs")
+    daemon.signal(signal.SIGINT)
+    assert daemon.wait() == 1
+    assert time.monotonic() - sent < 10
+    assert "cancelled after a second stop signal" in daemon.log
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_overlapping_runs_are_skipped(db_url, tmp_path, daemons):
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: long, call: 'tests.jobfuncs:python_sleep', every: 1s, kwargs: {seconds: 2.5}}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("skipped: the previous run is still going", count=2, timeout=10)
+    assert daemon.stop() == 0
+    assert daemon.log.count("job=long starting") <= 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_sighup_applies_a_changed_job_list(db_url, tmp_path, daemons):
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: old, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {name: old}}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("job=old starting")
+    write_config(config, db_url, """\
+        - {name: new, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {name: new}}
+        """)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reloaded")
+    reloaded_at = time.time()
+    daemon.wait_for("job=new starting", count=3)
+    assert daemon.stop() == 0
+    assert "added ['new'], removed ['old'], changed none" in daemon.log
+    assert len(runs(db_url, "new")) >= 3
+    assert runs(db_url, "old", after=reloaded_at + 0.5) == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_an_invalid_config_on_sighup_is_rejected_and_the_old_jobs_keep_running(
+        db_url, tmp_path, daemons):
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: keeps, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {name: keeps}}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("job=keeps starting")
+    good = config.read_text()
+    config.write_text(good.replace("every: 1s", "evry: 1s"))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reload rejected")
+    rejected_at = time.time()
+    time.sleep(2.5)
+    assert daemon.stop() == 0
+    assert "did you mean 'every'?" in daemon.log
+    assert len(runs(db_url, "keeps", after=rejected_at)) >= 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_two_concurrent_once_runs_of_a_long_job(db_url, tmp_path, daemons):
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: long, call: 'tests.jobfuncs:slow_record', kwargs: {name: long, seconds: 3}}
+        """)
+    first = daemons(config, "--once")
+    time.sleep(1.0)                                 # the first holds the job's lock
+    second = daemons(config, "--once")
+    assert second.wait() == 75
+    assert "skipped: another run of this job holds its host lock" in second.log
+    assert first.wait() == 0
+    assert len(runs(db_url, "long")) == 1
+    summary = second.process.stdout.read()
+    assert "long" in summary and "skipped" in summary
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_systemd_notify_protocol(db_url, tmp_path, daemons):
+    sock_path = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(sock_path))
+    receiver.settimeout(0.2)
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: tick, call: 'tests.jobfuncs:noop', every: 1s}
+        """)
+    daemon = daemons(config, env={"NOTIFY_SOCKET": str(sock_path),
+                                  "WATCHDOG_USEC": "1000000"})
+    messages: list[str] = []
+
+    def receive_until(fragment: str, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(fragment in m for m in messages):
+                return
+            try:
+                messages.append(receiver.recv(4096).decode())
+            except socket.timeout:
+                continue
+        raise AssertionError(f"{fragment} not received: {messages}")
+
+    try:
+        receive_until("READY=1")
+        receive_until("WATCHDOG=1")
+        daemon.signal(signal.SIGHUP)
+        receive_until("RELOADING=1")
+        daemon.signal(signal.SIGTERM)
+        receive_until("STOPPING=1")
+        assert daemon.wait() == 0
+    finally:
+        receiver.close()
+    ready = next(m for m in messages if "READY=1" in m)
+    assert "STATUS=running 1 scheduled job(s)" in ready
+    reloading = next(m for m in messages if "RELOADING=1" in m)
+    assert "MONOTONIC_USEC=" in reloading
+    assert messages.index(ready) < len(messages) - 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_list_and_json_logs(db_url, tmp_path):
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: often, call: 'tests.jobfuncs:noop', every: 30s}
+        - {name: nightly, call: 'tests.jobfuncs:noop', cron: '0 3 * * *'}
+        - {name: manual, call: 'tests.jobfuncs:noop'}
+        """, timezone="Europe/Berlin")
+    listed = subprocess.run([sys.executable, "run_worker.py", "-c", str(config), "--list"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert listed.returncode == 0
+    lines = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert "every 30s" in lines["often"]
+    assert "cron '0 3 * * *'" in lines["nightly"] and "T03:00:00+0" in lines["nightly"]
+    assert "runs only with --once" in lines["manual"]
+    once = subprocess.run([sys.executable, "run_worker.py", "-c", str(config), "--once",
+                           "--log-format", "json"], cwd=ROOT, capture_output=True, text=True)
+    assert once.returncode == 0
+    entries = [json.loads(line) for line in once.stderr.splitlines()]
+    succeeded = [e for e in entries if "succeeded" in e["message"]]
+    assert {e["job"] for e in succeeded} == {"often", "nightly", "manual"}
+    assert all(e["attempt"] == 1 and e["level"] == "INFO" for e in succeeded)

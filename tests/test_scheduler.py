@@ -1,0 +1,116 @@
+"""worker.scheduler: next run times, DST, misfires, reloads (fake clocks, no threads)."""
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from worker.config import JobSpec
+from worker.scheduler import CronSchedule, EverySchedule, Scheduler
+
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def cron_fires(expression: str, start: datetime, count: int) -> list[str]:
+    schedule = CronSchedule(expression, BERLIN)
+    instant = start.timestamp()
+    fires = []
+    for _ in range(count):
+        instant = schedule.next_after(instant, instant)
+        fires.append(datetime.fromtimestamp(instant, BERLIN).isoformat())
+    return fires
+
+
+def test_daily_cron_in_the_hour_that_does_not_exist_runs_once_at_3():
+    # 2026-03-29: clocks jump from 02:00 to 03:00 in Berlin
+    assert cron_fires("30 2 * * *", datetime(2026, 3, 28, 12, tzinfo=BERLIN), 3) == [
+        "2026-03-29T03:00:00+02:00", "2026-03-30T02:30:00+02:00",
+        "2026-03-31T02:30:00+02:00"]
+
+
+def test_daily_cron_in_the_repeated_hour_runs_once():
+    # 2026-10-25: clocks go back from 03:00 to 02:00; 02:30 happens twice
+    assert cron_fires("30 2 * * *", datetime(2026, 10, 24, 12, tzinfo=BERLIN), 3) == [
+        "2026-10-25T02:30:00+02:00", "2026-10-26T02:30:00+01:00",
+        "2026-10-27T02:30:00+01:00"]
+
+
+def test_hourly_cron_runs_every_real_hour_across_the_change():
+    assert cron_fires("0 * * * *", datetime(2026, 10, 25, 0, 30, tzinfo=BERLIN), 4) == [
+        "2026-10-25T01:00:00+02:00", "2026-10-25T02:00:00+02:00",
+        "2026-10-25T02:00:00+01:00", "2026-10-25T03:00:00+01:00"]
+
+
+def test_cron_in_utc_is_plain():
+    schedule = CronSchedule("*/15 * * * *", ZoneInfo("UTC"))
+    start = datetime(2026, 1, 1, 0, 7, tzinfo=ZoneInfo("UTC")).timestamp()
+    assert schedule.next_after(start, start) - start == 8 * 60
+
+
+def job(name: str, every: float | None = None, cron: str | None = None,
+        enabled: bool = True) -> JobSpec:
+    return JobSpec(name=name, call="m:f", every=every, cron=cron, enabled=enabled)
+
+
+def every_factory(clock):
+    return lambda spec, zone: EverySchedule(spec.every, clock) if spec.every else None
+
+
+def test_every_runs_at_start_then_on_its_grid():
+    clock = Clock()
+    scheduler = Scheduler([job("a", every=10)], BERLIN, 60, every_factory(clock))
+    assert [r.job.name for r in scheduler.due()] == ["a"]
+    assert scheduler.due() == []
+    assert scheduler.seconds_until_next() == 10
+    clock.now += 10.004
+    (run,) = scheduler.due()
+    assert abs(run.lateness - 0.004) < 1e-9 and run.coalesced == 1
+    assert abs(scheduler.seconds_until_next() - 9.996) < 1e-9  # stays on the grid
+
+
+def test_missed_runs_within_the_grace_are_coalesced_into_one():
+    clock = Clock()
+    scheduler = Scheduler([job("a", every=10)], BERLIN, 60, every_factory(clock))
+    scheduler.due()
+    clock.now += 35                      # a stall: runs at +10, +20, +30 missed
+    (run,) = scheduler.due()
+    assert run.coalesced == 3 and abs(run.lateness - 5) < 1e-9
+    assert scheduler.due() == []
+    assert abs(scheduler.seconds_until_next() - 5) < 1e-9
+
+
+def test_runs_missed_beyond_the_grace_are_skipped(caplog):
+    clock = Clock()
+    scheduler = Scheduler([job("a", every=100)], BERLIN, 30, every_factory(clock))
+    scheduler.due()
+    clock.now += 150                     # the +100 run is 50 s late: over the grace
+    assert scheduler.due() == []
+    assert "missed 1 run(s)" in caplog.text and "skipped" in caplog.text
+    clock.now += 50
+    assert [r.job.name for r in scheduler.due()] == ["a"]
+
+
+def test_disabled_and_unscheduled_jobs_are_not_scheduled():
+    scheduler = Scheduler([job("a", every=1), job("b"), job("c", every=1, enabled=False)],
+                          BERLIN, 60, every_factory(Clock()))
+    assert [j.name for j in scheduler.jobs] == ["a"]
+    assert scheduler.unscheduled == ["b"]
+
+
+def test_update_keeps_the_next_run_of_unchanged_jobs():
+    clock = Clock()
+    scheduler = Scheduler([job("a", every=10), job("b", every=10)], BERLIN, 60,
+                          every_factory(clock))
+    scheduler.due()
+    clock.now += 4
+    scheduler.update([job("a", every=10), job("b", every=3), job("c", every=10)])
+    due = {r.job.name for r in scheduler.due()}
+    assert due == {"b", "c"}             # changed and added jobs start now; a waits
+    assert abs(scheduler.seconds_until_next() - 3) < 1e-9

@@ -1,0 +1,222 @@
+"""When each job is next due (daemon mode), and what to do about missed runs.
+
+`every` schedules count on the monotonic clock, so a wall-clock jump does not
+stall or rush them. `cron` schedules follow the wall clock in the configured
+time zone (croniter), with one rule croniter lacks: a wall-clock time repeated
+when clocks go back runs once, not twice, unless the hour field is `*`.
+
+After a stall (a suspended machine, a clock jump, a busy pool) the runs missed
+are coalesced into one when the latest of them is within misfire_grace_time, and
+skipped with a log line otherwise.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone, tzinfo
+from typing import Callable, Iterable
+
+from .config import JobSpec, format_duration
+
+log = logging.getLogger("worker.scheduler")
+
+MAX_MISSED_COUNTED = 10_000  # beyond this, missed cron runs are not counted one by one
+
+
+class EverySchedule:
+    """Every N seconds on the monotonic clock; the first run is due at start."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds = seconds
+        self.now = clock
+
+    def first(self, now: float) -> float:
+        return now
+
+    def next_after(self, instant: float, previous: float) -> float:
+        """The first occurrence after `instant`, on the grid that `previous` is on."""
+        if instant < previous:
+            return previous + self.seconds
+        steps = int((instant - previous) // self.seconds) + 1
+        return previous + steps * self.seconds
+
+    def latest_at_or_before(self, instant: float, due: float) -> tuple[float, int]:
+        """(the latest occurrence <= instant, how many occurrences from `due` on)."""
+        count = int((instant - due) // self.seconds) + 1
+        return due + (count - 1) * self.seconds, count
+
+    def describe(self, instant: float) -> str:
+        wall = time.time() + (instant - self.now())   # monotonic -> wall, for people
+        return datetime.fromtimestamp(wall).astimezone().isoformat(timespec="seconds")
+
+
+class CronSchedule:
+    """A cron expression in a time zone, on the wall clock (epoch seconds)."""
+
+    def __init__(self, expression: str, zone: tzinfo, clock: Callable[[], float] = time.time):
+        self.expression = expression
+        self.zone = zone
+        self.now = clock
+        fields = expression.split()
+        self._hourly = expression.startswith("@hourly") or (len(fields) >= 2 and fields[1] == "*")
+
+    def _iterator(self, after: float):
+        from croniter import croniter
+        return croniter(self.expression, datetime.fromtimestamp(after, self.zone))
+
+    def first(self, now: float) -> float:
+        return self.next_after(now, now)
+
+    def next_after(self, instant: float, previous: float) -> float:
+        iterator = self._iterator(instant)
+        while True:
+            fire = iterator.get_next(datetime)
+            if self._hourly or not _repeated_wall_time(fire):
+                return fire.timestamp()
+
+    def latest_at_or_before(self, instant: float, due: float) -> tuple[float, int]:
+        latest, count = due, 1
+        iterator = self._iterator(due)
+        while count < MAX_MISSED_COUNTED:
+            fire = iterator.get_next(datetime)
+            if not self._hourly and _repeated_wall_time(fire):
+                continue
+            if fire.timestamp() > instant:
+                return latest, count
+            latest, count = fire.timestamp(), count + 1
+        prev = self._iterator(instant + 1e-6).get_prev(datetime)  # too many to count
+        return prev.timestamp(), count
+
+    def describe(self, instant: float) -> str:
+        return datetime.fromtimestamp(instant, self.zone).isoformat(timespec="seconds")
+
+
+def _repeated_wall_time(moment: datetime) -> bool:
+    """True for the second occurrence of a wall-clock time when clocks go back."""
+    wall = moment.replace(tzinfo=None)
+    first = wall.replace(tzinfo=moment.tzinfo, fold=0)
+    return first.utcoffset() != moment.utcoffset() and \
+        wall.replace(tzinfo=moment.tzinfo, fold=1).utcoffset() == moment.utcoffset()
+
+
+Schedule = EverySchedule | CronSchedule
+
+
+def schedule_for(job: JobSpec, zone: tzinfo) -> Schedule | None:
+    if job.every is not None:
+        return EverySchedule(job.every)
+    if job.cron is not None:
+        return CronSchedule(job.cron, zone)
+    return None
+
+
+@dataclass(frozen=True)
+class DueRun:
+    job: JobSpec
+    scheduled: str          # the occurrence this run is for, as a readable time
+    lateness: float         # seconds between that occurrence and now
+    coalesced: int          # missed occurrences folded into this run (1 = none missed)
+
+
+@dataclass
+class _Entry:
+    job: JobSpec
+    schedule: Schedule
+    next_due: float
+
+
+class Scheduler:
+    """Next-run bookkeeping for the scheduled jobs; knows nothing of threads or SQL."""
+
+    def __init__(self, jobs: Iterable[JobSpec], zone: tzinfo, misfire_grace_time: float,
+                 schedule_factory: Callable[[JobSpec, tzinfo], Schedule | None] = schedule_for):
+        self.zone = zone
+        self.misfire_grace_time = misfire_grace_time
+        self._factory = schedule_factory
+        self._entries: dict[str, _Entry] = {}
+        self.unscheduled: list[str] = []
+        self.update(jobs)
+
+    def update(self, jobs: Iterable[JobSpec]) -> None:
+        """Take a new job list (reload): unchanged schedules keep their next run."""
+        entries: dict[str, _Entry] = {}
+        self.unscheduled = []
+        for job in jobs:
+            if not job.enabled:
+                continue
+            old = self._entries.get(job.name)
+            if old is not None and (old.job.every, old.job.cron) == (job.every, job.cron):
+                entries[job.name] = _Entry(job, old.schedule, old.next_due)
+                continue
+            schedule = self._factory(job, self.zone)
+            if schedule is None:
+                self.unscheduled.append(job.name)
+                continue
+            entries[job.name] = _Entry(job, schedule, schedule.first(schedule.now()))
+        self._entries = entries
+
+    @property
+    def jobs(self) -> list[JobSpec]:
+        return [entry.job for entry in self._entries.values()]
+
+    def seconds_until_next(self) -> float | None:
+        if not self._entries:
+            return None
+        return max(0.0, min(e.next_due - e.schedule.now() for e in self._entries.values()))
+
+    def next_run(self, name: str) -> str | None:
+        entry = self._entries.get(name)
+        return entry.schedule.describe(entry.next_due) if entry else None
+
+    def due(self) -> list[DueRun]:
+        """The runs due now; each job's next occurrence moves past now."""
+        runs: list[DueRun] = []
+        for entry in self._entries.values():
+            now = entry.schedule.now()
+            if entry.next_due > now:
+                continue
+            latest, count = entry.schedule.latest_at_or_before(now, entry.next_due)
+            lateness = now - latest
+            entry.next_due = entry.schedule.next_after(now, latest)
+            if lateness > self.misfire_grace_time:
+                log.warning("job=%s missed %d run(s), the latest at %s, %s ago (more than "
+                            "misfire_grace_time %s): skipped; next run at %s",
+                            entry.job.name, count, entry.schedule.describe(latest),
+                            format_duration(round(lateness, 3)),
+                            format_duration(self.misfire_grace_time),
+                            entry.schedule.describe(entry.next_due))
+                continue
+            if count > 1:
+                log.warning("job=%s missed %d runs; coalesced into one run now",
+                            entry.job.name, count)
+            runs.append(DueRun(entry.job, entry.schedule.describe(latest), lateness, count))
+        return runs
+
+
+def local_zone() -> tzinfo:
+    """The machine's zone with its DST rules ($TZ, else /etc/localtime), not just
+    today's offset, so that cron times stay right across a DST change."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+    candidates = [os.environ.get("TZ", "").lstrip(":")]
+    try:
+        target = os.path.realpath("/etc/localtime")
+        if "/zoneinfo/" in target:
+            candidates.append(target.split("/zoneinfo/", 1)[1])
+    except OSError:
+        pass
+    for name in candidates:
+        if name:
+            try:
+                return ZoneInfo(name)
+            except (ZoneInfoNotFoundError, ValueError):
+                continue
+    return datetime.now().astimezone().tzinfo or timezone.utc
+
+
+def zone_named(name: str | None) -> tzinfo:
+    if not name:
+        return local_zone()
+    from zoneinfo import ZoneInfo
+    return ZoneInfo(name)
