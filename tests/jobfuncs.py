@@ -176,3 +176,8 @@ def record_then_long_query(session, name: str, seconds: float = 30) -> None:
     """Records the run, then runs a long statement: a stop must roll the row back."""
     record_run(session, name)
     long_query(session, seconds)
+
+
+def fail_after_select(session) -> None:
+    select_one(session)
+    raise ValueError("failing after a statement")

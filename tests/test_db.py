@@ -62,3 +62,55 @@ def test_killed_connection_is_reported_as_a_disconnect(make_database, admin_odbc
     finally:
         Session.remove()                        # must not raise after invalidation
     assert database.checked_out() == 0
+
+
+def server_counters(admin) -> dict[str, int]:
+    names = ("Com_select", "Com_commit", "Com_rollback", "Com_admin_commands")
+    rows = admin.execute("SHOW GLOBAL STATUS WHERE Variable_name IN "
+                         f"({', '.join('?' * len(names))})", *names).fetchall()
+    return {name: int(value) for name, value in rows}
+
+
+@mariadb_only
+def test_a_job_costs_its_statements_and_one_commit_nothing_else(make_database, admin_odbc):
+    """Counted at the server: no ROLLBACK when the connection returns to the pool
+    after a COMMIT, and no ping on checkout (field-notes §5)."""
+    from worker.callables import resolve
+    from worker.runner import run_job
+    from tests.conftest import spec
+    database = make_database(pool_size=1)
+    job, select_one = spec("one", attempts=1), resolve("tests.jobfuncs:select_one")
+    assert run_job(job, select_one, database).ok        # connects and warms the pool
+    before = server_counters(admin_odbc)
+    for _ in range(10):
+        assert run_job(job, select_one, database).ok
+    after = server_counters(admin_odbc)
+    delta = {name: after[name] - before[name] for name in before}
+    assert delta == {"Com_select": 10, "Com_commit": 10, "Com_rollback": 0,
+                     "Com_admin_commands": 0}
+
+
+@mariadb_only
+def test_a_failed_job_is_rolled_back_once(make_database, admin_odbc):
+    from worker.callables import resolve
+    from worker.runner import run_job
+    from tests.conftest import spec
+    database = make_database(pool_size=1)
+    assert run_job(spec("warm"), resolve("tests.jobfuncs:select_one"), database).ok
+    before = server_counters(admin_odbc)
+    result = run_job(spec("bad", attempts=1), resolve("tests.jobfuncs:fail_after_select"),
+                     database)
+    after = server_counters(admin_odbc)
+    assert not result.ok
+    assert after["Com_rollback"] - before["Com_rollback"] == 1
+    assert after["Com_commit"] - before["Com_commit"] == 0
+
+
+def test_a_connection_returned_inside_a_transaction_is_still_rolled_back(database):
+    """The reset is skipped only when nothing is open: a Connection left with a
+    transaction (here at the DBAPI level) is rolled back on return."""
+    with database.engine.connect() as connection:
+        connection.exec_driver_sql("SELECT 1")
+        info = connection.connection.info
+        assert info["worker_in_transaction"] is True
+    assert info["worker_in_transaction"] is False

@@ -42,6 +42,7 @@ class Database:
         self.engine: Engine = create_engine(self.url, **_engine_options(settings))
         self.dialect = self.engine.dialect.name
         event.listen(self.engine, "handle_error", self._mark_disconnect)
+        _skip_needless_reset(self.engine)
         self.statements = StatementTracker(self.engine, self.url.get_driver_name())
         registry.configure(bind=self.engine)
 
@@ -155,6 +156,34 @@ class StatementTracker:
         return True
 
 
+def _skip_needless_reset(engine: Engine) -> None:
+    """Roll back a connection returned to the pool only if a transaction is open.
+
+    SQLAlchemy's default reset-on-return sends a ROLLBACK for every connection
+    that comes back after a Session commit, although the COMMIT already ended
+    the transaction: one wasted round trip per job (field-notes §5). We track
+    whether a transaction is open and roll back only then; a connection whose
+    rollback fails is invalidated by the pool, as before.
+    """
+    def began(conn) -> None:
+        conn.connection.info["worker_in_transaction"] = True   # the pool entry's info
+
+    def ended(conn) -> None:
+        if not conn.invalidated:    # a dead connection leaves the pool anyway
+            conn.connection.info["worker_in_transaction"] = False
+
+    def reset(dbapi_connection, record, reset_state) -> None:
+        if record is not None and record.info.get("worker_in_transaction", True) \
+                and not reset_state.terminate_only:
+            dbapi_connection.rollback()
+            record.info["worker_in_transaction"] = False
+
+    event.listen(engine, "begin", began)
+    event.listen(engine, "commit", ended)
+    event.listen(engine, "rollback", ended)
+    event.listen(engine.pool, "reset", reset)
+
+
 def _engine_options(settings: DatabaseSettings) -> dict[str, Any]:
     options: dict[str, Any] = {
         "pool_size": settings.pool_size,
@@ -162,6 +191,7 @@ def _engine_options(settings: DatabaseSettings) -> dict[str, Any]:
         "pool_timeout": settings.pool_timeout,
         "pool_recycle": int(settings.pool_recycle) if settings.pool_recycle >= 0 else -1,
         "pool_pre_ping": settings.pool_pre_ping,
+        "pool_reset_on_return": None,   # _skip_needless_reset decides instead
     }
     if settings.connect_args:
         options["connect_args"] = dict(settings.connect_args)
