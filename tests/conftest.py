@@ -72,3 +72,37 @@ def spec(name: str = "job", call: str = "tests.jobfuncs:select_one", *, attempts
     """A JobSpec for tests: fast retries by default."""
     return JobSpec(name=name, call=call, kwargs=kwargs, idempotent=idempotent,
                    retry=RetryPolicy(attempts=attempts, wait_initial=wait, wait_max=wait))
+
+
+@pytest.fixture
+def daemons():
+    """Factory: start worker processes; any still running are killed afterwards."""
+    from tests.processes import Daemon
+    started: list = []
+
+    def start(*args, **kwargs):
+        daemon = Daemon(*args, **kwargs)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.wait()
+
+
+@pytest.fixture
+def db_url(backend, tmp_path):
+    """The parametrised backend's URL with an empty worker_test_runs table."""
+    from sqlalchemy import create_engine
+    url = f"sqlite:///{tmp_path / 'daemon.db'}" if backend == "sqlite" else MARIADB_URL
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS worker_test_runs"))
+        connection.execute(text("CREATE TABLE worker_test_runs "
+                                "(name VARCHAR(64) NOT NULL, at FLOAT NOT NULL)"))
+    yield url
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS worker_test_runs"))
+    engine.dispose()

@@ -77,8 +77,8 @@ BROKEN = [
            HEAD + f"wroker:  {MARK}\n  max_workers: 2\n",
            "unknown key 'wroker'; did you mean 'worker'?", key="wroker"),
     Broken("unknown-top-level-key-far",
-           HEAD + f"colour: blue  {MARK}\n",
-           "known keys: database, worker, retry, jobs", key="colour"),
+           HEAD + f"flavour: blue  {MARK}\n",
+           "known keys: database, worker, retry, jobs, cluster", key="flavour"),
     Broken("unknown-job-key-kwarg",
            HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
                   f"    kwarg: {{a: 1}}  {MARK}\n",
@@ -514,13 +514,13 @@ jobs:
 
 @pytest.mark.parametrize("text, seconds", [
     ("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("1h30m", 5400.0),
-    ("1h 30m", 5400.0), ("1.5s", 1.5), (" 2s ", 2.0), (2.5, 2.5), (10, 10.0), (0, 0.0),
+    ("1h 30m", 5400.0), ("7d", 604800.0), ("1.5s", 1.5), (" 2s ", 2.0), (2.5, 2.5), (10, 10.0), (0, 0.0),
 ])
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("value", ["5 minutes", "abc", "", "5", "1h30", "-1s", "5d",
+@pytest.mark.parametrize("value", ["5 minutes", "abc", "", "5", "1h30", "-1s", "5w",
                                    True, None, [1], float("nan"), float("inf")])
 def test_parse_duration_rejects(value):
     with pytest.raises(ValueError, match="duration"):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -12,95 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
-from tests.conftest import MARIADB_URL, ROOT
-
-
-class Daemon:
-    """A worker process started from a config file, its stderr kept in a file."""
-
-    def __init__(self, config: Path, *args: str, env: dict | None = None) -> None:
-        self.log_path = config.with_suffix(f".{time.monotonic_ns()}.log")
-        self._log = open(self.log_path, "w")
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "run_worker.py"), "-c", str(config), *args],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, text=True,
-            env={**os.environ, **(env or {})})
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_for(self, fragment: str, timeout: float = 20, count: int = 1) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.log.count(fragment) >= count:
-                return time.monotonic()
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{fragment!r} not logged within {timeout}s:\n{self.log}")
-
-    def signal(self, signum: int) -> float:
-        self.process.send_signal(signum)
-        return time.monotonic()
-
-    def wait(self, timeout: float = 30) -> int:
-        try:
-            self.process.wait(timeout)
-        finally:
-            self._log.close()
-            if self.process.poll() is None:
-                self.process.kill()
-        return self.process.returncode
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.signal(signal.SIGTERM)
-        return self.wait()
-
-
-@pytest.fixture
-def daemons():
-    started: list[Daemon] = []
-
-    def start(*args, **kwargs) -> Daemon:
-        daemon = Daemon(*args, **kwargs)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.wait()
-
-
-@pytest.fixture
-def db_url(backend, tmp_path):
-    url = f"sqlite:///{tmp_path / 'daemon.db'}" if backend == "sqlite" else MARIADB_URL
-    engine = create_engine(url)
-    with engine.begin() as connection:
-        connection.execute(text("DROP TABLE IF EXISTS worker_test_runs"))
-        connection.execute(text("CREATE TABLE worker_test_runs "
-                                "(name VARCHAR(64) NOT NULL, at FLOAT NOT NULL)"))
-    yield url
-    with engine.begin() as connection:
-        connection.execute(text("DROP TABLE IF EXISTS worker_test_runs"))
-    engine.dispose()
-
-
-def runs(url: str, name: str, after: float = 0.0) -> list[float]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return [row[0] for row in connection.execute(
-                text("SELECT at FROM worker_test_runs WHERE name = :n AND at >= :t "
-                     "ORDER BY at"), {"n": name, "t": after})]
-    finally:
-        engine.dispose()
+from tests.conftest import ROOT
+from tests.processes import runs
 
 
 def write_config(path: Path, url: str, jobs: str, **worker) -> Path:

@@ -28,6 +28,7 @@ modes:
   --once     run every enabled job once, print a summary, exit
   --check    validate the config and import the job functions, run nothing
   --list     print each job, its schedule and its next run time
+  --history JOB  the recent runs of JOB across the cluster (needs `cluster:`)
 
 exit codes:
   0   all jobs succeeded (--once), a clean stop (daemon), or a good --check
@@ -61,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="validate the config and import every job's function, run "
                            "nothing, and exit")
     mode.add_argument("--list", action="store_true",
-                      help="print each job, its schedule and its next run time")
+                      help="print each job, its schedule and its next run time (and, "
+                           "with a cluster section, its last run)")
+    mode.add_argument("--history", metavar="JOB",
+                      help="with a cluster section: print the recent runs of JOB")
     parser.add_argument("--job", metavar="NAME", action="append", dest="jobs",
                         help="only this job (repeatable); with --once a job named here "
                              "runs even when it is 'enabled: false'")
@@ -125,6 +129,14 @@ def select_jobs(config: Config, names: Sequence[str] | None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:   # `run-worker --history x | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.connect and not args.check:
@@ -152,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(config, args.connect)
     if args.list:
         return _list(config)
+    if args.history:
+        return _history(config, args.history, parser)
     if args.once:
         return _run_once(config, selected, functions)
     return _run_daemon(path, config, functions, args.jobs)
@@ -203,8 +217,10 @@ def _list(config: Config) -> int:
     from .scheduler import Scheduler, zone_named
     scheduler = Scheduler(config.jobs, zone_named(config.worker.timezone),
                           config.worker.misfire_grace_time)
+    last = _last_runs(config)
     width = max(len(job.name) for job in config.jobs)
-    print(f"{'job':<{width}}  {'schedule':<22} next run")
+    print(f"{'job':<{width}}  {'schedule':<22} {'next run':<26}" +
+          ("last run" if last is not None else ""))
     for job in config.jobs:
         if not job.enabled:
             when = "disabled (runs only with --once --job)"
@@ -212,7 +228,66 @@ def _list(config: Config) -> int:
             when = "no schedule: runs only with --once"
         else:
             when = scheduler.next_run(job.name)
-        print(f"{job.name:<{width}}  {job.schedule or '-':<22} {when}")
+        line = f"{job.name:<{width}}  {job.schedule or '-':<22} {when:<26}"
+        if last is not None:
+            row = last.get(job.name)
+            line += (f"{row.outcome} at {_ms_to_text(row.ended_ms or row.started_ms)} on "
+                     f"{row.node}" if row else "never")
+        print(line.rstrip())
+    return EXIT_OK
+
+
+def _last_runs(config: Config):
+    """Each job's newest row in the cluster's run table; None without a cluster."""
+    if config.cluster is None:
+        return None
+    from .cluster import Cluster
+    from .errors import describe
+    cluster = Cluster(config.cluster, config.database.url, config.extra_codes)
+    try:
+        return cluster.last_runs()
+    except Exception as exc:  # the listing must work without the run table
+        print(f"run-worker: cannot read the run table: {describe(exc)}", file=sys.stderr)
+        return {}
+    finally:
+        cluster.database.dispose()
+
+
+def _ms_to_text(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    from datetime import datetime
+    return datetime.fromtimestamp(ms / 1000).astimezone().isoformat(timespec="seconds")
+
+
+def _history(config: Config, job_name: str, parser) -> int:
+    if config.cluster is None:
+        print(f"run-worker: error: --history needs a 'cluster' section in {config.path}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if job_name not in config.job_names():
+        parser.print_usage(sys.stderr)
+        print(f"run-worker: error: unknown job {job_name!r}; the jobs in {config.path} "
+              f"are: {', '.join(config.job_names())}", file=sys.stderr)
+        return EXIT_USAGE
+    from .cluster import Cluster
+    from .errors import describe
+    cluster = Cluster(config.cluster, config.database.url, config.extra_codes)
+    try:
+        rows = cluster.history(job_name)
+    except Exception as exc:  # no table yet, or no database
+        print(f"run-worker: cannot read the run table: {describe(exc)}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    finally:
+        cluster.database.dispose()
+    print(f"{'slot':<26} {'node':<24} {'outcome':<10} attempts  duration  error")
+    for row in rows:
+        duration = f"{(row.ended_ms - row.started_ms) / 1000:.3f}s" if row.ended_ms else "-"
+        recovered = f" (recovered x{row.recovered})" if row.recovered else ""
+        print(f"{_ms_to_text(row.slot_ms):<26} {row.node:<24} {row.outcome:<10} "
+              f"{row.attempts:>8}  {duration:>8}  {(row.error or '') + recovered}".rstrip())
+    if not rows:
+        print(f"no runs of {job_name} recorded yet")
     return EXIT_OK
 
 
@@ -240,15 +315,18 @@ def _run_once(config: Config, selected: list[JobSpec], functions) -> int:
     database = Database(config.database, config.extra_codes)
     log.info("running %d job(s) once from %s on %s, max_workers %d", len(selected),
              config.path, database.display_url, config.worker.max_workers)
+    cluster = _start_cluster(config)
     pool = WorkerPool(config.worker.max_workers)
     loop = WorkLoop(Runtime(config, functions, database), pool, burst=selected,
                     locks=HostLocks(config.worker.lock_dir, config.database.url),
-                    shutdown_timeout=config.worker.shutdown_timeout)
+                    shutdown_timeout=config.worker.shutdown_timeout, cluster=cluster)
     _install_signal_handlers(loop, reload=False)
     try:
         report = loop.run()
     finally:
         pool.shutdown(wait=False)
+        if cluster is not None:
+            cluster.stop()
     _print_summary(report.results)
     if report.results and all(r.outcome is Outcome.SKIPPED for r in report.results):
         code = EXIT_ALL_SKIPPED
@@ -266,6 +344,16 @@ def _run_once(config: Config, selected: list[JobSpec], functions) -> int:
     return code
 
 
+def _start_cluster(config: Config):
+    """The cluster's run table, joined; None without a `cluster` section."""
+    if config.cluster is None:
+        return None
+    from .cluster import Cluster
+    cluster = Cluster(config.cluster, config.database.url, config.extra_codes)
+    cluster.start()
+    return cluster
+
+
 def _run_daemon(path: str, config: Config, functions, only: Sequence[str] | None) -> int:
     from .db import Database
     from .errors import describe
@@ -276,12 +364,21 @@ def _run_daemon(path: str, config: Config, functions, only: Sequence[str] | None
     from .systemd import Notifier
 
     def scheduled(cfg: Config) -> list[JobSpec]:
-        return [job for job in cfg.jobs if not only or job.name in only]
+        return list(_only(cfg, only).jobs)
 
     notifier = Notifier()
     database = Database(config.database, config.extra_codes)
+    cluster = None
+    if config.cluster is not None:
+        from .cluster import Cluster
+        cluster = Cluster(config.cluster, config.database.url, config.extra_codes)
+
+    def schedule_factory(job, zone):
+        from .scheduler import schedule_for
+        return schedule_for(job, zone, cluster.clock.now if cluster else None)
+
     scheduler = Scheduler(scheduled(config), zone_named(config.worker.timezone),
-                          config.worker.misfire_grace_time)
+                          config.worker.misfire_grace_time, schedule_factory)
     if scheduler.unscheduled:
         log.info("batch-only jobs (no every/cron; they run only with --once): %s",
                  ", ".join(scheduler.unscheduled))
@@ -303,7 +400,7 @@ def _run_daemon(path: str, config: Config, functions, only: Sequence[str] | None
                     scheduler=scheduler, locks=HostLocks(config.worker.lock_dir,
                                                          config.database.url),
                     notifier=notifier, reload=reload,
-                    shutdown_timeout=config.worker.shutdown_timeout)
+                    shutdown_timeout=config.worker.shutdown_timeout, cluster=cluster)
     _install_signal_handlers(loop, reload=True)
 
     # READY only once the database answers; until then say why we wait.
@@ -311,6 +408,9 @@ def _run_daemon(path: str, config: Config, functions, only: Sequence[str] | None
     while not loop.stop_requested:
         try:
             database.ping()
+            if cluster is not None:
+                cluster.start()
+                scheduler.reset(scheduled(config))  # first runs on the synced clock
             break
         except Exception as exc:  # any failure to connect: wait and try again
             notifier.status(f"waiting for the database: {describe(exc)}")
@@ -327,6 +427,8 @@ def _run_daemon(path: str, config: Config, functions, only: Sequence[str] | None
     finally:
         loop.pool.shutdown(wait=False)
         notifier.close()
+        if cluster is not None:
+            cluster.stop()
     if report.abandoned:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -90,6 +90,16 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    url: str | None = None        # the run table's database; None: database.url
+    node: str | None = None       # this node's name; None: hostname:pid
+    lease: float = 30.0           # a run not heartbeated for this long is abandoned
+    heartbeat: float = 5.0        # how often running rows are heartbeated
+    keep_history: float = 7 * 86400.0   # finished runs older than this are pruned
+    batch_slot: float = 60.0      # --once: the slot length for jobs without a schedule
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     call: str                      # "package.module:function"
@@ -119,6 +129,7 @@ class Config:
     retry: RetryPolicy
     jobs: tuple[JobSpec, ...]
     extra_codes: ExtraCodes = ExtraCodes()   # the site's additions to the classifier
+    cluster: "ClusterSettings | None" = None  # runs coordinated across hosts
 
     def job_names(self) -> list[str]:
         return [job.name for job in self.jobs]
@@ -132,8 +143,8 @@ class Config:
 
 # --- durations -------------------------------------------------------------
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(value: Any) -> float:
@@ -159,7 +170,7 @@ def parse_duration(value: Any) -> float:
         if matched and pos == len(text):
             return total
     raise ValueError(f"not a duration: {value!r} (use seconds, or a number with "
-                     "ms, s, m or h, e.g. '30s', '5m', '1h30m')")
+                     "ms, s, m, h or d, e.g. '30s', '5m', '1h30m', '7d')")
 
 
 def format_duration(seconds: float) -> str:
@@ -350,7 +361,8 @@ def _describe(value: Any) -> str:
     return f"{kind} ({value!r})" if not isinstance(value, (list, dict)) else kind
 
 
-TOP_KEYS = ("database", "worker", "retry", "jobs")
+TOP_KEYS = ("database", "worker", "retry", "jobs", "cluster")
+CLUSTER_KEYS = ("url", "node", "lease", "heartbeat", "keep_history", "batch_slot")
 DATABASE_KEYS = ("url", "pool_size", "max_overflow", "pool_timeout", "pool_recycle",
                  "pool_pre_ping", "connect_args")
 WORKER_KEYS = ("max_workers", "timezone", "misfire_grace_time", "shutdown_timeout",
@@ -553,9 +565,40 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> C
                              f"{seen[spec.name]})", ("jobs", index, "name"), spec.name)
         seen[spec.name] = spec.line or 0
         jobs.append(spec)
+    cluster = _cluster(top["cluster"], check) if "cluster" in top else None
     return Config(path=path, database=database, worker=worker, retry=retry,
-                  extra_codes=extra_codes,
+                  extra_codes=extra_codes, cluster=cluster,
                   jobs=tuple(jobs))
+
+
+def _cluster(raw: Any, check: _Checker) -> ClusterSettings:
+    at: KeyPath = ("cluster",)
+    raw = check.mapping(raw, at, CLUSTER_KEYS)
+    url = node = None
+    if raw.get("url") is not None:
+        url = check.string(raw["url"], at + ("url",)).strip()
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+        try:
+            make_url(url)
+        except (ArgumentError, ValueError):
+            raise check.fail("not a valid SQLAlchemy URL", at + ("url",)) from None
+    if raw.get("node") is not None:
+        node = check.string(str(raw["node"]), at + ("node",)).strip()
+    defaults = ClusterSettings()
+    lease = check.duration(raw.get("lease", defaults.lease), at + ("lease",))
+    heartbeat = check.duration(raw.get("heartbeat", defaults.heartbeat), at + ("heartbeat",))
+    if heartbeat * 2 > lease:
+        raise check.fail(f"heartbeat ({format_duration(heartbeat)}) must be at most half "
+                         f"the lease ({format_duration(lease)}), or one late heartbeat "
+                         f"would have a live node's runs marked abandoned",
+                         at + ("heartbeat",))
+    return ClusterSettings(
+        url=url, node=node, lease=lease, heartbeat=heartbeat,
+        keep_history=check.duration(raw.get("keep_history", defaults.keep_history),
+                                    at + ("keep_history",)),
+        batch_slot=check.duration(raw.get("batch_slot", defaults.batch_slot),
+                                  at + ("batch_slot",)))
 
 
 def _worker(raw: dict, max_workers: int, check: _Checker) -> WorkerSettings:

@@ -32,7 +32,7 @@ class Database:
     """Engine + the registry's binding + error classification for one URL."""
 
     def __init__(self, settings: DatabaseSettings, extra_codes: ExtraCodes | None = None,
-                 registry: scoped_session = Session) -> None:
+                 registry: scoped_session | None = Session) -> None:
         self.settings = settings
         self.url = make_url(settings.url)
         self.extra_codes = extra_codes
@@ -44,7 +44,8 @@ class Database:
         event.listen(self.engine, "handle_error", self._mark_disconnect)
         _skip_needless_reset(self.engine)
         self.statements = StatementTracker(self.engine, self.url.get_driver_name())
-        registry.configure(bind=self.engine)
+        if registry is not None:   # None: an engine of the worker's own (cluster table)
+            registry.configure(bind=self.engine)
 
     @property
     def display_url(self) -> str:

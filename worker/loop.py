@@ -16,11 +16,13 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Mapping, Sequence
 
 from .callables import JobFunction
 from .config import Config, JobSpec, format_duration
 from .db import Database
+from .cluster import Claim, Cluster, nearest_slot
 from .locks import HostLocks, JobLock
 from .pool import WorkerPool
 from .runner import JobResult, Outcome, RunWatch, run_job
@@ -49,6 +51,7 @@ class _Running:
     watch: RunWatch
     database: Database
     lock: JobLock | None
+    claim: Claim | None = None      # cluster mode: this run's row in the run table
     reported: bool = False          # already reported as stuck past its deadline
 
 
@@ -84,7 +87,8 @@ class WorkLoop:
                  reload: Callable[[], Runtime] | None = None,
                  stuck_grace: float = STUCK_GRACE,
                  cancel_grace: float = CANCEL_GRACE,
-                 shutdown_timeout: float = 30.0) -> None:
+                 shutdown_timeout: float = 30.0,
+                 cluster: Cluster | None = None) -> None:
         if (burst is None) == (scheduler is None):
             raise ValueError("a WorkLoop is either a burst or scheduled")
         self.runtime = runtime
@@ -96,6 +100,9 @@ class WorkLoop:
         self.stuck_grace = stuck_grace
         self.cancel_grace = cancel_grace
         self.shutdown_timeout = shutdown_timeout
+        self.cluster = cluster
+        self._cluster_was_healthy = True
+        self._last_recovery = 0.0
         self._pending: list[JobSpec] = list(burst or [])
         self._order = [job.name for job in burst or []]
         self._running: dict[str, _Running] = {}
@@ -176,6 +183,8 @@ class WorkLoop:
                     self._do_reload()
                 for run in self.scheduler.due():
                     self._start_scheduled(run)
+                if self.cluster is not None:
+                    self._recover_abandoned()
             self._ping_watchdog()
             self._sleep()
 
@@ -195,7 +204,28 @@ class WorkLoop:
     def _start_pending(self) -> None:
         while self._pending:
             job = self._pending.pop(0)
-            self._start(job)
+            claim_run = None
+            if self.cluster is not None:
+                slot_ms = round(nearest_slot(self.scheduler_for_slots(job),
+                                             self.cluster.clock.now(),
+                                             self.cluster.settings.batch_slot) * 1000)
+                claim_run = partial(self._claim_batch_slot, job, slot_ms)
+            self._start(job, claim_run=claim_run)
+
+    def _claim_batch_slot(self, job: JobSpec, slot_ms: int) -> Claim | None:
+        claim = self.cluster.claim(job.name, slot_ms)
+        if claim is None:
+            message = (f"its run for the slot at {_wall(slot_ms / 1000)} was claimed by "
+                       f"node {self.cluster.holder(job.name, slot_ms)}")
+            log.warning("job=%s skipped: %s", job.name, message)
+            self._record(JobResult(job.name, Outcome.SKIPPED, 0, 0.0, message))
+        return claim
+
+    def scheduler_for_slots(self, job: JobSpec):
+        from .scheduler import schedule_for
+        zone = zone_named(self.runtime.config.worker.timezone if self.runtime.config
+                          else None)
+        return schedule_for(job, zone, self.cluster.clock.now)
 
     def _start_scheduled(self, run: DueRun) -> None:
         running = self._running.get(run.job.name)
@@ -204,10 +234,54 @@ class WorkLoop:
                         "(attempt %d, started %.1fs ago)", run.job.name, run.scheduled,
                         running.watch.attempt, time.monotonic() - running.watch.started)
             return
-        if self._start(run.job, run):
+        claim_run = None
+        if self.cluster is not None:
+            if not self._cluster_ready():
+                return
+            claim_run = partial(self._claim_scheduled, run)
+        if self._start(run.job, run, claim_run):
             self._lateness.append(run.lateness)
 
-    def _start(self, job: JobSpec, run: DueRun | None = None) -> bool:
+    def _claim_scheduled(self, run: DueRun) -> Claim | None:
+        claim = self.cluster.claim(run.job.name, round(run.slot * 1000))
+        if claim is None:
+            log.debug("job=%s run due at %s: claimed by another node", run.job.name,
+                      run.scheduled)
+        return claim
+
+    def _cluster_ready(self) -> bool:
+        healthy = self.cluster.healthy
+        if healthy != self._cluster_was_healthy:
+            self._cluster_was_healthy = healthy
+            if not healthy:
+                log.warning("cluster: the run table is out of reach; claiming no runs "
+                            "until a heartbeat succeeds")
+        return healthy
+
+    def _recover_abandoned(self) -> None:
+        if time.monotonic() - self._last_recovery < self.cluster.settings.heartbeat:
+            return
+        self._last_recovery = time.monotonic()
+        if not self._cluster_ready():
+            return
+        jobs = {job.name: job for job in self.scheduler.jobs
+                if job.idempotent and job.name not in self._running}
+        for candidate in self.cluster.abandoned_runs(jobs):
+            if candidate.job not in self._running:   # one run of a job at a time here
+                self._start(jobs[candidate.job], claim_run=partial(self._reclaim, candidate))
+
+    def _reclaim(self, candidate: Claim) -> Claim | None:
+        claim = self.cluster.reclaim(candidate)
+        if claim is not None:
+            log.warning("job=%s recovering the abandoned run for the slot at %s "
+                        "(idempotent: running it again here)", candidate.job,
+                        _wall(candidate.slot_ms / 1000))
+        return claim
+
+    def _start(self, job: JobSpec, run: DueRun | None = None,
+               claim_run: Callable[[], Claim | None] | None = None) -> bool:
+        """Host lock first, then the cluster claim (so a run claimed is a run started),
+        then the pool."""
         lock = None
         if self.locks is not None:
             lock = self.locks.try_acquire(job.name)
@@ -216,6 +290,13 @@ class WorkLoop:
                            f"{self.locks.holder(job.name)})")
                 log.warning("job=%s skipped: %s", job.name, message)
                 self._record(JobResult(job.name, Outcome.SKIPPED, 0, 0.0, message))
+                return False
+        claim = None
+        if claim_run is not None:
+            claim = claim_run()
+            if claim is None:
+                if lock is not None:
+                    lock.release()
                 return False
         runtime = self.runtime
         function = runtime.functions[job.name]
@@ -226,7 +307,7 @@ class WorkLoop:
                      f", {run.coalesced} missed runs coalesced" if run.coalesced > 1 else "")
         future = self.pool.submit(lambda: run_job(job, function, runtime.database,
                                                   watch=watch))
-        self._running[job.name] = _Running(job, future, watch, runtime.database, lock)
+        self._running[job.name] = _Running(job, future, watch, runtime.database, lock, claim)
         future.add_done_callback(lambda _: self._wake.set())
         return True
 
@@ -247,6 +328,9 @@ class WorkLoop:
                                        "not started: the worker was stopping")
                 else:
                     result = running.future.result()
+                if running.claim is not None:
+                    self.cluster.finish(running.claim, result.outcome.value,
+                                        result.attempts, result.error)
                 if not running.reported:
                     self._record(result)
                 continue
@@ -363,6 +447,11 @@ class WorkLoop:
         if interval and time.monotonic() - self._last_watchdog >= interval:
             self._last_watchdog = time.monotonic()
             self.notifier.watchdog()
+
+
+def _wall(seconds: float) -> str:
+    from datetime import datetime
+    return datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="seconds")
 
 
 def run_batch(jobs: Sequence[JobSpec], functions: Mapping[str, JobFunction],

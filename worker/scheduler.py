@@ -26,13 +26,19 @@ MAX_MISSED_COUNTED = 10_000  # beyond this, missed cron runs are not counted one
 
 
 class EverySchedule:
-    """Every N seconds on the monotonic clock; the first run is due at start."""
+    """Every N seconds, on the monotonic clock by default; the first run is due at
+    start. With `aligned`, occurrences sit on a grid from the epoch, so that nodes
+    sharing a clock (the database's, in cluster mode) compute the same ones."""
 
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic,
+                 aligned: bool = False):
         self.seconds = seconds
         self.now = clock
+        self.aligned = aligned
 
     def first(self, now: float) -> float:
+        if self.aligned:
+            return (now // self.seconds) * self.seconds
         return now
 
     def next_after(self, instant: float, previous: float) -> float:
@@ -42,14 +48,19 @@ class EverySchedule:
         steps = int((instant - previous) // self.seconds) + 1
         return previous + steps * self.seconds
 
+    def previous_at_or_before(self, instant: float) -> float:
+        return (instant // self.seconds) * self.seconds   # the epoch grid
+
     def latest_at_or_before(self, instant: float, due: float) -> tuple[float, int]:
         """(the latest occurrence <= instant, how many occurrences from `due` on)."""
         count = int((instant - due) // self.seconds) + 1
         return due + (count - 1) * self.seconds, count
 
     def describe(self, instant: float) -> str:
-        wall = time.time() + (instant - self.now())   # monotonic -> wall, for people
-        return datetime.fromtimestamp(wall).astimezone().isoformat(timespec="seconds")
+        wall = instant if self.aligned else time.time() + (instant - self.now())
+        return datetime.fromtimestamp(wall).astimezone().isoformat(timespec="milliseconds"
+                                                                   if self.seconds < 1
+                                                                   else "seconds")
 
 
 class CronSchedule:
@@ -76,6 +87,12 @@ class CronSchedule:
             if self._hourly or not _repeated_wall_time(fire):
                 return fire.timestamp()
 
+    def previous_at_or_before(self, instant: float) -> float:
+        fire = self._iterator(instant + 1e-6).get_prev(datetime)
+        while not self._hourly and _repeated_wall_time(fire):
+            fire = self._iterator(fire.timestamp()).get_prev(datetime)
+        return fire.timestamp()
+
     def latest_at_or_before(self, instant: float, due: float) -> tuple[float, int]:
         latest, count = due, 1
         iterator = self._iterator(due)
@@ -86,8 +103,7 @@ class CronSchedule:
             if fire.timestamp() > instant:
                 return latest, count
             latest, count = fire.timestamp(), count + 1
-        prev = self._iterator(instant + 1e-6).get_prev(datetime)  # too many to count
-        return prev.timestamp(), count
+        return self.previous_at_or_before(instant), count   # too many to count
 
     def describe(self, instant: float) -> str:
         return datetime.fromtimestamp(instant, self.zone).isoformat(timespec="seconds")
@@ -104,11 +120,16 @@ def _repeated_wall_time(moment: datetime) -> bool:
 Schedule = EverySchedule | CronSchedule
 
 
-def schedule_for(job: JobSpec, zone: tzinfo) -> Schedule | None:
+def schedule_for(job: JobSpec, zone: tzinfo,
+                 wall_clock: Callable[[], float] | None = None) -> Schedule | None:
+    """The job's schedule; with `wall_clock` (cluster mode) every schedule reads that
+    clock and `every` occurrences are aligned to the epoch."""
     if job.every is not None:
+        if wall_clock is not None:
+            return EverySchedule(job.every, wall_clock, aligned=True)
         return EverySchedule(job.every)
     if job.cron is not None:
-        return CronSchedule(job.cron, zone)
+        return CronSchedule(job.cron, zone, wall_clock or time.time)
     return None
 
 
@@ -118,6 +139,7 @@ class DueRun:
     scheduled: str          # the occurrence this run is for, as a readable time
     lateness: float         # seconds between that occurrence and now
     coalesced: int          # missed occurrences folded into this run (1 = none missed)
+    slot: float = 0.0       # that occurrence on the schedule's clock (cluster key)
 
 
 @dataclass
@@ -157,6 +179,11 @@ class Scheduler:
             entries[job.name] = _Entry(job, schedule, schedule.first(schedule.now()))
         self._entries = entries
 
+    def reset(self, jobs: Iterable[JobSpec]) -> None:
+        """Forget every next-run time and start afresh (e.g. once a clock is synced)."""
+        self._entries = {}
+        self.update(jobs)
+
     @property
     def jobs(self) -> list[JobSpec]:
         return [entry.job for entry in self._entries.values()]
@@ -191,7 +218,8 @@ class Scheduler:
             if count > 1:
                 log.warning("job=%s missed %d runs; coalesced into one run now",
                             entry.job.name, count)
-            runs.append(DueRun(entry.job, entry.schedule.describe(latest), lateness, count))
+            runs.append(DueRun(entry.job, entry.schedule.describe(latest), lateness, count,
+                               latest))
         return runs
 
 

@@ -1,0 +1,354 @@
+"""Several hosts, one schedule: runs coordinated through a table in the database.
+
+One row per scheduled occurrence, keyed uniquely by (job, slot). A node claims an
+occurrence by inserting its row; the unique key lets exactly one node win on every
+backend, and no lock is held while the job runs. A running row is heartbeated; a
+row whose heartbeat stopped for longer than the lease is marked abandoned by the
+survivors, and an abandoned run of an idempotent job is claimed again (a single
+conditional UPDATE) and re-run by one of them.
+
+Every time here is the database's clock (epoch milliseconds), read at each
+heartbeat and carried forward with the local clock in between, so hosts with
+skewed clocks still agree on slots and leases.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from sqlalchemy import (BigInteger, Column, Index, Integer, MetaData, String, Table,
+                        UniqueConstraint, and_, delete, func, insert, select, text,
+                        update)
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from .config import ClusterSettings, DatabaseSettings
+from .db import Database
+from .errors import describe
+
+log = logging.getLogger("worker.cluster")
+
+SCHEMA_VERSION = 1
+RUNNING, ABANDONED = "running", "abandoned"
+
+metadata = MetaData()
+runs = Table(
+    "worker_runs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job", String(200), nullable=False),
+    Column("slot_ms", BigInteger, nullable=False),      # the occurrence, epoch ms
+    Column("node", String(200), nullable=False),
+    Column("started_ms", BigInteger, nullable=False),
+    Column("heartbeat_ms", BigInteger, nullable=False),
+    Column("ended_ms", BigInteger, nullable=True),
+    Column("outcome", String(16), nullable=False),      # running, success, failed, ...
+    Column("attempts", Integer, nullable=False),
+    Column("recovered", Integer, nullable=False),       # re-runs after being abandoned
+    Column("error", String(1000), nullable=True),
+    UniqueConstraint("job", "slot_ms", name="uq_worker_runs_job_slot"),
+    Index("ix_worker_runs_outcome_heartbeat", "outcome", "heartbeat_ms"),
+    Index("ix_worker_runs_job_started", "job", "started_ms"),
+)
+schema_versions = Table(
+    "worker_schema", metadata,
+    Column("component", String(32), primary_key=True),
+    Column("version", Integer, nullable=False),
+)
+
+# The database's clock as epoch seconds, per dialect.
+_CLOCK_SQL = {
+    "sqlite": "SELECT (julianday('now') - 2440587.5) * 86400.0",
+    "mysql": "SELECT UNIX_TIMESTAMP(NOW(6))",
+    "mariadb": "SELECT UNIX_TIMESTAMP(NOW(6))",
+    "postgresql": "SELECT extract(epoch from clock_timestamp())",
+    "mssql": "SELECT CAST(DATEDIFF_BIG(millisecond, '19700101', SYSUTCDATETIME()) "
+             "AS FLOAT) / 1000.0",
+}
+
+
+def default_node_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class DbClock:
+    """The database's clock: read at each sync, carried by the local clock between."""
+
+    def __init__(self, dialect: str) -> None:
+        self.sql = _CLOCK_SQL.get(dialect)
+        self.offset = 0.0
+        if self.sql is None:
+            log.warning("no clock query for dialect %s: using this host's clock", dialect)
+
+    def sync(self, connection) -> None:
+        if self.sql is None:
+            return
+        before = time.time()
+        database_now = float(connection.execute(text(self.sql)).scalar_one())
+        after = time.time()
+        self.offset = database_now - (before + after) / 2
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+    def now_ms(self) -> int:
+        return int(self.now() * 1000)
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: int
+    job: str
+    slot_ms: int
+    recovered: bool = False
+
+
+class Cluster:
+    def __init__(self, settings: ClusterSettings, database_url: str,
+                 extra_codes=None) -> None:
+        self.settings = settings
+        self.node = settings.node or default_node_name()
+        url = settings.url or database_url
+        # An engine of its own: claims and heartbeats must not wait behind jobs for
+        # the jobs' pool, and it must not rebind the jobs' Session registry.
+        self.database = Database(DatabaseSettings(url=url, pool_size=2, max_overflow=2,
+                                                  pool_timeout=10),
+                                 extra_codes, registry=None)
+        self.clock = DbClock(self.database.dialect)
+        self.healthy = False
+        self._finishes: list[tuple[Claim, dict]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_prune = 0.0
+
+    # --- life cycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the schema if needed, read the clock, start heartbeating."""
+        self.ensure_schema()
+        with self.database.engine.connect() as connection:
+            self.clock.sync(connection)
+        self.healthy = True
+        self._thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
+                                        name="cluster-heartbeat")
+        self._thread.start()
+        log.info("cluster node %s joined through %s (lease %gs, heartbeat %gs)",
+                 self.node, self.database.display_url, self.settings.lease,
+                 self.settings.heartbeat)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._flush_finishes()
+        self.database.dispose()
+
+    def ensure_schema(self) -> None:
+        """Create the run table (safe when several nodes start at once)."""
+        with self.database.engine.begin() as connection:
+            if connection.dialect.name in ("sqlite", "mysql", "mariadb", "postgresql"):
+                for table in (runs, schema_versions):
+                    connection.execute(CreateTable(table, if_not_exists=True))
+                for index in runs.indexes:
+                    connection.execute(CreateIndex(index, if_not_exists=True))
+            else:
+                metadata.create_all(connection, checkfirst=True)
+        try:
+            with self.database.engine.begin() as connection:
+                connection.execute(insert(schema_versions).values(
+                    component="runs", version=SCHEMA_VERSION))
+        except IntegrityError:
+            pass   # another node wrote it first
+        with self.database.engine.connect() as connection:
+            version = connection.execute(select(schema_versions.c.version).where(
+                schema_versions.c.component == "runs")).scalar_one()
+        if version != SCHEMA_VERSION:
+            raise RuntimeError(f"the run table has schema version {version}; this worker "
+                               f"knows version {SCHEMA_VERSION}")
+
+    # --- claims (called from the work loop) ---------------------------------------------
+
+    def claim(self, job: str, slot_ms: int) -> Claim | None:
+        """Insert the occurrence's row; None when another node has it (or no database)."""
+        now = self.clock.now_ms()
+        values = dict(job=job, slot_ms=slot_ms, node=self.node, started_ms=now,
+                      heartbeat_ms=now, outcome=RUNNING, attempts=0, recovered=0)
+        for attempt in range(3):
+            try:
+                with self.database.engine.begin() as connection:
+                    result = connection.execute(insert(runs).values(**values))
+                return Claim(result.inserted_primary_key[0], job, slot_ms)
+            except IntegrityError:
+                return None                   # the unique key: another node won
+            except DBAPIError as exc:
+                if not self.database.classify(exc).should_retry(False) or attempt == 2:
+                    log.warning("job=%s could not claim its run (%s); not running it",
+                                job, describe(exc))
+                    self.healthy = False
+                    return None
+                time.sleep(0.05 * (attempt + 1))
+        return None
+
+    def holder(self, job: str, slot_ms: int) -> str:
+        try:
+            with self.database.engine.connect() as connection:
+                node = connection.execute(select(runs.c.node).where(
+                    runs.c.job == job, runs.c.slot_ms == slot_ms)).scalar()
+            return node or "?"
+        except DBAPIError:
+            return "?"
+
+    def finish(self, claim: Claim, outcome: str, attempts: int, error: str | None) -> None:
+        values = dict(outcome=outcome, attempts=attempts, ended_ms=self.clock.now_ms(),
+                      heartbeat_ms=self.clock.now_ms(),
+                      error=error[:1000] if error else None)
+        if not self._write_finish(claim, values):
+            with self._lock:
+                self._finishes.append((claim, values))   # the heartbeat retries it
+
+    def _write_finish(self, claim: Claim, values: dict) -> bool:
+        try:
+            with self.database.engine.begin() as connection:
+                result = connection.execute(update(runs).where(
+                    runs.c.id == claim.id, runs.c.node == self.node,
+                    runs.c.outcome == RUNNING).values(**values))
+        except DBAPIError as exc:
+            log.warning("job=%s could not record its outcome yet (%s); will retry",
+                        claim.job, describe(exc))
+            return False
+        if result.rowcount == 0:
+            log.warning("job=%s finished a run that the cluster had already marked "
+                        "abandoned (this node missed its lease); outcome %s not recorded",
+                        claim.job, values["outcome"])
+        return True
+
+    def abandoned_runs(self, idempotent_jobs: Iterable[str]) -> list[Claim]:
+        """Abandoned runs of these (idempotent) jobs, oldest first: candidates to run
+        again. Nothing is claimed yet: see reclaim()."""
+        names = list(idempotent_jobs)
+        if not names or not self.healthy:
+            return []
+        try:
+            with self.database.engine.connect() as connection:
+                rows = connection.execute(select(runs.c.id, runs.c.job, runs.c.slot_ms)
+                                          .where(runs.c.outcome == ABANDONED,
+                                                 runs.c.job.in_(names))
+                                          .order_by(runs.c.id).limit(10)).all()
+        except DBAPIError as exc:
+            log.warning("could not look for abandoned runs: %s", describe(exc))
+            return []
+        return [Claim(row.id, row.job, row.slot_ms, recovered=True) for row in rows]
+
+    def reclaim(self, candidate: Claim) -> Claim | None:
+        """Take over an abandoned run: one conditional UPDATE, so one node wins."""
+        now = self.clock.now_ms()
+        try:
+            with self.database.engine.begin() as connection:
+                result = connection.execute(update(runs).where(
+                    runs.c.id == candidate.id, runs.c.outcome == ABANDONED).values(
+                    outcome=RUNNING, node=self.node, started_ms=now, heartbeat_ms=now,
+                    recovered=runs.c.recovered + 1, error=None))
+        except DBAPIError as exc:
+            log.warning("job=%s could not take over its abandoned run: %s", candidate.job,
+                        describe(exc))
+            return None
+        return candidate if result.rowcount == 1 else None
+
+    # --- heartbeat thread ---------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat):
+            self.beat()
+
+    def beat(self) -> None:
+        """One heartbeat: clock, own rows, pending outcomes, abandoned rows, pruning."""
+        try:
+            with self.database.engine.begin() as connection:
+                self.clock.sync(connection)
+                connection.execute(update(runs).where(
+                    runs.c.node == self.node, runs.c.outcome == RUNNING).values(
+                    heartbeat_ms=self.clock.now_ms()))
+        except DBAPIError as exc:
+            if self.healthy:
+                log.error("cluster heartbeat failed (%s): this node stops claiming runs "
+                          "until the database answers", describe(exc))
+            self.healthy = False
+            return
+        if not self.healthy:
+            log.info("cluster heartbeat works again: this node claims runs again")
+        self.healthy = True
+        self._flush_finishes()
+        try:
+            self._mark_abandoned()
+            self._prune()
+        except DBAPIError as exc:
+            log.warning("cluster housekeeping failed: %s", describe(exc))
+
+    def _flush_finishes(self) -> None:
+        with self._lock:
+            pending, self._finishes = self._finishes, []
+        for claim, values in pending:
+            if not self._write_finish(claim, values):
+                with self._lock:
+                    self._finishes.append((claim, values))
+
+    def _mark_abandoned(self) -> None:
+        cutoff = self.clock.now_ms() - int(self.settings.lease * 1000)
+        stale = and_(runs.c.outcome == RUNNING, runs.c.heartbeat_ms < cutoff)
+        with self.database.engine.connect() as connection:
+            rows = connection.execute(select(runs.c.id, runs.c.job, runs.c.node,
+                                             runs.c.heartbeat_ms).where(stale)).all()
+        for row in rows:
+            with self.database.engine.begin() as connection:
+                result = connection.execute(update(runs).where(runs.c.id == row.id, stale)
+                                            .values(outcome=ABANDONED, ended_ms=self.clock
+                                                    .now_ms(), error=f"node {row.node} "
+                                                    f"stopped heartbeating"))
+            if result.rowcount == 1:
+                silent = (self.clock.now_ms() - row.heartbeat_ms) / 1000
+                log.warning("job=%s run on node %s marked abandoned: no heartbeat for "
+                            "%.1fs (lease %gs)", row.job, row.node, silent,
+                            self.settings.lease)
+
+    def _prune(self) -> None:
+        if time.monotonic() - self._last_prune < 600:
+            return
+        self._last_prune = time.monotonic()
+        cutoff = self.clock.now_ms() - int(self.settings.keep_history * 1000)
+        with self.database.engine.begin() as connection:
+            deleted = connection.execute(delete(runs).where(
+                runs.c.outcome != RUNNING, runs.c.heartbeat_ms < cutoff)).rowcount
+        if deleted:
+            log.info("pruned %d run(s) older than %gs from the run table", deleted,
+                     self.settings.keep_history)
+
+    # --- history (for people) -------------------------------------------------------
+
+    def last_runs(self) -> dict[str, Any]:
+        """The newest row of each job."""
+        newest = select(func.max(runs.c.id)).group_by(runs.c.job)
+        with self.database.engine.connect() as connection:
+            return {row.job: row for row in connection.execute(
+                select(runs).where(runs.c.id.in_(newest)))}
+
+    def history(self, job: str, limit: int = 20) -> list[Any]:
+        with self.database.engine.connect() as connection:
+            return connection.execute(select(runs).where(runs.c.job == job)
+                                      .order_by(runs.c.slot_ms.desc(), runs.c.id.desc())
+                                      .limit(limit)).all()
+
+
+def nearest_slot(schedule, now: float, batch_slot: float) -> float:
+    """The occurrence a `--once` run on several hosts is for: the one nearest to now,
+    so that cron invocations a little before or after a boundary agree on it. A job
+    without a schedule uses a grid of `batch_slot` seconds."""
+    if schedule is None:
+        return round(now / batch_slot) * batch_slot
+    after = schedule.next_after(now, now)
+    before = schedule.previous_at_or_before(now)
+    return after if after - now < now - before else before
