@@ -606,7 +606,10 @@ jobs:
   - name: a
     call: m:f
     every: ${EVERY:-30}
-    kwargs: {label: "id-${N}", n: "${N}", text: "${TEXT}"}
+    kwargs:
+      label: "id-${N}"
+      n: ${N}
+      text: ${TEXT}
 """
     config = load_text(tmp_path, text, {"WORKERS": "6", "PING": "true", "N": "7",
                                         "TEXT": "hello"})
@@ -688,3 +691,48 @@ def test_site_codes_only_at_the_top_level(tmp_path):
         load_text(tmp_path, "database:\n  url: sqlite:///w.db\njobs:\n"
                             "  - {name: a, call: 'm:f', retry: {transient_codes: [1]}}\n")
     assert raised.value.job == "a"
+
+
+def test_quoted_env_references_stay_strings(tmp_path):
+    config = load_text(tmp_path, """\
+database:
+  url: sqlite:///w.db
+  connect_args:
+    password: "${PW}"
+    retries: ${N}
+jobs:
+  - {name: a, call: 'm:f'}
+""", {"PW": "0123", "N": "3"})
+    assert dict(config.database.connect_args) == {"password": "0123", "retries": 3}
+
+
+def test_x_keys_hold_anchors_for_jobs(tmp_path):
+    config = load_text(tmp_path, """\
+x-common: &common
+  call: m:f
+  retry: {attempts: 2}
+database:
+  url: sqlite:///w.db
+jobs:
+  - {<<: *common, name: a}
+  - {<<: *common, name: b, every: 1m}
+""")
+    assert [(j.name, j.call, j.retry.attempts) for j in config.jobs] == [
+        ("a", "m:f", 2), ("b", "m:f", 2)]
+
+
+def test_the_mysql_odbc_port_trap_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"drop ':3399' and add '&Port=3399'"):
+        load_text(tmp_path, """\
+database:
+  url: mysql+pyodbc://u:p@127.0.0.1:3399/test?driver=MariaDB+Unicode
+jobs:
+  - {name: a, call: 'm:f'}
+""")
+    config = load_text(tmp_path, """\
+database:
+  url: mysql+pyodbc://u:p@127.0.0.1/test?driver=MariaDB+Unicode&Port=3399
+jobs:
+  - {name: a, call: 'm:f'}
+""")
+    assert "Port=3399" in config.database.url

@@ -192,3 +192,16 @@ def test_site_codes_override_the_tables():
     assert classify(wrapped(victim), "mssql", site).verdict is N
     assert classify(wrapped(odbc(pyodbc.Error, "HYT00", MS + "timeout", 0)), "mssql",
                     ExtraCodes(retry=frozenset({"HYT00"}))).verdict is R
+
+
+def test_cannot_connect_to_mariadb_is_transient():
+    refused = odbc(pyodbc.OperationalError, "HY000", MA.split("]")[0] + "]Can't connect to "
+                   "server on '127.0.0.1' (111)", 2002, "SQLDriverConnect")
+    diagnosis = classify(wrapped(refused), "mysql")
+    assert diagnosis.verdict is R and diagnosis.disconnect and diagnosis.native == 2002
+
+
+def test_azure_busy_asks_for_a_ten_second_pause():
+    busy = odbc(pyodbc.Error, "HY000", MS + "The service is currently busy.", 40501)
+    diagnosis = classify(wrapped(busy), "mssql")
+    assert diagnosis.verdict is R and diagnosis.min_wait == 10.0

@@ -242,6 +242,9 @@ def _read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
     return data, lines
 
 
+QUOTED = ("<quoted>",)   # key in the line index: the paths of quoted scalars
+
+
 def _index_lines(node: yaml.Node, at: KeyPath, lines: dict, path: Path,
                  stack: frozenset = frozenset(), job: str | None = None) -> None:
     if id(node) in stack:
@@ -250,6 +253,8 @@ def _index_lines(node: yaml.Node, at: KeyPath, lines: dict, path: Path,
                           line=node.start_mark.line + 1)
     stack = stack | {id(node)}
     lines.setdefault(at, node.start_mark.line + 1)
+    if isinstance(node, yaml.ScalarNode) and node.style in ("'", '"'):
+        lines.setdefault(QUOTED, set()).add(at)   # quoted: `${VAR}` stays a string
     if isinstance(node, yaml.MappingNode):
         if len(at) == 2 and at[0] == "jobs":
             job = next((v.value for k, v in node.value if k.value == "name"
@@ -381,9 +386,11 @@ def _expand_tree(value: Any, at: KeyPath, check: _Checker, environ) -> Any:
             expanded = expand_env(value, environ)
         except LookupError as exc:
             raise check.fail(str(exc), at, check.job_name_at(at)) from None
-        if expanded != value and _WHOLE_ENV_REF.fullmatch(value.strip()):
-            # A value that is only `${VAR}` is typed as YAML would type it, so
-            # that `max_workers: ${WORKERS:-4}` is a number and `enabled: ${ON}` a bool.
+        if expanded != value and _WHOLE_ENV_REF.fullmatch(value.strip()) and \
+                at not in check.lines.get(QUOTED, ()):
+            # An unquoted value that is only `${VAR}` is typed as YAML would type it,
+            # so that `max_workers: ${WORKERS:-4}` is a number and `enabled: ${ON}` a
+            # bool; quote it ("${PASSWORD}") to keep it a string.
             return _yaml_scalar(expanded)
         return expanded
     if isinstance(value, dict):
@@ -532,6 +539,8 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> C
     check = _Checker(path, lines)
     if data is None:
         raise check.fail("the file is empty; it needs 'database' and 'jobs'", ())
+    if isinstance(data, dict):   # `x-...` keys hold YAML anchors for the jobs to share
+        data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
     top = check.mapping(data, (), TOP_KEYS)
     if isinstance(top.get("jobs"), list):
         check.jobs_raw = top["jobs"]
@@ -640,6 +649,14 @@ def _database(raw: dict, worker: WorkerSettings, check: _Checker) -> DatabaseSet
         raise check.fail("not a valid SQLAlchemy URL (expected "
                          "dialect+driver://user:password@host/database)",
                          at + ("url",)) from None
+    if parsed.get_driver_name() == "pyodbc" and parsed.get_backend_name() in (
+            "mysql", "mariadb") and parsed.port is not None:
+        # field-notes §2: this becomes Server=host,port, which MariaDB's ODBC driver
+        # ignores: it would silently connect to 3306.
+        raise check.fail(f"MariaDB/MySQL ODBC drivers ignore the port in host:port "
+                         f"(it would silently connect to 3306); drop ':{parsed.port}' "
+                         f"and add '&Port={parsed.port}' to the query string",
+                         at + ("url",))
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise check.fail("an in-memory SQLite database cannot be shared by job threads; "
                          "use a file, e.g. sqlite:///worker.db", at + ("url",))

@@ -190,7 +190,7 @@ def _engine_options(settings: DatabaseSettings) -> dict[str, Any]:
         "pool_size": settings.pool_size,
         "max_overflow": settings.max_overflow,
         "pool_timeout": settings.pool_timeout,
-        "pool_recycle": int(settings.pool_recycle) if settings.pool_recycle >= 0 else -1,
+        "pool_recycle": settings.pool_recycle if settings.pool_recycle >= 0 else -1,
         "pool_pre_ping": settings.pool_pre_ping,
         "pool_reset_on_return": None,   # _skip_needless_reset decides instead
     }

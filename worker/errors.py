@@ -29,6 +29,7 @@ class Diagnosis:
     disconnect: bool = False       # the connection is dead: never pool it again
     sqlstate: str | None = None
     native: int | None = None
+    min_wait: float = 0.0          # the server asks for at least this long a pause
 
     def should_retry(self, idempotent: bool) -> bool:
         if self.verdict is Verdict.RETRY:
@@ -45,6 +46,7 @@ class Rule:
     verdict: Verdict
     reason: str
     disconnect: bool = False
+    min_wait: float = 0.0
 
 
 R = Verdict.RETRY
@@ -63,8 +65,9 @@ NATIVE_RULES: dict[str, dict[int, Rule]] = {
         **_rules([1205], R, "deadlock victim"),
         **_rules([1222, 1204], R, "lock timeout"),
         **_rules([3960, 41301, 41302, 41305, 41325], R, "snapshot / in-memory OLTP conflict"),
-        **_rules([40613, 40197, 40501, 49918, 49919, 49920, 10928, 10929, 4221, 42108,
+        **_rules([40613, 40197, 49918, 49919, 49920, 10928, 10929, 4221, 42108,
                   42109, 615, 926], R, "server failover or throttling", disconnect=True),
+        40501: Rule(R, "service busy (Azure SQL asks for 10 s)", True, min_wait=10.0),
         **_rules([64, 233, 997, 121, 10053, 10054, 10060], R, "transport failure",
                  disconnect=True),
         **_rules([18456], N, "login failed"),
@@ -73,6 +76,8 @@ NATIVE_RULES: dict[str, dict[int, Rule]] = {
         **_rules([1213], R, "deadlock"),
         **_rules([1205], R, "lock wait timeout"),
         **_rules([2006, 2013, 2055], R, "lost connection", disconnect=True),
+        **_rules([2002, 2003], R, "cannot connect (server down or restarting)",
+                 disconnect=True),
         **_rules([1927], R, "connection killed", disconnect=True),
         **_rules([4031], R, "disconnected for inactivity", disconnect=True),
         **_rules([1040], R, "too many connections", disconnect=True),
@@ -213,7 +218,7 @@ def classify(exc: BaseException, dialect: str | None = None,
         else:
             rule = Rule(Verdict.NEVER, "not a transient error")
     return Diagnosis(rule.verdict, rule.reason, rule.disconnect or invalidated,
-                     sqlstate, native)
+                     sqlstate, native, rule.min_wait)
 
 
 def is_disconnect(exc: BaseException, dialect: str | None = None) -> bool:

@@ -14,7 +14,7 @@ import enum
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from tenacity import (RetryCallState, Retrying, retry_if_exception,
@@ -151,6 +151,7 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
             # Too late: what the job did is rolled back, not committed.
             raise AttemptTimedOut(f"returned after its deadline of "
                                   f"{format_duration(job.timeout)}")
+        session.flush()        # a failure here cannot have committed anything
         during_commit = True
         session.commit()
     except Exception as exc:
@@ -162,9 +163,8 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
         diagnosis = database.classify(exc)
         if during_commit and diagnosis.disconnect and diagnosis.verdict is Verdict.RETRY:
             # The COMMIT may or may not have reached the server.
-            diagnosis = Diagnosis(Verdict.RETRY_IF_IDEMPOTENT,
-                                  diagnosis.reason + " during COMMIT, outcome unknown",
-                                  True, diagnosis.sqlstate, diagnosis.native)
+            diagnosis = replace(diagnosis, verdict=Verdict.RETRY_IF_IDEMPOTENT,
+                                reason=diagnosis.reason + " during COMMIT, outcome unknown")
         raise AttemptFailed(exc, diagnosis, during_commit) from exc
     except BaseException:  # KeyboardInterrupt, SystemExit: clean up, then let it go
         _rollback(session, job, attempt)
@@ -231,10 +231,17 @@ def _run_job(job: JobSpec, function: JobFunction, database: Database,
     def wait_or_stop(seconds: float) -> None:
         watch.cancelled.wait(seconds)        # a shutdown cuts the wait short
 
+    backoff = wait_exponential_jitter(multiplier=policy.wait_initial, max=policy.wait_max,
+                                      jitter=policy.wait_initial)
+
+    def wait(state: RetryCallState) -> float:
+        failure = state.outcome.exception()
+        floor = failure.diagnosis.min_wait if isinstance(failure, AttemptFailed) else 0.0
+        return max(backoff(state), floor)
+
     retrying = Retrying(
         stop=stop_after_attempt(policy.attempts) | stop_when_event_set(watch.cancelled),
-        wait=wait_exponential_jitter(multiplier=policy.wait_initial, max=policy.wait_max,
-                                     jitter=policy.wait_initial),
+        wait=wait,
         retry=retry_if_exception(should_retry),
         before_sleep=log_retry,
         sleep=wait_or_stop if sleep is time.sleep else sleep,
