@@ -106,11 +106,30 @@ def test_a_failed_job_is_rolled_back_once(make_database, admin_odbc):
     assert after["Com_commit"] - before["Com_commit"] == 0
 
 
-def test_a_connection_returned_inside_a_transaction_is_still_rolled_back(database):
-    """The reset is skipped only when nothing is open: a Connection left with a
-    transaction (here at the DBAPI level) is rolled back on return."""
-    with database.engine.connect() as connection:
+@mariadb_only
+def test_a_connection_returned_with_work_open_is_still_rolled_back(make_database,
+                                                                   admin_odbc):
+    """The ROLLBACK on return is skipped only after a COMMIT the runner saw succeed:
+    a raw DBAPI connection given back with a transaction open is rolled back."""
+    database = make_database(pool_size=1)
+    with database.engine.connect() as connection:       # warm the pool
         connection.exec_driver_sql("SELECT 1")
-        info = connection.connection.info
-        assert info["worker_in_transaction"] is True
-    assert info["worker_in_transaction"] is False
+    before = server_counters(admin_odbc)
+    raw = database.engine.raw_connection()
+    raw.cursor().execute("SELECT 1")
+    raw.close()                                          # back to the pool, uncommitted
+    after = server_counters(admin_odbc)
+    assert after["Com_rollback"] - before["Com_rollback"] == 1
+
+
+@mariadb_only
+def test_a_connection_that_rolled_back_on_close_is_not_rolled_back_again(make_database,
+                                                                         admin_odbc):
+    database = make_database(pool_size=1)
+    with database.engine.connect() as connection:       # warm the pool
+        connection.exec_driver_sql("SELECT 1")
+    before = server_counters(admin_odbc)
+    with database.engine.connect() as connection:
+        connection.exec_driver_sql("SELECT 1")          # close() rolls back once
+    after = server_counters(admin_odbc)
+    assert after["Com_rollback"] - before["Com_rollback"] == 1

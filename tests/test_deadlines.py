@@ -37,6 +37,8 @@ def test_long_statement_is_cancelled_at_the_deadline(make_database):
         batch = run_batch(jobs, functions, database, pool)
     elapsed = time.monotonic() - started
     slow_result, *other_results = batch.results
+    print(f"\n{database.dialect}: a long statement with timeout 2s ended as "
+          f"{slow_result.outcome.value} after {slow_result.duration:.2f}s")
     assert slow_result.outcome is Outcome.TIMEOUT
     assert slow_result.attempts == 1                 # a timeout is not retried by default
     assert elapsed < 6                               # the deadline, not the statement, ended it

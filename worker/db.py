@@ -25,7 +25,9 @@ log = logging.getLogger("worker.db")
 # The one registry. It is created unbound (no engine, no connection, no work at
 # import time) so that `from worker import Session` works anywhere; Database
 # binds it to its engine.
-Session = scoped_session(sessionmaker())
+# expire_on_commit=False: the worker commits after the job has returned and
+# discards the Session right after, so expiring its objects would be wasted work.
+Session = scoped_session(sessionmaker(expire_on_commit=False))
 
 
 class Database:
@@ -42,8 +44,10 @@ class Database:
         self.engine: Engine = create_engine(self.url, **_engine_options(settings))
         self.dialect = self.engine.dialect.name
         event.listen(self.engine, "handle_error", self._mark_disconnect)
-        _skip_needless_reset(self.engine)
         self.statements = StatementTracker(self.engine, self.url.get_driver_name())
+        # pyodbc: each checkout takes the thread's deadline as its query timeout.
+        _skip_needless_reset(self.engine, self.statements.set_query_timeout
+                             if self.url.get_driver_name() == "pyodbc" else None)
         if registry is not None:   # None: an engine of the worker's own (cluster table)
             registry.configure(bind=self.engine)
 
@@ -62,6 +66,20 @@ class Database:
         if not context.is_disconnect and is_disconnect(context.original_exception,
                                                        self.dialect):
             context.is_disconnect = True
+
+    @staticmethod
+    def connection_info(session) -> dict | None:
+        """The pool entry's info of the connection the session's transaction holds,
+        or None when the job never touched the database."""
+        if not session.in_transaction():
+            return None
+        return session.connection().connection.info
+
+    @staticmethod
+    def mark_committed(info: dict | None) -> None:
+        """The COMMIT on this connection succeeded: no ROLLBACK needed on return."""
+        if info is not None:
+            info[COMMITTED] = True
 
     def cancel_statement(self, thread: int) -> bool:
         return self.statements.cancel(thread)
@@ -93,36 +111,36 @@ class StatementTracker:
         self._in_flight: dict[int, tuple[Any, Any]] = {}  # thread id -> (dbapi conn, cursor)
         self._deadlines: dict[int, float] = {}             # thread id -> monotonic deadline
         self._lock = threading.Lock()
-        event.listen(engine, "before_cursor_execute", self._before)
-        event.listen(engine, "after_cursor_execute", self._after)
-        if driver == "pyodbc":
-            event.listen(engine, "begin", self._set_query_timeout)
+        _track_cursors(engine, self.started)
 
-    def _set_query_timeout(self, conn) -> None:
-        # Fallback for ODBC drivers that ignore SQLCancel: the query timeout
-        # (SQL_ATTR_QUERY_TIMEOUT, taken by each new cursor), a second behind the
-        # deadline so that the cancel normally wins. 0 clears it for jobs without one.
+    def set_query_timeout(self, dbapi_connection) -> None:
+        """pyodbc, at each checkout from the pool: the fallback for ODBC drivers that
+        ignore SQLCancel is the query timeout (SQL_ATTR_QUERY_TIMEOUT, taken by
+        each new cursor), a second behind the deadline so that the cancel normally
+        wins. 0 clears it for jobs without a deadline."""
         deadline = self._deadlines.get(threading.get_ident())
         timeout = 0 if deadline is None else max(1, math.ceil(deadline - time.monotonic()) + 1)
-        dbapi_connection = conn.connection.dbapi_connection
         if dbapi_connection.timeout != timeout:
             dbapi_connection.timeout = timeout
 
-    def _before(self, conn, cursor, statement, parameters, context, executemany) -> None:
-        deadline = self._deadlines.get(threading.get_ident())
+    def started(self, cursor) -> None:
+        """A statement is about to run on `cursor` in this thread."""
+        thread = threading.get_ident()
+        deadline = self._deadlines.get(thread)
         if deadline is not None and time.monotonic() >= deadline:
             # The deadline passed between two statements: start no new one.
             raise DeadlineExceeded("the job's deadline passed; no new statement may start")
-        with self._lock:
-            self._in_flight[threading.get_ident()] = (conn.connection.dbapi_connection,
-                                                      cursor)
-
-    def _after(self, conn, cursor, statement, parameters, context, executemany) -> None:
-        self.forget_current()
+        # Kept until the next statement or forget(): cancelling a statement that
+        # has already finished is harmless, since the job is ending anyway.
+        self._in_flight[thread] = (cursor.connection, cursor)
 
     def forget_current(self) -> None:
-        with self._lock:
-            self._in_flight.pop(threading.get_ident(), None)
+        self.forget(threading.get_ident())
+
+    def forget(self, thread: int) -> None:
+        """The thread's job has ended: no statement to cancel, no deadline."""
+        self._in_flight.pop(thread, None)
+        self._deadlines.pop(thread, None)
 
     def set_deadline(self, thread: int, deadline: float | None) -> None:
         """Statements of this thread started from now on get a driver-side timeout."""
@@ -131,13 +149,10 @@ class StatementTracker:
         else:
             self._deadlines[thread] = deadline
 
-    def running(self, thread: int) -> bool:
-        return thread in self._in_flight
-
     def cancel(self, thread: int) -> bool:
-        """Cancel the statement this thread is running; False if there is none."""
-        with self._lock:
-            entry = self._in_flight.get(thread)
+        """Cancel the statement this thread runs or ran last in its job; False if
+        it has run none."""
+        entry = self._in_flight.get(thread)
         if entry is None:
             return False
         dbapi_connection, cursor = entry
@@ -157,32 +172,52 @@ class StatementTracker:
         return True
 
 
-def _skip_needless_reset(engine: Engine) -> None:
-    """Roll back a connection returned to the pool only if a transaction is open.
+def _track_cursors(engine: Engine, started) -> None:
+    """Call `started(cursor)` before every statement the engine runs.
+
+    Done by wrapping the dialect's do_execute* methods (the methods a dialect
+    subclass would override) rather than with a before_cursor_execute listener:
+    any Connection execution listener moves SQLAlchemy off its fast path, which
+    measured about 20 µs per statement, the largest part of the worker's cost per
+    job. handle_error and the commit/rollback listeners cost nothing measurable.
+    """
+    dialect = engine.dialect
+    for name in ("do_execute", "do_execute_no_params", "do_executemany"):
+        original = getattr(dialect, name)
+
+        def tracked(cursor, *args, _original=original, **kwargs):
+            started(cursor)
+            return _original(cursor, *args, **kwargs)
+        setattr(dialect, name, tracked)
+
+
+COMMITTED = "worker_committed"   # pool-entry info flag: this checkout ended in a COMMIT
+
+
+def _skip_needless_reset(engine: Engine, on_checkout=None) -> None:
+    """Roll back a connection returned to the pool unless its transaction is known
+    to be over.
 
     SQLAlchemy's default reset-on-return sends a ROLLBACK for every connection
-    that comes back after a Session commit, although the COMMIT already ended
-    the transaction: one wasted round trip per job (field-notes §5). We track
-    whether a transaction is open and roll back only then; a connection whose
-    rollback fails is invalidated by the pool, as before.
+    that comes back after a Session commit, although the COMMIT already ended the
+    transaction: one wasted round trip per job (field-notes §5). The runner marks
+    a connection whose COMMIT succeeded (Database.mark_committed); SQLAlchemy
+    tells us when a Connection already rolled back on close. Anything else (a
+    raw_connection() left open, a failed job) is rolled back as before, and a
+    connection whose rollback fails is invalidated by the pool. Only Pool events
+    are used: Connection event listeners (begin/commit/rollback) would move every
+    statement off SQLAlchemy's fast path.
     """
-    def began(conn) -> None:
-        conn.connection.info["worker_in_transaction"] = True   # the pool entry's info
-
-    def ended(conn) -> None:
-        if not conn.invalidated:    # a dead connection leaves the pool anyway
-            conn.connection.info["worker_in_transaction"] = False
-
     def reset(dbapi_connection, record, reset_state) -> None:
-        if record is not None and record.info.get("worker_in_transaction", True) \
-                and not reset_state.terminate_only:
-            dbapi_connection.rollback()
-            record.info["worker_in_transaction"] = False
+        committed = record.info.pop(COMMITTED, False) if record is not None else False
+        if committed or reset_state.transaction_was_reset or reset_state.terminate_only:
+            return
+        dbapi_connection.rollback()
 
-    event.listen(engine, "begin", began)
-    event.listen(engine, "commit", ended)
-    event.listen(engine, "rollback", ended)
     event.listen(engine.pool, "reset", reset)
+    if on_checkout is not None:
+        event.listen(engine.pool, "checkout",
+                     lambda dbapi_connection, record, proxy: on_checkout(dbapi_connection))
 
 
 def _engine_options(settings: DatabaseSettings) -> dict[str, Any]:

@@ -81,7 +81,6 @@ class RunWatch:
     started: float = field(default_factory=time.monotonic)
     thread: int | None = None            # the pool thread running the job
     overdue_since: float | None = None   # when the current attempt's deadline passed
-    done: threading.Event = field(default_factory=threading.Event)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self, database: Database) -> bool:
@@ -122,8 +121,8 @@ class Deadline:
         log.warning("%s passed its deadline of %s; %s", _tag(self.job, self.attempt),
                     format_duration(self.job.timeout),
                     "cancelling its statement" if cancelled else
-                    "it is not inside a database call, so it ends at its next statement "
-                    "or when it returns")
+                    "it has run no statement yet, so it ends at its first one or when "
+                    "it returns")
 
 
 def _tag(job: JobSpec, attempt: int) -> str:
@@ -152,8 +151,10 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
             raise AttemptTimedOut(f"returned after its deadline of "
                                   f"{format_duration(job.timeout)}")
         session.flush()        # a failure here cannot have committed anything
+        connection_info = database.connection_info(session)
         during_commit = True
         session.commit()
+        database.mark_committed(connection_info)
     except Exception as exc:
         _rollback(session, job, attempt)
         if deadline is not None and deadline.expired.is_set() and not during_commit:
@@ -209,14 +210,41 @@ def run_job(job: JobSpec, function: JobFunction, database: Database, *,
     try:
         return _run_job(job, function, database, sleep, watch)
     finally:
-        database.statements.set_deadline(watch.thread, None)
-        watch.done.set()
+        database.statements.forget(watch.thread)
 
 
 def _run_job(job: JobSpec, function: JobFunction, database: Database,
              sleep: Callable[[float], None], watch: RunWatch) -> JobResult:
-    policy = job.retry
     started = watch.started = time.monotonic()
+    # The first attempt runs straight away; the retry machinery (tenacity) is only
+    # built when it fails with something worth retrying: most jobs never need it.
+    watch.attempt = attempt = 1
+    try:
+        if watch.cancelled.is_set():
+            raise AttemptFailed(Cancelled("the worker is stopping"),
+                                Diagnosis(Verdict.NEVER, "cancelled"), False)
+        run_attempt(job, function, database, 1, watch)
+    except AttemptFailed as failure:
+        if job.retry.attempts == 1 or not failure.should_retry(job) or \
+                watch.cancelled.is_set():
+            return _failed(job, 1, failure, started, watch)
+        try:
+            attempt = _retry(job, function, database, sleep, watch, failure)
+        except AttemptFailed as last:
+            return _failed(job, watch.attempt, last, started, watch)
+    duration = time.monotonic() - started
+    log.info("job=%s attempt=%d/%d succeeded in %.3fs", job.name, attempt,
+             job.retry.attempts, duration)
+    return JobResult(job.name, Outcome.SUCCESS, attempt, duration)
+
+
+def _retry(job: JobSpec, function: JobFunction, database: Database,
+           sleep: Callable[[float], None], watch: RunWatch,
+           first_failure: AttemptFailed) -> int:
+    """Attempts 2..n under tenacity; attempt 1 replays the failure already seen, so
+    that tenacity decides, waits and logs for every retry alike. Returns the
+    attempt that succeeded; raises the last AttemptFailed."""
+    policy = job.retry
 
     def should_retry(exc: BaseException) -> bool:
         return isinstance(exc, AttemptFailed) and exc.should_retry(job)
@@ -247,39 +275,41 @@ def _run_job(job: JobSpec, function: JobFunction, database: Database,
         sleep=wait_or_stop if sleep is time.sleep else sleep,
         reraise=True,
     )
-    attempt = 0
-    try:
-        for attempt_context in retrying:
-            with attempt_context:
-                attempt = watch.attempt = attempt_context.retry_state.attempt_number
-                watch.overdue_since = None
-                if watch.cancelled.is_set():
-                    raise AttemptFailed(Cancelled("the worker is stopping"),
-                                        Diagnosis(Verdict.NEVER, "cancelled"), False)
-                log.debug("%s starting", _tag(job, attempt))
-                run_attempt(job, function, database, attempt, watch)
-    except AttemptFailed as failure:
-        duration = time.monotonic() - started
-        diagnosis = failure.diagnosis
-        if watch.cancelled.is_set():
-            log.error("%s cancelled: the worker is stopping (%s)", _tag(job, attempt),
-                      failure)
-            return JobResult(job.name, Outcome.CANCELLED, attempt, duration, str(failure))
-        if failure.timed_out:
-            log.error("%s timed out: %s: %s; %s", _tag(job, attempt), diagnosis.reason,
-                      failure, "no attempts left" if failure.should_retry(job)
-                      else "not retried (set retry.on_timeout to retry)")
-            return JobResult(job.name, Outcome.TIMEOUT, attempt, duration, str(failure))
-        if failure.should_retry(job):
-            why = "no attempts left"
-        elif diagnosis.verdict is Verdict.RETRY_IF_IDEMPOTENT:
-            why = "not retried: the job is not marked idempotent"
-        else:
-            why = "not retried"
-        log.error("%s failed: %s (%s): %s; %s", _tag(job, attempt), diagnosis.reason,
-                  diagnosis.codes, failure, why)
-        log.debug("%s traceback", _tag(job, attempt), exc_info=failure.error)
-        return JobResult(job.name, Outcome.FAILED, attempt, duration, str(failure))
+    attempt = 1
+    for attempt_context in retrying:
+        with attempt_context:
+            attempt = watch.attempt = attempt_context.retry_state.attempt_number
+            if attempt == 1:
+                raise first_failure
+            watch.overdue_since = None
+            if watch.cancelled.is_set():
+                raise AttemptFailed(Cancelled("the worker is stopping"),
+                                    Diagnosis(Verdict.NEVER, "cancelled"), False)
+            log.debug("%s starting", _tag(job, attempt))
+            run_attempt(job, function, database, attempt, watch)
+    return attempt
+
+
+def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
+            watch: RunWatch) -> JobResult:
+    """The result, and the log line, for a run whose last attempt failed."""
     duration = time.monotonic() - started
-    log.info("%s succeeded in %.3fs", _tag(job, attempt), duration)
-    return JobResult(job.name, Outcome.SUCCESS, attempt, duration)
+    diagnosis = failure.diagnosis
+    if watch.cancelled.is_set():
+        log.error("%s cancelled: the worker is stopping (%s)", _tag(job, attempt), failure)
+        return JobResult(job.name, Outcome.CANCELLED, attempt, duration, str(failure))
+    if failure.timed_out:
+        log.error("%s timed out: %s: %s; %s", _tag(job, attempt), diagnosis.reason,
+                  failure, "no attempts left" if failure.should_retry(job)
+                  else "not retried (set retry.on_timeout to retry)")
+        return JobResult(job.name, Outcome.TIMEOUT, attempt, duration, str(failure))
+    if failure.should_retry(job):
+        why = "no attempts left"
+    elif diagnosis.verdict is Verdict.RETRY_IF_IDEMPOTENT:
+        why = "not retried: the job is not marked idempotent"
+    else:
+        why = "not retried"
+    log.error("%s failed: %s (%s): %s; %s", _tag(job, attempt), diagnosis.reason,
+              diagnosis.codes, failure, why)
+    log.debug("%s traceback", _tag(job, attempt), exc_info=failure.error)
+    return JobResult(job.name, Outcome.FAILED, attempt, duration, str(failure))
