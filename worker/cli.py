@@ -434,6 +434,8 @@ def _run_daemon(path: str, config: Config, functions, only: Sequence[str] | None
         sys.stderr.flush()
         os._exit(EXIT_JOB_FAILED)
     loop.pool.shutdown(wait=True)
+    log.info("daemon stopped: %d connection(s) still checked out of the pool",
+             loop.runtime.database.checked_out())
     loop.runtime.database.dispose()
     return EXIT_OK if not report.cancelled else EXIT_JOB_FAILED
 
