@@ -23,6 +23,19 @@ def count_rows(database) -> int:
         return connection.execute(text("SELECT COUNT(*) FROM worker_test_counters")).scalar()
 
 
+def locked_sqlite(tmp_path, busy_timeout: float):
+    """A Database on a SQLite file whose write lock another connection holds, as a
+    second process would: every write gets SQLITE_BUSY after `busy_timeout`."""
+    database = Database(DatabaseSettings(url=sqlite_url(tmp_path), pool_size=1,
+                                         connect_args={"timeout": busy_timeout}))
+    holder = sqlite3.connect(tmp_path / "test.db", isolation_level=None,
+                             check_same_thread=False)
+    holder.execute("CREATE TABLE IF NOT EXISTS worker_test_counters "
+                   "(id INTEGER PRIMARY KEY, value INTEGER NOT NULL)")
+    holder.execute("BEGIN EXCLUSIVE")
+    return database, holder
+
+
 def test_success_commits_and_removes_the_session(database):
     result = run(spec("insert", "tests.jobfuncs:insert_row", value=1), database)
     assert result.outcome is Outcome.SUCCESS and result.attempts == 1 and result.ok
@@ -50,14 +63,8 @@ def test_permanent_database_error_is_not_retried(database):
 
 
 def test_each_attempt_gets_a_fresh_session(tmp_path):
-    database = Database(DatabaseSettings(url=sqlite_url(tmp_path), pool_size=1,
-                                         connect_args={"timeout": 0.05}))
+    database, holder = locked_sqlite(tmp_path, 0.05)   # writers get SQLITE_BUSY
     sessions = []
-    holder = sqlite3.connect(tmp_path / "test.db", isolation_level=None,
-                             check_same_thread=False)
-    holder.execute("CREATE TABLE IF NOT EXISTS worker_test_counters "
-                   "(id INTEGER PRIMARY KEY, value INTEGER NOT NULL)")
-    holder.execute("BEGIN EXCLUSIVE")            # every writer now gets SQLITE_BUSY
 
     def job(session, value):
         sessions.append(session)
@@ -78,13 +85,7 @@ def test_each_attempt_gets_a_fresh_session(tmp_path):
 
 def test_transient_sqlite_lock_is_retried_and_logged(tmp_path, caplog):
     """A real SQLITE_BUSY from another connection holding the write lock."""
-    database = Database(DatabaseSettings(url=sqlite_url(tmp_path), pool_size=1,
-                                         connect_args={"timeout": 0.1}))
-    holder = sqlite3.connect(tmp_path / "test.db", isolation_level=None,
-                             check_same_thread=False)
-    holder.execute("CREATE TABLE worker_test_counters (id INTEGER PRIMARY KEY, "
-                   "value INTEGER NOT NULL)")
-    holder.execute("BEGIN EXCLUSIVE")
+    database, holder = locked_sqlite(tmp_path, 0.1)
     threading.Timer(0.5, holder.execute, args=("COMMIT",)).start()
     try:
         with caplog.at_level("WARNING", logger="worker.runner"):
@@ -103,13 +104,7 @@ def test_transient_sqlite_lock_is_retried_and_logged(tmp_path, caplog):
 
 
 def test_retries_stop_after_the_configured_attempts(tmp_path):
-    database = Database(DatabaseSettings(url=sqlite_url(tmp_path), pool_size=1,
-                                         connect_args={"timeout": 0.01}))
-    holder = sqlite3.connect(tmp_path / "test.db", isolation_level=None,
-                             check_same_thread=False)
-    holder.execute("CREATE TABLE worker_test_counters (id INTEGER PRIMARY KEY, "
-                   "value INTEGER NOT NULL)")
-    holder.execute("BEGIN EXCLUSIVE")
+    database, holder = locked_sqlite(tmp_path, 0.01)
     waits = []
     try:
         result = run(spec("locked", "tests.jobfuncs:sqlite_write", attempts=3, value=1),
@@ -124,13 +119,7 @@ def test_retries_stop_after_the_configured_attempts(tmp_path):
 
 def test_backoff_is_exponential_with_jitter_and_capped(tmp_path):
     from worker.config import JobSpec, RetryPolicy
-    database = Database(DatabaseSettings(url=sqlite_url(tmp_path), pool_size=1,
-                                         connect_args={"timeout": 0.001}))
-    holder = sqlite3.connect(tmp_path / "test.db", isolation_level=None,
-                             check_same_thread=False)
-    holder.execute("CREATE TABLE worker_test_counters (id INTEGER PRIMARY KEY, "
-                   "value INTEGER NOT NULL)")
-    holder.execute("BEGIN EXCLUSIVE")
+    database, holder = locked_sqlite(tmp_path, 0.001)
     waits = []
     job = JobSpec(name="backoff", call="tests.jobfuncs:sqlite_write", kwargs={"value": 1},
                   retry=RetryPolicy(attempts=6, wait_initial=1.0, wait_max=5.0))

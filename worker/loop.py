@@ -215,11 +215,13 @@ class WorkLoop:
     def _claim_batch_slot(self, job: JobSpec, slot_ms: int) -> Claim | None:
         claim = self.cluster.claim(job.name, slot_ms)
         if claim is None:
-            message = (f"its run for the slot at {_wall(slot_ms / 1000)} was claimed by "
-                       f"node {self.cluster.holder(job.name, slot_ms)}")
-            log.warning("job=%s skipped: %s", job.name, message)
-            self._record(JobResult(job.name, Outcome.SKIPPED, 0, 0.0, message))
+            self._skip(job, f"its run for the slot at {_wall(slot_ms / 1000)} was claimed "
+                            f"by node {self.cluster.holder(job.name, slot_ms)}")
         return claim
+
+    def _skip(self, job: JobSpec, why: str) -> None:
+        log.warning("job=%s skipped: %s", job.name, why)
+        self._record(JobResult(job.name, Outcome.SKIPPED, 0, 0.0, why))
 
     def scheduler_for_slots(self, job: JobSpec):
         from .scheduler import schedule_for
@@ -286,10 +288,8 @@ class WorkLoop:
         if self.locks is not None:
             lock = self.locks.try_acquire(job.name)
             if lock is None:
-                message = (f"another run of this job holds its host lock (pid "
-                           f"{self.locks.holder(job.name)})")
-                log.warning("job=%s skipped: %s", job.name, message)
-                self._record(JobResult(job.name, Outcome.SKIPPED, 0, 0.0, message))
+                self._skip(job, f"another run of this job holds its host lock (pid "
+                                f"{self.locks.holder(job.name)})")
                 return False
         claim = None
         if claim_run is not None:
