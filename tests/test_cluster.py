@@ -200,3 +200,24 @@ def test_once_on_several_hosts_runs_a_job_once_per_slot(db_url, run_table_url, t
     assert len(runs(db_url, "report")) == 1
     loser = next(host for host in hosts if host.process.returncode == 75)
     assert "was claimed by node host-" in loser.log
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_list_and_history_show_the_runs(db_url, run_table_url, tmp_path, daemons):
+    config = cluster_config(tmp_path / "jobs.yaml", db_url, run_table_url=run_table_url,
+                            jobs="""\
+  - {name: report, call: 'tests.jobfuncs:record_run', kwargs: {name: report}}
+  - {name: broken, call: 'tests.jobfuncs:syntax_error'}
+""")
+    once = daemons(config, "--once", env={"NODE": "host-a"})
+    assert once.wait() == 1                                 # `broken` failed
+    listed = daemons(config, "--list", env={"NODE": "host-a"})
+    assert listed.wait() == 0
+    lines = {line.split()[0]: line for line in listed.process.stdout.read().splitlines()}
+    assert "success at" in lines["report"] and "on host-a" in lines["report"]
+    assert "failed at" in lines["broken"]
+    history = daemons(config, "--history", "broken", env={"NODE": "host-a"})
+    assert history.wait() == 0
+    rows = history.process.stdout.read().splitlines()
+    assert rows[0].split()[:4] == ["slot", "node", "outcome", "attempts"]
+    assert "host-a" in rows[1] and "failed" in rows[1] and "syntax error" in rows[1]

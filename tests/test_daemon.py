@@ -137,6 +137,27 @@ def test_sighup_applies_a_changed_job_list(db_url, tmp_path, daemons):
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_sighup_with_a_changed_database_gets_a_new_engine(db_url, tmp_path, daemons):
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: tick, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {name: tick}}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("job=tick starting")
+    other_url = f"sqlite:///{tmp_path / 'other.db'}"
+    write_config(config, other_url, """\
+        - {name: tick, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {name: tick}}
+        """)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reloaded")
+    reloaded_at = time.time()
+    daemon.wait_for("disposed the previous engine")
+    time.sleep(2.5)
+    assert daemon.stop() == 0
+    assert len(runs(other_url, "tick")) >= 2                 # the new database is used
+    assert runs(db_url, "tick", after=reloaded_at + 0.5) == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_an_invalid_config_on_sighup_is_rejected_and_the_old_jobs_keep_running(
         db_url, tmp_path, daemons):
     config = write_config(tmp_path / "jobs.yaml", db_url, """\
