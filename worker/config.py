@@ -6,7 +6,6 @@ start-up with one readable message instead of half-way through a batch.
 """
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -321,6 +320,7 @@ class _Checker:
                             f"{_describe(value)}", at, job)
         for key in value:
             if key not in allowed:
+                import difflib  # only on this error path: keeps start-up lean
                 hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
                 suggestion = f"; did you mean {hint[0]!r}?" if hint else \
                     f"; known keys: {', '.join(allowed)}"

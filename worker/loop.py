@@ -11,7 +11,6 @@ shutdown, with cleanup in `finally` (as in huey). It always logs why it stopped.
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 import time
 from concurrent.futures import Future
@@ -148,6 +147,7 @@ class WorkLoop:
         log.info("work loop stopped: %s (%d run(s) finished, %d cancelled, %d abandoned)",
                  reason, self._runs, self._cancelled, abandoned)
         if self._lateness:
+            import statistics  # only in daemon mode, at stop
             log.info("scheduled runs started late by median %.3fs, worst %.3fs",
                      statistics.median(self._lateness), max(self._lateness))
         if self.scheduler is None:
