@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +34,7 @@ log = logging.getLogger("worker.loop")
 STUCK_GRACE = 5.0     # seconds past a deadline before a job ignoring it is given up on
 CANCEL_GRACE = 5.0    # seconds a cancelled job gets to roll back before exit
 MAX_SLEEP = 1.0       # the loop wakes at least this often (signals, watchdog, stuck jobs)
+KEPT_RESULTS = 10_000  # daemon: the recent failures and lateness figures kept
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class LoopReport:
     runs: int = 0                   # runs finished
     cancelled: int = 0              # runs cancelled by the stop
     abandoned: int = 0              # threads still stuck in a job at exit
-    lateness: tuple[float, ...] = ()  # daemon: seconds each scheduled run started late
+    lateness: tuple[float, ...] = ()  # daemon: how late the last 10,000 runs started (s)
 
     @property
     def ok(self) -> bool:
@@ -106,13 +108,15 @@ class WorkLoop:
         self._order = [job.name for job in burst or []]
         self._running: dict[str, _Running] = {}
         self._results: dict[str, JobResult] = {}
-        self._failures: list[JobResult] = []
+        # Bounded, so that a daemon running for months does not grow.
+        self._failures: deque[JobResult] = deque(maxlen=KEPT_RESULTS)
         self._retired: list[tuple[Database, WorkerPool | None]] = []
         self._wake = threading.Event()
         self._stop = _StopState()
         self._reload_requested = False
         self._runs = self._cancelled = 0
-        self._lateness: list[float] = []
+        self._lateness: deque[float] = deque(maxlen=KEPT_RESULTS)
+        self._worst_lateness = 0.0
         self._last_watchdog = 0.0
 
     # --- called from signal handlers (main thread) or other threads -----------------
@@ -149,7 +153,7 @@ class WorkLoop:
         if self._lateness:
             import statistics  # only in daemon mode, at stop
             log.info("scheduled runs started late by median %.3fs, worst %.3fs",
-                     statistics.median(self._lateness), max(self._lateness))
+                     statistics.median(self._lateness), self._worst_lateness)
         if self.scheduler is None:
             results = tuple(self._results[name] for name in self._order
                             if name in self._results)
@@ -243,6 +247,7 @@ class WorkLoop:
             claim_run = partial(self._claim_scheduled, run)
         if self._start(run.job, run, claim_run):
             self._lateness.append(run.lateness)
+            self._worst_lateness = max(self._worst_lateness, run.lateness)
 
     def _claim_scheduled(self, run: DueRun) -> Claim | None:
         claim = self.cluster.claim(run.job.name, round(run.slot * 1000))
