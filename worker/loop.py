@@ -54,6 +54,7 @@ class _Running:
     lock: JobLock | None
     claim: Claim | None = None      # cluster mode: this run's row in the run table
     reported: bool = False          # already reported as stuck past its deadline
+    overlaps: int = 0               # runs skipped because this one was still going
 
 
 @dataclass(frozen=True)
@@ -236,9 +237,15 @@ class WorkLoop:
     def _start_scheduled(self, run: DueRun) -> None:
         running = self._running.get(run.job.name)
         if running is not None:
-            log.warning("job=%s run due at %s skipped: the previous run is still going "
-                        "(attempt %d, started %.1fs ago)", run.job.name, run.scheduled,
-                        running.watch.attempt, time.monotonic() - running.watch.started)
+            # Logged once per overlap; the count comes when the long run ends, so a
+            # job with a tiny interval cannot flood the log.
+            running.overlaps += 1
+            if running.overlaps == 1:
+                log.warning("job=%s run due at %s skipped: the previous run is still "
+                            "going (%s, started %.1fs ago)", run.job.name, run.scheduled,
+                            f"attempt {running.watch.attempt}" if running.watch.attempt
+                            else "queued for a free worker",
+                            time.monotonic() - running.watch.started)
             return
         claim_run = None
         if self.cluster is not None:
@@ -326,6 +333,9 @@ class WorkLoop:
         for name, running in list(self._running.items()):
             if running.future.done():
                 del self._running[name]
+                if running.overlaps > 1:
+                    log.warning("job=%s %d runs were skipped while its previous run was "
+                                "going", name, running.overlaps)
                 if running.lock is not None:
                     running.lock.release()
                 if running.future.cancelled():

@@ -22,7 +22,8 @@ from .config import JobSpec, format_duration
 
 log = logging.getLogger("worker.scheduler")
 
-MAX_MISSED_COUNTED = 10_000  # beyond this, missed cron runs are not counted one by one
+MAX_MISSED_COUNTED = 10_000
+COALESCE_LOG_EVERY = 60.0    # seconds between "runs coalesced" lines for one job  # beyond this, missed cron runs are not counted one by one
 
 
 class EverySchedule:
@@ -147,6 +148,8 @@ class _Entry:
     job: JobSpec
     schedule: Schedule
     next_due: float
+    coalesced: int = 0                       # missed runs not yet reported
+    coalesced_logged: float = float("-inf")  # when they were last reported
 
 
 class Scheduler:
@@ -216,11 +219,21 @@ class Scheduler:
                             entry.schedule.describe(entry.next_due))
                 continue
             if count > 1:
-                log.warning("job=%s missed %d runs; coalesced into one run now",
-                            entry.job.name, count)
+                self._log_coalesced(entry, count)
             runs.append(DueRun(entry.job, entry.schedule.describe(latest), lateness, count,
                                latest))
         return runs
+
+    def _log_coalesced(self, entry: _Entry, count: int) -> None:
+        """At most one line per job a minute: a job whose interval is shorter than
+        the loop can keep up with would otherwise log on every run."""
+        entry.coalesced += count - 1
+        now = time.monotonic()
+        if now - entry.coalesced_logged >= COALESCE_LOG_EVERY:
+            log.warning("job=%s missed %d run(s) since the last report (the worker was "
+                        "busy or stalled); each time the missed runs were coalesced into "
+                        "one", entry.job.name, entry.coalesced)
+            entry.coalesced, entry.coalesced_logged = 0, now
 
 
 def local_zone() -> tzinfo:
