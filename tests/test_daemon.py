@@ -111,11 +111,13 @@ def test_overlapping_runs_are_skipped(db_url, tmp_path, daemons):
         - {name: long, call: 'tests.jobfuncs:python_sleep', every: 1s, kwargs: {seconds: 2.5}}
         """)
     daemon = daemons(config)
-    daemon.wait_for("skipped: the previous run is still going", count=2, timeout=10)
+    daemon.wait_for("skipped: the previous run is still going", timeout=10)
+    time.sleep(3)
     assert daemon.stop() == 0
     assert daemon.log.count("job=long starting") <= 3
-    # one line per overlap, then how many runs it cost: no flood with short intervals
-    assert "job=long 2 runs were skipped while its previous run was going" in daemon.log
+    # the first skip is logged, later ones only as a count: no flood with short intervals
+    assert daemon.log.count("skipped: the previous run is still going") == 1
+    assert "more run(s) were skipped because the previous run was still going" in daemon.log
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
@@ -256,3 +258,32 @@ def test_list_and_json_logs(db_url, tmp_path):
     succeeded = [e for e in entries if "succeeded" in e["message"]]
     assert {e["job"] for e in succeeded} == {"often", "nightly", "manual"}
     assert all(e["attempt"] == 1 and e["level"] == "INFO" for e in succeeded)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_sigterm_while_waiting_for_the_database_never_reports_ready(db_url, tmp_path,
+                                                                    daemons):
+    sock_path = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(sock_path))
+    receiver.settimeout(0.2)
+    unreachable = f"sqlite:///{tmp_path / 'no-such-dir' / 'x.db'}"
+    config = write_config(tmp_path / "jobs.yaml", unreachable, """\
+        - {name: tick, call: 'tests.jobfuncs:noop', every: 1s}
+        """)
+    daemon = daemons(config, env={"NOTIFY_SOCKET": str(sock_path)})
+    daemon.wait_for("not answering")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    messages = []
+    try:
+        while True:
+            messages.append(receiver.recv(4096).decode())
+    except socket.timeout:
+        pass
+    finally:
+        receiver.close()
+    assert any("STATUS=waiting for the database" in m for m in messages)
+    assert not any("READY=1" in m for m in messages)
+    assert "daemon started" not in daemon.log
+    assert "stopped while waiting for the database" in daemon.log

@@ -418,6 +418,11 @@ def _run_daemon(path: str, config: Config, functions, only: Sequence[str] | None
                         database.display_url, describe(exc), delay)
             loop.pause(delay)
             delay = min(delay * 2, 30.0)
+    if loop.stop_requested:
+        log.info("stopped while waiting for the database: no job ran")
+        notifier.close()
+        database.dispose()
+        return EXIT_OK
     log.info("daemon started: %d scheduled job(s) from %s on %s, max_workers %d",
              len(scheduler.jobs), config.path, database.display_url,
              config.worker.max_workers)

@@ -35,6 +35,7 @@ STUCK_GRACE = 5.0     # seconds past a deadline before a job ignoring it is give
 CANCEL_GRACE = 5.0    # seconds a cancelled job gets to roll back before exit
 MAX_SLEEP = 1.0       # the loop wakes at least this often (signals, watchdog, stuck jobs)
 KEPT_RESULTS = 10_000  # daemon: the recent failures and lateness figures kept
+OVERLAP_LOG_EVERY = 60.0  # seconds between "runs skipped: still going" lines for a job
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,6 @@ class _Running:
     lock: JobLock | None
     claim: Claim | None = None      # cluster mode: this run's row in the run table
     reported: bool = False          # already reported as stuck past its deadline
-    overlaps: int = 0               # runs skipped because this one was still going
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,7 @@ class WorkLoop:
         self._stop = _StopState()
         self._reload_requested = False
         self._runs = self._cancelled = 0
+        self._overlaps: dict[str, list] = {}   # job -> [skips not yet logged, last log]
         self._lateness: deque[float] = deque(maxlen=KEPT_RESULTS)
         self._worst_lateness = 0.0
         self._last_watchdog = 0.0
@@ -237,15 +238,7 @@ class WorkLoop:
     def _start_scheduled(self, run: DueRun) -> None:
         running = self._running.get(run.job.name)
         if running is not None:
-            # Logged once per overlap; the count comes when the long run ends, so a
-            # job with a tiny interval cannot flood the log.
-            running.overlaps += 1
-            if running.overlaps == 1:
-                log.warning("job=%s run due at %s skipped: the previous run is still "
-                            "going (%s, started %.1fs ago)", run.job.name, run.scheduled,
-                            f"attempt {running.watch.attempt}" if running.watch.attempt
-                            else "queued for a free worker",
-                            time.monotonic() - running.watch.started)
+            self._overlapped(run, running)
             return
         claim_run = None
         if self.cluster is not None:
@@ -255,6 +248,32 @@ class WorkLoop:
         if self._start(run.job, run, claim_run):
             self._lateness.append(run.lateness)
             self._worst_lateness = max(self._worst_lateness, run.lateness)
+
+    def _overlapped(self, run: DueRun, running: _Running) -> None:
+        """A run came due while the previous one is still going: skip it. The first
+        skip of a job is logged at once, later ones as a count at most once a
+        minute (and at stop), so that a job with a tiny interval cannot flood."""
+        counter = self._overlaps.setdefault(run.job.name, [0, float("-inf")])
+        counter[0] += 1
+        now = time.monotonic()
+        if now - counter[1] < OVERLAP_LOG_EVERY:
+            return
+        if counter[1] == float("-inf"):
+            log.warning("job=%s run due at %s skipped: the previous run is still going "
+                        "(%s, started %.1fs ago)", run.job.name, run.scheduled,
+                        f"attempt {running.watch.attempt}" if running.watch.attempt
+                        else "queued for a free worker", now - running.watch.started)
+        else:
+            log.warning("job=%s %d run(s) skipped in the last %.0fs: the previous run "
+                        "was still going", run.job.name, counter[0], now - counter[1])
+        counter[:] = [0, now]
+
+    def _report_overlaps(self) -> None:
+        for name, (count, _) in self._overlaps.items():
+            if count:
+                log.warning("job=%s %d more run(s) were skipped because the previous "
+                            "run was still going", name, count)
+        self._overlaps.clear()
 
     def _claim_scheduled(self, run: DueRun) -> Claim | None:
         claim = self.cluster.claim(run.job.name, round(run.slot * 1000))
@@ -333,9 +352,6 @@ class WorkLoop:
         for name, running in list(self._running.items()):
             if running.future.done():
                 del self._running[name]
-                if running.overlaps > 1:
-                    log.warning("job=%s %d runs were skipped while its previous run was "
-                                "going", name, running.overlaps)
                 if running.lock is not None:
                     running.lock.release()
                 if running.future.cancelled():
@@ -396,11 +412,14 @@ class WorkLoop:
         self._wake.set()
 
     def _shutdown(self) -> int:
+        self._report_overlaps()
         abandoned = sum(1 for r in self._running.values() if not r.future.done())
         for running in self._running.values():
             if running.future.done() and running.lock is not None:
                 running.lock.release()
         self._dispose_retired(force=True)
+        if self.locks is not None:
+            self.locks.close()
         return abandoned
 
     # --- reloading (daemon) -----------------------------------------------------------

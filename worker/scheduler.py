@@ -22,8 +22,8 @@ from .config import JobSpec, format_duration
 
 log = logging.getLogger("worker.scheduler")
 
-MAX_MISSED_COUNTED = 10_000
-COALESCE_LOG_EVERY = 60.0    # seconds between "runs coalesced" lines for one job  # beyond this, missed cron runs are not counted one by one
+MAX_MISSED_COUNTED = 10_000  # beyond this, missed cron runs are not counted one by one
+COALESCE_LOG_EVERY = 60.0    # seconds between "runs coalesced" lines for one job
 
 
 class EverySchedule:
