@@ -1,0 +1,51 @@
+"""The benchmark's jobs, in the forms each contender needs.
+
+`select_one` is also the trivial job of the start-up benchmark's one-shot run
+(`call: benchmarks.jobs:select_one`), so this module imports nothing heavy
+beyond what a job module would: `sqlalchemy.text`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sqlalchemy import text
+
+SLEEP_SECONDS = 0.05
+
+_SELECT_ONE = text("SELECT 1")
+
+
+def select_one(session) -> None:
+    """The job contract: fn(session); the worker commits and closes."""
+    session.execute(_SELECT_ONE)
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    sql: str                   # for SQLAlchemy text(), named parameters
+    raw_sql: str               # for DB-API cursors (pyodbc and sqlite3 both take "?")
+    params: dict[str, Any] = field(default_factory=dict)
+    raw_params: tuple = ()
+    returns_rows: bool = True  # the raw contender fetches what a SELECT returns
+    own_selects: int = 1       # SELECT statements the job itself sends (round trips)
+
+    def function(self) -> Callable[..., None]:
+        """A job function for the worker: fn(session)."""
+        if self.name == "select":
+            return select_one
+        statement, params = text(self.sql), dict(self.params)
+
+        def job(session) -> None:
+            session.execute(statement, params)
+
+        job.__name__ = f"{self.name}_job"
+        return job
+
+
+SELECT_ONE = JobKind("select", "SELECT 1", "SELECT 1")
+INSERT_ROW = JobKind("insert", "INSERT INTO bench_items (v) VALUES (:v)",
+                     "INSERT INTO bench_items (v) VALUES (?)", {"v": 1}, (1,),
+                     returns_rows=False, own_selects=0)
+SLEEP = JobKind("sleep", f"SELECT SLEEP({SLEEP_SECONDS})", f"SELECT SLEEP({SLEEP_SECONDS})")
