@@ -59,7 +59,7 @@ class Database:
         return classify(exc, self.dialect, self.extra_codes)
 
     def _mark_disconnect(self, context: Any) -> None:
-        self.statements.forget_current()
+        self.statements.forget_statement()
         # SQLAlchemy's own disconnect detection misses codes on some dialects
         # (mysql+pyodbc treats a killed connection as alive); a connection we
         # call dead is invalidated, so it never goes back into the pool.
@@ -111,7 +111,7 @@ class StatementTracker:
         self._in_flight: dict[int, tuple[Any, Any]] = {}  # thread id -> (dbapi conn, cursor)
         self._deadlines: dict[int, float] = {}             # thread id -> monotonic deadline
         self._lock = threading.Lock()
-        _track_cursors(engine, self.started)
+        _track_cursors(engine, self.started, self.forget_statement)
 
     def set_query_timeout(self, dbapi_connection) -> None:
         """pyodbc, at each checkout from the pool: the fallback for ODBC drivers that
@@ -130,12 +130,13 @@ class StatementTracker:
         if deadline is not None and time.monotonic() >= deadline:
             # The deadline passed between two statements: start no new one.
             raise DeadlineExceeded("the job's deadline passed; no new statement may start")
-        # Kept until the next statement or forget(): cancelling a statement that
-        # has already finished is harmless, since the job is ending anyway.
         self._in_flight[thread] = (cursor.connection, cursor)
 
-    def forget_current(self) -> None:
-        self.forget(threading.get_ident())
+    def forget_statement(self) -> None:
+        """The driver returned: nothing to cancel. (Holding on to the cursor would
+        be worse than useless: freed after the connection went back to the pool, its
+        statement handle is released on a connection another job is using.)"""
+        self._in_flight.pop(threading.get_ident(), None)
 
     def forget(self, thread: int) -> None:
         """The thread's job has ended: no statement to cancel, no deadline."""
@@ -150,8 +151,7 @@ class StatementTracker:
             self._deadlines[thread] = deadline
 
     def cancel(self, thread: int) -> bool:
-        """Cancel the statement this thread runs or ran last in its job; False if
-        it has run none."""
+        """Cancel the statement this thread is running; False if there is none."""
         entry = self._in_flight.get(thread)
         if entry is None:
             return False
@@ -172,8 +172,9 @@ class StatementTracker:
         return True
 
 
-def _track_cursors(engine: Engine, started) -> None:
-    """Call `started(cursor)` before every statement the engine runs.
+def _track_cursors(engine: Engine, started, finished) -> None:
+    """Call `started(cursor)` before every statement the engine runs, `finished()`
+    when the driver returns from it.
 
     Done by wrapping the dialect's do_execute* methods (the methods a dialect
     subclass would override) rather than with a before_cursor_execute listener:
@@ -187,7 +188,10 @@ def _track_cursors(engine: Engine, started) -> None:
 
         def tracked(cursor, *args, _original=original, **kwargs):
             started(cursor)
-            return _original(cursor, *args, **kwargs)
+            try:
+                return _original(cursor, *args, **kwargs)
+            finally:
+                finished()
         setattr(dialect, name, tracked)
 
 

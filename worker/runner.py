@@ -121,8 +121,8 @@ class Deadline:
         log.warning("%s passed its deadline of %s; %s", _tag(self.job, self.attempt),
                     format_duration(self.job.timeout),
                     "cancelling its statement" if cancelled else
-                    "it has run no statement yet, so it ends at its first one or when "
-                    "it returns")
+                    "it is not inside a database call, so it ends at its next statement "
+                    "or when it returns")
 
 
 def _tag(job: JobSpec, attempt: int) -> str:
