@@ -12,7 +12,8 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import DateTime, Index, Integer, String, delete, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-from sqlalchemy.schema import CreateIndex, CreateTable
+
+from worker.db import create_tables
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,7 @@ def _now() -> datetime:
 
 def ensure_schema(session: Session) -> None:
     """Create the commands table if missing; safe when several jobs race to do it."""
-    connection = session.connection()
-    if connection.dialect.name in ("sqlite", "mysql", "mariadb", "postgresql"):
-        connection.execute(CreateTable(Command.__table__, if_not_exists=True))
-        for index in Command.__table__.indexes:
-            connection.execute(CreateIndex(index, if_not_exists=True))
-    else:  # SQL Server has no CREATE TABLE IF NOT EXISTS
-        Base.metadata.create_all(connection, checkfirst=True)
+    create_tables(session.connection(), Base.metadata)
 
 
 def enqueue_commands(session: Session, count: int = 20) -> int:

@@ -25,10 +25,9 @@ from sqlalchemy import (BigInteger, Column, Index, Integer, MetaData, String, Ta
                         UniqueConstraint, and_, delete, func, insert, select, text,
                         update)
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.schema import CreateIndex, CreateTable
 
 from .config import ClusterSettings, DatabaseSettings
-from .db import Database
+from .db import Database, create_tables
 from .errors import describe
 
 log = logging.getLogger("worker.cluster")
@@ -151,13 +150,7 @@ class Cluster:
     def ensure_schema(self) -> None:
         """Create the run table (safe when several nodes start at once)."""
         with self.database.engine.begin() as connection:
-            if connection.dialect.name in ("sqlite", "mysql", "mariadb", "postgresql"):
-                for table in (runs, schema_versions):
-                    connection.execute(CreateTable(table, if_not_exists=True))
-                for index in runs.indexes:
-                    connection.execute(CreateIndex(index, if_not_exists=True))
-            else:
-                metadata.create_all(connection, checkfirst=True)
+            create_tables(connection, metadata)
         try:
             with self.database.engine.begin() as connection:
                 connection.execute(insert(schema_versions).values(

@@ -245,6 +245,20 @@ def _disable_odbc_pooling() -> None:
     pyodbc.pooling = False
 
 
+def create_tables(connection, metadata) -> None:
+    """Create the metadata's missing tables and indexes; safe when several jobs or
+    processes race to do it (CREATE ... IF NOT EXISTS where the dialect has it;
+    SQL Server has not, so there it is a check, then CREATE)."""
+    if connection.dialect.name in ("sqlite", "mysql", "mariadb", "postgresql"):
+        from sqlalchemy.schema import CreateIndex, CreateTable
+        for table in metadata.sorted_tables:
+            connection.execute(CreateTable(table, if_not_exists=True))
+            for index in table.indexes:
+                connection.execute(CreateIndex(index, if_not_exists=True))
+    else:
+        metadata.create_all(connection, checkfirst=True)
+
+
 def installed_odbc_drivers() -> list[str]:
     try:
         import pyodbc
