@@ -162,3 +162,11 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "run-worker"
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and "usage: run-worker" in done.stdout
+
+
+def test_check_with_job_lists_only_that_job(tmp_path):
+    config = write_config(tmp_path, GOOD_JOBS % (tmp_path / "a", tmp_path / "b"))
+    done = worker("-c", str(config), "--check", "--job", "dormant")
+    assert done.returncode == 0, done.stderr
+    listed = [line.split(":")[0].strip() for line in done.stdout.splitlines()[1:]]
+    assert listed == ["dormant"]

@@ -154,14 +154,14 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"run-worker: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        selected = select_jobs(config, args.jobs, include_disabled=args.once)
+        selected = select_jobs(config, args.jobs, include_disabled=args.once or args.check)
     except LookupError as exc:
         parser.print_usage(sys.stderr)
         print(f"run-worker: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
     if args.check:
-        return _check(config, args.connect)
+        return _check(config, selected if args.jobs else list(config.jobs), args.connect)
     if args.list:
         return _list(config)
     if args.history:
@@ -178,11 +178,11 @@ def load_runtime_parts(path: str):
     return config, resolve_jobs(config)
 
 
-def _check(config: Config, connect: bool) -> int:
+def _check(config: Config, shown: list[JobSpec], connect: bool) -> int:
     from .config import masked_url
     print(f"{config.path}: OK: {len(config.jobs)} jobs, database "
           f"{masked_url(config.database.url)}, max_workers {config.worker.max_workers}")
-    for job in config.jobs:
+    for job in shown:
         state = "enabled" if job.enabled else "disabled"
         print(f"  {job.name}: {job.call} ({state}; {job.schedule or 'no schedule'})")
     if not connect:
