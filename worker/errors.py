@@ -260,13 +260,13 @@ def _lookup(family: str | None, sqlstate: str | None, native: int | None,
     return None
 
 
+_DRIVER_MODULES = ("pyodbc", "sqlite3", "psycopg", "psycopg2", "pymysql", "MySQLdb",
+                   "pymssql", "mariadb")
+
+
 def _looks_like_dbapi_error(exc: BaseException) -> bool:
-    """A raw driver exception (as seen in handle_error), not wrapped by SQLAlchemy."""
-    return any(cls.__name__ in ("DatabaseError", "Error", "OperationalError")
-               and cls.__module__ not in ("builtins",) for cls in type(exc).__mro__[:-1]) \
-        and type(exc).__module__.split(".")[0] in (
-            "pyodbc", "sqlite3", "psycopg", "psycopg2", "pymysql", "MySQLdb", "pymssql",
-            "mariadb")
+    """A raw driver exception (as a job using a raw connection may raise it)."""
+    return (type(exc).__module__ or "").split(".")[0] in _DRIVER_MODULES
 
 
 def describe(exc: BaseException, limit: int = 300) -> str:
