@@ -181,3 +181,35 @@ def record_then_long_query(session, name: str, seconds: float = 30) -> None:
 def fail_after_select(session) -> None:
     select_one(session)
     raise ValueError("failing after a statement")
+
+
+def raw_write_then_fail(session, value: int) -> None:
+    """Writes through a raw DBAPI connection of the job's engine (not its Session),
+    then raises: the write must be rolled back, never committed by the next job."""
+    raw = session.get_bind().raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute(f"INSERT INTO worker_test_counters (id, value) "
+                       f"VALUES ({value}, {value})")
+        cursor.close()
+        raise ValueError("failing after a raw write")
+    finally:
+        raw.close()          # back to the pool, its transaction still open
+
+
+def raise_system_exit(session, code: int = 0) -> None:
+    session.execute(text("SELECT 1"))
+    raise SystemExit(code)
+
+
+def raise_keyboard_interrupt(session) -> None:
+    raise KeyboardInterrupt
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message for you")
+
+
+def raise_unprintable(session) -> None:
+    raise _Unprintable()

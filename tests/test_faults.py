@@ -8,7 +8,7 @@ import time
 import pytest
 from sqlalchemy import text
 
-from worker.loop import run_batch
+from tests.batch import run_all, run_batch
 from worker.callables import resolve
 from worker.config import DatabaseSettings, JobSpec, RetryPolicy
 from worker.db import Database
@@ -29,7 +29,8 @@ def retrying(name, call, attempts=20, wait_initial=0.01, wait_max=0.2, idempoten
 
 def worker_connections(admin) -> set[int]:
     rows = admin.execute("SELECT ID FROM information_schema.PROCESSLIST "
-                         "WHERE USER = 'worker_test' AND ID <> CONNECTION_ID()").fetchall()
+                         "WHERE USER = 'worker_test' AND DB = DATABASE() "
+                         "AND ID <> CONNECTION_ID()").fetchall()
     return {row[0] for row in rows}
 
 
@@ -70,7 +71,7 @@ def test_idle_pooled_connections_killed_between_jobs(make_database, admin_odbc):
     select_one = resolve("tests.jobfuncs:select_one")
     job = spec("probe", attempts=3)
     with WorkerPool(2) as pool:
-        assert all(r.ok for r in pool.run_all([lambda: run_job(job, select_one, database)] * 4))
+        assert all(r.ok for r in run_all(pool, [lambda: run_job(job, select_one, database)] * 4))
     pooled = worker_connections(admin_odbc)
     assert len(pooled) == 2                      # both pooled connections sit idle
     for connection_id in pooled:

@@ -116,7 +116,7 @@ class Cluster:
         # the jobs' pool, and it must not rebind the jobs' Session registry.
         self.database = Database(DatabaseSettings(url=url, pool_size=2, max_overflow=2,
                                                   pool_timeout=10),
-                                 extra_codes, registry=None)
+                                 extra_codes, for_jobs=False)
         self.clock = DbClock(self.database.dialect)
         self.healthy = False
         self._finishes: list[tuple[Claim, dict]] = []
