@@ -230,3 +230,12 @@ PARTIAL_OF_GENERATOR = functools.partial(generator_job)
 PARTIAL_OF_ASYNC = functools.partial(async_job)
 PARTIAL_OF_PARTIAL_OF_ASYNC_CALLABLE = functools.partial(functools.partial(ASYNC_CALLABLE))
 PARTIAL_OF_TOUCH = functools.partial(touch)
+
+
+def wait_for_file(session, path: str, timeout: float = 60) -> None:
+    """Holds the run (and its host lock) until the test creates `path`."""
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.05)
