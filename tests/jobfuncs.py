@@ -5,6 +5,7 @@ the Session. Test state (barriers, counters) comes in through kwargs.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from pathlib import Path
@@ -213,3 +214,59 @@ class _Unprintable(Exception):
 
 def raise_unprintable(session) -> None:
     raise _Unprintable()
+
+# --- Functions whose call does not run their body: the worker must refuse them ----------
+# Each would leave the file `path` behind if its body ran, so a test can tell.
+
+def generator_job(session, path: str):
+    Path(path).write_text("ran")
+    yield
+
+
+async def async_job(session, path: str) -> None:
+    Path(path).write_text("ran")
+
+
+async def async_generator_job(session, path: str):
+    Path(path).write_text("ran")
+    yield
+
+
+class AsyncCallable:
+    """An object whose __call__ is a coroutine function."""
+
+    async def __call__(self, session, path: str) -> None:
+        Path(path).write_text("ran")
+
+
+class GeneratorCallable:
+    """An object whose __call__ is a generator function."""
+
+    def __call__(self, session, path: str):
+        Path(path).write_text("ran")
+        yield
+
+
+class PlainCallable:
+    """The control for the two above: an ordinary __call__."""
+
+    def __call__(self, session, path: str) -> None:
+        Path(path).write_text("ran")
+
+
+ASYNC_CALLABLE = AsyncCallable()
+GENERATOR_CALLABLE = GeneratorCallable()
+PLAIN_CALLABLE = PlainCallable()
+PARTIAL_OF_GENERATOR = functools.partial(generator_job)
+PARTIAL_OF_ASYNC = functools.partial(async_job)
+PARTIAL_OF_PARTIAL_OF_ASYNC_CALLABLE = functools.partial(functools.partial(ASYNC_CALLABLE))
+PARTIAL_OF_TOUCH = functools.partial(touch)
+
+
+def wait_for_file(session, path: str, timeout: float = 60) -> None:
+    """Holds the run (and its host lock) until the test creates `path`."""
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.05)
