@@ -235,8 +235,6 @@ def test_overlapping_cron_runs_in_one_log_are_told_apart(tmp_path):
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
 
 
-@pytest.mark.xfail(strict=True, reason="the text log format has no pid yet: the lead adds "
-                   "'pid=%(process)d' in worker/logs.py (then remove this mark)")
 def test_every_log_line_of_a_cron_run_carries_its_pid(tmp_path):
     config = write_config(tmp_path, """\
         - {name: fine, call: "tests.jobfuncs:noop"}

@@ -13,7 +13,7 @@ from typing import TextIO
 from .config import mask_secrets
 
 STRUCTURED_FIELDS = ("job", "attempt", "attempts")
-TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d %(threadName)s] %(name)s: %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)s pid=%(process)d [%(threadName)s] %(name)s: %(message)s"
 
 
 class TextFormatter(logging.Formatter):
