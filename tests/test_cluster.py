@@ -221,3 +221,111 @@ def test_list_and_history_show_the_runs(db_url, run_table_url, tmp_path, daemons
     rows = history.process.stdout.read().splitlines()
     assert rows[0].split()[:4] == ["slot", "node", "outcome", "attempts"]
     assert "host-a" in rows[1] and "failed" in rows[1] and "syntax error" in rows[1]
+
+
+# --- in-process nodes: Cluster objects on the real run table ------------------------
+
+def node(url: str, name: str, lease: float, heartbeat: float):
+    from worker.cluster import Cluster
+    from worker.config import ClusterSettings
+    cluster = Cluster(ClusterSettings(url=url, node=name, lease=lease, heartbeat=heartbeat),
+                      url)
+    cluster.ensure_schema()
+    return cluster
+
+
+def test_each_row_is_judged_by_its_own_lease(run_table_url):
+    """Issue 10 item 11: a node with a short lease must not mark abandoned the healthy
+    run of a node with a long lease (which heartbeats less often), and a node with a
+    long lease still marks a short-lease node's silent run abandoned in time."""
+    patient = node(run_table_url, "patient", lease=60, heartbeat=20)
+    hasty = node(run_table_url, "hasty", lease=1, heartbeat=0.2)
+    try:
+        slow_beating = patient.claim("report", 1000)
+        silent = hasty.claim("tick", 1000)
+        assert slow_beating and silent
+        time.sleep(1.5)              # past hasty's lease, well within patient's
+        hasty.beat()                 # hasty's housekeeping; hasty heartbeats itself too
+        patient.beat()
+        rows = {job: run_rows(run_table_url, job)[0] for job in ("report", "tick")}
+        assert rows["report"].outcome == "running"
+        assert rows["tick"].outcome == "running"           # hasty just heartbeated it
+        hasty.finish(silent, "success", 1, None)
+        silent = hasty.claim("tick", 2000)
+        time.sleep(1.5)
+        patient.beat()               # hasty went silent for longer than its own lease
+        assert run_rows(run_table_url, "tick")[-1].outcome == "abandoned"
+        assert run_rows(run_table_url, "report")[0].outcome == "running"
+    finally:
+        patient.stop()
+        hasty.stop()
+
+
+def test_a_version_1_run_table_is_upgraded_by_nodes_starting_together(run_table_url):
+    """An existing v1 table (no lease column) gains it once, even when several nodes
+    start at the same moment; its old rows stay and are judged by the node's lease."""
+    import threading
+    from sqlalchemy import (BigInteger, Column, Integer, MetaData, String, Table,
+                            inspect)
+    from worker.cluster import SCHEMA_VERSION
+    v1 = MetaData()
+    Table("worker_runs", v1,
+          Column("id", Integer, primary_key=True, autoincrement=True),
+          Column("job", String(200), nullable=False),
+          Column("slot_ms", BigInteger, nullable=False),
+          Column("node", String(200), nullable=False),
+          Column("started_ms", BigInteger, nullable=False),
+          Column("heartbeat_ms", BigInteger, nullable=False),
+          Column("ended_ms", BigInteger, nullable=True),
+          Column("outcome", String(16), nullable=False),
+          Column("attempts", Integer, nullable=False),
+          Column("recovered", Integer, nullable=False),
+          Column("error", String(1000), nullable=True))
+    Table("worker_schema", v1, Column("component", String(32), primary_key=True),
+          Column("version", Integer, nullable=False))
+    engine = create_engine(run_table_url)
+    with engine.begin() as connection:
+        v1.create_all(connection)
+        connection.execute(text("INSERT INTO worker_schema VALUES ('runs', 1)"))
+        ten_seconds_ago = int(time.time() * 1000) - 10_000
+        connection.execute(text(
+            "INSERT INTO worker_runs (job, slot_ms, node, started_ms, heartbeat_ms, "
+            "outcome, attempts, recovered) VALUES ('old', 1, 'gone', :t, :t, 'running', "
+            "0, 0)"), {"t": ten_seconds_ago})
+    engine.dispose()
+    from worker.cluster import Cluster
+    from worker.config import ClusterSettings
+    nodes = [Cluster(ClusterSettings(url=run_table_url, node=f"n{n}", lease=2,
+                                     heartbeat=1), run_table_url) for n in range(3)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(nodes))
+
+    def join(cluster):
+        start.wait()
+        try:
+            cluster.ensure_schema()
+        except Exception as exc:  # collected: the assertion below shows it
+            errors.append(exc)
+    threads = [threading.Thread(target=join, args=(n,)) for n in nodes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert errors == []
+        engine = create_engine(run_table_url)
+        with engine.connect() as connection:
+            assert connection.execute(text(
+                "SELECT version FROM worker_schema")).scalar_one() == SCHEMA_VERSION
+            columns = {c["name"] for c in inspect(connection).get_columns("worker_runs")}
+            assert "lease_ms" in columns
+        engine.dispose()
+        claim = nodes[0].claim("new", 5000)
+        assert claim is not None
+        nodes[1].beat()                 # the old row is judged by n1's lease (2 s)
+        (old,) = run_rows(run_table_url, "old")
+        assert old.outcome == "abandoned"
+        assert run_rows(run_table_url, "new")[0].outcome == "running"
+    finally:
+        for cluster in nodes:
+            cluster.stop()

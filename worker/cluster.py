@@ -32,7 +32,8 @@ from .errors import describe
 
 log = logging.getLogger("worker.cluster")
 
-SCHEMA_VERSION = 1
+# 1: the first run table. 2: lease_ms, each row's own lease (nodes may differ).
+SCHEMA_VERSION = 2
 RUNNING, ABANDONED = "running", "abandoned"
 
 metadata = MetaData()
@@ -49,10 +50,16 @@ runs = Table(
     Column("attempts", Integer, nullable=False),
     Column("recovered", Integer, nullable=False),       # re-runs after being abandoned
     Column("error", String(1000), nullable=True),
+    # The claiming node's lease: a row is abandoned when its own lease has passed
+    # since its heartbeat. NULL on rows written by schema version 1.
+    Column("lease_ms", BigInteger, nullable=True),
     UniqueConstraint("job", "slot_ms", name="uq_worker_runs_job_slot"),
     Index("ix_worker_runs_outcome_heartbeat", "outcome", "heartbeat_ms"),
     Index("ix_worker_runs_job_started", "job", "started_ms"),
 )
+# What --list and --history read: the version 1 columns, so that they work (read
+# only) on a table no node of this version has upgraded yet.
+_SHOWN = tuple(column for column in runs.columns if column.name != "lease_ms")
 schema_versions = Table(
     "worker_schema", metadata,
     Column("component", String(32), primary_key=True),
@@ -118,6 +125,7 @@ class Cluster:
                                                   pool_timeout=10),
                                  extra_codes, registry=None)
         self.clock = DbClock(self.database.dialect)
+        self.lease_ms = int(settings.lease * 1000)
         self.healthy = False
         self._finishes: list[tuple[Claim, dict]] = []
         self._lock = threading.Lock()
@@ -148,7 +156,8 @@ class Cluster:
         self.database.dispose()
 
     def ensure_schema(self) -> None:
-        """Create the run table (safe when several nodes start at once)."""
+        """Create the run table, or bring a version 1 table to this version (safe
+        when several nodes start at once)."""
         with self.database.engine.begin() as connection:
             create_tables(connection, metadata)
         try:
@@ -157,12 +166,43 @@ class Cluster:
                     component="runs", version=SCHEMA_VERSION))
         except IntegrityError:
             pass   # another node wrote it first
-        with self.database.engine.connect() as connection:
-            version = connection.execute(select(schema_versions.c.version).where(
-                schema_versions.c.component == "runs")).scalar_one()
+        version = self._schema_version()
+        if version == 1:
+            self._add_lease_column()
+            with self.database.engine.begin() as connection:
+                connection.execute(update(schema_versions).where(
+                    schema_versions.c.component == "runs",
+                    schema_versions.c.version == 1).values(version=SCHEMA_VERSION))
+            log.info("run table upgraded to schema version %d (each row's own lease)",
+                     SCHEMA_VERSION)
+            version = self._schema_version()
         if version != SCHEMA_VERSION:
             raise RuntimeError(f"the run table has schema version {version}; this worker "
                                f"knows version {SCHEMA_VERSION}")
+
+    def _schema_version(self) -> int:
+        with self.database.engine.connect() as connection:
+            return connection.execute(select(schema_versions.c.version).where(
+                schema_versions.c.component == "runs")).scalar_one()
+
+    def _add_lease_column(self) -> None:
+        """ALTER TABLE ... ADD lease_ms, unless a node starting beside us did it."""
+        if self._has_lease_column():
+            return
+        column = runs.c.lease_ms.type.compile(dialect=self.database.engine.dialect)
+        try:
+            with self.database.engine.begin() as connection:
+                connection.execute(text(f"ALTER TABLE worker_runs ADD lease_ms {column} "
+                                        f"NULL"))
+        except DBAPIError:
+            if not self._has_lease_column():   # not a race lost: a real failure
+                raise
+
+    def _has_lease_column(self) -> bool:
+        from sqlalchemy import inspect
+        with self.database.engine.connect() as connection:
+            return "lease_ms" in {column["name"] for column in
+                                  inspect(connection).get_columns("worker_runs")}
 
     # --- claims (called from the work loop) ---------------------------------------------
 
@@ -170,7 +210,8 @@ class Cluster:
         """Insert the occurrence's row; None when another node has it (or no database)."""
         now = self.clock.now_ms()
         values = dict(job=job, slot_ms=slot_ms, node=self.node, started_ms=now,
-                      heartbeat_ms=now, outcome=RUNNING, attempts=0, recovered=0)
+                      heartbeat_ms=now, outcome=RUNNING, attempts=0, recovered=0,
+                      lease_ms=self.lease_ms)
         for attempt in range(3):
             try:
                 with self.database.engine.begin() as connection:
@@ -245,7 +286,7 @@ class Cluster:
                 result = connection.execute(update(runs).where(
                     runs.c.id == candidate.id, runs.c.outcome == ABANDONED).values(
                     outcome=RUNNING, node=self.node, started_ms=now, heartbeat_ms=now,
-                    recovered=runs.c.recovered + 1, error=None))
+                    lease_ms=self.lease_ms, recovered=runs.c.recovered + 1, error=None))
         except DBAPIError as exc:
             log.warning("job=%s could not take over its abandoned run: %s", candidate.job,
                         describe(exc))
@@ -291,11 +332,16 @@ class Cluster:
                     self._finishes.append((claim, values))
 
     def _mark_abandoned(self) -> None:
-        cutoff = self.clock.now_ms() - int(self.settings.lease * 1000)
-        stale = and_(runs.c.outcome == RUNNING, runs.c.heartbeat_ms < cutoff)
+        """Mark running rows abandoned whose heartbeat is older than *their* lease
+        (the claiming node's: nodes may be configured differently). A row from
+        schema version 1 has none: it is judged by this node's lease."""
+        lease = func.coalesce(runs.c.lease_ms, self.lease_ms)
+        stale = and_(runs.c.outcome == RUNNING,
+                     runs.c.heartbeat_ms + lease < self.clock.now_ms())
         with self.database.engine.connect() as connection:
             rows = connection.execute(select(runs.c.id, runs.c.job, runs.c.node,
-                                             runs.c.heartbeat_ms).where(stale)).all()
+                                             runs.c.heartbeat_ms, lease.label("lease"))
+                                      .where(stale)).all()
         for row in rows:
             with self.database.engine.begin() as connection:
                 result = connection.execute(update(runs).where(runs.c.id == row.id, stale)
@@ -305,8 +351,8 @@ class Cluster:
             if result.rowcount == 1:
                 silent = (self.clock.now_ms() - row.heartbeat_ms) / 1000
                 log.warning("job=%s run on node %s marked abandoned: no heartbeat for "
-                            "%.1fs (lease %gs)", row.job, row.node, silent,
-                            self.settings.lease)
+                            "%.1fs (its lease %gs)", row.job, row.node, silent,
+                            row.lease / 1000)
 
     def _prune(self) -> None:
         if time.monotonic() - self._last_prune < 600:
@@ -327,11 +373,11 @@ class Cluster:
         newest = select(func.max(runs.c.id)).group_by(runs.c.job)
         with self.database.engine.connect() as connection:
             return {row.job: row for row in connection.execute(
-                select(runs).where(runs.c.id.in_(newest)))}
+                select(*_SHOWN).where(runs.c.id.in_(newest)))}
 
     def history(self, job: str, limit: int = 20) -> list[Any]:
         with self.database.engine.connect() as connection:
-            return connection.execute(select(runs).where(runs.c.job == job)
+            return connection.execute(select(*_SHOWN).where(runs.c.job == job)
                                       .order_by(runs.c.slot_ms.desc(), runs.c.id.desc())
                                       .limit(limit)).all()
 
