@@ -2,6 +2,7 @@
 SQLite and on MariaDB through pyodbc (issue: runs coordinated through the database)."""
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -329,3 +330,27 @@ def test_a_version_1_run_table_is_upgraded_by_nodes_starting_together(run_table_
     finally:
         for cluster in nodes:
             cluster.stop()
+
+
+def test_nodes_with_the_default_name_on_one_host_and_pid_are_told_apart(run_table_url):
+    """Issue 10 item 12: two containers, same hostname, both PID 1 (here: two nodes
+    in one process). One dies mid-run; the other must find its run abandoned, not
+    keep heartbeating it as its own."""
+    import socket
+    dead = node(run_table_url, None, lease=1, heartbeat=0.2)
+    alive = node(run_table_url, None, lease=1, heartbeat=0.2)
+    try:
+        assert dead.node != alive.node
+        assert dead.node.startswith(f"{socket.gethostname()}:{os.getpid()}:")
+        assert dead.claim("report", 1000) is not None      # then it stops beating
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            alive.beat()
+            if run_rows(run_table_url, "report")[0].outcome != "running":
+                break
+            time.sleep(0.2)
+        (row,) = run_rows(run_table_url, "report")
+        assert row.outcome == "abandoned" and row.node == dead.node
+    finally:
+        dead.stop()
+        alive.stop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -78,7 +79,11 @@ _CLOCK_SQL = {
 
 
 def default_node_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """`hostname:pid:random`, new at each start: two containers both running as
+    PID 1 with one hostname, or a node restarted with its old pid, must not share a
+    name (a live node heartbeats every running row of its name, so a dead one
+    would never be found out)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class DbClock:
