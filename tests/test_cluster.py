@@ -354,3 +354,34 @@ def test_nodes_with_the_default_name_on_one_host_and_pid_are_told_apart(run_tabl
     finally:
         dead.stop()
         alive.stop()
+
+
+def test_names_the_run_table_cannot_tell_apart_or_hold_are_problems():
+    """Issue 10 item 13, for validation in cluster mode (exit 78)."""
+    from worker.cluster import JOB_NAME_MAX, cluster_name_problems
+    assert cluster_name_problems(["report", "tick", "Report-2"]) == []
+    (problem,) = cluster_name_problems(["report", "tick", "Report"])
+    assert "'report' and 'Report' differ only in case" in problem
+    (problem,) = cluster_name_problems(iter(["ok", "x" * (JOB_NAME_MAX + 1)]))
+    assert f"is {JOB_NAME_MAX + 1} characters long" in problem
+    assert cluster_name_problems(["x" * JOB_NAME_MAX]) == []
+    (problem,) = cluster_name_problems([], node="n" * 300)
+    assert "cluster.node" in problem
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_a_claim_error_of_one_job_does_not_stop_the_others(run_table_url, db_url):
+    """A name too long for the column (MariaDB refuses it: strict mode) fails that
+    job's claim; the node stays healthy and other jobs' claims go on."""
+    from worker.cluster import JOB_NAME_MAX
+    cluster = node(run_table_url, "n1", lease=60, heartbeat=20)
+    cluster.start()
+    try:
+        assert cluster.healthy is True
+        assert cluster.claim("x" * (JOB_NAME_MAX + 50), 1000) is None
+        assert cluster.healthy is True
+        assert cluster.claim("report", 1000) is not None
+        assert cluster.abandoned_runs(["report"]) == []    # still looking, too
+        assert [row.node for row in run_rows(run_table_url, "report")] == ["n1"]
+    finally:
+        cluster.stop()

@@ -61,6 +61,8 @@ runs = Table(
 # What --list and --history read: the version 1 columns, so that they work (read
 # only) on a table no node of this version has upgraded yet.
 _SHOWN = tuple(column for column in runs.columns if column.name != "lease_ms")
+JOB_NAME_MAX = runs.c.job.type.length
+NODE_NAME_MAX = runs.c.node.type.length
 schema_versions = Table(
     "worker_schema", metadata,
     Column("component", String(32), primary_key=True),
@@ -76,6 +78,32 @@ _CLOCK_SQL = {
     "mssql": "SELECT CAST(DATEDIFF_BIG(millisecond, '19700101', SYSUTCDATETIME()) "
              "AS FLOAT) / 1000.0",
 }
+
+
+def cluster_name_problems(job_names: Iterable[str], node: str | None = None) -> list[str]:
+    """What makes these names unusable in the run table, one message each (empty:
+    fine). Validation refuses them (exit 78) when a `cluster` section is present:
+    names that differ only in case are one key under the case-insensitive default
+    collations of MariaDB/MySQL and SQL Server, so one of the jobs would never run;
+    a name longer than its column makes every claim of that job fail."""
+    names = list(job_names)
+    problems = []
+    first_spelling: dict[str, str] = {}
+    for name in names:
+        other = first_spelling.setdefault(name.casefold(), name)
+        if other != name:
+            problems.append(f"job names {other!r} and {name!r} differ only in case: the "
+                            f"run table (case-insensitive on MariaDB, MySQL and SQL "
+                            f"Server) would take them for one job; rename one")
+    for name in names:
+        if len(name) > JOB_NAME_MAX:
+            problems.append(f"job name {name[:40]!r}... is {len(name)} characters long; "
+                            f"in cluster mode a job name may have at most {JOB_NAME_MAX} "
+                            f"(the run table's column)")
+    if node is not None and len(node) > NODE_NAME_MAX:
+        problems.append(f"cluster.node is {len(node)} characters long; at most "
+                        f"{NODE_NAME_MAX} (the run table's column)")
+    return problems
 
 
 def default_node_name() -> str:
@@ -226,9 +254,10 @@ class Cluster:
                 return None                   # the unique key: another node won
             except DBAPIError as exc:
                 if not self.database.classify(exc).should_retry(False) or attempt == 2:
+                    # This job's problem only (its name, a deadlock...): other jobs
+                    # go on claiming. Only a failed heartbeat stops every claim.
                     log.warning("job=%s could not claim its run (%s); not running it",
                                 job, describe(exc))
-                    self.healthy = False
                     return None
                 time.sleep(0.05 * (attempt + 1))
         return None
