@@ -385,3 +385,63 @@ def test_a_claim_error_of_one_job_does_not_stop_the_others(run_table_url, db_url
         assert [row.node for row in run_rows(run_table_url, "report")] == ["n1"]
     finally:
         cluster.stop()
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_a_claim_whose_commit_answer_was_lost_is_recognised_as_ours(run_table_url,
+                                                                   db_url):
+    """Issue 10 item 14: the claim's COMMIT reaches the server and is applied, the
+    answer is lost (the proxy drops it and cuts the connection). The row is ours:
+    the occurrence runs here, instead of being taken for another node's."""
+    proxy = TcpProxy(3306)
+    try:
+        url = run_table_url.replace("Port=3306", f"Port={proxy.port}")
+        cluster = node(url, "n1", lease=60, heartbeat=20)
+        cluster.start()
+        try:
+            proxy.lose_answer_to(b"COMMIT")
+            claim = cluster.claim("report", 1000)
+            assert proxy.answers_lost == 1
+            (row,) = run_rows(run_table_url, "report")
+            assert claim is not None and row.node == "n1" and row.outcome == "running"
+            cluster.finish(claim, "success", 1, None)
+            assert run_rows(run_table_url, "report")[0].outcome == "success"
+            # Another node's row for a slot is still another node's.
+            other = node(run_table_url, "n2", lease=60, heartbeat=20)
+            try:
+                assert other.claim("report", 2000) is not None
+            finally:
+                other.stop()
+            proxy.lose_answer_to(b"COMMIT")
+            assert cluster.claim("report", 2000) is None
+        finally:
+            cluster.stop()
+    finally:
+        proxy.close()
+
+
+def test_heartbeats_keep_only_the_runs_this_node_knows_alive(run_table_url):
+    """A row of ours that the node does not know it runs (a claim whose outcome it
+    never learned) is not heartbeated: it ends abandoned, not running for ever."""
+    cluster = node(run_table_url, "n1", lease=1, heartbeat=0.2)
+    try:
+        known = cluster.claim("known", 1000)
+        engine = create_engine(run_table_url)
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO worker_runs (job, slot_ms, node, started_ms, heartbeat_ms, "
+                "outcome, attempts, recovered, lease_ms) SELECT 'ghost', 1000, node, "
+                "started_ms, heartbeat_ms, 'running', 0, 0, lease_ms FROM worker_runs "
+                "WHERE job = 'known'"))
+        engine.dispose()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            cluster.beat()
+            if run_rows(run_table_url, "ghost")[0].outcome != "running":
+                break
+            time.sleep(0.2)
+        assert run_rows(run_table_url, "ghost")[0].outcome == "abandoned"
+        assert run_rows(run_table_url, "known")[0].outcome == "running"
+        cluster.finish(known, "success", 1, None)
+    finally:
+        cluster.stop()

@@ -161,6 +161,7 @@ class Cluster:
         self.lease_ms = int(settings.lease * 1000)
         self.healthy = False
         self._finishes: list[tuple[Claim, dict]] = []
+        self._running_ids: set[int] = set()     # claims running or with outcome unwritten
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -245,22 +246,55 @@ class Cluster:
         values = dict(job=job, slot_ms=slot_ms, node=self.node, started_ms=now,
                       heartbeat_ms=now, outcome=RUNNING, attempts=0, recovered=0,
                       lease_ms=self.lease_ms)
+        outcome_unknown = False     # an attempt failed: its INSERT may be committed
         for attempt in range(3):
             try:
                 with self.database.engine.begin() as connection:
                     result = connection.execute(insert(runs).values(**values))
-                return Claim(result.inserted_primary_key[0], job, slot_ms)
+                return self._track(Claim(result.inserted_primary_key[0], job, slot_ms))
             except IntegrityError:
-                return None                   # the unique key: another node won
+                # The unique key: another node won, or our own earlier attempt did.
+                return self._own_row(job, slot_ms, now) if outcome_unknown else None
             except DBAPIError as exc:
+                outcome_unknown = True
                 if not self.database.classify(exc).should_retry(False) or attempt == 2:
-                    # This job's problem only (its name, a deadlock...): other jobs
-                    # go on claiming. Only a failed heartbeat stops every claim.
-                    log.warning("job=%s could not claim its run (%s); not running it",
-                                job, describe(exc))
-                    return None
+                    claim = self._own_row(job, slot_ms, now)
+                    if claim is None:
+                        # This job's problem only (its name, a deadlock...): other jobs
+                        # go on claiming. Only a failed heartbeat stops every claim.
+                        log.warning("job=%s could not claim its run (%s); not running it",
+                                    job, describe(exc))
+                    return claim
                 time.sleep(0.05 * (attempt + 1))
         return None
+
+    def _own_row(self, job: str, slot_ms: int, started_ms: int) -> Claim | None:
+        """The claim whose COMMIT may have been applied without our hearing of it:
+        the occurrence's row if it is the one we inserted (this node, this start
+        time, still running), else None. A row of ours that cannot be looked up is
+        not heartbeated (see beat), so it is marked abandoned after its lease."""
+        try:
+            with self.database.engine.connect() as connection:
+                row = connection.execute(select(runs.c.id, runs.c.node, runs.c.started_ms,
+                                                runs.c.outcome).where(
+                    runs.c.job == job, runs.c.slot_ms == slot_ms)).first()
+        except DBAPIError as exc:
+            log.warning("job=%s: whether its claim was recorded is unknown (%s); not "
+                        "running it", job, describe(exc))
+            return None
+        if row is None or (row.node, row.started_ms, row.outcome) != \
+                (self.node, started_ms, RUNNING):
+            return None
+        log.info("job=%s the run table has our claim although its commit was not "
+                 "confirmed: running it", job)
+        return self._track(Claim(row.id, job, slot_ms))
+
+    def _track(self, claim: Claim) -> Claim:
+        """A claim this node now runs: its row is heartbeated until its outcome is
+        written."""
+        with self._lock:
+            self._running_ids.add(claim.id)
+        return claim
 
     def holder(self, job: str, slot_ms: int) -> str:
         try:
@@ -289,6 +323,8 @@ class Cluster:
             log.warning("job=%s could not record its outcome yet (%s); will retry",
                         claim.job, describe(exc))
             return False
+        with self._lock:
+            self._running_ids.discard(claim.id)
         if result.rowcount == 0:
             log.warning("job=%s finished a run that the cluster had already marked "
                         "abandoned (this node missed its lease); outcome %s not recorded",
@@ -325,7 +361,7 @@ class Cluster:
             log.warning("job=%s could not take over its abandoned run: %s", candidate.job,
                         describe(exc))
             return None
-        return candidate if result.rowcount == 1 else None
+        return self._track(candidate) if result.rowcount == 1 else None
 
     # --- heartbeat thread ---------------------------------------------------------------
 
@@ -334,13 +370,19 @@ class Cluster:
             self.beat()
 
     def beat(self) -> None:
-        """One heartbeat: clock, own rows, pending outcomes, abandoned rows, pruning."""
+        """One heartbeat: clock, own rows, pending outcomes, abandoned rows, pruning.
+        Only the rows this node knows it runs are heartbeated: a row it may have
+        inserted without knowing (a claim whose commit outcome stayed unknown) is
+        left to be marked abandoned."""
+        with self._lock:
+            running_ids = sorted(self._running_ids)
         try:
             with self.database.engine.begin() as connection:
                 self.clock.sync(connection)
-                connection.execute(update(runs).where(
-                    runs.c.node == self.node, runs.c.outcome == RUNNING).values(
-                    heartbeat_ms=self.clock.now_ms()))
+                if running_ids:
+                    connection.execute(update(runs).where(
+                        runs.c.id.in_(running_ids), runs.c.node == self.node,
+                        runs.c.outcome == RUNNING).values(heartbeat_ms=self.clock.now_ms()))
         except DBAPIError as exc:
             if self.healthy:
                 log.error("cluster heartbeat failed (%s): this node stops claiming runs "
