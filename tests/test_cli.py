@@ -198,3 +198,14 @@ def test_version_and_python_m_worker(tmp_path):
     as_module = subprocess.run([sys.executable, "-m", "worker", "--help"], cwd=ROOT,
                                capture_output=True, text=True, timeout=60)
     assert as_module.returncode == 0 and "--once" in as_module.stdout
+
+
+def test_cluster_mode_refuses_job_names_that_differ_only_in_case(tmp_path):
+    config = write_config(tmp_path, """\
+        - {name: Tick, call: 'tests.jobfuncs:noop'}
+        - {name: tick, call: 'tests.jobfuncs:noop'}
+        """)
+    config.write_text(config.read_text().replace("jobs:\n", "cluster: {}\njobs:\n"))
+    result = worker("--check", "-c", str(config))
+    assert result.returncode == 78, result.stderr
+    assert "'Tick' and 'tick' differ only in case" in result.stderr

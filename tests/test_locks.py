@@ -254,3 +254,40 @@ def test_a_lock_is_not_taken_twice_in_one_process(tmp_path):
         assert locks.try_acquire("job") is not None
     finally:
         locks.close()
+
+
+def cli(args: list[str], nofile: int | None = None) -> subprocess.CompletedProcess:
+    def limit():
+        if nofile is not None:
+            import resource
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    return subprocess.run([sys.executable, str(ROOT / "run_worker.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, preexec_fn=limit)
+
+
+def batch_config(tmp_path: Path, lock_dir: Path, jobs: int) -> Path:
+    lines = [f'database:\n  url: "sqlite:///{tmp_path / "w.db"}"',
+             f'worker:\n  max_workers: 4\n  lock_dir: "{lock_dir}"', "jobs:"]
+    lines += [f"  - {{name: j{n}, call: 'tests.jobfuncs:noop'}}" for n in range(jobs)]
+    path = tmp_path / "jobs.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_the_cli_refuses_a_lock_directory_others_can_write_with_78(tmp_path):
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    locks.chmod(0o777)
+    done = cli(["--once", "-c", str(batch_config(tmp_path, locks, 1))])
+    assert done.returncode == 78, done.stderr
+    assert str(locks) in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_batch_of_ten_thousand_jobs_runs_under_ulimit_1024(tmp_path):
+    """The loop claims a batch run (its host lock) only when a worker is free, so the
+    lock files held open stay bounded whatever the number of jobs."""
+    config = batch_config(tmp_path, private_dir(tmp_path / "locks"), 10_000)
+    done = cli(["--once", "-c", str(config), "--log-level", "WARNING"], nofile=1024)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "10000 job(s): 10000 succeeded, 0 failed" in done.stdout

@@ -20,7 +20,7 @@ from functools import partial
 from typing import Mapping, Sequence
 
 from .callables import JobFunction, resolve_jobs
-from .config import Config, JobSpec, load
+from .config import Config, ConfigError, JobSpec, load
 from .errors import describe
 
 log = logging.getLogger("worker")
@@ -29,6 +29,11 @@ log = logging.getLogger("worker")
 def load_config(path: str) -> tuple[Config, dict[str, JobFunction]]:
     """The validated config and every job's function; ConfigError on a problem."""
     config = load(path)
+    if config.cluster is not None:
+        from .cluster import cluster_name_problems
+        problems = cluster_name_problems(config.job_names(), config.cluster.node)
+        if problems:
+            raise ConfigError(problems[0], path=config.path, key="jobs")
     return config, resolve_jobs(config)
 
 

@@ -144,6 +144,17 @@ def _main(argv: Sequence[str] | None) -> int:
         return reports.job_list(config)
     if args.history:
         return reports.history(config, args.history, lambda: parser.print_usage(sys.stderr))
+    from .locks import LockDirectoryError
+    try:
+        return _run(args, path, config, functions, selected)
+    except LockDirectoryError as exc:
+        print(f"run-worker: invalid configuration: {config.path}: key 'worker.lock_dir': "
+              f"{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _run(args, path: str, config: Config, functions, selected: list[JobSpec]) -> int:
+    from . import reports
     if args.once:
         from .app import run_once
         report = run_once(config, functions, selected)

@@ -38,9 +38,12 @@ class Ticket:
 @dataclass(frozen=True)
 class Refusal:
     """A run not to start. `record`: report it as a skipped run (the batch summary
-    shows it); otherwise it is someone else's run and only logged."""
+    shows it); otherwise it is someone else's run and only logged. `failed`: it
+    could not be claimed at all (a lock file that cannot be opened): the run
+    failed."""
     reason: str
     record: bool = True
+    failed: bool = False
 
 
 class Ledger(Protocol):
@@ -56,7 +59,10 @@ class HostLedger:
         self.locks = locks
 
     def claim(self, run: DueRun) -> Ticket | Refusal:
-        lock = self.locks.try_acquire(run.job.name)
+        try:
+            lock = self.locks.try_acquire(run.job.name)
+        except OSError as exc:   # a planted link, not a regular file, EMFILE...
+            return Refusal(f"its host lock cannot be taken: {exc}", failed=True)
         if lock is None:
             return Refusal(f"another run of this job holds its host lock (pid "
                            f"{self.locks.holder(run.job.name)})")

@@ -192,10 +192,10 @@ class WorkLoop:
         ticket = runtime.ledger.claim(run)
         if isinstance(ticket, Refusal):
             if ticket.record:
-                log.warning("job=%s skipped: %s", run.job.name, ticket.reason,
+                outcome = Outcome.FAILED if ticket.failed else Outcome.SKIPPED
+                log.warning("job=%s %s: %s", run.job.name, outcome.value, ticket.reason,
                             extra={"job": run.job.name})
-                self._record(run, JobResult(run.job.name, Outcome.SKIPPED, 0, 0.0,
-                                            ticket.reason))
+                self._record(run, JobResult(run.job.name, outcome, 0, 0.0, ticket.reason))
             return
         self.source.started(run)
         name = run.job.name
