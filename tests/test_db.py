@@ -48,7 +48,8 @@ def test_pyodbc_url_turns_odbc_pooling_off():
 
 @mariadb_only
 def test_killed_connection_is_reported_as_a_disconnect(make_database, admin_odbc):
-    """mysql+pyodbc alone says connection_invalidated=False here (field-notes §3);
+    """mysql+pyodbc alone says connection_invalidated=False here (its pyodbc
+    connector's is_disconnect wins over the MySQL dialect's list);
     the handle_error listener makes SQLAlchemy invalidate it."""
     database = make_database(pool_size=1)
     session = Session()
@@ -74,7 +75,8 @@ def server_counters(admin) -> dict[str, int]:
 @mariadb_only
 def test_a_job_costs_its_statements_and_one_commit_nothing_else(make_database, admin_odbc):
     """Counted at the server: no ROLLBACK when the connection returns to the pool
-    after a COMMIT, and no ping on checkout (field-notes §5)."""
+    after a COMMIT (SQLAlchemy's default reset would send one: 3 round trips where
+    2 carry the work), and no ping on checkout."""
     from worker.callables import resolve
     from worker.runner import run_job
     from tests.conftest import spec

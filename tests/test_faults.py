@@ -49,8 +49,9 @@ def seed_counters(database, *ids: int) -> None:
 
 def test_connection_killed_mid_query_is_retried_and_never_pooled_again(
         make_database, admin_odbc):
-    """field-notes §3: the killed connection is seen as dead, its cleanup does not hide
-    the error, the job re-runs in a new Session, and no later job is handed it."""
+    """mysql+pyodbc alone would pool the killed connection again: here it is seen as
+    dead, its cleanup does not hide the error, the job re-runs in a new Session, and
+    no later job is handed it."""
     database = make_database(pool_size=1)
     calls: list = []
     started = time.monotonic()
