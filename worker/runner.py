@@ -253,12 +253,14 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
     duration = time.monotonic() - started
     diagnosis = failure.diagnosis
     if watch.cancelled.is_set():
-        log.error("%s cancelled: the worker is stopping (%s)", _tag(job, attempt), failure, extra=_fields(job, attempt))
+        log.error("%s cancelled: the worker is stopping (%s)", _tag(job, attempt), failure,
+                  extra=_fields(job, attempt))
         return JobResult(job.name, Outcome.CANCELLED, attempt, duration, str(failure))
     if failure.timed_out:
         log.error("%s timed out: %s: %s; %s", _tag(job, attempt), diagnosis.reason,
                   failure, "no attempts left" if failure.should_retry(job)
-                  else "not retried (set retry.on_timeout to retry)", extra=_fields(job, attempt))
+                  else "not retried (set retry.on_timeout to retry)",
+                  extra=_fields(job, attempt))
         return JobResult(job.name, Outcome.TIMEOUT, attempt, duration, str(failure))
     if failure.should_retry(job):
         why = "no attempts left"
@@ -269,5 +271,6 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
     log.error("%s failed: %s (%s): %s; %s", _tag(job, attempt), diagnosis.reason,
               diagnosis.codes, failure, why, extra=_fields(job, attempt))
     # Once, at INFO: where in the job's code it failed (file and line).
-    log.info("%s traceback of the last attempt", _tag(job, attempt), exc_info=failure.error, extra=_fields(job, attempt))
+    log.info("%s traceback of the last attempt", _tag(job, attempt),
+             exc_info=failure.error, extra=_fields(job, attempt))
     return JobResult(job.name, Outcome.FAILED, attempt, duration, str(failure))
