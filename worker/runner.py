@@ -88,15 +88,16 @@ def run_attempt(job: JobSpec, function: JobFunction, database: Database,
                 attempt: int = 1, watch: RunWatch | None = None) -> None:
     """One attempt in one Session scope; raises AttemptFailed on any error."""
     if job.timeout is None:
-        _run_in_session(job, function, database, attempt, None)
+        _run_in_session(job, function, database, attempt, None, watch)
         return
     with Deadline(job.timeout, database.statements, watch or RunWatch(),
                   _tag(job, attempt), _fields(job, attempt)) as deadline:
-        _run_in_session(job, function, database, attempt, deadline)
+        _run_in_session(job, function, database, attempt, deadline, watch)
 
 
 def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
-                    attempt: int, deadline: Deadline | None) -> None:
+                    attempt: int, deadline: Deadline | None,
+                    watch: RunWatch | None) -> None:
     registry = database.registry
     session = registry()
     during_commit = False
@@ -106,6 +107,9 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
             # Too late: what the job did is rolled back, not committed.
             raise AttemptTimedOut(f"returned after its deadline of "
                                   f"{format_duration(job.timeout)}")
+        if watch is not None and watch.cancelled.is_set():
+            # A stop cancelled it while it was busy in Python: nothing is committed.
+            raise Cancelled("the worker is stopping; returned after being cancelled")
         session.flush()        # a failure here cannot have committed anything
         during_commit = True
         session.commit()
