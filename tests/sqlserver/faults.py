@@ -9,6 +9,8 @@
       disconnect: true             # close the socket instead of answering
     - match: "commit"              # also matches a COMMIT sent as a transaction
       disconnect: after            # manager request: apply it, then close
+    - match: "select big"
+      disconnect: midway           # send half of the answer, then close (mid-result)
     - login: true                  # at LOGIN7 instead of at a statement
       times: 1
       error: {number: 40613, state: 1, class: 17, message: "..."}
@@ -48,7 +50,7 @@ class Fault:
     times: int | None = None       # None: every matching statement
     error: ServerError | None = None
     delay: float = 0.0
-    disconnect: str | None = None  # "before" (true) or "after"
+    disconnect: str | None = None  # "before" (true), "after" or "midway"
     used: int = field(default=0)
 
     def applies(self, text: str) -> bool:
@@ -95,15 +97,16 @@ def parse_faults(text: str) -> list[Fault]:
                                 int(spec.get("class", 16)),
                                 str(spec.get("message", f"Error {spec['number']}.")))
         disconnect = entry.get("disconnect")
-        if disconnect not in (None, False, True, "before", "after"):
-            raise FaultsError(f"fault {number}: disconnect must be true or after")
+        if disconnect not in (None, False, True, "before", "after", "midway"):
+            raise FaultsError(f"fault {number}: disconnect must be true, after or midway")
         times = entry.get("times")
         if times is not None and (not isinstance(times, int) or times < 0):
             raise FaultsError(f"fault {number}: times must be a whole number")
         faults.append(Fault(
             match=None if login else entry["match"].lower(), login=login, times=times,
             error=error, delay=parse_duration(entry.get("delay", 0)),
-            disconnect={True: "before", "before": "before", "after": "after"}.get(disconnect)))
+            disconnect={True: "before", "before": "before", "after": "after",
+                        "midway": "midway"}.get(disconnect)))
     return faults
 
 

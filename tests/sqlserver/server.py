@@ -23,8 +23,11 @@ from .translate import TranslationError
 log = logging.getLogger("tds.server")
 
 PASSWORD = "test"           # every user logs in with this password; others get 18456
-COUNTERS = ("logins", "login_failures", "requests", "statements", "commits", "rollbacks",
-            "attentions", "errors", "disconnects", "faults", "connections")
+# requests: every message answered (batches, RPCs, transaction manager requests), except
+# those reading tds_stats; statements: batches and RPCs among them; unprepares: the
+# sp_unprepare RPCs a driver sends when it frees a prepared statement.
+COUNTERS = ("logins", "login_failures", "requests", "statements", "unprepares", "commits",
+            "rollbacks", "attentions", "errors", "disconnects", "faults", "connections")
 _CLOSED = object()          # queued by the reader when the client went away
 
 
@@ -181,7 +184,11 @@ class TdsServer:
                 session.attention.clear()
                 acknowledged += 1
                 reply = tds.done(tds.DONE_ATTN)
-            if reply:
+            if close == "midway" and reply:
+                # Part of the answer, then the connection drops: a client mid-result.
+                data = tds.packets(reply, session.packet_size, session.spid)
+                client.sendall(data[:max(9, len(data) // 2)])
+            elif reply and close != "after":      # "after": applied, never answered
                 self._send(client, session, reply)
             if close:
                 self.count("disconnects")
@@ -202,9 +209,8 @@ class TdsServer:
     def _send(self, client, session: Session, reply: bytes) -> None:
         client.sendall(tds.packets(reply, session.packet_size, session.spid))
 
-    def _answer(self, session: Session, message: tds.Message) -> tuple[bytes, bool]:
-        """(the reply, whether to close the connection after it)."""
-        self.count("requests")
+    def _answer(self, session: Session, message: tds.Message) -> tuple[bytes, str | None]:
+        """(the reply, how the connection ends after it: see _after)."""
         statement = ""
         try:
             if message.type == tds.SQL_BATCH:
@@ -214,17 +220,22 @@ class TdsServer:
                 log.debug("spid %d batch: %s", session.spid, statement[:300])
                 counted = "tds_stats" not in statement.lower()
                 if counted:
+                    self.count("requests")
                     self.count("statements")
                 fault = self.faults.take(statement) if counted else None
                 tokens, _ = session.run_batch(statement, self._counted(fault))
                 return _final(tokens), self._after(fault)
             if message.type == tds.RPC:
+                self.count("requests")
                 self.count("statements")
                 faults = _CountingFaults(self)
                 tokens, statement = session.rpc(message.payload, faults)
                 log.debug("spid %d rpc: %s", session.spid, statement[:300])
+                if statement == "sp_unprepare":
+                    self.count("unprepares")
                 return tokens, self._after(faults.taken)
             if message.type == tds.TRANSACTION_MANAGER:
+                self.count("requests")
                 fault = None
                 kind = tds.Reader(message.payload)
                 tds.skip_all_headers(kind)
@@ -238,12 +249,12 @@ class TdsServer:
                 tokens, statement = session.transaction_manager(message.payload)
                 log.debug("spid %d transaction manager: %s", session.spid, statement)
                 return tokens, self._after(fault)
+            self.count("requests")
             raise tds.ProtocolError(f"packet type 0x{message.type:02X} is not supported")
         except Interrupted:
-            return b"", False
+            return b"", None
         except Disconnect:
-            self.count("disconnects")
-            return b"", True
+            return b"", "after"
         except (ServerFailure, TranslationError) as exc:
             error = exc.error if isinstance(exc, ServerFailure) else translation_error(exc)
             self.count("errors")
@@ -253,14 +264,15 @@ class TdsServer:
             if error.number == 1205 or error.severity >= 20:
                 tokens += session.abort_transaction()
             final = tds.DONEPROC if message.type == tds.RPC else tds.DONE
-            return tokens + tds.done(tds.DONE_ERROR, token=final), error.severity >= 20
+            return tokens + tds.done(tds.DONE_ERROR, token=final), (
+                "close" if error.severity >= 20 else None)
         except tds.ProtocolError:
             raise
         except Exception as exc:  # never a traceback on the wire: an error the driver reads
             log.exception("statement failed inside the test server: %r", statement[:200])
             self.count("errors")
             return (tds.message_token(tds.ERROR, 50000, 1, 16, f"Test server: {exc}", SERVER_NAME)
-                    + tds.done(tds.DONE_ERROR)), False
+                    + tds.done(tds.DONE_ERROR)), None
 
     def _counted(self, fault):
         if fault is not None:
@@ -268,8 +280,12 @@ class TdsServer:
         return fault
 
     @staticmethod
-    def _after(fault) -> bool:
-        return fault is not None and fault.disconnect == "after"
+    def _after(fault) -> str | None:
+        """How the connection ends after this request: None (it does not), "after"
+        (applied, then closed before answering), "midway" (half the answer, then closed)."""
+        if fault is not None and fault.disconnect in ("after", "midway"):
+            return fault.disconnect
+        return None
 
 
 class _CountingFaults:

@@ -34,6 +34,9 @@ CATALOG_SQL = [
     "CREATE TEMP VIEW tds_sys_schemas AS SELECT 1 AS schema_id, 'dbo' AS name",
     "CREATE TEMP VIEW tds_sys_tables AS SELECT rowid AS object_id, name, 1 AS schema_id, 'U' AS type"
     " FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+    "CREATE TEMP VIEW tds_sys_objects AS SELECT rowid AS object_id, name, 1 AS schema_id,"
+    " CASE type WHEN 'table' THEN 'U' WHEN 'view' THEN 'V' ELSE 'X' END AS type"
+    " FROM main.sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%'",
     "CREATE TEMP VIEW tds_sys_system_views AS SELECT 'dm_exec_sessions' AS name",
     "CREATE TEMP VIEW tds_sys_dm_exec_sessions AS SELECT tds_spid() AS session_id,"
     " 2 AS transaction_isolation_level",

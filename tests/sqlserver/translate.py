@@ -20,6 +20,7 @@ CATALOG_VIEWS = {
     ("information_schema", "tables"): "tds_is_tables",
     ("information_schema", "columns"): "tds_is_columns",
     ("sys", "tables"): "tds_sys_tables",
+    ("sys", "objects"): "tds_sys_objects",
     ("sys", "schemas"): "tds_sys_schemas",
     ("sys", "system_views"): "tds_sys_system_views",
     ("sys", "dm_exec_sessions"): "tds_sys_dm_exec_sessions",
