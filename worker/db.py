@@ -45,9 +45,10 @@ class Database:
         self.dialect = self.engine.dialect.name
         event.listen(self.engine, "handle_error", self._mark_disconnect)
         self.statements = StatementTracker(self.engine, self.url.get_driver_name())
-        # pyodbc: each checkout takes the thread's deadline as its query timeout.
+        # pyodbc, mssql-python: each checkout takes the thread's deadline as its query
+        # timeout.
         _skip_needless_reset(self.engine, self.statements.set_query_timeout
-                             if self.url.get_driver_name() == "pyodbc" else None)
+                             if self.url.get_driver_name() in QUERY_TIMEOUT_SLACK else None)
         if registry is not None:   # None: an engine of the worker's own (cluster table)
             registry.configure(bind=self.engine)
 
@@ -102,6 +103,13 @@ class DeadlineExceeded(Exception):
     """Raised instead of running a statement once the job's deadline has passed."""
 
 
+# Drivers whose connections take a query timeout in whole seconds (`timeout`), and how
+# far behind the deadline it is set. pyodbc can cancel, so its timeout is only the
+# fallback and comes a second late; mssql-python cannot cancel a running statement
+# (its issue #424), so its query timeout is the deadline itself.
+QUERY_TIMEOUT_SLACK = {"pyodbc": 1, "mssqlpython": 0}
+
+
 class StatementTracker:
     """Knows the statement each job thread has in flight, so that another thread
     (a deadline, a shutdown) can cancel it through the driver."""
@@ -110,6 +118,8 @@ class StatementTracker:
         self.driver = driver
         self._in_flight: dict[int, tuple[Any, Any]] = {}  # thread id -> (dbapi conn, cursor)
         self._deadlines: dict[int, float] = {}             # thread id -> monotonic deadline
+        self._cancelling: dict[int, threading.Event] = {}  # thread id -> set when cancel returns
+        self._slack = QUERY_TIMEOUT_SLACK.get(driver, 1)
         self._lock = threading.Lock()
         _track_cursors(engine, self.started, self.forget_statement)
 
@@ -119,7 +129,8 @@ class StatementTracker:
         each new cursor), a second behind the deadline so that the cancel normally
         wins. 0 clears it for jobs without a deadline."""
         deadline = self._deadlines.get(threading.get_ident())
-        timeout = 0 if deadline is None else max(1, math.ceil(deadline - time.monotonic()) + 1)
+        timeout = 0 if deadline is None else max(
+            1, math.ceil(deadline - time.monotonic()) + self._slack)
         if dbapi_connection.timeout != timeout:
             dbapi_connection.timeout = timeout
 
@@ -135,8 +146,18 @@ class StatementTracker:
     def forget_statement(self) -> None:
         """The driver returned: nothing to cancel. (Holding on to the cursor would
         be worse than useless: freed after the connection went back to the pool, its
-        statement handle is released on a connection another job is using.)"""
-        self._in_flight.pop(threading.get_ident(), None)
+        statement handle is released on a connection another job is using.)
+
+        If another thread is inside the driver's cancel for this statement, wait for
+        it to return first: Microsoft's ODBC driver lets the cancelled statement
+        return while SQLCancel is still running in the other thread, and closing the
+        cursor or rolling back under it crashed the process (segfault or abort)."""
+        thread = threading.get_ident()
+        with self._lock:
+            self._in_flight.pop(thread, None)
+            cancelling = self._cancelling.get(thread)
+        if cancelling is not None:
+            cancelling.wait()
 
     def forget(self, thread: int) -> None:
         """The thread's job has ended: no statement to cancel, no deadline."""
@@ -152,10 +173,20 @@ class StatementTracker:
 
     def cancel(self, thread: int) -> bool:
         """Cancel the statement this thread is running; False if there is none."""
-        entry = self._in_flight.get(thread)
-        if entry is None:
-            return False
+        with self._lock:
+            entry = self._in_flight.get(thread)
+            if entry is None:
+                return False
+            cancelling = self._cancelling[thread] = threading.Event()
         dbapi_connection, cursor = entry
+        try:
+            return self._cancel(dbapi_connection, cursor)
+        finally:
+            with self._lock:
+                self._cancelling.pop(thread, None)
+            cancelling.set()
+
+    def _cancel(self, dbapi_connection, cursor) -> bool:
         try:
             if self.driver == "pyodbc":
                 cursor.cancel()                   # SQLCancel; the statement fails HY008
