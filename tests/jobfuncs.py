@@ -209,3 +209,10 @@ def insert_marker(session, value: int) -> None:
     session.execute(text("INSERT INTO worker_test_counters (id, value) VALUES "
                          "((SELECT COALESCE(MAX(id), 0) + 1 FROM worker_test_counters), :v)"),
                     {"v": value})
+
+
+def record_run_mssql(session, name: str) -> None:
+    """record_run without its CREATE TABLE IF NOT EXISTS, which SQL Server has not:
+    the test creates worker_test_runs."""
+    session.execute(text("INSERT INTO worker_test_runs (name, at) VALUES (:n, :t)"),
+                    {"n": name, "t": time.time()})

@@ -317,3 +317,115 @@ def test_round_trips_per_job_are_the_statements_and_one_commit(tds, make_databas
     # the UPDATE and the COMMIT; a driver that prepares parameterised statements
     # (sp_prepexec) also frees each one with an sp_unprepare of its own
     assert requests - unprepares == 20
+
+
+# --- the real CLI -------------------------------------------------------------------------
+
+def write_config(path: Path, url: str, jobs: str, **worker) -> Path:
+    settings = {"max_workers": 4, "shutdown_timeout": "10s",
+                "lock_dir": str(path.parent / "locks"), **worker}
+    worker_yaml = "\n".join(f"  {k}: {json.dumps(v)}" for k, v in settings.items())
+    path.write_text(f'database:\n  url: "{url}"\nworker:\n{worker_yaml}\n'
+                    "retry:\n  attempts: 3\n  wait_initial: 50ms\n  wait_max: 200ms\n"
+                    "jobs:\n" + textwrap.indent(textwrap.dedent(jobs), "  "))
+    return path
+
+
+def run_worker(config: Path, *args: str) -> subprocess.CompletedProcess:
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(ROOT / "run_worker.py"), "-c", str(config),
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done.seconds = time.monotonic() - started
+    return done
+
+
+SELECT_JOB = "- {name: probe, call: 'tests.jobfuncs:select_one'}\n"
+
+
+def test_check_connect_through_each_driver(tds, driver, tmp_path):
+    config = write_config(tmp_path / "jobs.yaml", tds.url(driver), SELECT_JOB)
+    done = run_worker(config, "--check", "--connect")
+    print(f"\n--check --connect [{driver}]: exit {done.returncode}, {done.seconds:.2f}s")
+    assert done.returncode == 0, done.stderr
+    assert f"connected to mssql+" in done.stdout
+    assert ":test@" not in done.stdout + done.stderr          # the password never shown
+
+
+def test_login_failed_18456_is_not_retried(tds, driver, tmp_path):
+    config = write_config(tmp_path / "jobs.yaml", tds.url(driver, password="wrong-one"),
+                          SELECT_JOB)
+    before = tds.stats()["login_failures"]
+    once = run_worker(config, "--once")
+    tries = tds.stats()["login_failures"] - before
+    check = run_worker(config, "--check", "--connect")
+    print(f"\nlogin failed [{driver}]: --once exit {once.returncode} after {tries} login "
+          f"attempts ({once.seconds:.2f}s); --check --connect exit {check.returncode}: "
+          f"{check.stderr.strip()}")
+    assert once.returncode == 1
+    assert tries == 1                                     # never retried
+    assert check.returncode == 69
+    lines = check.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Login failed for user 'sa'" in lines[0], check.stderr
+    assert "wrong-one" not in once.stderr + check.stderr + check.stdout
+
+
+def test_check_connect_with_a_driver_that_is_not_installed(tds, tmp_path):
+    url = tds.url("msodbc", odbc_driver="ODBC Driver 99 for SQL Server")
+    config = write_config(tmp_path / "jobs.yaml", url, SELECT_JOB)
+    done = run_worker(config, "--check", "--connect")
+    print(f"\n--check --connect, driver not installed: exit {done.returncode}: "
+          f"{done.stderr.strip()}")
+    assert done.returncode == 69
+    assert "installed ODBC drivers:" in done.stderr
+    for name in ("'ODBC Driver 18 for SQL Server'", "'FreeTDS'"):
+        assert name in done.stderr
+
+
+# --- cluster: two nodes, the run table on the test server --------------------------------
+
+def test_cluster_two_nodes_run_each_occurrence_once(tds, driver, tmp_path, daemons):
+    tds.set_faults("[]\n")
+    for table in ("worker_runs", "worker_schema", "worker_test_runs"):
+        tds.execute(f"DROP TABLE IF EXISTS {table}")
+    tds.execute("CREATE TABLE worker_test_runs (name VARCHAR(64) NOT NULL, at FLOAT NOT NULL)")
+    url = tds.url(driver)
+    config = tmp_path / "cluster.yaml"
+    config.write_text(f"""\
+database:
+  url: "{url}"
+worker:
+  max_workers: 4
+  shutdown_timeout: 10s
+  lock_dir: "{tmp_path}/locks-${{NODE}}"
+cluster:
+  node: ${{NODE}}
+  lease: 3s
+  heartbeat: 500ms
+retry: {{attempts: 3, wait_initial: 50ms, wait_max: 200ms}}
+jobs:
+  - {{name: tick, call: 'tests.jobfuncs:record_run_mssql', every: 1s, kwargs: {{name: tick}}}}
+""")
+    before = tds.stats()["duplicate_keys"]
+    nodes = [daemons(config, env={"NODE": f"node-{n}"}) for n in range(2)]
+    for node in nodes:
+        node.wait_for("daemon started", timeout=30)
+    time.sleep(6)
+    for node in nodes:
+        node.signal(15)
+    codes = [node.wait() for node in nodes]
+    lost_claims = tds.stats()["duplicate_keys"] - before
+    rows = tds.execute("SELECT slot_ms, node, outcome FROM worker_runs WHERE job = 'tick' "
+                       "ORDER BY slot_ms")
+    recorded = tds.execute("SELECT COUNT(*) FROM worker_test_runs WHERE name = 'tick'")[0][0]
+    slots = [row[0] for row in rows]
+    by_node = {row[1] for row in rows}
+    print(f"\ncluster [{driver}]: {len(slots)} occurrences, {recorded} runs recorded, "
+          f"{lost_claims} claims lost on a duplicate key, nodes {sorted(by_node)}, "
+          f"exits {codes}")
+    assert codes == [0, 0], [node.log[-2000:] for node in nodes]
+    assert len(slots) >= 5
+    assert len(slots) == len(set(slots))                 # every occurrence once
+    assert recorded == len([r for r in rows if r[2] == "success"])
+    assert all(r[2] == "success" for r in rows[:-1])
+    assert lost_claims > 0                  # the nodes really raced for the same rows
+    assert not any("2627" in node.log or "2601" in node.log for node in nodes)

@@ -27,7 +27,8 @@ PASSWORD = "test"           # every user logs in with this password; others get 
 # those reading tds_stats; statements: batches and RPCs among them; unprepares: the
 # sp_unprepare RPCs a driver sends when it frees a prepared statement.
 COUNTERS = ("logins", "login_failures", "requests", "statements", "unprepares", "commits",
-            "rollbacks", "attentions", "errors", "disconnects", "faults", "connections")
+            "rollbacks", "attentions", "errors", "duplicate_keys", "disconnects", "faults",
+            "connections")
 _CLOSED = object()          # queued by the reader when the client went away
 
 
@@ -258,6 +259,8 @@ class TdsServer:
         except (ServerFailure, TranslationError) as exc:
             error = exc.error if isinstance(exc, ServerFailure) else translation_error(exc)
             self.count("errors")
+            if error.number in (2601, 2627):
+                self.count("duplicate_keys")
             log.debug("spid %d error %d: %s", session.spid, error.number, error.message)
             tokens = tds.message_token(tds.ERROR, error.number, error.state, error.severity,
                                        error.message, SERVER_NAME)

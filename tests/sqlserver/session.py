@@ -130,7 +130,7 @@ class Session:
                 self.db.execute("COMMIT" if commit else "ROLLBACK")
         except sqlite3.OperationalError as exc:
             if commit:
-                raise ServerFailure(sqlite_error(exc, self.spid)) from None
+                raise ServerFailure(sqlite_error(exc, self.spid, self.db)) from None
         self.in_transaction = False
         self.server.count("commits" if commit else "rollbacks")
         old = self.descriptor
@@ -236,9 +236,9 @@ class Session:
         except sqlite3.OperationalError as exc:
             if "interrupted" in str(exc):
                 raise Interrupted() from None
-            raise ServerFailure(sqlite_error(exc, self.spid)) from None
+            raise ServerFailure(sqlite_error(exc, self.spid, self.db)) from None
         except sqlite3.Error as exc:
-            raise ServerFailure(sqlite_error(exc, self.spid)) from None
+            raise ServerFailure(sqlite_error(exc, self.spid, self.db)) from None
         if rows is None:
             count = max(cursor.rowcount, 0)
             status = tds.DONE_MORE | (tds.DONE_COUNT if cursor.rowcount >= 0 and _is_dml(step.sql) else 0)
@@ -342,8 +342,19 @@ _UNIQUE = re.compile(r"UNIQUE constraint failed: (\w+)\.")
 _NOT_NULL = re.compile(r"NOT NULL constraint failed: (\w+)\.(\w+)")
 
 
-def sqlite_error(exc: sqlite3.Error, spid: int) -> ServerError:
-    """SQL Server's error for what SQLite said."""
+def _unique_index(db: sqlite3.Connection, table: str, columns: str) -> str | None:
+    """The CREATE UNIQUE INDEX (not a UNIQUE constraint) over exactly these columns."""
+    wanted = [c.strip().split(".")[-1] for c in columns.split(",")]
+    for (name,) in db.execute("SELECT name FROM main.sqlite_master WHERE type = 'index' "
+                              "AND tbl_name = ? AND sql LIKE 'CREATE UNIQUE INDEX%'", (table,)):
+        if [row[2] for row in db.execute(f'PRAGMA main.index_info("{name}")')] == wanted:
+            return name
+    return None
+
+
+def sqlite_error(exc: sqlite3.Error, spid: int, db: sqlite3.Connection | None = None) -> ServerError:
+    """SQL Server's error for what SQLite said (2601 or 2627 for a duplicate key,
+    as the unique index or constraint it broke)."""
     text = str(exc)
     found = _NO_TABLE.search(text)
     if found:
@@ -356,6 +367,12 @@ def sqlite_error(exc: sqlite3.Error, spid: int) -> ServerError:
         return ServerError(2714, 6, 16,
                            f"There is already an object named '{found.group(1)}' in the database.")
     found = _UNIQUE.search(text)
+    if found and db is not None:
+        index = _unique_index(db, found.group(1), text.split(":", 1)[1])
+        if index is not None:
+            return ServerError(2601, 1, 14, (
+                f"Cannot insert duplicate key row in object 'dbo.{found.group(1)}' with "
+                f"unique index '{index}'."))
     if found:
         table = found.group(1)
         if "PRIMARY" in text.upper() or ".rowid" in text:
