@@ -218,6 +218,8 @@ class Session:
             return tds.done(more, token=token_done), 0
         if step.kind == "noop":
             return tds.done(more, token=token_done), 0
+        if step.kind == "typeinfo":
+            return type_info(int(step.seconds), token_done), 1
         return self._run_sql(step, params, token_done)
 
     def _run_sql(self, step: Step, params: dict, token_done: int) -> tuple[bytes, int]:
@@ -292,6 +294,10 @@ class Session:
                 raise ServerFailure(ServerError(8179, 4, 16, (
                     f"Could not find prepared statement with handle {parameters[0].value}.")))
             statement, names, values = prepared.statement, prepared.names, parameters[1:]
+        elif procedure in ("sp_datatype_info_100", "sp_datatype_info"):
+            data_type = parameters[0].value if parameters else 0
+            return (type_info(int(data_type or 0), tds.DONEINPROC) + tds.returnstatus(0)
+                    + tds.done(tds.DONE_FINAL, token=tds.DONEPROC)), procedure
         elif procedure == "sp_unprepare":
             self.prepared.pop(parameters[0].value if parameters else None, None)
             return tds.returnstatus(0) + tds.done(tds.DONE_FINAL, token=tds.DONEPROC), "sp_unprepare"
@@ -309,6 +315,40 @@ class Session:
         if handle_out is not None:
             tokens += tds.returnvalue_int(0, parameters[0].name, handle_out)
         return tokens + tds.done(tds.DONE_FINAL, token=tds.DONEPROC), statement
+
+
+# sp_datatype_info_100: what SQLGetTypeInfo answers for the types drivers ask about
+# on connect (pyodbc reads COLUMN_SIZE: the longest varchar, the datetime precision).
+TYPE_INFO_COLUMNS = [
+    tds.Column("TYPE_NAME", "nvarchar", 256), tds.Column("DATA_TYPE", "smallint"),
+    tds.Column("PRECISION", "int"), tds.Column("LITERAL_PREFIX", "varchar", 32),
+    tds.Column("LITERAL_SUFFIX", "varchar", 32), tds.Column("CREATE_PARAMS", "varchar", 32),
+    tds.Column("NULLABLE", "smallint"), tds.Column("CASE_SENSITIVE", "smallint"),
+    tds.Column("SEARCHABLE", "smallint"), tds.Column("UNSIGNED_ATTRIBUTE", "smallint"),
+    tds.Column("MONEY", "smallint"), tds.Column("AUTO_INCREMENT", "smallint"),
+    tds.Column("LOCAL_TYPE_NAME", "nvarchar", 256), tds.Column("MINIMUM_SCALE", "smallint"),
+    tds.Column("MAXIMUM_SCALE", "smallint"), tds.Column("SQL_DATA_TYPE", "smallint"),
+    tds.Column("SQL_DATETIME_SUB", "smallint"), tds.Column("NUM_PREC_RADIX", "int"),
+    tds.Column("INTERVAL_PRECISION", "smallint"), tds.Column("USERTYPE", "smallint"),
+]
+TYPE_INFO_ROWS = {
+    12: ("varchar", 12, 8000, "'", "'", "max length", 1, 0, 3, None, 0, None, "varchar",
+         None, None, 12, None, None, None, 2),
+    -9: ("nvarchar", -9, 4000, "N'", "'", "max length", 1, 0, 3, None, 0, None, "nvarchar",
+         None, None, -9, None, None, None, 0),
+    -3: ("varbinary", -3, 8000, "0x", None, "max length", 1, 0, 2, None, 0, None,
+         "varbinary", None, None, -3, None, None, None, 4),
+    93: ("datetime2", 93, 27, "'", "'", "scale", 1, 0, 3, None, 0, None, "datetime2", 0, 7,
+         9, 3, None, None, 0),
+}
+
+
+def type_info(data_type: int, token_done: int) -> bytes:
+    rows = [TYPE_INFO_ROWS[data_type]] if data_type in TYPE_INFO_ROWS else []
+    body = bytearray(tds.colmetadata(TYPE_INFO_COLUMNS))
+    for values in rows:
+        body += tds.row(TYPE_INFO_COLUMNS, values)
+    return bytes(body) + tds.done(tds.DONE_MORE | tds.DONE_COUNT, len(rows), token=token_done)
 
 
 def _declared_names(declaration) -> list[str]:
@@ -344,10 +384,14 @@ _NOT_NULL = re.compile(r"NOT NULL constraint failed: (\w+)\.(\w+)")
 
 def _unique_index(db: sqlite3.Connection, table: str, columns: str) -> str | None:
     """The CREATE UNIQUE INDEX (not a UNIQUE constraint) over exactly these columns."""
+    def plain(value):   # this connection's converters tag declared columns' values
+        return getattr(value, "value", value)
+
     wanted = [c.strip().split(".")[-1] for c in columns.split(",")]
     for (name,) in db.execute("SELECT name FROM main.sqlite_master WHERE type = 'index' "
                               "AND tbl_name = ? AND sql LIKE 'CREATE UNIQUE INDEX%'", (table,)):
-        if [row[2] for row in db.execute(f'PRAGMA main.index_info("{name}")')] == wanted:
+        name = plain(name)
+        if [plain(row[2]) for row in db.execute(f'PRAGMA main.index_info("{name}")')] == wanted:
             return name
     return None
 

@@ -41,7 +41,8 @@ class TranslationError(Exception):
 
 @dataclass(frozen=True)
 class Step:
-    kind: str                 # sql, begin, commit, rollback, waitfor, implicit, noop
+    kind: str                 # sql, begin, commit, rollback, waitfor, implicit, noop,
+                              # typeinfo (seconds: the ODBC data type asked for)
     sql: str = ""             # sql: the SQLite text
     text: str = ""            # the T-SQL it came from
     seconds: float = 0.0      # waitfor
@@ -58,6 +59,8 @@ _ROLLBACK = re.compile(r"^\s*(IF\s+@@TRANCOUNT\s*>\s*0\s+)?ROLLBACK(\s+(TRAN|TRA
 _IMPLICIT = re.compile(r"^\s*SET\s+IMPLICIT_TRANSACTIONS\s+(ON|OFF)\s*;?\s*$", re.I)
 _SET = re.compile(r"^\s*SET\s+\w+", re.I)
 _PROCEDURE_CALL = re.compile(r"^\s*(?:EXEC(?:UTE)?\s+)?((?:\[?\w+\]?\.)*\[?sp_\w+\]?)(?:\s|$)", re.I)
+_TYPE_INFO_CALL = re.compile(r"^\s*(?:EXEC(?:UTE)?\s+)?(?:\[?sys\]?\.)?\[?sp_datatype_info(?:_100)?\]?"
+                             r"\s+(-?\d+)", re.I)
 _ISO_DAY = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
 
 
@@ -109,8 +112,11 @@ def _control_step(text: str) -> Step | None:
 
 
 def _translate_sql(text: str) -> list[Step]:
+    found = _TYPE_INFO_CALL.match(text)
+    if found:   # FreeTDS asks for SQLGetTypeInfo this way (Microsoft's driver by RPC)
+        return [Step("typeinfo", text=text, seconds=float(found.group(1)))]
     found = _PROCEDURE_CALL.match(text)
-    if found:   # FreeTDS asks for sp_datatype_info_100 this way; no procedures here
+    if found:   # there are no other procedures here
         raise TranslationError(2812, f"Could not find stored procedure '{found.group(1)}'.",
                                severity=16, state=62)
     try:
@@ -202,7 +208,7 @@ def _sqlite_type(node: exp.DataType) -> exp.Expression:
         # CAST targets: SQLite's own types, without (MAX)
         text = node.sql("sqlite").split("(")[0]
         return exp.DataType(this=exp.DataType.Type.USERDEFINED, kind=text)
-    text = node.sql("tsql").upper()
+    text = node.sql("tsql").upper().replace("(MAX)", "")   # SQLite wants numbers there
     if text.startswith("BIGINT") or text.startswith("INT"):
         definition = node.parent
         if any(isinstance(c.args.get("kind"), exp.GeneratedAsIdentityColumnConstraint)
