@@ -216,3 +216,8 @@ def record_run_mssql(session, name: str) -> None:
     the test creates worker_test_runs."""
     session.execute(text("INSERT INTO worker_test_runs (name, at) VALUES (:n, :t)"),
                     {"n": name, "t": time.time()})
+
+
+def select_classified(session) -> int:
+    """A statement a fault can match ("as classified")."""
+    return session.execute(text("SELECT 1 AS classified")).scalar_one()

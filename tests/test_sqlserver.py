@@ -429,3 +429,52 @@ jobs:
     assert all(r[2] == "success" for r in rows[:-1])
     assert lost_claims > 0                  # the nodes really raced for the same rows
     assert not any("2627" in node.log or "2601" in node.log for node in nodes)
+
+
+# --- every SQL Server row of the classifier, through Microsoft's driver --------------------
+
+def _server_numbers():
+    from worker.errors import NATIVE_RULES
+    return sorted(number for number, rule in NATIVE_RULES["mssql"].items()
+                  if number >= 100 and rule.min_wait == 0)      # 40501 has its own test
+
+
+@pytest.mark.parametrize("number", _server_numbers())
+def test_each_server_error_number_gets_the_classifiers_verdict(tds, number):
+    """The server sends the error (class 16, on a statement); the worker retries it
+    exactly when its table says so."""
+    from worker.errors import NATIVE_RULES, Verdict
+    rule = NATIVE_RULES["mssql"][number]
+    database = Database(DatabaseSettings(url=tds.url("msodbc"), pool_size=1))
+    try:
+        tds.set_faults(f'- match: "as classified"\n  times: 1\n  error: {{number: {number}, '
+                       f'state: 1, class: 16, message: "Error {number} from the test server."}}\n')
+        result = run_job(job(f"error-{number}", "tests.jobfuncs:select_classified",
+                             attempts=2, wait=0.01),
+                         resolve("tests.jobfuncs:select_classified"), database)
+        if rule.verdict is Verdict.RETRY:
+            assert result.outcome is Outcome.SUCCESS and result.attempts == 2, result
+        else:
+            assert result.outcome is Outcome.FAILED and result.attempts == 1, result
+        assert f"({number})" in (result.error or f"({number})")
+        assert database.checked_out() == 0
+    finally:
+        tds.set_faults("[]\n")
+        database.dispose()
+
+
+def test_login_that_stalls_is_a_login_timeout_and_retried(tds):
+    """The server accepts the TCP connection but holds its answer to LOGIN7: Microsoft's
+    driver gives up after the login timeout (HYT00 'Login timeout expired')."""
+    database = Database(DatabaseSettings(url=tds.url("msodbc"), pool_size=1,
+                                         connect_args={"timeout": 1}))
+    try:
+        tds.set_faults("- login: true\n  times: 1\n  delay: 3s\n")
+        result = run_job(job("login-stall", "tests.jobfuncs:select_one", attempts=3, wait=0.01),
+                         resolve("tests.jobfuncs:select_one"), database)
+        print(f"\nlogin stalled [msodbc]: {result.outcome.value}, {result.attempts} attempts, "
+              f"{result.duration:.2f}s")
+        assert result.outcome is Outcome.SUCCESS and result.attempts == 2
+    finally:
+        tds.set_faults("[]\n")
+        database.dispose()

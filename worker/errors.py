@@ -122,7 +122,10 @@ SQLSTATE_RULES: dict[str, dict[str, Rule]] = {
 # Message fragments, for errors whose codes say too little.
 MESSAGE_RULES: dict[str, list[tuple[str, Rule]]] = {
     "mssql": [("connection is busy with results for another command",
-               Rule(N, "two statements at once on one connection: a threading bug"))],
+               Rule(N, "two statements at once on one connection: a threading bug")),
+              # Microsoft's driver reports a login timeout as HYT00 (not HYT01): no
+              # statement ran, so it is not a query timeout of unknown outcome
+              ("login timeout expired", Rule(R, "login timeout", disconnect=True))],
     "sqlite": [("database is locked", Rule(R, "database is locked (SQLITE_BUSY)")),
                ("database table is locked", Rule(N, "table locked inside one connection"))],
 }
