@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 
 from worker.callables import resolve
 from worker.config import DatabaseSettings, JobSpec, RetryPolicy
@@ -368,7 +367,7 @@ def test_check_connect_through_each_driver(tds, driver, tmp_path):
     done = run_worker(config, "--check", "--connect")
     print(f"\n--check --connect [{driver}]: exit {done.returncode}, {done.seconds:.2f}s")
     assert done.returncode == 0, done.stderr
-    assert f"connected to mssql+" in done.stdout
+    assert "connected to mssql+" in done.stdout
     assert ":test@" not in done.stdout + done.stderr          # the password never shown
 
 

@@ -149,10 +149,9 @@ class TdsServer:
                          packet_size)
             return None
         spid = self.next_spid()
-        session = Session(self, spid, self.database)
+        session = Session(self, spid, self.database, packet_size)
         self.count("logins")
         client.sendall(tds.packets(login_reply(database, packet_size), packet_size, spid))
-        session.packet_size = packet_size
         return session
 
     def _refuse(self, client, number, state, severity, message, packet_size) -> None:

@@ -71,7 +71,7 @@ class Session:
     """State of one connection. Requests are run one at a time by the connection's
     thread; `attention` is set by its reader thread."""
 
-    def __init__(self, server, spid: int, database_path: str) -> None:
+    def __init__(self, server, spid: int, database_path: str, packet_size: int) -> None:
         self.server = server
         self.spid = spid
         self.attention = threading.Event()
@@ -79,7 +79,7 @@ class Session:
         self.implicit_transactions = False
         self.descriptor = 0
         self.prepared: dict[int, Prepared] = {}
-        self.packet_size = 4096
+        self.packet_size = packet_size
         self.db = sqlite3.connect(database_path, isolation_level=None, check_same_thread=False,
                                   detect_types=sqlite3.PARSE_DECLTYPES, timeout=5.0)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -219,7 +219,7 @@ class Session:
         if step.kind == "noop":
             return tds.done(more, token=token_done), 0
         if step.kind == "typeinfo":
-            return type_info(int(step.seconds), token_done), 1
+            return type_info(step.data_type, token_done), 1
         return self._run_sql(step, params, token_done)
 
     def _run_sql(self, step: Step, params: dict, token_done: int) -> tuple[bytes, int]:

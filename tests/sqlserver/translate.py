@@ -41,11 +41,11 @@ class TranslationError(Exception):
 
 @dataclass(frozen=True)
 class Step:
-    kind: str                 # sql, begin, commit, rollback, waitfor, implicit, noop,
-                              # typeinfo (seconds: the ODBC data type asked for)
+    kind: str                 # sql, begin, commit, rollback, waitfor, implicit, noop, typeinfo
     sql: str = ""             # sql: the SQLite text
     text: str = ""            # the T-SQL it came from
     seconds: float = 0.0      # waitfor
+    data_type: int = 0        # typeinfo: the ODBC data type asked for
     flag: bool = False        # implicit: on/off; commit/rollback: only if a tran is open
     params: list = field(default_factory=list)   # sql: :name placeholders it uses
     returns_rows: bool = False
@@ -114,7 +114,7 @@ def _control_step(text: str) -> Step | None:
 def _translate_sql(text: str) -> list[Step]:
     found = _TYPE_INFO_CALL.match(text)
     if found:   # FreeTDS asks for SQLGetTypeInfo this way (Microsoft's driver by RPC)
-        return [Step("typeinfo", text=text, seconds=float(found.group(1)))]
+        return [Step("typeinfo", text=text, data_type=int(found.group(1)))]
     found = _PROCEDURE_CALL.match(text)
     if found:   # there are no other procedures here
         raise TranslationError(2812, f"Could not find stored procedure '{found.group(1)}'.",
