@@ -269,3 +269,23 @@ def test_stats_count_logins_statements_and_commits(clean):
     assert after["logins"] == before["logins"] + 1
     assert after["commits"] == before["commits"] + 1
     assert after["statements"] > before["statements"]
+
+
+@pytest.mark.parametrize("driver", ["msodbc", "freetds"])
+def test_executemany_runs_every_row(clean, driver):
+    """pyodbc's executemany: both drivers send one sp_prepexec and one sp_unprepare per
+    row (sp_execute was never seen)."""
+    connection = connect(clean, driver)
+    before = clean.stats()
+    try:
+        connection.execute("DROP TABLE IF EXISTS tds_many")
+        connection.execute("CREATE TABLE tds_many (n INT NOT NULL)")
+        cursor = connection.cursor()
+        cursor.executemany("INSERT INTO tds_many (n) VALUES (?)", [(n,) for n in range(5)])
+        connection.commit()
+        rows = connection.execute("SELECT n FROM tds_many ORDER BY n").fetchall()
+    finally:
+        connection.close()
+    after = clean.stats()
+    assert [row[0] for row in rows] == [0, 1, 2, 3, 4]
+    assert after["unprepares"] - before["unprepares"] >= 5

@@ -271,6 +271,7 @@ class Session:
         while not reader.done and reader.data[reader.offset] not in (0x80, 0xFF, 0xFE):
             parameters.append(tds.read_parameter(reader))
         procedure = name.split(".")[-1].strip("[]").lower()
+        log.debug("spid %d calls %s", self.spid, procedure)
         return self._procedure(procedure, name, parameters, faults)
 
     def _procedure(self, procedure: str, name: str, parameters, faults) -> tuple[bytes, str]:
