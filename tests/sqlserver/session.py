@@ -257,22 +257,24 @@ class Session:
     # --- RPC ----------------------------------------------------------------------------
 
     def rpc(self, payload: bytes, faults) -> tuple[bytes, str]:
-        """An RPC request: (reply tokens, the statement text it ran)."""
+        """An RPC request, perhaps several calls batched: (reply tokens, the statement
+        text of the last call)."""
         reader = tds.Reader(payload)
         tds.skip_all_headers(reader)
-        length = reader.unpack("H")
-        if length == 0xFFFF:
-            number = reader.unpack("H")
-            name = PROCEDURES.get(number, f"procedure id {number}")
-        else:
-            name = reader.take(length * 2).decode("utf-16-le")
-        reader.unpack("H")                                   # option flags
-        parameters = []
-        while not reader.done and reader.data[reader.offset] not in (0x80, 0xFF, 0xFE):
-            parameters.append(tds.read_parameter(reader))
-        procedure = name.split(".")[-1].strip("[]").lower()
-        log.debug("spid %d calls %s", self.spid, procedure)
-        return self._procedure(procedure, name, parameters, faults)
+        calls = []
+        while True:
+            calls.append(_read_call(reader))
+            if reader.done:
+                break
+            reader.byte()                        # 0xFF (0x80 before TDS 7.2) between calls
+        out = bytearray()
+        statement = ""
+        for index, (name, parameters) in enumerate(calls):
+            procedure = name.split(".")[-1].strip("[]").lower()
+            log.debug("spid %d calls %s", self.spid, procedure)
+            tokens, statement = self._procedure(procedure, name, parameters, faults)
+            out += tokens if index == len(calls) - 1 else _more(tokens)
+        return bytes(out), statement
 
     def _procedure(self, procedure: str, name: str, parameters, faults) -> tuple[bytes, str]:
         handle_out = None
@@ -350,6 +352,28 @@ def type_info(data_type: int, token_done: int) -> bytes:
     for values in rows:
         body += tds.row(TYPE_INFO_COLUMNS, values)
     return bytes(body) + tds.done(tds.DONE_MORE | tds.DONE_COUNT, len(rows), token=token_done)
+
+
+def _read_call(reader: tds.Reader) -> tuple[str, list]:
+    """One call of an RPC request: the procedure's name (or well-known id) and its
+    parameters."""
+    length = reader.unpack("H")
+    if length == 0xFFFF:
+        number = reader.unpack("H")
+        name = PROCEDURES.get(number, f"procedure id {number}")
+    else:
+        name = reader.take(length * 2).decode("utf-16-le")
+    reader.unpack("H")                                   # option flags
+    parameters = []
+    while not reader.done and reader.data[reader.offset] not in (0x80, 0xFF):
+        parameters.append(tds.read_parameter(reader))
+    return name, parameters
+
+
+def _more(tokens: bytes) -> bytes:
+    """Set MORE on the final DONEPROC of a call that another call follows."""
+    status = int.from_bytes(tokens[-12:-10], "little") | tds.DONE_MORE
+    return tokens[:-12] + status.to_bytes(2, "little") + tokens[-10:]
 
 
 def _declared_names(declaration) -> list[str]:
