@@ -209,7 +209,8 @@ def test_azure_transient_errors_are_retried(tds, make_database, driver, number, 
     assert database.checked_out() == 0
 
 
-def test_service_busy_40501_waits_ten_seconds(tds):
+@pytest.mark.parametrize("where", ["statement", "login"])
+def test_service_busy_40501_waits_ten_seconds(tds, where):
     """40501 asks for 10 s; Microsoft's driver only (the wait is the whole test)."""
     database = Database(DatabaseSettings(url=tds.url("msodbc"), pool_size=1))
     try:
@@ -219,12 +220,14 @@ def test_service_busy_40501_waits_ten_seconds(tds):
                     "value INTEGER NOT NULL)")
         seed(tds, 1)
         state, severity, message = AZURE_ERRORS[40501]
+        match = 'login: true' if where == "login" else 'match: "update worker_test_counters"'
         tds.set_faults(f"""\
-- match: "update worker_test_counters"
+- {match}
   times: 1
   error: {{number: 40501, state: {state}, class: {severity}, message: "{message}"}}
 """)
-        result = run(job("busy-40501", "tests.jobfuncs:bump_counter", attempts=3), database)
+        result = run(job(f"busy-40501-{where}", "tests.jobfuncs:bump_counter", attempts=3),
+                     database)
         assert result.outcome is Outcome.SUCCESS and result.attempts == 2
         assert result.duration >= 10.0
         assert counter(tds) == 1
