@@ -124,10 +124,12 @@ class StatementTracker:
         _track_cursors(engine, self.started, self.forget_statement)
 
     def set_query_timeout(self, dbapi_connection) -> None:
-        """pyodbc, at each checkout from the pool: the fallback for ODBC drivers that
-        ignore SQLCancel is the query timeout (SQL_ATTR_QUERY_TIMEOUT, taken by
-        each new cursor), a second behind the deadline so that the cancel normally
-        wins. 0 clears it for jobs without a deadline."""
+        """pyodbc and mssql-python, at each checkout from the pool: the query timeout
+        (SQL_ATTR_QUERY_TIMEOUT, taken by each new cursor). For pyodbc it is the
+        fallback for ODBC drivers that ignore SQLCancel, a second behind the deadline
+        so that the cancel normally wins; for mssql-python, which cannot cancel, it
+        is the deadline itself (QUERY_TIMEOUT_SLACK). 0 clears it for jobs without a
+        deadline."""
         deadline = self._deadlines.get(threading.get_ident())
         timeout = 0 if deadline is None else max(
             1, math.ceil(deadline - time.monotonic()) + self._slack)

@@ -182,7 +182,7 @@ def error_codes(exc: BaseException) -> tuple[str | None, int | None, str]:
     driver_error, ddbc_error = (getattr(orig, "driver_error", None),
                                 getattr(orig, "ddbc_error", None))
     if isinstance(driver_error, str) and isinstance(ddbc_error, str):
-        sqlstate = sqlstate or _mssql_python_sqlstate(orig, driver_error)
+        sqlstate = sqlstate or _mssql_python_sqlstate(driver_error)
         message = ddbc_error
         native = native if native is not None else _sql_server_number(ddbc_error)
     # pyodbc: (sqlstate, message), sometimes reversed for pyodbc's own errors
@@ -235,7 +235,7 @@ _MSSQL_PYTHON_STATES = ("40001", "40003", "08S01", "08001", "08003", "08004", "0
                         "42000", "42S02", "HY000")
 
 
-def _mssql_python_sqlstate(orig: BaseException, description: str) -> str | None:
+def _mssql_python_sqlstate(description: str) -> str | None:
     """The SQLSTATE whose description mssql-python put in the exception, found by
     asking its own table (so a renamed description cannot go stale here)."""
     try:
