@@ -54,4 +54,6 @@ if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 
 bash scripts/setup-deploy-tests.sh
 
+bash scripts/setup-sqlserver.sh
+
 exec .venv/bin/python -m pytest "$@"

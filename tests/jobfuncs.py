@@ -70,6 +70,8 @@ def global_style_reader(session, barrier: threading.Barrier, seen: list) -> None
     connection = Session.connection()
     if connection.dialect.name == "sqlite":
         ident = id(connection.connection.dbapi_connection)
+    elif connection.dialect.name == "mssql":
+        ident = Session.execute(text("SELECT @@SPID")).scalar_one()
     else:
         ident = Session.execute(text("SELECT CONNECTION_ID()")).scalar_one()
     barrier.wait(timeout=30)
@@ -270,3 +272,40 @@ def wait_for_file(session, path: str, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} never appeared")
         time.sleep(0.05)
+
+# --- SQL Server (the TDS test server, tests/sqlserver) -------------------------------
+
+def bump_counter(session, row: int = 1) -> None:
+    """One UPDATE (a fault can match "update worker_test_counters")."""
+    session.execute(text("UPDATE worker_test_counters SET value = value + 1 WHERE id = :id"),
+                    {"id": row})
+
+
+def mssql_waitfor(session, seconds: int = 30) -> None:
+    session.execute(text(f"WAITFOR DELAY '00:00:{int(seconds):02d}'"))
+
+
+def select_big(session, rows: int = 3000) -> int:
+    """A result of several packets (a fault can drop the connection half-way)."""
+    return len(session.execute(text(
+        f"WITH c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {int(rows)}) "
+        "SELECT x AS big FROM c")).all())
+
+
+def insert_marker(session, value: int) -> None:
+    """Not idempotent: a second run inserts a second row."""
+    session.execute(text("INSERT INTO worker_test_counters (id, value) VALUES "
+                         "((SELECT COALESCE(MAX(id), 0) + 1 FROM worker_test_counters), :v)"),
+                    {"v": value})
+
+
+def record_run_mssql(session, name: str) -> None:
+    """record_run without its CREATE TABLE IF NOT EXISTS, which SQL Server has not:
+    the test creates worker_test_runs."""
+    session.execute(text("INSERT INTO worker_test_runs (name, at) VALUES (:n, :t)"),
+                    {"n": name, "t": time.time()})
+
+
+def select_classified(session) -> int:
+    """A statement a fault can match ("as classified")."""
+    return session.execute(text("SELECT 1 AS classified")).scalar_one()
