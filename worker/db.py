@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import scoped_session, sessionmaker
 
@@ -68,18 +68,19 @@ class Database:
             context.is_disconnect = True
 
     @staticmethod
-    def connection_info(session) -> dict | None:
-        """The pool entry's info of the connection the session's transaction holds,
-        or None when the job never touched the database."""
+    def refuse_aborted_commit(session) -> None:
+        """Raise AbortedTransaction instead of committing a PostgreSQL transaction
+        that a failed statement has aborted: the server would answer the COMMIT with
+        a silent ROLLBACK, and a job that caught its error would count as a success
+        that saved nothing. Other drivers: nothing to check (a failed statement
+        there does not doom the rest of the transaction)."""
         if not session.in_transaction():
-            return None
-        return session.connection().connection.info
-
-    @staticmethod
-    def mark_committed(info: dict | None) -> None:
-        """The COMMIT on this connection succeeded: no ROLLBACK needed on return."""
-        if info is not None:
-            info[COMMITTED] = True
+            return
+        status = _libpq_transaction_status(session.connection().connection.dbapi_connection)
+        if status == _LIBPQ_INERROR:
+            raise AbortedTransaction(
+                "a statement failed earlier in this transaction and the job went on, so "
+                "PostgreSQL aborted the transaction (SQLSTATE 25P02); nothing was committed")
 
     def cancel_statement(self, thread: int) -> bool:
         return self.statements.cancel(thread)
@@ -96,6 +97,14 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class AbortedTransaction(Exception):
+    """The job returned, but its PostgreSQL transaction had already been aborted."""
+
+
+class DirtyConnection(Exception):
+    """A connection still in a transaction after its rollback on return to the pool."""
 
 
 class DeadlineExceeded(Exception):
@@ -195,7 +204,44 @@ def _track_cursors(engine: Engine, started, finished) -> None:
         setattr(dialect, name, tracked)
 
 
-COMMITTED = "worker_committed"   # pool-entry info flag: this checkout ended in a COMMIT
+# pool-entry info flag: this checkout's transaction ended in a COMMIT or ROLLBACK
+TRANSACTION_ENDED = "worker_transaction_ended"
+
+# libpq's PQtransactionStatus (psycopg 3 and psycopg2 report it as
+# connection.info.transaction_status): idle, or inside a failed transaction.
+_LIBPQ_IDLE, _LIBPQ_INERROR = 0, 3
+
+
+def _libpq_transaction_status(dbapi_connection) -> int | None:
+    """libpq's own word on the connection's transaction; None for other drivers."""
+    status = getattr(getattr(dbapi_connection, "info", None), "transaction_status", None)
+    return None if status is None else int(status)
+
+
+def _note_transaction_ends(engine: Engine) -> None:
+    """Mark a pool entry whose COMMIT or ROLLBACK through SQLAlchemy succeeded, at
+    the moment it succeeded.
+
+    Wraps the dialect's do_commit and do_rollback (as _track_cursors wraps
+    do_execute) because the mark must be there before SQLAlchemy hands the
+    connection back to the pool, which happens inside Session.commit() and
+    Session.rollback(): a mark set by the runner after commit() returned was read
+    by the next return of that connection instead (one checkout late), so a raw
+    connection given back with its transaction open after a successful job skipped
+    its ROLLBACK, while a failed job's connection was rolled back twice."""
+    dialect = engine.dialect
+    for name in ("do_commit", "do_rollback"):
+        original = getattr(dialect, name)
+
+        def ended(pooled_connection, _original=original) -> None:
+            _original(pooled_connection)
+            # A checked-out connection's info is its pool entry's, the one the
+            # reset listener reads; the engine's first-connect probe has none.
+            try:
+                pooled_connection.info[TRANSACTION_ENDED] = True
+            except (AttributeError, NotImplementedError):
+                pass
+        setattr(dialect, name, ended)
 
 
 def _skip_needless_reset(engine: Engine, on_checkout=None) -> None:
@@ -204,20 +250,33 @@ def _skip_needless_reset(engine: Engine, on_checkout=None) -> None:
 
     SQLAlchemy's default reset-on-return sends a ROLLBACK for every connection
     that comes back after a Session commit, although the COMMIT already ended the
-    transaction: one wasted round trip per job (field-notes §5). The runner marks
-    a connection whose COMMIT succeeded (Database.mark_committed); SQLAlchemy
-    tells us when a Connection already rolled back on close. Anything else (a
-    raw_connection() left open, a failed job) is rolled back as before, and a
-    connection whose rollback fails is invalidated by the pool. Only Pool events
-    are used: Connection event listeners (begin/commit/rollback) would move every
-    statement off SQLAlchemy's fast path.
+    transaction: one wasted round trip per job (field-notes §5). A connection
+    whose COMMIT or ROLLBACK succeeded is marked (_note_transaction_ends);
+    SQLAlchemy tells us when a Connection already rolled back on close. Anything else (a raw_connection()
+    left open, a failed job) is rolled back as before, and a connection whose
+    rollback fails is invalidated by the pool. On PostgreSQL libpq knows the
+    transaction state exactly: roll back when a transaction is open or aborted
+    ("idle in transaction"), never otherwise, and a connection still not idle
+    after that is invalidated rather than pooled dirty. Only Pool events and the
+    dialect's do_commit are used: Connection event listeners (begin/commit/
+    rollback) would move every statement off SQLAlchemy's fast path.
     """
     def reset(dbapi_connection, record, reset_state) -> None:
-        committed = record.info.pop(COMMITTED, False) if record is not None else False
-        if committed or reset_state.transaction_was_reset or reset_state.terminate_only:
+        ended = record.info.pop(TRANSACTION_ENDED, False) if record is not None else False
+        if reset_state.terminate_only:
+            return
+        status = _libpq_transaction_status(dbapi_connection)
+        if status is not None:
+            if status != _LIBPQ_IDLE:
+                dbapi_connection.rollback()
+            if _libpq_transaction_status(dbapi_connection) != _LIBPQ_IDLE:
+                raise DirtyConnection("still inside a transaction after ROLLBACK")
+            return
+        if ended or reset_state.transaction_was_reset:
             return
         dbapi_connection.rollback()
 
+    _note_transaction_ends(engine)
     event.listen(engine.pool, "reset", reset)
     if on_checkout is not None:
         event.listen(engine.pool, "checkout",
@@ -245,18 +304,40 @@ def _disable_odbc_pooling() -> None:
     pyodbc.pooling = False
 
 
+_CREATE_TABLES_LOCK = 0x776F726B   # PostgreSQL advisory lock key of create_tables ("work")
+
+
 def create_tables(connection, metadata) -> None:
     """Create the metadata's missing tables and indexes; safe when several jobs or
     processes race to do it (CREATE ... IF NOT EXISTS where the dialect has it;
     SQL Server has not, so there it is a check, then CREATE)."""
     if connection.dialect.name in ("sqlite", "mysql", "mariadb", "postgresql"):
         from sqlalchemy.schema import CreateIndex, CreateTable
+        if connection.dialect.name == "postgresql":
+            if not _missing_relations(connection, metadata):
+                return   # no lock taken: jobs that only check never wait for each other
+            # PostgreSQL's IF NOT EXISTS is not race-safe: a second creator waits for
+            # the first's uncommitted CREATE, then fails (23505 on pg_type). One
+            # creator at a time (a lock held until this transaction ends), so the
+            # next one sees the table and skips it.
+            connection.execute(select(func.pg_advisory_xact_lock(_CREATE_TABLES_LOCK)))
         for table in metadata.sorted_tables:
             connection.execute(CreateTable(table, if_not_exists=True))
             for index in table.indexes:
                 connection.execute(CreateIndex(index, if_not_exists=True))
     else:
         metadata.create_all(connection, checkfirst=True)
+
+
+def _missing_relations(connection, metadata) -> bool:
+    """PostgreSQL: True if a table or index of the metadata does not exist yet."""
+    names = [table.fullname for table in metadata.sorted_tables]
+    names += [index.name for table in metadata.sorted_tables for index in table.indexes
+              if index.name]
+    missing = connection.execute(text(
+        "SELECT count(*) FROM unnest(CAST(:names AS text[])) AS name "
+        "WHERE to_regclass(name) IS NULL"), {"names": names}).scalar_one()
+    return missing > 0
 
 
 def installed_odbc_drivers() -> list[str]:

@@ -151,13 +151,15 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
             raise AttemptTimedOut(f"returned after its deadline of "
                                   f"{format_duration(job.timeout)}")
         session.flush()        # a failure here cannot have committed anything
-        connection_info = database.connection_info(session)
+        database.refuse_aborted_commit(session)
         during_commit = True
         session.commit()
-        database.mark_committed(connection_info)
     except Exception as exc:
+        # Read before the rollback's round trip: an error that arrived before our
+        # timer fired (PostgreSQL's own statement_timeout, also 57014) is not ours.
+        deadline_passed = deadline is not None and deadline.expired.is_set()
         _rollback(session, job, attempt)
-        if deadline is not None and deadline.expired.is_set() and not during_commit:
+        if deadline_passed and not during_commit:
             timeout = Diagnosis(Verdict.NEVER, f"deadline of {format_duration(job.timeout)} "
                                                f"passed")
             raise AttemptFailed(exc, timeout, during_commit, timed_out=True) from exc
