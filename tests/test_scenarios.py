@@ -3,8 +3,8 @@
 Each test is one scenario, run on every backend of tests/backends.py that can
 express it; GAPS there names the backends that cannot, and why (they show up as
 skips with that reason). The cluster scenarios live in tests/test_cluster.py and
-the example jobs' in tests/test_jobs.py, under the same table. Every scenario prints one line of measured outcome
-(`pytest -s -k scenario`)."""
+the example jobs' in tests/test_jobs.py, under the same table. Every scenario
+prints one line of measured outcome (`pytest -s`)."""
 from __future__ import annotations
 
 import threading

@@ -251,15 +251,16 @@ def _skip_needless_reset(engine: Engine, on_checkout=None) -> None:
     SQLAlchemy's default reset-on-return sends a ROLLBACK for every connection
     that comes back after a Session commit, although the COMMIT already ended the
     transaction: one wasted round trip per job (field-notes §5). A connection
-    whose COMMIT or ROLLBACK succeeded is marked (_note_transaction_ends);
-    SQLAlchemy tells us when a Connection already rolled back on close. Anything else (a raw_connection()
-    left open, a failed job) is rolled back as before, and a connection whose
-    rollback fails is invalidated by the pool. On PostgreSQL libpq knows the
-    transaction state exactly: roll back when a transaction is open or aborted
-    ("idle in transaction"), never otherwise, and a connection still not idle
-    after that is invalidated rather than pooled dirty. Only Pool events and the
-    dialect's do_commit are used: Connection event listeners (begin/commit/
-    rollback) would move every statement off SQLAlchemy's fast path.
+    whose COMMIT or ROLLBACK succeeded is marked (_note_transaction_ends), and
+    SQLAlchemy tells us when a Connection already rolled back on close. Anything
+    else (a raw_connection() left open) is rolled back as before, and a
+    connection whose rollback fails is invalidated by the pool. On PostgreSQL
+    libpq knows the transaction state exactly: roll back when a transaction is
+    open or aborted ("idle in transaction"), never otherwise, and a connection
+    still not idle after that is invalidated rather than pooled dirty. Only Pool
+    events and the dialect's do_commit/do_rollback are used: Connection event
+    listeners (begin/commit/rollback) would move every statement off
+    SQLAlchemy's fast path.
     """
     def reset(dbapi_connection, record, reset_state) -> None:
         ended = record.info.pop(TRANSACTION_ENDED, False) if record is not None else False
