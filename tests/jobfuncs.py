@@ -255,3 +255,16 @@ def server_statement_timeout(session, seconds: float) -> None:
 def record_connection_id(session, seen: list) -> None:
     """Tells the test which server connection the job ran on."""
     seen.append(connection_id(session))
+
+
+def insert_after_a_failure_in_a_savepoint(session, value: int) -> None:
+    """The right way to go on after an expected error: the failing statement in a
+    savepoint, rolled back to it, and the transaction stays usable everywhere."""
+    from sqlalchemy.exc import DBAPIError
+    insert_row(session, value)
+    try:
+        with session.begin_nested():
+            session.execute(text("SELECT 1 FROM worker_test_no_such_table"))
+    except DBAPIError:
+        pass
+    insert_row(session, value + 1)

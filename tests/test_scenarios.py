@@ -485,3 +485,17 @@ def test_swallowed_error_in_a_job(make_database, admin, server, backend):
         assert result.outcome is Outcome.SUCCESS
         assert counters(database) == {1: 1}
     assert not admin.open_transaction(worker_connection_id(database))
+
+
+@scenario("savepoint_recovers_from_a_failed_statement")
+def test_savepoint_recovers_from_a_failed_statement(make_database, admin, backend):
+    """What docs/postgresql.md tells such a job to do: the failing statement inside
+    session.begin_nested(); the rest of the job commits on every backend."""
+    database = make_database(pool_size=1)
+    run(spec("setup", "tests.jobfuncs:create_counters"), database)
+    result = run(spec("savepoint", "tests.jobfuncs:insert_after_a_failure_in_a_savepoint",
+                      value=1), database)
+    outcome("savepoint", backend, f"{result.outcome.value}, rows {counters(database)}")
+    assert result.outcome is Outcome.SUCCESS and result.attempts == 1
+    assert counters(database) == {1: 1, 2: 2}
+    assert not admin.open_transaction(worker_connection_id(database))
