@@ -126,6 +126,7 @@ class Backend:
     deadlock_code = ""            # how the runner's retry log line names a deadlock
     lock_timeout_code = ""
     killed_sqlstate: str | None = None  # what a killed connection's next use raises
+    counts_per_connection = False  # admin.statements() sees only the worker's connection
     upstream_host = "127.0.0.1"
     upstream_port = 0
 
@@ -388,6 +389,7 @@ class PostgresBackend(Backend):
     deadlock_code = "SQLSTATE 40P01"
     lock_timeout_code = "SQLSTATE 55P03"
     killed_sqlstate = "57P01"     # psycopg.errors.AdminShutdown
+    counts_per_connection = True  # the server log, filtered by the backend's pid
 
     @property
     def upstream_host(self) -> str:
