@@ -22,7 +22,7 @@ from tenacity import (RetryCallState, Retrying, retry_if_exception,
 
 from .callables import JobFunction
 from .config import JobSpec, format_duration
-from .db import Database
+from .db import Database, DeadlineExceeded
 from .errors import Diagnosis, Verdict, describe
 
 log = logging.getLogger("worker.runner")
@@ -157,7 +157,9 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
     except Exception as exc:
         # Read before the rollback's round trip: an error that arrived before our
         # timer fired (PostgreSQL's own statement_timeout, also 57014) is not ours.
-        deadline_passed = deadline is not None and deadline.expired.is_set()
+        # DeadlineExceeded is ours even if the timer thread has not run yet.
+        deadline_passed = deadline is not None and (
+            deadline.expired.is_set() or isinstance(exc, DeadlineExceeded))
         _rollback(session, job, attempt)
         if deadline_passed and not during_commit:
             timeout = Diagnosis(Verdict.NEVER, f"deadline of {format_duration(job.timeout)} "
