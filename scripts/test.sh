@@ -53,4 +53,6 @@ if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 bash scripts/setup-postgres.sh
 
+bash scripts/setup-deploy-tests.sh
+
 exec .venv/bin/python -m pytest "$@"

@@ -5,6 +5,7 @@ the Session. Test state (barriers, counters) comes in through kwargs.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from pathlib import Path
@@ -268,3 +269,91 @@ def insert_after_a_failure_in_a_savepoint(session, value: int) -> None:
     except DBAPIError:
         pass
     insert_row(session, value + 1)
+
+
+def raw_write_then_fail(session, value: int) -> None:
+    """Writes through a raw DBAPI connection of the job's engine (not its Session),
+    then raises: the write must be rolled back, never committed by the next job."""
+    raw = session.get_bind().raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute(f"INSERT INTO worker_test_counters (id, value) "
+                       f"VALUES ({value}, {value})")
+        cursor.close()
+        raise ValueError("failing after a raw write")
+    finally:
+        raw.close()          # back to the pool, its transaction still open
+
+
+def raise_system_exit(session, code: int = 0) -> None:
+    session.execute(text("SELECT 1"))
+    raise SystemExit(code)
+
+
+def raise_keyboard_interrupt(session) -> None:
+    raise KeyboardInterrupt
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message for you")
+
+
+def raise_unprintable(session) -> None:
+    raise _Unprintable()
+
+# --- Functions whose call does not run their body: the worker must refuse them ----------
+# Each would leave the file `path` behind if its body ran, so a test can tell.
+
+def generator_job(session, path: str):
+    Path(path).write_text("ran")
+    yield
+
+
+async def async_job(session, path: str) -> None:
+    Path(path).write_text("ran")
+
+
+async def async_generator_job(session, path: str):
+    Path(path).write_text("ran")
+    yield
+
+
+class AsyncCallable:
+    """An object whose __call__ is a coroutine function."""
+
+    async def __call__(self, session, path: str) -> None:
+        Path(path).write_text("ran")
+
+
+class GeneratorCallable:
+    """An object whose __call__ is a generator function."""
+
+    def __call__(self, session, path: str):
+        Path(path).write_text("ran")
+        yield
+
+
+class PlainCallable:
+    """The control for the two above: an ordinary __call__."""
+
+    def __call__(self, session, path: str) -> None:
+        Path(path).write_text("ran")
+
+
+ASYNC_CALLABLE = AsyncCallable()
+GENERATOR_CALLABLE = GeneratorCallable()
+PLAIN_CALLABLE = PlainCallable()
+PARTIAL_OF_GENERATOR = functools.partial(generator_job)
+PARTIAL_OF_ASYNC = functools.partial(async_job)
+PARTIAL_OF_PARTIAL_OF_ASYNC_CALLABLE = functools.partial(functools.partial(ASYNC_CALLABLE))
+PARTIAL_OF_TOUCH = functools.partial(touch)
+
+
+def wait_for_file(session, path: str, timeout: float = 60) -> None:
+    """Holds the run (and its host lock) until the test creates `path`."""
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.05)

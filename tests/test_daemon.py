@@ -45,7 +45,7 @@ def test_every_jobs_run_on_time_for_five_seconds(db_url, tmp_path, daemons):
         daemon.log
     lateness = [line for line in daemon.log.splitlines() if "started late by median" in line]
     assert lateness, daemon.log
-    print("\n" + lateness[0].split("worker.loop: ")[1])
+    print("\n" + lateness[0].split(": ", 1)[1])
 
 
 def test_sigterm_lets_the_running_job_commit(db_url, tmp_path, daemons):

@@ -5,6 +5,7 @@ import pyodbc
 
 from worker.config import DatabaseSettings
 from worker.db import Database, Session
+from tests.backends import scenario
 from tests.conftest import MARIADB_URL
 
 
@@ -43,3 +44,26 @@ def test_pyodbc_url_turns_odbc_pooling_off():
 
 # The killed-connection and statements-at-the-server tests that were here are
 # scenarios of tests/test_scenarios.py now, on every backend that can run them.
+
+
+@scenario("a_failed_jobs_raw_write_is_not_committed_by_the_next_job")
+def test_a_failed_jobs_raw_write_is_not_committed_by_the_next_job(make_database):
+    """The pool's "transaction ended" mark belongs to one check-out: job 1 commits,
+    job 2 writes through a raw connection of the same engine and fails, job 3 runs
+    SELECT 1 and commits: job 2's row must not be there."""
+    from sqlalchemy import text as sql
+    from worker.callables import resolve
+    from worker.runner import run_job
+    from tests.conftest import spec
+    database = make_database(pool_size=1)
+    assert run_job(spec("setup"), resolve("tests.jobfuncs:create_counters"), database).ok
+    assert run_job(spec("one", value=1), resolve("tests.jobfuncs:insert_row"), database).ok
+    failed = run_job(spec("two", attempts=1, value=2),
+                     resolve("tests.jobfuncs:raw_write_then_fail"), database)
+    assert not failed.ok
+    assert run_job(spec("three"), resolve("tests.jobfuncs:select_one"), database).ok
+    with database.engine.connect() as connection:
+        ids = connection.execute(sql("SELECT id FROM worker_test_counters ORDER BY id")) \
+            .scalars().all()
+    assert ids == [1]
+    assert database.checked_out() == 0

@@ -6,7 +6,7 @@ import time
 
 from sqlalchemy import text
 
-from worker.loop import run_batch
+from tests.batch import run_batch
 from worker.callables import resolve
 from worker.config import JobSpec, RetryPolicy
 from worker.pool import WorkerPool

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 
 from jobs.commands import DONE, PENDING, Command
+from tests.batch import run_all
 from worker.callables import resolve
 from worker.pool import WorkerPool
 from worker.runner import run_job
@@ -43,7 +44,7 @@ def test_jobs_racing_to_create_the_schema_all_succeed(make_database):
     calls = ["jobs.commands:enqueue_commands", "jobs.commands:process_pending",
              "jobs.commands:purge_processed"] * 2
     with WorkerPool(6) as pool:
-        results = pool.run_all([
+        results = run_all(pool, [
             (lambda c=c, n=n: run(database, f"job{n}", c, attempts=5)) for n, c in enumerate(calls)])
     assert [r.error for r in results if not r.ok] == []
     total = sum(counts(database).values())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 
+from tests.batch import run_all
 from worker.callables import resolve
 from worker.db import Session
 from worker.pool import WorkerPool
@@ -29,7 +30,7 @@ def test_run_all_returns_results_in_task_order_and_bounds_concurrency():
         return run
 
     with WorkerPool(3) as pool:
-        assert pool.run_all([task(n) for n in range(10)]) == list(range(10))
+        assert run_all(pool, [task(n) for n in range(10)]) == list(range(10))
     assert peak[0] == 3
 
 
@@ -44,6 +45,6 @@ def test_pool_threads_do_not_keep_sessions_between_jobs(database):
         return result
 
     with WorkerPool(2) as pool:
-        results = pool.run_all([run_and_look] * 6)
+        results = run_all(pool, [run_and_look] * 6)
     assert all(r.ok for r in results)
     assert leftovers == [False] * 6

@@ -18,9 +18,9 @@ from worker.callables import resolve
 from worker.config import DatabaseSettings, JobSpec, RetryPolicy
 from worker.db import Database, Session
 from worker.errors import error_codes
-from worker.loop import run_batch
 from worker.pool import WorkerPool
 from worker.runner import Outcome, run_job
+from tests.batch import run_all, run_batch
 from tests.backends import ALL_BACKENDS, BACKENDS, GAPS, NOT_YET, gap, scenario
 from tests.conftest import spec
 from tests.tcpproxy import TcpProxy
@@ -77,8 +77,8 @@ def worker_connection_id(database) -> int:
 def test_every_scenario_and_backend_is_run_or_explained():
     """The table is complete: every scenario has a test, and every backend without
     an implementation is a gap, with a reason, in every row."""
-    from tests import test_cluster, test_jobs
-    modules = (globals(), vars(test_cluster), vars(test_jobs))
+    from tests import test_cluster, test_db, test_jobs
+    modules = (globals(), vars(test_cluster), vars(test_db), vars(test_jobs))
     for name, row in GAPS.items():
         assert any(f"test_{name}" in module for module in modules), name
         assert set(row) <= set(ALL_BACKENDS), name
@@ -110,7 +110,7 @@ def test_story_sixteen_jobs(make_database, backend):
     function = resolve(job.call)
     started = time.monotonic()
     with WorkerPool(JOBS) as pool:
-        results = pool.run_all([lambda: run_job(job, function, database)] * JOBS)
+        results = run_all(pool, [lambda: run_job(job, function, database)] * JOBS)
     outcome("story", backend, f"{JOBS} jobs, {len({i for _, i in seen})} server connections, "
             f"{sum(not r.ok for r in results)} errors, {time.monotonic() - started:.2f}s")
     assert [r.error for r in results if not r.ok] == []           # zero errors
@@ -125,9 +125,9 @@ def test_story_sixteen_jobs(make_database, backend):
 
 @scenario("killed_mid_query")
 def test_killed_mid_query(make_database, admin, backend):
-    """field-notes §3: the killed connection is seen as dead, its cleanup does not hide
-    the error, the job re-runs in a new Session, and no later job is handed it.
-    (MariaDB: KILL; PostgreSQL: pg_terminate_backend.)"""
+    """mysql+pyodbc alone would pool the killed connection again: here it is seen as
+    dead, its cleanup does not hide the error, the job re-runs in a new Session, and
+    no later job is handed it. (MariaDB: KILL; PostgreSQL: pg_terminate_backend.)"""
     database = make_database(pool_size=1)
     calls: list = []
     started = time.monotonic()
@@ -145,8 +145,9 @@ def test_killed_mid_query(make_database, admin, backend):
 
 @scenario("killed_connection_is_a_disconnect")
 def test_killed_connection_is_a_disconnect(make_database, admin, server, backend):
-    """mysql+pyodbc alone says connection_invalidated=False here (field-notes §3);
-    the handle_error listener makes SQLAlchemy invalidate it. PostgreSQL: the
+    """mysql+pyodbc alone says connection_invalidated=False here (its pyodbc
+    connector's is_disconnect wins over the MySQL dialect's list); the handle_error
+    listener makes SQLAlchemy invalidate it. PostgreSQL: the
     terminated backend's next use raises psycopg's AdminShutdown (57P01)."""
     database = make_database(pool_size=1)
     session = Session()
@@ -177,7 +178,7 @@ def test_idle_pooled_connections_killed(make_database, admin, backend):
     select_one = resolve("tests.jobfuncs:select_one")
     job = spec("probe", attempts=3)
     with WorkerPool(2) as pool:
-        assert all(r.ok for r in pool.run_all([lambda: run_job(job, select_one, database)] * 4))
+        assert all(r.ok for r in run_all(pool, [lambda: run_job(job, select_one, database)] * 4))
     pooled = admin.worker_connections()
     assert len(pooled) == 2                      # both pooled connections sit idle
     for connection_id in pooled:
@@ -370,7 +371,7 @@ def test_database_vanishes(server, backend):
     finally:
         database.dispose()
         proxy.close()
-        direct = Database(DatabaseSettings(url=server.url, pool_size=1), registry=None)
+        direct = Database(DatabaseSettings(url=server.url, pool_size=1), for_jobs=False)
         with direct.engine.begin() as connection:
             connection.execute(text("DROP TABLE IF EXISTS worker_test_counters"))
         direct.dispose()
@@ -389,7 +390,8 @@ def test_statements_per_job(make_database, admin, server, backend):
     """Counted at the server (MariaDB: its Com_* counters; PostgreSQL: its log with
     log_statement = 'all'): per job the driver's BEGIN (psycopg; ODBC begins
     implicitly), the job's statement and one COMMIT; no ROLLBACK when the connection
-    returns to the pool after a COMMIT, and no ping on checkout (field-notes §5)."""
+    returns to the pool after a COMMIT (SQLAlchemy's default reset would send one),
+    and no ping on checkout."""
     database = make_database(pool_size=1, **server.counting_settings(admin))
     job, select_one = spec("one", attempts=1), resolve("tests.jobfuncs:select_one")
     worker_id = worker_connection_id(database)           # connects and warms the pool

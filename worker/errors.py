@@ -286,7 +286,10 @@ def describe(exc: BaseException, limit: int = 300) -> str:
     """One line for logs and summaries: the driver's message, never the SQL parameters."""
     orig = getattr(exc, "orig", None)
     shown = orig if orig is not None else exc
-    text = " ".join(str(shown).split())
+    try:
+        text = " ".join(str(shown).split())
+    except Exception:  # a job's exception whose __str__ itself fails
+        text = f"<{type(shown).__name__} whose message cannot be shown>"
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
