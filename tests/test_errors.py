@@ -64,7 +64,8 @@ CASES = [
     ("mssql", odbc(pyodbc.OperationalError, "08S01", "[FreeTDS][SQL Server]Unable to "
                    "connect: Adaptive Server is unavailable or does not exist", 20009,
                    "SQLDriverConnect"), R, True, "08S01", 20009),
-    # MariaDB through MariaDB Connector/ODBC (field-notes §4)
+    # MariaDB through MariaDB Connector/ODBC (pyodbc hands deadlocks, lock waits and
+    # killed connections over as its base Error: read by SQLSTATE and native number)
     ("mysql", odbc(pyodbc.Error, "40001", MA + "Deadlock found when trying to get lock; try "
                    "restarting transaction", 1213), R, False, "40001", 1213),
     ("mysql", odbc(pyodbc.Error, "HY000", MA + "Lock wait timeout exceeded; try restarting "

@@ -1,6 +1,8 @@
 """Which database errors are worth re-running a job for.
 
-Table-driven from shared/reference/transient-errors.md. Every error gets one of
+Table-driven, from Microsoft's transient-fault codes for Azure SQL, the retry list of
+Microsoft.Data.SqlClient, EF Core's SqlServerTransientExceptionDetector, SQLAlchemy's
+dialects and the MariaDB and PostgreSQL manuals. Every error gets one of
 three verdicts (retry, retry only if the job is idempotent, never) and a flag
 saying whether the connection is dead and must leave the pool.
 

@@ -88,15 +88,16 @@ def run_attempt(job: JobSpec, function: JobFunction, database: Database,
                 attempt: int = 1, watch: RunWatch | None = None) -> None:
     """One attempt in one Session scope; raises AttemptFailed on any error."""
     if job.timeout is None:
-        _run_in_session(job, function, database, attempt, None)
+        _run_in_session(job, function, database, attempt, None, watch)
         return
     with Deadline(job.timeout, database.statements, watch or RunWatch(),
                   _tag(job, attempt), _fields(job, attempt)) as deadline:
-        _run_in_session(job, function, database, attempt, deadline)
+        _run_in_session(job, function, database, attempt, deadline, watch)
 
 
 def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
-                    attempt: int, deadline: Deadline | None) -> None:
+                    attempt: int, deadline: Deadline | None,
+                    watch: RunWatch | None) -> None:
     registry = database.registry
     session = registry()
     during_commit = False
@@ -106,6 +107,9 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
             # Too late: what the job did is rolled back, not committed.
             raise AttemptTimedOut(f"returned after its deadline of "
                                   f"{format_duration(job.timeout)}")
+        if watch is not None and watch.cancelled.is_set():
+            # A stop cancelled it while it was busy in Python: nothing is committed.
+            raise Cancelled("the worker is stopping; returned after being cancelled")
         session.flush()        # a failure here cannot have committed anything
         database.refuse_aborted_commit(session)
         during_commit = True
@@ -260,12 +264,14 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
     duration = time.monotonic() - started
     diagnosis = failure.diagnosis
     if watch.cancelled.is_set():
-        log.error("%s cancelled: the worker is stopping (%s)", _tag(job, attempt), failure, extra=_fields(job, attempt))
+        log.error("%s cancelled: the worker is stopping (%s)", _tag(job, attempt), failure,
+                  extra=_fields(job, attempt))
         return JobResult(job.name, Outcome.CANCELLED, attempt, duration, str(failure))
     if failure.timed_out:
         log.error("%s timed out: %s: %s; %s", _tag(job, attempt), diagnosis.reason,
                   failure, "no attempts left" if failure.should_retry(job)
-                  else "not retried (set retry.on_timeout to retry)", extra=_fields(job, attempt))
+                  else "not retried (set retry.on_timeout to retry)",
+                  extra=_fields(job, attempt))
         return JobResult(job.name, Outcome.TIMEOUT, attempt, duration, str(failure))
     if failure.should_retry(job):
         why = "no attempts left"
@@ -276,5 +282,6 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
     log.error("%s failed: %s (%s): %s; %s", _tag(job, attempt), diagnosis.reason,
               diagnosis.codes, failure, why, extra=_fields(job, attempt))
     # Once, at INFO: where in the job's code it failed (file and line).
-    log.info("%s traceback of the last attempt", _tag(job, attempt), exc_info=failure.error, extra=_fields(job, attempt))
+    log.info("%s traceback of the last attempt", _tag(job, attempt),
+             exc_info=failure.error, extra=_fields(job, attempt))
     return JobResult(job.name, Outcome.FAILED, attempt, duration, str(failure))
