@@ -128,6 +128,19 @@ MESSAGE_RULES: dict[str, list[tuple[str, Rule]]] = {
               # Microsoft's driver reports a login timeout as HYT00 (not HYT01): no
               # statement ran, so it is not a query timeout of unknown outcome
               ("login timeout expired", Rule(R, "login timeout", disconnect=True))],
+    # psycopg: 57014 is both PostgreSQL's statement_timeout and a cancel request
+    # (our deadline's, or a DBA's): the message says which. Failures to connect or
+    # a connection dropped by the network come without any SQLSTATE.
+    "postgresql": [
+        ("canceling statement due to statement timeout",
+         Rule(N, "server statement_timeout (not the job's deadline)")),
+        ("canceling statement due to user request", Rule(N, "statement cancelled")),
+        ("connection refused", Rule(R, "cannot connect (server down or restarting)", True)),
+        ("could not connect to server", Rule(R, "cannot connect", True)),
+        ("server closed the connection unexpectedly", Rule(R, "lost connection", True)),
+        ("the connection is lost", Rule(R, "lost connection", True)),
+        ("ssl syscall error", Rule(R, "lost connection", True)),
+    ],
     "sqlite": [("database is locked", Rule(R, "database is locked (SQLITE_BUSY)")),
                ("database table is locked", Rule(N, "table locked inside one connection"))],
 }

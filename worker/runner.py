@@ -23,7 +23,7 @@ from tenacity import (RetryCallState, Retrying, retry_if_exception,
 from .callables import JobFunction
 from .config import JobSpec, format_duration
 from .db import Database, Session
-from .deadlines import Deadline, RunWatch
+from .deadlines import Deadline, DeadlineExceeded, RunWatch
 from .errors import Diagnosis, Verdict, describe
 from .logs import job_fields
 
@@ -111,14 +111,21 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
             # A stop cancelled it while it was busy in Python: nothing is committed.
             raise Cancelled("the worker is stopping; returned after being cancelled")
         session.flush()        # a failure here cannot have committed anything
+        database.refuse_aborted_commit(session)
         during_commit = True
         session.commit()
     except BaseException as exc:
         # BaseException too: a job's SystemExit or KeyboardInterrupt is that job's
         # failure, never the worker's exit (signals reach the main thread only, so
         # in a job thread these come from the job's own code).
+        # Whose deadline: read before the rollback's round trip, so an error that
+        # arrived before our timer fired (PostgreSQL's own statement_timeout, also
+        # 57014) is not ours; DeadlineExceeded is ours even before the timer's
+        # thread has set its flag.
+        deadline_passed = deadline is not None and (
+            deadline.expired.is_set() or isinstance(exc, DeadlineExceeded))
         _rollback(session, job, attempt)
-        if deadline is not None and deadline.expired.is_set() and not during_commit:
+        if deadline_passed and not during_commit:
             timeout = Diagnosis(Verdict.NEVER, f"deadline of {format_duration(job.timeout)} "
                                                f"passed")
             raise AttemptFailed(exc, timeout, during_commit, timed_out=True) from exc
