@@ -50,8 +50,9 @@ GRANT PROCESS ON *.* TO 'worker_test'@'localhost', 'worker_test'@'127.0.0.1', 'w
 SQL
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,metrics]'
 
 bash scripts/setup-deploy-tests.sh
+bash scripts/setup-monitoring-tests.sh
 
 exec .venv/bin/python -m pytest "$@"

@@ -270,3 +270,9 @@ def wait_for_file(session, path: str, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} never appeared")
         time.sleep(0.05)
+
+
+# --- hooks (called as fn(result) with the run's JobResult) ---------------------------
+
+def noop_hook(result) -> None:
+    """A hook that does nothing."""
