@@ -404,7 +404,7 @@ jobs:
     assert refused.value.code == 405
 
     shot = tmp_path / "status-page.png"
-    done = chromium(tmp_path, f"--screenshot={shot}", "--window-size=900,1100",
+    done = chromium(tmp_path, f"--screenshot={shot}", "--window-size=900,760",
                     f"http://127.0.0.1:{port}/")
     assert done.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size < 200_000

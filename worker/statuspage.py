@@ -19,10 +19,10 @@ main{padding:8px 12px;max-width:1100px}
 section{background:#fff;border:1px solid #d0d7de;border-radius:6px;margin:10px 0;
 padding:10px 12px}
 h2{font-size:16px;margin:0 0 6px}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:4px 12px;
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(160px,1fr));gap:4px 12px;
 font-size:13px}
+.grid div{overflow-wrap:anywhere}
 .grid b{display:block;font-weight:600;color:#57606a;font-size:12px}
-.job h2 span{font-weight:400;color:#57606a;font-size:13px}
 .badge{display:inline-block;border-radius:10px;padding:0 8px;color:#fff;font-size:12px;
 font-weight:600}
 .runs{margin-top:6px;line-height:0}
@@ -44,6 +44,11 @@ def _badge(outcome: str | None) -> str:
     return f'<span class="badge" style="background:{colour}">{escape(outcome)}</span>'
 
 
+def _when(iso: str | None) -> str | None:
+    """An ISO time as people read it: date and time, the offset kept."""
+    return iso.replace("T", " ", 1) if iso else iso
+
+
 def _field(name: str, value) -> str:
     shown = "-" if value is None or value == "" else escape(str(value))
     return f"<div><b>{escape(name)}</b>{shown}</div>"
@@ -54,19 +59,20 @@ def _job(job: dict) -> str:
     outcome = "running" if job["running_since"] else (last["outcome"] if last else None)
     fields = [
         _field("schedule", job["schedule"] or "no schedule (--once only)"),
-        _field("next run", job["next_run"] or ("disabled" if not job["enabled"] else "-")),
-        _field("last run", last["finished"] if last else None),
+        _field("next run", _when(job["next_run"]) or
+               ("disabled" if not job["enabled"] else "-")),
+        _field("last run", _when(last["finished"]) if last else None),
         _field("duration", f'{last["duration"]:.3f}s' if last else None),
         _field("attempts", last["attempts"] if last else None),
     ]
     if job["running_since"]:
-        fields.append(_field("running since", job["running_since"]))
+        fields.append(_field("running since", _when(job["running_since"])))
     squares = "".join(
         f'<i style="background:{OUTCOME_COLOURS.get(r["outcome"], "#57606a")}" '
         f'title="{escape(r["finished"])}: {escape(r["outcome"])}"></i>'
         for r in reversed(job["recent"]))
     rows = "".join(
-        f'<tr><td>{escape(r["finished"])}</td><td>{escape(r["outcome"])}</td>'
+        f'<tr><td>{escape(_when(r["finished"]))}</td><td>{escape(r["outcome"])}</td>'
         f'<td>{r["duration"]:.3f}s</td><td>{r["attempts"]}</td>'
         + (f'<td>{escape(r["node"])}</td>' if r["node"] else "")
         + f'<td>{escape(r["error"] or "")}</td></tr>' for r in job["recent"])
@@ -97,7 +103,7 @@ def render(data: dict) -> str:
         _field("connections", f'{worker["connections_checked_out"]} checked out of '
                               f'{worker["pool_size"]}'),
         _field("version", worker["version"]),
-        _field("started", worker["started"]),
+        _field("started", _when(worker["started"])),
     ]
     cluster = data.get("cluster")
     cluster_html = ""
