@@ -98,6 +98,9 @@ def assert_conventions(samples: dict) -> None:
     families = samples["families"]
     assert families and all(f.startswith(PREFIX) for f in families), families
     assert "up" not in families
+    # `job` and `instance` are the labels Prometheus attaches to every target.
+    labels = {name for key in samples if key != "families" for name, _ in key[1]}
+    assert not labels & {"job", "instance"}, labels
 
 
 # --- metrics after known runs (MariaDB: a real deadlock) ---------------------------
@@ -159,28 +162,31 @@ jobs:
 
     assert_conventions(samples)
     runs = "run_worker_runs_total"
-    assert value(samples, runs, job="ok", outcome="success") == 1
-    assert value(samples, runs, job="deadlocked", outcome="success") == 1
-    assert value(samples, runs, job="deadlocked", outcome="failed") == 0
-    assert value(samples, runs, job="slow", outcome="timeout") == 1
-    assert value(samples, runs, job="slow", outcome="success") == 0
+    assert value(samples, runs, job_name="ok", outcome="success") == 1
+    assert value(samples, runs, job_name="deadlocked", outcome="success") == 1
+    assert value(samples, runs, job_name="deadlocked", outcome="failed") == 0
+    assert value(samples, runs, job_name="slow", outcome="timeout") == 1
+    assert value(samples, runs, job_name="slow", outcome="success") == 0
     for outcome in ("success", "failed", "timeout", "cancelled"):   # series at 0
-        assert value(samples, runs, job="never", outcome=outcome) == 0
-        assert value(samples, runs, job="blocked", outcome=outcome) == 0   # still going
-    assert value(samples, "run_worker_attempts_total", job="deadlocked") == 2
-    assert value(samples, "run_worker_retries_total", job="deadlocked", reason="deadlock") == 1
-    assert ("run_worker_retries_total", (("job", "ok"),)) not in samples
+        assert value(samples, runs, job_name="never", outcome=outcome) == 0
+        assert value(samples, runs, job_name="blocked", outcome=outcome) == 0   # still going
+    assert value(samples, "run_worker_attempts_total", job_name="deadlocked") == 2
+    assert value(samples, "run_worker_retries_total", job_name="deadlocked", reason="deadlock") == 1
+    assert ("run_worker_retries_total", (("job_name", "ok"),)) not in samples
     skipped = "run_worker_runs_skipped_total"
-    assert value(samples, skipped, job="blocked", reason="overlap") == 1
-    assert value(samples, skipped, job="ok", reason="overlap") == 0
-    assert value(samples, "run_worker_last_success_timestamp_seconds", job="ok") > \
+    assert value(samples, skipped, job_name="blocked", reason="overlap") == 1
+    assert value(samples, skipped, job_name="ok", reason="overlap") == 0
+    assert value(samples, "run_worker_last_success_timestamp_seconds", job_name="ok") > \
         time.time() - 120
-    assert value(samples, "run_worker_last_success_timestamp_seconds", job="never") == 0
-    assert value(samples, "run_worker_last_failure_timestamp_seconds", job="slow") > 0
-    assert value(samples, "run_worker_run_duration_seconds_count", job="slow") == 1
-    assert value(samples, "run_worker_run_duration_seconds_sum", job="slow") >= 1.0
-    assert value(samples, "run_worker_start_lateness_seconds_count", job="ok") == 1
+    assert value(samples, "run_worker_last_success_timestamp_seconds", job_name="never") == 0
+    assert value(samples, "run_worker_last_failure_timestamp_seconds", job_name="slow") > 0
+    assert value(samples, "run_worker_run_duration_seconds_count", job_name="slow") == 1
+    assert value(samples, "run_worker_run_duration_seconds_sum", job_name="slow") >= 1.0
+    assert value(samples, "run_worker_start_lateness_seconds_count", job_name="ok") == 1
     assert value(samples, "run_worker_db_pool_size") == 8
+    assert value(samples, "run_worker_job_interval_seconds", job_name="blocked") == 5
+    assert value(samples, "run_worker_job_interval_seconds", job_name="never") in \
+        (365 * 86400, 366 * 86400)
     assert 1 <= value(samples, "run_worker_db_connections_checked_out") <= 2  # blocked's
     # (and, for a moment, the readiness ping's)
     assert value(samples, "run_worker_config_reloads_total", result="applied") == 0
@@ -230,11 +236,11 @@ jobs:
     samples = samples_of(prom.read_text())
     assert_conventions(samples)
     runs = "run_worker_runs_total"
-    assert value(samples, runs, job="ok", outcome="success") == 1
-    assert value(samples, runs, job="bad", outcome="failed") == 1
-    assert value(samples, runs, job="disabled-job", outcome="success") == 0
-    assert value(samples, "run_worker_last_failure_timestamp_seconds", job="bad") > 0
-    assert value(samples, "run_worker_last_success_timestamp_seconds", job="bad") == 0
+    assert value(samples, runs, job_name="ok", outcome="success") == 1
+    assert value(samples, runs, job_name="bad", outcome="failed") == 1
+    assert value(samples, runs, job_name="disabled-job", outcome="success") == 0
+    assert value(samples, "run_worker_last_failure_timestamp_seconds", job_name="bad") > 0
+    assert value(samples, "run_worker_last_success_timestamp_seconds", job_name="bad") == 0
 
 
 def test_daemon_port_in_use_is_one_line_and_exit_69(tmp_path):

@@ -32,25 +32,25 @@ class MetricsObserver:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.runs = Counter(f"{PREFIX}_runs", "Runs finished, by job and outcome",
-                            ["job", "outcome"], registry=r)
+                            ["job_name", "outcome"], registry=r)
         self.attempts = Counter(f"{PREFIX}_attempts", "Attempts made, by job",
-                                ["job"], registry=r)
+                                ["job_name"], registry=r)
         self.retries = Counter(f"{PREFIX}_retries", "Failed attempts that were retried, "
-                               "by job and reason", ["job", "reason"], registry=r)
+                               "by job and reason", ["job_name", "reason"], registry=r)
         self.duration = Histogram(f"{PREFIX}_run_duration_seconds", "Run duration (all "
-                                  "attempts and waits), by job", ["job"],
+                                  "attempts and waits), by job", ["job_name"],
                                   buckets=DURATION_BUCKETS, registry=r)
         self.last_success = Gauge(f"{PREFIX}_last_success_timestamp_seconds",
                                   "When the job last succeeded (Unix time; 0: never)",
-                                  ["job"], registry=r)
+                                  ["job_name"], registry=r)
         self.last_failure = Gauge(f"{PREFIX}_last_failure_timestamp_seconds",
                                   "When the job last failed or timed out (Unix time; "
-                                  "0: never)", ["job"], registry=r)
+                                  "0: never)", ["job_name"], registry=r)
         self.lateness = Histogram(f"{PREFIX}_start_lateness_seconds", "How late runs "
-                                  "started after their scheduled time, by job", ["job"],
+                                  "started after their scheduled time, by job", ["job_name"],
                                   buckets=LATENESS_BUCKETS, registry=r)
         self.skipped = Counter(f"{PREFIX}_runs_skipped", "Runs due but not started, by "
-                               "job and reason", ["job", "reason"], registry=r)
+                               "job and reason", ["job_name", "reason"], registry=r)
         self.reloads = Counter(f"{PREFIX}_config_reloads", "Configuration reloads "
                                "(SIGHUP), by result", ["result"], registry=r)
         self.claims = Counter(f"{PREFIX}_cluster_claims", "Cluster mode: runs claimed in "
@@ -60,6 +60,12 @@ class MetricsObserver:
         self.database_up = Gauge(f"{PREFIX}_database_ready", "1 when the job database "
                                  "answered last, 0 while it cannot be reached",
                                  registry=r)
+        self.interval = Gauge(f"{PREFIX}_job_interval_seconds", "Seconds between a "
+                              "scheduled job's runs (every; cron: between its next two)",
+                              ["job_name"], registry=r)
+        self.start_time = Gauge(f"{PREFIX}_start_time_seconds", "When this worker process "
+                                "started (Unix time)", registry=r)
+        self.start_time.set_to_current_time()
         self.last_tick = Gauge(f"{PREFIX}_loop_last_tick_timestamp_seconds", "When the "
                                "work loop last turned (Unix time)", registry=r)
         Info(f"{PREFIX}_build", "The worker's version", registry=r).info(
@@ -86,6 +92,9 @@ class MetricsObserver:
             self.lateness.labels(name)
             self.last_success.labels(name)
             self.last_failure.labels(name)
+            interval = _interval(job)
+            if interval is not None:
+                self.interval.labels(name).set(interval)
 
     def run_started(self, run, runtime) -> None:
         if run.slot is not None:            # a scheduled occurrence (not a batch run)
@@ -171,6 +180,17 @@ class _RuntimeCollector:
                                             "marked abandoned")
             abandoned.add_metric([], getattr(runtime.cluster, "abandoned_marked", 0))
             yield abandoned
+
+
+def _interval(job) -> float | None:
+    if job.every is not None:
+        return job.every
+    if job.cron is not None:
+        from croniter import croniter
+        times = croniter(job.cron, time.time())
+        first = times.get_next(float)
+        return times.get_next(float) - first
+    return None
 
 
 def _version() -> str:
