@@ -543,3 +543,46 @@ def test_every_classifier_reason_has_a_known_label():
     assert labels["lock wait timeout"] == "lock_timeout"
     assert labels["lost connection"] == "disconnect"
     assert retry_label("deadline of 1s passed", timed_out=True) == "timeout"
+
+
+# --- cluster mode ---------------------------------------------------------------------------
+
+def test_cluster_claims_in_metrics_and_run_history_on_the_page(tmp_path, daemons):
+    """Two cron `--once` runs for one slot: host-a wins the claim, host-b loses it
+    (each writes its own textfile); then a daemon's page shows the run table's
+    history with the node that ran each run."""
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+worker: {{lock_dir: "{tmp_path}/locks-${{NODE}}"}}
+cluster:
+  url: "sqlite:///{tmp_path / 'runs.db'}"
+  node: ${{NODE}}
+  batch_slot: 1h
+metrics:
+  port: 0
+  textfile: "{tmp_path}/${{NODE}}.prom"
+jobs:
+  - name: report
+    call: tests.jobfuncs:select_one
+""")
+    assert run_cli(config, "--once", env={"NODE": "host-a"}).returncode == 0
+    assert run_cli(config, "--once", env={"NODE": "host-b"}).returncode == 75
+    won = samples_of((tmp_path / "host-a.prom").read_text())
+    lost = samples_of((tmp_path / "host-b.prom").read_text())
+    claims = "run_worker_cluster_claims_total"
+    assert (value(won, claims, result="won"), value(won, claims, result="lost")) == (1, 0)
+    assert (value(lost, claims, result="won"), value(lost, claims, result="lost")) == (0, 1)
+    assert value(lost, "run_worker_runs_skipped_total", job_name="report",
+                 reason="claimed_elsewhere") == 1
+    assert value(lost, "run_worker_runs_total", job_name="report", outcome="success") == 0
+
+    daemon = daemons(config, env={"NODE": "host-c"})
+    port = listening_port(daemon)
+    daemon.wait_for("cluster node host-c joined")
+    import json
+    data = json.loads(get(port, "/status.json")[1])
+    assert data["cluster"]["node"] == "host-c"
+    assert "host-a" in data["cluster"]["nodes"]
+    assert {"node": "host-a", "outcome": "success"}.items() <= \
+        data["jobs"][0]["recent"][-1].items()
+    assert daemon.stop() == 0

@@ -72,6 +72,7 @@ class _Call:
     thread: threading.Thread
     started: float
     what: str
+    job: str
 
 
 class HookRunner(NoObserver):
@@ -109,7 +110,7 @@ class HookRunner(NoObserver):
         thread = threading.Thread(target=_call_hook, args=(function, result, what),
                                   name=f"hook-{result.job}", daemon=True)
         thread.start()
-        self._pending.append(_Call(thread, time.monotonic(), what))
+        self._pending.append(_Call(thread, time.monotonic(), what, result.job))
 
     def tick(self) -> None:
         self._give_up_late(time.monotonic())
@@ -121,7 +122,8 @@ class HookRunner(NoObserver):
                 continue
             if now - call.started > self._settings.timeout:
                 log.error("%s still running after %gs (hooks.timeout): abandoned; the "
-                          "run's outcome stands", call.what, self._settings.timeout)
+                          "run's outcome stands", call.what, self._settings.timeout,
+                          extra={"job": call.job})
             else:
                 still.append(call)
         self._pending = still
@@ -141,4 +143,4 @@ def _call_hook(function: Callable, result, what: str) -> None:
         function(result)
     except BaseException as exc:  # a hook's failure is only logged (SystemExit too)
         log.error("%s raised %s: %s; the run's outcome stands", what,
-                  type(exc).__name__, exc, exc_info=exc)
+                  type(exc).__name__, exc, exc_info=exc, extra={"job": result.job})

@@ -90,18 +90,28 @@ class StatusBoard(NoObserver):
         self.started = time.time()
         self._recent: dict[str, deque] = {}
         self._running: dict[str, float] = {}     # job -> when its run started
+        # The loop thread writes, HTTP threads read: a deque must not change while
+        # it is being copied.
+        self._lock = threading.Lock()
 
     def runtime_changed(self, runtime) -> None:
         self.runtime = runtime
 
     def run_started(self, run, runtime) -> None:
-        self._running[run.job.name] = time.time()
+        with self._lock:
+            self._running[run.job.name] = time.time()
 
     def run_finished(self, run, result) -> None:
-        self._running.pop(result.job, None)
-        self._recent.setdefault(result.job, deque(maxlen=RECENT_RUNS)).appendleft(
-            RunRecord(time.time(), result.outcome.value, result.duration, result.attempts,
-                      one_line(result.error)))
+        record = RunRecord(time.time(), result.outcome.value, result.duration,
+                           result.attempts, one_line(result.error))
+        with self._lock:
+            self._running.pop(result.job, None)
+            self._recent.setdefault(result.job, deque(maxlen=RECENT_RUNS)).appendleft(record)
+
+    def _own_runs(self) -> tuple[dict[str, list], dict[str, float]]:
+        with self._lock:
+            return ({name: list(runs) for name, runs in self._recent.items()},
+                    dict(self._running))
 
     def snapshot(self, health: Health | None = None) -> dict:
         runtime = self.runtime
@@ -109,13 +119,14 @@ class StatusBoard(NoObserver):
             return {"worker": {"state": "starting"}, "jobs": [], "cluster": None}
         config = runtime.config
         history, history_error = self._cluster_history(runtime)
+        own, running = self._own_runs()
         jobs = []
         scheduled = {job.name for job in runtime.scheduler.jobs} \
             if runtime.scheduler is not None else set()
         for job in config.jobs:
             recent = history.get(job.name) if history is not None else \
-                list(self._recent.get(job.name, ()))
-            running_since = self._running.get(job.name)
+                own.get(job.name, [])
+            running_since = running.get(job.name)
             jobs.append({
                 "name": job.name,
                 "schedule": job.schedule,
@@ -136,7 +147,7 @@ class StatusBoard(NoObserver):
             "max_workers": config.worker.max_workers,
             "pool_size": settings.pool_size + settings.max_overflow,
             "connections_checked_out": runtime.database.checked_out(),
-            "running": len(self._running),
+            "running": len(running),
         }
         if health is not None:
             worker["live"], worker["live_reason"] = health.live()
