@@ -586,3 +586,31 @@ jobs:
     assert {"node": "host-a", "outcome": "success"}.items() <= \
         data["jobs"][0]["recent"][-1].items()
     assert daemon.stop() == 0
+
+
+def test_misfires_and_overlaps_are_counted_by_the_schedule_source():
+    """The schedule's own skips (fake clock, no threads): a run later than
+    misfire_grace_time is a misfire, one due while the job still runs an overlap."""
+    from types import SimpleNamespace
+
+    from worker.config import JobSpec
+    from worker.metrics import MetricsObserver
+    from worker.scheduler import EverySchedule, Scheduler, zone_named
+    from worker.sources import ScheduleSource
+
+    now = [1000.0]
+    report = JobSpec(name="report", call="m:f", every=100)
+    scheduler = Scheduler([report], zone_named("UTC"), 30,
+                          lambda spec, zone: EverySchedule(spec.every, lambda: now[0]))
+    metrics = MetricsObserver()
+    source = ScheduleSource(metrics)
+    runtime = SimpleNamespace(scheduler=scheduler)
+    assert [r.job.name for r in source.due(runtime, set(), 4)] == ["report"]
+    now[0] += 150                        # the +100 run is 50 s late: over the grace
+    assert source.due(runtime, set(), 4) == []
+    now[0] += 50                         # +200 is due while the job still runs
+    assert source.due(runtime, {"report"}, 4) == []
+    samples = samples_of(metrics.exposition().decode())
+    skipped = "run_worker_runs_skipped_total"
+    assert value(samples, skipped, job_name="report", reason="misfire") == 1
+    assert value(samples, skipped, job_name="report", reason="overlap") == 1
