@@ -6,6 +6,7 @@ the Session. Test state (barriers, counters) comes in through kwargs.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from pathlib import Path
@@ -359,6 +360,86 @@ def wait_for_file(session, path: str, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} never appeared")
         time.sleep(0.05)
+
+
+def select_then_wait_for_file(session, path: str, timeout: float = 60) -> None:
+    """Holds the run and one pooled connection until the test creates `path`."""
+    select_one(session)
+    wait_for_file(session, path, timeout)
+
+
+DEADLOCK_TABLE = "worker_test_deadlock"   # rows 1..10, made by the test
+
+
+def deadlock_first_attempt(session, marker: str) -> None:
+    """MariaDB: the first attempt (no `marker` file yet) is the victim of a real
+    deadlock with a second connection; every later attempt just updates a row.
+
+    The job locks row 1; the other connection locks rows 2..10 and then waits for
+    row 1; the job asks for row 2 and closes the cycle. InnoDB rolls back the
+    lighter transaction, the job's (1 row against 9), with error 1213."""
+    update = text(f"UPDATE {DEADLOCK_TABLE} SET value = value + 1 WHERE id BETWEEN :a AND :b")
+    if Path(marker).exists():
+        session.execute(update, {"a": 1, "b": 1})
+        return
+    Path(marker).touch()
+    session.execute(update, {"a": 1, "b": 1})
+    holding = threading.Event()
+
+    def other() -> None:
+        with session.get_bind().connect() as connection:
+            connection.execute(update, {"a": 2, "b": 10})
+            holding.set()
+            connection.execute(update, {"a": 1, "b": 1})   # waits for the job's row 1
+            connection.commit()
+
+    thread = threading.Thread(target=other, name="deadlock-peer")
+    thread.start()
+    try:
+        holding.wait(10)
+        time.sleep(0.3)          # the peer is now waiting for row 1
+        session.execute(update, {"a": 2, "b": 2})
+    finally:
+        thread.join(15)
+
+
+def raise_secret_error(session) -> None:
+    """Fails with a message that quotes a URL with a password (must be masked)."""
+    raise ValueError("cannot reach mysql://app:s3cr3t-pw@db.example/prod")
+
+
+# --- hooks (called as fn(result) with the run's JobResult) ---------------------------
+
+def noop_hook(result) -> None:
+    """A hook that does nothing."""
+
+
+def write_result_hook(result) -> None:
+    """Appends 'job outcome attempts' to $HOOK_OUT (the test reads it)."""
+    with open(os.environ["HOOK_OUT"], "a") as out:
+        out.write(f"global {result.job} {result.outcome.value} {result.attempts}\n")
+
+
+def own_result_hook(result) -> None:
+    """A job's own hook: like write_result_hook, tagged 'own'."""
+    with open(os.environ["HOOK_OUT"], "a") as out:
+        out.write(f"own {result.job} {result.outcome.value} {result.attempts}\n")
+
+
+def raising_hook(result) -> None:
+    raise RuntimeError(f"hook failed for {result.job}")
+
+
+def slow_hook(result) -> None:
+    """Sleeps $HOOK_SLEEP seconds, then appends 'slow <job>' to $HOOK_OUT."""
+    time.sleep(float(os.environ.get("HOOK_SLEEP", "30")))
+    with open(os.environ["HOOK_OUT"], "a") as out:
+        out.write(f"slow {result.job}\n")
+
+
+def hook_with_two_args(result, other) -> None:
+    """Not a valid hook: hooks are called as fn(result)."""
+
 
 # --- SQL Server (the TDS test server, tests/sqlserver) -------------------------------
 

@@ -166,6 +166,7 @@ class Cluster:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_prune = 0.0
+        self.abandoned_marked = 0    # runs of silent nodes marked abandoned (metrics)
 
     # --- life cycle ---------------------------------------------------------------
 
@@ -425,6 +426,7 @@ class Cluster:
                                                     .now_ms(), error=f"node {row.node} "
                                                     f"stopped heartbeating"))
             if result.rowcount == 1:
+                self.abandoned_marked += 1
                 silent = (self.clock.now_ms() - row.heartbeat_ms) / 1000
                 log.warning("job=%s run on node %s marked abandoned: no heartbeat for "
                             "%.1fs (its lease %gs)", row.job, row.node, silent,

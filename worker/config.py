@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from .errors import ExtraCodes
+from .observe_config import (HookCalls, HooksSettings, MetricsSettings, hooks_settings,
+                             job_hooks, metrics_settings)
 
 DEFAULT_CONFIG_PATH = "config/jobs.yaml"
 CONFIG_ENV_VAR = "WORKER_CONFIG"
@@ -110,6 +112,7 @@ class JobSpec:
     enabled: bool = True
     idempotent: bool = False       # safe to re-run when a commit's outcome is unknown
     line: int | None = None        # where the job starts in the YAML file
+    hooks: HookCalls | None = None  # this job's own hooks (replace the global ones)
 
     @property
     def schedule(self) -> str | None:
@@ -129,6 +132,8 @@ class Config:
     jobs: tuple[JobSpec, ...]
     extra_codes: ExtraCodes = ExtraCodes()   # the site's additions to the classifier
     cluster: "ClusterSettings | None" = None  # runs coordinated across hosts
+    metrics: MetricsSettings | None = None   # metrics, health and status page
+    hooks: HooksSettings | None = None       # called with each run's JobResult
 
     def job_names(self) -> list[str]:
         return [job.name for job in self.jobs]
@@ -366,7 +371,7 @@ def _describe(value: Any) -> str:
     return f"{kind} ({value!r})" if not isinstance(value, (list, dict)) else kind
 
 
-TOP_KEYS = ("database", "worker", "retry", "jobs", "cluster")
+TOP_KEYS = ("database", "worker", "retry", "jobs", "cluster", "metrics", "hooks")
 CLUSTER_KEYS = ("url", "node", "lease", "heartbeat", "keep_history", "batch_slot")
 DATABASE_KEYS = ("url", "pool_size", "max_overflow", "pool_timeout", "pool_recycle",
                  "pool_pre_ping", "connect_args")
@@ -374,7 +379,7 @@ WORKER_KEYS = ("max_workers", "timezone", "misfire_grace_time", "shutdown_timeou
                "lock_dir")
 RETRY_KEYS = ("attempts", "wait_initial", "wait_max", "on_timeout")
 JOB_KEYS = ("name", "call", "kwargs", "timeout", "every", "cron", "retry", "enabled",
-            "idempotent")
+            "idempotent", "hooks")
 
 
 _WHOLE_ENV_REF = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}")
@@ -523,7 +528,8 @@ def _job(raw: Any, index: int, defaults: RetryPolicy, check: _Checker,
     idempotent = check.boolean(raw.get("idempotent", False), at + ("idempotent",), name)
     return JobSpec(name=name, call=call, kwargs=dict(kwargs), timeout=timeout,
                    every=every, cron=cron, retry=retry, enabled=enabled,
-                   idempotent=idempotent, line=check.lines.get(at))
+                   idempotent=idempotent, line=check.lines.get(at),
+                   hooks=job_hooks(raw.get("hooks"), at, check, name))
 
 
 def _cron_is_valid(expression: str) -> bool:
@@ -575,9 +581,11 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> C
         seen[spec.name] = spec.line or 0
         jobs.append(spec)
     cluster = _cluster(top["cluster"], check) if "cluster" in top else None
+    metrics = metrics_settings(top["metrics"], check) if "metrics" in top else None
+    hooks = hooks_settings(top["hooks"], check) if "hooks" in top else None
     return Config(path=path, database=database, worker=worker, retry=retry,
                   extra_codes=extra_codes, cluster=cluster,
-                  jobs=tuple(jobs))
+                  jobs=tuple(jobs), metrics=metrics, hooks=hooks)
 
 
 def _cluster(raw: Any, check: _Checker) -> ClusterSettings:

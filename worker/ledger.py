@@ -22,6 +22,7 @@ from typing import Container, Iterable, Protocol
 from .cluster import Claim, Cluster, nearest_slot
 from .config import JobSpec
 from .locks import HostLocks, JobLock
+from .observe import SKIP_CLAIMED_ELSEWHERE, SKIP_CLUSTER_UNREACHABLE, SKIP_LOCK_HELD
 from .runner import JobResult
 from .scheduler import DueRun, schedule_for
 
@@ -40,10 +41,11 @@ class Refusal:
     """A run not to start. `record`: report it as a skipped run (the batch summary
     shows it); otherwise it is someone else's run and only logged. `failed`: it
     could not be claimed at all (a lock file that cannot be opened): the run
-    failed."""
+    failed. `kind`: why, as a short label for metrics (worker.observe SKIP_*)."""
     reason: str
     record: bool = True
     failed: bool = False
+    kind: str = SKIP_LOCK_HELD
 
 
 class Ledger(Protocol):
@@ -88,7 +90,8 @@ class ClusterLedger(HostLedger):
 
     def claim(self, run: DueRun) -> Ticket | Refusal:
         if run.slot is not None and not run.recovering and not self._healthy():
-            return Refusal("the cluster's run table is out of reach", record=False)
+            return Refusal("the cluster's run table is out of reach", record=False,
+                           kind=SKIP_CLUSTER_UNREACHABLE)
         ticket = super().claim(run)
         if isinstance(ticket, Refusal):
             return ticket
@@ -107,19 +110,22 @@ class ClusterLedger(HostLedger):
                             "(idempotent: running it again here)", run.job.name,
                             _wall(run.recovering.slot_ms / 1000),
                             extra={"job": run.job.name})
-            return claim, Refusal("taken over by another node", record=False)
+            return claim, Refusal("taken over by another node", record=False,
+                                  kind=SKIP_CLAIMED_ELSEWHERE)
         if run.slot is None:   # a batch run: the occurrence nearest to now
             schedule = schedule_for(run.job, self.zone, cluster.clock.now)
             slot_ms = round(nearest_slot(schedule, cluster.clock.now(),
                                          cluster.settings.batch_slot) * 1000)
             claim = cluster.claim(run.job.name, slot_ms)
             return claim, Refusal(f"its run for the slot at {_wall(slot_ms / 1000)} was "
-                                  f"claimed by node {cluster.holder(run.job.name, slot_ms)}")
+                                  f"claimed by node {cluster.holder(run.job.name, slot_ms)}",
+                                  kind=SKIP_CLAIMED_ELSEWHERE)
         claim = cluster.claim(run.job.name, round(run.slot * 1000))
         if claim is None:
             log.debug("job=%s run due at %s: claimed by another node", run.job.name,
                       run.scheduled, extra={"job": run.job.name})
-        return claim, Refusal("claimed by another node", record=False)
+        return claim, Refusal("claimed by another node", record=False,
+                              kind=SKIP_CLAIMED_ELSEWHERE)
 
     def finish(self, ticket: Ticket, result: JobResult) -> None:
         super().finish(ticket, result)

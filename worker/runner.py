@@ -26,6 +26,7 @@ from .db import Database, Session
 from .deadlines import Deadline, DeadlineExceeded, RunWatch
 from .errors import Diagnosis, Verdict, describe
 from .logs import job_fields
+from .observe import NO_OBSERVER, RunObserver, retry_label
 
 log = logging.getLogger("worker.runner")
 
@@ -168,21 +169,24 @@ def _invalidate(session, job: JobSpec, attempt: int) -> None:
 
 def run_job(job: JobSpec, function: JobFunction, database: Database, *,
             sleep: Callable[[float], None] = time.sleep,
-            watch: RunWatch | None = None) -> JobResult:
-    """Run a job with its retry policy; never raises for the job's own errors."""
+            watch: RunWatch | None = None,
+            observer: RunObserver = NO_OBSERVER) -> JobResult:
+    """Run a job with its retry policy; never raises for the job's own errors.
+    `observer` hears of each retry (attempt_retried)."""
     watch = watch or RunWatch()
     watch.thread = threading.get_ident()
     watch.tracker = database.statements
     previous = Session.enter_job(database.registry)
     try:
-        return _run_job(job, function, database, sleep, watch)
+        return _run_job(job, function, database, sleep, watch, observer)
     finally:
         Session.leave_job(previous)
         database.statements.forget(watch.thread)
 
 
 def _run_job(job: JobSpec, function: JobFunction, database: Database,
-             sleep: Callable[[float], None], watch: RunWatch) -> JobResult:
+             sleep: Callable[[float], None], watch: RunWatch,
+             observer: RunObserver) -> JobResult:
     started = watch.started = time.monotonic()
     # The first attempt runs straight away; the retry machinery (tenacity) is only
     # built when it fails with something worth retrying: most jobs never need it.
@@ -197,7 +201,7 @@ def _run_job(job: JobSpec, function: JobFunction, database: Database,
                 watch.cancelled.is_set():
             return _failed(job, 1, failure, started, watch)
         try:
-            attempt = _retry(job, function, database, sleep, watch, failure)
+            attempt = _retry(job, function, database, sleep, watch, failure, observer)
         except AttemptFailed as last:
             return _failed(job, watch.attempt, last, started, watch)
     duration = time.monotonic() - started
@@ -208,7 +212,7 @@ def _run_job(job: JobSpec, function: JobFunction, database: Database,
 
 def _retry(job: JobSpec, function: JobFunction, database: Database,
            sleep: Callable[[float], None], watch: RunWatch,
-           first_failure: AttemptFailed) -> int:
+           first_failure: AttemptFailed, observer: RunObserver = NO_OBSERVER) -> int:
     """Attempts 2..n under tenacity; attempt 1 replays the failure already seen, so
     that tenacity decides, waits and logs for every retry alike. Returns the
     attempt that succeeded; raises the last AttemptFailed."""
@@ -224,6 +228,9 @@ def _retry(job: JobSpec, function: JobFunction, database: Database,
                     _tag(job, state.attempt_number), failure.diagnosis.reason,
                     failure.diagnosis.codes, failure, wait,
                     extra=_fields(job, state.attempt_number))
+        diagnosis = failure.diagnosis
+        observer.attempt_retried(job, state.attempt_number, retry_label(
+            diagnosis.reason, diagnosis.disconnect, failure.timed_out))
 
     def wait_or_stop(seconds: float) -> None:
         watch.cancelled.wait(seconds)        # a shutdown cuts the wait short

@@ -168,6 +168,7 @@ class Scheduler:
         self._factory = schedule_factory
         self._entries: dict[str, _Entry] = dict(carry_over._entries) if carry_over else {}
         self.unscheduled: list[str] = []
+        self._misfired: list[JobSpec] = []    # skipped runs not yet taken (take_misfired)
         self.update(jobs)
 
     def update(self, jobs: Iterable[JobSpec]) -> None:
@@ -224,12 +225,19 @@ class Scheduler:
                             format_duration(self.misfire_grace_time),
                             entry.schedule.describe(entry.next_due),
                             extra={"job": entry.job.name})
+                self._misfired.append(entry.job)
                 continue
             if count > 1:
                 self._log_coalesced(entry, count)
             runs.append(DueRun(entry.job, entry.schedule.describe(latest), lateness, count,
                                latest))
         return runs
+
+    def take_misfired(self) -> list[JobSpec]:
+        """The jobs whose due run was skipped as too late since the last call (one
+        entry per skipped run)."""
+        taken, self._misfired = self._misfired, []
+        return taken
 
     def _log_coalesced(self, entry: _Entry, count: int) -> None:
         """At most one line per job a minute: a job whose interval is shorter than
