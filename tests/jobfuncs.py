@@ -270,3 +270,21 @@ def wait_for_file(session, path: str, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} never appeared")
         time.sleep(0.05)
+
+
+# --- Jobs that end their Session's transaction themselves -------------------------------
+
+def insert_close_insert(session, value: int, style: str = "argument") -> None:
+    """Inserts `value`, closes the Session (losing that insert), inserts value + 1.
+    style "global": through worker.Session, as old-style job code would."""
+    insert_row(session, value)
+    if style == "global":
+        Session.close()
+    else:
+        session.close()
+    insert_row(session, value + 1)
+
+
+def insert_and_commit(session, value: int) -> None:
+    insert_row(session, value)
+    session.commit()

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, event, select
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import scoped_session, sessionmaker
 
 from .config import DatabaseSettings, masked_url
@@ -71,6 +72,18 @@ class JobSessionProxy:
 Session = JobSessionProxy()
 
 
+class JobSession(OrmSession):
+    """The Session class of every registry: it remembers being closed, so that the
+    runner can tell a job that closed its own Session (and so threw away what it
+    had not committed) from one that did not."""
+
+    was_closed = False
+
+    def close(self) -> None:
+        self.was_closed = True
+        super().close()
+
+
 class Database:
     """Engine + the registry's binding + error classification for one URL."""
 
@@ -89,7 +102,7 @@ class Database:
         # This engine's own registry. expire_on_commit=False: the worker commits
         # after the job has returned and discards the Session right after, so
         # expiring its objects would be wasted work.
-        factory = sessionmaker(bind=self.engine, expire_on_commit=False)
+        factory = sessionmaker(bind=self.engine, class_=JobSession, expire_on_commit=False)
         event.listen(factory, "after_begin", _remember_connection)
         event.listen(factory, "after_commit", _mark_transaction_ended)
         event.listen(factory, "after_rollback", _mark_transaction_ended)

@@ -125,7 +125,18 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
                                 reason=diagnosis.reason + " during COMMIT, outcome unknown")
         raise AttemptFailed(exc, diagnosis, during_commit) from exc
     finally:
+        if getattr(session, "was_closed", False):
+            _closed_by_job(job, attempt)
         _remove(registry, session, job, attempt)
+
+
+def _closed_by_job(job: JobSpec, attempt: int) -> None:
+    # close() rolls back: whatever the job had not committed is gone. Its choice,
+    # but never a silent one.
+    log.warning("%s closed its Session itself: whatever it had not committed before "
+                "that was rolled back and is lost (let the worker commit when the job "
+                "returns, or commit before closing)", _tag(job, attempt),
+                extra=_fields(job, attempt))
 
 
 def _rollback(session, job: JobSpec, attempt: int) -> None:
