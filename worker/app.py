@@ -26,6 +26,11 @@ from .errors import describe
 log = logging.getLogger("worker")
 
 
+class DatabaseUnusable(Exception):
+    """At start-up, the database refused us in a way waiting cannot fix (a login
+    refused, an ODBC driver not installed, a database file that cannot be opened)."""
+
+
 def load_config(path: str) -> tuple[Config, dict[str, JobFunction]]:
     """The validated config and every job's function; ConfigError on a problem."""
     config = load(path)
@@ -244,7 +249,12 @@ def run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
     loop = WorkLoop(runtime, ScheduleSource(), notifier=notifier, reload=reload)
     install_signal_handlers(loop, reload=True)
     try:
-        if not _wait_for_database(loop, runtime, notifier):
+        try:
+            ready = _wait_for_database(loop, runtime, notifier)
+        except DatabaseUnusable:
+            runtime.close()
+            raise
+        if not ready:
             log.info("stopped while waiting for the database: no job ran")
             runtime.close()
             return None
@@ -270,13 +280,18 @@ def run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
 
 def _wait_for_database(loop, runtime: Runtime, notifier) -> bool:
     """READY only once the database answers; until then say why we wait. False when
-    a stop came first."""
+    a stop came first; DatabaseUnusable when waiting cannot help."""
     delay = 0.5
     while not loop.stop_requested:
         try:
             runtime.start()
             return True
-        except Exception as exc:  # any failure to connect: wait and try again
+        except Exception as exc:  # any failure to connect: wait and try again...
+            diagnosis = runtime.database.classify(exc)
+            if diagnosis.permanent:   # ...unless no wait can ever fix it
+                raise DatabaseUnusable(
+                    f"cannot start: database {runtime.database.display_url}: "
+                    f"{diagnosis.reason}: {describe(exc)}") from exc
             notifier.status(f"waiting for the database: {describe(exc)}")
             log.warning("database %s not answering (%s); retrying in %.1fs",
                         runtime.database.display_url, describe(exc), delay)

@@ -14,7 +14,7 @@ from typing import Sequence
 from .app import load_config
 from .config import CONFIG_ENV_VAR, DEFAULT_CONFIG_PATH, Config, ConfigError, JobSpec
 from .exitcodes import (EXIT_ALL_SKIPPED, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_JOB_FAILED,
-                        EXIT_OK, EXIT_USAGE)
+                        EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE)
 
 EXIT_CODES_HELP = """\
 modes:
@@ -30,7 +30,9 @@ exit codes:
   1   a job failed after its retries or timed out (--once), or a stop had to
       cancel running jobs
   2   command-line misuse, e.g. an unknown --job name
-  69  --check --connect could not open a database connection
+  69  --check --connect could not open a database connection; or the daemon
+      found at start-up that it never can (login refused, ODBC driver not
+      installed, database file cannot be opened)
   75  --once: every selected job was skipped, still running from an earlier run
   78  invalid configuration: nothing ran
   130 --once: interrupted by SIGINT (Ctrl-C); running jobs were stopped
@@ -165,8 +167,12 @@ def _run(args, path: str, config: Config, functions, selected: list[JobSpec]) ->
         if report.results and all(r.outcome.value == "skipped" for r in report.results):
             return _exit(report, EXIT_ALL_SKIPPED)
         return _exit(report, EXIT_OK if report.ok else EXIT_JOB_FAILED)
-    from .app import run_daemon
-    report = run_daemon(path, config, functions, args.jobs)
+    from .app import DatabaseUnusable, run_daemon
+    try:
+        report = run_daemon(path, config, functions, args.jobs)
+    except DatabaseUnusable as exc:
+        log.error("%s; waiting cannot fix this, exiting", exc)
+        return EXIT_UNAVAILABLE
     if report is None:           # stopped before the database answered
         return EXIT_OK
     return _exit(report, EXIT_OK if not report.cancelled else EXIT_JOB_FAILED)
