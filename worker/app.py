@@ -14,6 +14,7 @@ they return to exit codes.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 from functools import partial
@@ -178,11 +179,20 @@ def install_signal_handlers(loop, reload: bool) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    # A process a job forks must not run these (a SIGTERM would only ask a loop the
+    # child does not run to stop, so the child would never end).
+    os.register_at_fork(after_in_child=default_signal_handlers)
     if reload:
         def hup(signum, _frame):
             log.info("received SIGHUP: reloading the configuration")
             loop.request_reload()
         signal.signal(signal.SIGHUP, hup)
+
+
+def default_signal_handlers() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def finish(loop, report) -> None:
