@@ -1,6 +1,7 @@
 """worker.cli: each exit code, produced by the real command in a real process."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -261,3 +262,30 @@ def test_once_fails_each_job_without_retrying_when_waiting_cannot_help(case, tmp
     assert f"failed: {reason}" in done.stderr and "retrying" not in done.stderr
     assert "connection lost" not in done.stderr
     assert "Wr0ngPassw0rd" not in done.stdout + done.stderr
+
+
+JSON_CASES = {
+    "config error": (["--once"], "- {name: a, call: nope}\n", 78),
+    "unknown job": (["--once", "--job", "zz"], "- {name: a, call: 'tests.jobfuncs:noop'}\n", 2),
+    "command-line error": (["--bogus"], "- {name: a, call: 'tests.jobfuncs:noop'}\n", 2),
+    "failing job with traceback": (["--once"],
+                                   "- {name: a, call: 'tests.jobfuncs:fail_with_value_error'}\n",
+                                   1),
+    "database unusable at start-up": ([], "- {name: a, call: 'tests.jobfuncs:noop', "
+                                          "every: 1s}\n", 69),
+}
+
+
+@pytest.mark.parametrize("case", list(JSON_CASES))
+def test_with_json_logs_every_stderr_line_is_json(case, tmp_path):
+    """Issue 10 item 15: config errors and command-line errors too."""
+    args, jobs, code = JSON_CASES[case]
+    url = f"sqlite:///{tmp_path / 'no-such-dir' / 'x.db'}" if code == 69 else None
+    config = write_config(tmp_path, jobs, url=url)
+    done = worker("-c", str(config), "--log-format", "json", *args)
+    assert done.returncode == code, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines
+    entries = [json.loads(line) for line in lines]   # raises on any line not JSON
+    assert all(entry["time"][-6] in "+-" for entry in entries)   # the UTC offset
+    assert any(entry["level"] in ("ERROR", "CRITICAL") for entry in entries)

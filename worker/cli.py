@@ -114,11 +114,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    from .logs import command_error, setup_logging
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _wants_json(argv):
+        # Even a command-line mistake is reported as JSON then.
+        setup_logging("INFO", "json")
+        parser.print_usage = lambda file=None: None
+
+        def json_error(message: str):
+            command_error(f"error: {message}")
+            sys.exit(EXIT_USAGE)
+        parser.error = json_error
     args = parser.parse_args(argv)
     if args.connect and not args.check:
         parser.error("--connect goes with --check")
-    from .logs import setup_logging
     setup_logging(args.log_level, args.log_format)
     # Job modules are imported by name ("jobs.commands:..."), relative to where
     # the worker is started, as with `python -m`.
@@ -129,13 +139,13 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         config, functions = load_config(path)
     except ConfigError as exc:
-        print(f"run-worker: invalid configuration: {exc}", file=sys.stderr)
+        command_error(f"invalid configuration: {exc}")
         return EXIT_CONFIG
     try:
         selected = select_jobs(config, args.jobs, include_disabled=args.once or args.check)
     except LookupError as exc:
         parser.print_usage(sys.stderr)
-        print(f"run-worker: error: {exc}", file=sys.stderr)
+        command_error(f"error: {exc}")
         return EXIT_USAGE
 
     from . import reports
@@ -150,9 +160,17 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return _run(args, path, config, functions, selected)
     except LockDirectoryError as exc:
-        print(f"run-worker: invalid configuration: {config.path}: key 'worker.lock_dir': "
-              f"{exc}", file=sys.stderr)
+        command_error(f"invalid configuration: {config.path}: key 'worker.lock_dir': {exc}")
         return EXIT_CONFIG
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """--log-format json on the command line, read before argparse can complain."""
+    for index, arg in enumerate(argv):
+        if arg == "--log-format=json" or (arg == "--log-format" and
+                                          argv[index + 1:index + 2] == ["json"]):
+            return True
+    return False
 
 
 def _run(args, path: str, config: Config, functions, selected: list[JobSpec]) -> int:
