@@ -359,3 +359,15 @@ def fork_child(session, report: str, child_returns: bool = False) -> None:
 def wait_then_insert(session, path: str, value: int) -> None:
     wait_for_file(session, path)
     insert_row(session, value)
+
+
+def touch_then_python_sleep(session, path: str, seconds: float) -> None:
+    """Marks that it runs, then is stuck in Python: nothing a cancel can reach."""
+    touch(session, path)
+    time.sleep(seconds)
+
+
+def touch_then_long_query(session, path: str, seconds: float = 60) -> None:
+    """Marks that it runs, then is stuck in one long statement."""
+    touch(session, path)
+    long_query(session, seconds)
