@@ -289,3 +289,31 @@ def test_with_json_logs_every_stderr_line_is_json(case, tmp_path):
     entries = [json.loads(line) for line in lines]   # raises on any line not JSON
     assert all(entry["time"][-6] in "+-" for entry in entries)   # the UTC offset
     assert any(entry["level"] in ("ERROR", "CRITICAL") for entry in entries)
+
+
+def test_list_columns_are_aligned(tmp_path):
+    """Issue 10 item 15: each column starts at the same place on every line."""
+    config = write_config(tmp_path, """\
+        - {name: a, call: 'tests.jobfuncs:noop', every: 30s}
+        - {name: a-much-longer-name, call: 'tests.jobfuncs:noop', cron: '0 3 * * *'}
+        - {name: manual, call: 'tests.jobfuncs:noop'}
+        """)
+    done = worker("-c", str(config), "--list")
+    assert done.returncode == 0, done.stderr
+    header, *rows = done.stdout.splitlines()
+    starts = [header.index("schedule"), header.index("next run")]
+    assert len(rows) == 3
+    for row in rows:
+        for start in starts:
+            assert row[start - 2:start] == "  " and row[start] != " ", (row, start)
+
+
+def test_a_failing_jobs_traceback_is_logged_once_at_info(tmp_path):
+    """Issue 10 item 15: file and line of the job's failure, at INFO, once."""
+    config = write_config(tmp_path, "- {name: bad, call: 'tests.jobfuncs:fail_with_value_error'}\n")
+    done = worker("-c", str(config), "--once")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("Traceback (most recent call last)") == 1
+    assert done.stderr.count('jobfuncs.py", line') == 1
+    assert "in fail_with_value_error" in done.stderr
+    assert " INFO " in done.stderr.split("Traceback (most recent call last)")[0].splitlines()[-1]

@@ -330,3 +330,41 @@ def test_exit_after_sigterm_is_bounded_by_shutdown_timeout_plus_grace(mode, db_u
         summary = process.process.stdout.read()
         rows = {line.split()[0]: line.split()[1] for line in summary.splitlines()[1:-1]}
         assert rows == {"in_python": "cancelled", "in_statement": "cancelled"}, summary
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_sigint_to_once_exits_130_and_lists_every_job(db_url, tmp_path, daemons):
+    """Issue 10 item 15: Ctrl-C on --once is 128 + SIGINT, as shells expect."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, f"""\
+        - name: in_statement
+          call: tests.jobfuncs:touch_then_long_query
+          kwargs: {{path: "{tmp_path / 'started'}", seconds: 60}}
+        - {{name: quick, call: 'tests.jobfuncs:noop'}}
+        """, shutdown_timeout="1s")
+    once = daemons(config, "--once")
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "started").exists():
+        assert time.monotonic() < deadline and once.process.poll() is None, once.log
+        time.sleep(0.05)
+    once.signal(signal.SIGINT)
+    assert once.wait() == 130, once.log
+    summary = once.process.stdout.read()
+    rows = {line.split()[0]: line.split()[1] for line in summary.splitlines()[1:-1]}
+    assert rows == {"in_statement": "cancelled", "quick": "success"}, summary
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_job_raising_system_exit_releases_no_lock_of_a_running_job(db_url, tmp_path,
+                                                                     daemons):
+    """Issue 10 item 1: a job's SystemExit no longer ends the process, so the host
+    lock of a job still running stays held: a second --once skips that job."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: exits, call: 'tests.jobfuncs:raise_system_exit'}
+        - {name: long, call: 'tests.jobfuncs:slow_record', kwargs: {name: long, seconds: 3}}
+        """)
+    first = daemons(config, "--once")
+    first.wait_for("job=exits attempt=1/3 failed")
+    second = daemons(config, "--once", "--job", "long")
+    assert second.wait() == 75, second.log
+    assert first.wait() == 1, first.log
+    assert len(runs(db_url, "long")) == 1
