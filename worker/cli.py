@@ -199,8 +199,8 @@ def _run(args, path: str, config: Config, functions, selected: list[JobSpec]) ->
 def _exit(report, code: int) -> int:
     if report.abandoned:
         # A thread cannot be killed; waiting for it would hang cron. Leave now.
-        log.error("%d job thread(s) stuck past their deadline; exiting without them",
-                  report.abandoned)
+        log.error("%d job thread(s) did not end (stuck past a deadline, or after being "
+                  "cancelled); exiting without them", report.abandoned)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import tzinfo
-from typing import Iterable, Protocol
+from typing import Container, Iterable, Protocol
 
 from .cluster import Claim, Cluster, nearest_slot
 from .config import JobSpec
@@ -51,7 +51,8 @@ class Ledger(Protocol):
 
     def finish(self, ticket: Ticket, result: JobResult) -> None: ...
 
-    def recoverable(self, idle_jobs: Iterable[JobSpec]) -> list[DueRun]: ...
+    def recoverable(self, jobs: Iterable[JobSpec],
+                    running: Container[str]) -> list[DueRun]: ...
 
 
 class HostLedger:
@@ -72,7 +73,8 @@ class HostLedger:
         if ticket.lock is not None:
             ticket.lock.release()
 
-    def recoverable(self, idle_jobs: Iterable[JobSpec]) -> list[DueRun]:
+    def recoverable(self, jobs: Iterable[JobSpec],
+                    running: Container[str]) -> list[DueRun]:
         return []
 
 
@@ -125,14 +127,17 @@ class ClusterLedger(HostLedger):
             self.cluster.finish(ticket.claim, result.outcome.value, result.attempts,
                                 result.error)
 
-    def recoverable(self, idle_jobs: Iterable[JobSpec]) -> list[DueRun]:
-        """Abandoned runs of idle idempotent jobs, at most once a heartbeat."""
+    def recoverable(self, jobs: Iterable[JobSpec],
+                    running: Container[str]) -> list[DueRun]:
+        """Abandoned runs of idempotent jobs not running here, at most once a
+        heartbeat."""
         if time.monotonic() - self._last_recovery < self.cluster.settings.heartbeat:
             return []
         self._last_recovery = time.monotonic()
         if not self._healthy():
             return []
-        jobs = {job.name: job for job in idle_jobs if job.idempotent}
+        jobs = {job.name: job for job in jobs
+                if job.idempotent and job.name not in running}
         runs, taken = [], set()
         for candidate in self.cluster.abandoned_runs(jobs):
             if candidate.job not in taken:     # one run of a job at a time here

@@ -183,8 +183,7 @@ class WorkLoop:
         free = runtime.pool.max_workers - len(self._running)   # stuck ones hold a thread
         for run in self.source.due(runtime, self._running, max(0, free)):
             self._start(run)
-        idle = [job for job in runtime.jobs if job.name not in self._running]
-        for run in runtime.ledger.recoverable(idle):
+        for run in runtime.ledger.recoverable(runtime.jobs, self._running):
             self._start(run)
 
     def _start(self, run: DueRun) -> None:

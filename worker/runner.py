@@ -25,7 +25,7 @@ from tenacity import (RetryCallState, Retrying, retry_if_exception,
 from .callables import JobFunction
 from .config import JobSpec, format_duration
 from .db import Database, Session
-from .deadlines import Deadline, RunWatch
+from .deadlines import Deadline, DeadlineExceeded, RunWatch
 from .errors import Diagnosis, Verdict, describe
 from .logs import job_fields
 
@@ -90,15 +90,16 @@ def run_attempt(job: JobSpec, function: JobFunction, database: Database,
                 attempt: int = 1, watch: RunWatch | None = None) -> None:
     """One attempt in one Session scope; raises AttemptFailed on any error."""
     if job.timeout is None:
-        _run_in_session(job, function, database, attempt, None)
+        _run_in_session(job, function, database, attempt, None, watch)
         return
     with Deadline(job.timeout, database.statements, watch or RunWatch(),
                   _tag(job, attempt), _fields(job, attempt)) as deadline:
-        _run_in_session(job, function, database, attempt, deadline)
+        _run_in_session(job, function, database, attempt, deadline, watch)
 
 
 def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
-                    attempt: int, deadline: Deadline | None) -> None:
+                    attempt: int, deadline: Deadline | None,
+                    watch: RunWatch | None) -> None:
     registry = database.registry
     session = registry()
     during_commit = False
@@ -108,15 +109,25 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
             # Too late: what the job did is rolled back, not committed.
             raise AttemptTimedOut(f"returned after its deadline of "
                                   f"{format_duration(job.timeout)}")
+        if watch is not None and watch.cancelled.is_set():
+            # A stop cancelled it while it was busy in Python: nothing is committed.
+            raise Cancelled("the worker is stopping; returned after being cancelled")
         session.flush()        # a failure here cannot have committed anything
+        database.refuse_aborted_commit(session)
         during_commit = True
         session.commit()
     except BaseException as exc:
         # BaseException too: a job's SystemExit or KeyboardInterrupt is that job's
         # failure, never the worker's exit (signals reach the main thread only, so
         # in a job thread these come from the job's own code).
+        # Whose deadline: read before the rollback's round trip, so an error that
+        # arrived before our timer fired (PostgreSQL's own statement_timeout, also
+        # 57014) is not ours; DeadlineExceeded is ours even before the timer's
+        # thread has set its flag.
+        deadline_passed = deadline is not None and (
+            deadline.expired.is_set() or isinstance(exc, DeadlineExceeded))
         _rollback(session, job, attempt)
-        if deadline is not None and deadline.expired.is_set() and not during_commit:
+        if deadline_passed and not during_commit:
             timeout = Diagnosis(Verdict.NEVER, f"deadline of {format_duration(job.timeout)} "
                                                f"passed")
             raise AttemptFailed(exc, timeout, during_commit, timed_out=True) from exc
@@ -296,12 +307,14 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
     duration = time.monotonic() - started
     diagnosis = failure.diagnosis
     if watch.cancelled.is_set():
-        log.error("%s cancelled: the worker is stopping (%s)", _tag(job, attempt), failure, extra=_fields(job, attempt))
+        log.error("%s cancelled: the worker is stopping (%s)", _tag(job, attempt), failure,
+                  extra=_fields(job, attempt))
         return JobResult(job.name, Outcome.CANCELLED, attempt, duration, str(failure))
     if failure.timed_out:
         log.error("%s timed out: %s: %s; %s", _tag(job, attempt), diagnosis.reason,
                   failure, "no attempts left" if failure.should_retry(job)
-                  else "not retried (set retry.on_timeout to retry)", extra=_fields(job, attempt))
+                  else "not retried (set retry.on_timeout to retry)",
+                  extra=_fields(job, attempt))
         return JobResult(job.name, Outcome.TIMEOUT, attempt, duration, str(failure))
     if failure.should_retry(job):
         why = "no attempts left"
@@ -312,5 +325,6 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
     log.error("%s failed: %s (%s): %s; %s", _tag(job, attempt), diagnosis.reason,
               diagnosis.codes, failure, why, extra=_fields(job, attempt))
     # Once, at INFO: where in the job's code it failed (file and line).
-    log.info("%s traceback of the last attempt", _tag(job, attempt), exc_info=failure.error, extra=_fields(job, attempt))
+    log.info("%s traceback of the last attempt", _tag(job, attempt),
+             exc_info=failure.error, extra=_fields(job, attempt))
     return JobResult(job.name, Outcome.FAILED, attempt, duration, str(failure))

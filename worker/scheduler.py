@@ -222,7 +222,8 @@ class Scheduler:
                             entry.job.name, count, entry.schedule.describe(latest),
                             format_duration(round(lateness, 3)),
                             format_duration(self.misfire_grace_time),
-                            entry.schedule.describe(entry.next_due))
+                            entry.schedule.describe(entry.next_due),
+                            extra={"job": entry.job.name})
                 continue
             if count > 1:
                 self._log_coalesced(entry, count)
@@ -238,7 +239,7 @@ class Scheduler:
         if now - entry.coalesced_logged >= COALESCE_LOG_EVERY:
             log.warning("job=%s missed %d run(s) since the last report (the worker was "
                         "busy or stalled); each time the missed runs were coalesced into "
-                        "one", entry.job.name, entry.coalesced)
+                        "one", entry.job.name, entry.coalesced, extra={"job": entry.job.name})
             entry.coalesced, entry.coalesced_logged = 0, now
 
 
