@@ -1,12 +1,15 @@
 """Every job function the tests use, in one place.
 
 They follow the job contract, fn(session, **kwargs), and never commit or close
-the Session. Test state (barriers, counters) comes in through kwargs.
+the Session (except the few that test a job doing so). Test state (barriers,
+counters) comes in through kwargs.
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -441,6 +444,102 @@ def hook_with_two_args(result, other) -> None:
     """Not a valid hook: hooks are called as fn(result)."""
 
 
+
+# --- Jobs that end their Session's transaction themselves -------------------------------
+
+def insert_close_insert(session, value: int, style: str = "argument") -> None:
+    """Inserts `value`, closes the Session (losing that insert), inserts value + 1.
+    style "global": through worker.Session, as old-style job code would."""
+    insert_row(session, value)
+    if style == "global":
+        Session.close()
+    else:
+        session.close()
+    insert_row(session, value + 1)
+
+
+def insert_and_commit(session, value: int) -> None:
+    insert_row(session, value)
+    session.commit()
+
+
+# --- A job that forks -------------------------------------------------------------------
+
+def _connection_identity(session) -> str:
+    """Which server connection (MariaDB) or DBAPI connection (SQLite) a Session uses."""
+    if session.connection().dialect.name == "sqlite":
+        return f"sqlite:{id(session.connection().connection.dbapi_connection)}"
+    return f"mariadb:{session.execute(text('SELECT CONNECTION_ID()')).scalar_one()}"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(data))
+    partial.rename(path)
+
+
+def fork_child(session, report: str, child_returns: bool = False) -> None:
+    """Forks while holding its Session's connection. The child reports (into
+    `report`.child) the connection a new Session gets and whether the parent's
+    Session was refused, then either waits to be ended by SIGTERM or returns into
+    the worker. The parent (into `report`.parent) sends SIGTERM, reaps the child, and
+    reports its connection before and after and how the child ended; then it
+    writes a row."""
+    before = _connection_identity(session)
+    child_report, parent_report = Path(report + ".child"), Path(report + ".parent")
+    pid = os.fork()
+    if pid == 0:
+        seen: dict = {"pid": os.getpid(), "new_session": _connection_identity(Session())}
+        try:
+            session.execute(text("SELECT 1"))
+            seen["parent_session"] = "used"
+        except Exception as exc:
+            seen["parent_session"] = f"refused: {type(exc).__name__}: {exc}"
+        _write_json(child_report, seen)
+        if child_returns:
+            return               # back into the worker: it must end the child there
+        time.sleep(30)           # SIGTERM should end this
+        os._exit(3)
+    deadline = time.monotonic() + 20
+    while not child_report.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not child_returns:
+        os.kill(pid, signal.SIGTERM)
+    sent = time.monotonic()
+    while True:
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+        if reaped or time.monotonic() - sent > 10:
+            break
+        time.sleep(0.02)
+    if not reaped:
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        ended = "did not end within 10 s"
+    elif os.WIFSIGNALED(status):
+        ended = f"signal {os.WTERMSIG(status)}"
+    else:
+        ended = f"exit {os.WEXITSTATUS(status)}"
+    after = _connection_identity(session)
+    insert_row(session, 1)
+    _write_json(parent_report, {"before": before, "after": after, "child": ended,
+                                "ended_in": time.monotonic() - sent})
+
+
+def wait_then_insert(session, path: str, value: int) -> None:
+    wait_for_file(session, path)
+    insert_row(session, value)
+
+
+def touch_then_python_sleep(session, path: str, seconds: float) -> None:
+    """Marks that it runs, then is stuck in Python: nothing a cancel can reach."""
+    touch(session, path)
+    time.sleep(seconds)
+
+
+def touch_then_long_query(session, path: str, seconds: float = 60) -> None:
+    """Marks that it runs, then is stuck in one long statement."""
+    touch(session, path)
+    long_query(session, seconds)
 # --- SQL Server (the TDS test server, tests/sqlserver) -------------------------------
 
 def bump_counter(session, row: int = 1) -> None:

@@ -2,6 +2,7 @@
 through the driver, the Session rolled back, and the run ends as `timeout`."""
 from __future__ import annotations
 
+import threading
 import time
 
 from sqlalchemy import text
@@ -9,6 +10,7 @@ from sqlalchemy import text
 from tests.batch import run_batch
 from worker.callables import resolve
 from worker.config import JobSpec, RetryPolicy
+from worker.deadlines import Deadline, RunWatch
 from worker.pool import WorkerPool
 from worker.runner import Outcome, run_job
 from tests.conftest import spec
@@ -72,3 +74,59 @@ def test_job_stuck_in_python_is_reported_and_not_run_twice(database):
     assert quick_result.ok
     pool.shutdown(wait=True)                         # the stuck thread finishes on its own
     assert time.monotonic() - started >= 3
+
+
+def test_a_long_backoff_after_a_timed_out_attempt_is_not_stuck(database):
+    """Issue 10 item 5: the first attempt times out (its statement cancelled), the
+    retry waits 1.5 s, far past the loop's stuck grace: the run is neither reported
+    stuck nor abandoned (so `--once` would not os._exit), and attempt 2 succeeds."""
+    calls: list = []
+    job = JobSpec(name="backoff", call="tests.jobfuncs:slow_first_attempt",
+                  kwargs={"calls": calls, "seconds": 30}, timeout=0.5,
+                  retry=RetryPolicy(attempts=2, wait_initial=1.5, wait_max=1.5,
+                                    on_timeout=True))
+    with WorkerPool(1) as pool:
+        batch = run_batch([job], {job.name: resolve(job.call)}, database, pool,
+                          stuck_grace=0.3)
+    (result,) = batch.results
+    assert result.outcome is Outcome.SUCCESS, result
+    assert result.attempts == 2 and len(calls) == 2
+    assert result.duration >= 1.5                    # it did wait out the backoff
+    assert batch.abandoned == 0
+
+
+def _busy_statement(dialect: str):
+    """A statement that runs about a second and returns 1 unless it is interrupted."""
+    if dialect == "sqlite":
+        return text("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+                    "WHERE x < 3000000) SELECT min(1, count(*)) FROM c")
+    return text("SELECT 1 + SLEEP(1)")
+
+
+def test_a_late_deadline_timer_cannot_touch_the_next_attempt(database):
+    """Issue 10 item 5: a deadline's timer that fires after its attempt ended (the
+    thread was busy when the timer was due) must not cancel the statement of the next
+    attempt on the same thread; sqlite3's interrupt() would hit the whole connection,
+    and the ODBC cancel the next statement on it."""
+    tracker = database.statements
+    thread = threading.get_ident()
+    old = Deadline(0.05, tracker, RunWatch(), "job=old attempt=1/2")
+    with old:
+        pass
+    # The timer's callback, running late: what the timer thread does when it wakes
+    # after __exit__ (cancel() cannot stop a Timer already past its wait).
+    late_timer = threading.Timer(0.3, old._timer.function)
+    watch = RunWatch()
+    with Deadline(30, tracker, watch, "job=new attempt=2/2"):
+        with database.engine.connect() as connection:
+            late_timer.start()
+            started = time.monotonic()
+            value = connection.execute(_busy_statement(database.dialect)).scalar()
+            took = time.monotonic() - started
+    late_timer.join()
+    print(f"\n{database.dialect}: the next attempt's statement took {took:.2f}s")
+    assert value == 1
+    assert took > 0.3                                # the late timer fired meanwhile
+    assert not old.expired.is_set()
+    assert watch.overdue_since is None
+    assert tracker.cancel(thread) is False           # nothing left in flight

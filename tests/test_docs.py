@@ -19,7 +19,6 @@ REPO = Path(__file__).resolve().parent.parent
 # dangle until the file lands (then its links and anchors are checked like any
 # other). Remove an entry once its file is on main.
 PENDING = {
-    "docs/security.md",
 }
 
 # docs/ pages that are not reference pages, so the README's table need not list them.

@@ -214,3 +214,45 @@ def test_azure_busy_asks_for_a_ten_second_pause():
     busy = odbc(pyodbc.Error, "HY000", MS + "The service is currently busy.", 40501)
     diagnosis = classify(wrapped(busy), "mssql")
     assert diagnosis.verdict is R and diagnosis.min_wait == 10.0
+
+
+PERMANENT = [
+    ("mysql", odbc(pyodbc.InterfaceError, "28000", MA + "Access denied for user 'x'", 1045,
+                   "SQLDriverConnect")),
+    ("mssql", odbc(pyodbc.InterfaceError, "28000", MS + "Login failed for user 'sa'.", 18456,
+                   "SQLDriverConnect")),
+    ("mysql", pyodbc.Error("01000", "[01000] [unixODBC][Driver Manager]Can't open lib "
+                           "'MariaDB Nope' : file not found (0) (SQLDriverConnect)")),
+    ("mssql", pyodbc.InterfaceError("IM002", "[IM002] [unixODBC][Driver Manager]Data source "
+                                    "name not found and no default driver specified (0) "
+                                    "(SQLDriverConnect)")),
+]
+WAITED_FOR = [
+    ("mysql", odbc(pyodbc.OperationalError, "08S01", MA + "Can't connect to MySQL server on "
+                   "'127.0.0.1' (111)", 2002, "SQLDriverConnect")),
+    ("mssql", odbc(pyodbc.OperationalError, "HYT00", "[Microsoft][ODBC Driver 18 for SQL "
+                   "Server]Login timeout expired", 0, "SQLDriverConnect")),
+]
+
+
+@pytest.mark.parametrize("dialect,orig", PERMANENT)
+def test_errors_no_wait_can_fix_are_permanent(dialect, orig):
+    """Issue 10 item 8: the daemon exits 69 on these instead of waiting for ever."""
+    diagnosis = classify(wrapped(orig), dialect)
+    assert diagnosis.verdict is N and diagnosis.permanent
+    assert "connection lost" not in diagnosis.reason
+
+
+@pytest.mark.parametrize("dialect,orig", WAITED_FOR)
+def test_a_server_down_is_not_permanent(dialect, orig):
+    assert not classify(wrapped(orig), dialect).permanent
+
+
+def test_sqlite_cannot_open_the_file_is_permanent(tmp_path):
+    from sqlalchemy import create_engine
+    engine = create_engine(f"sqlite:///{tmp_path / 'missing' / 'x.db'}")
+    with pytest.raises(sa_exc.OperationalError) as caught:
+        engine.connect()
+    engine.dispose()
+    diagnosis = classify(caught.value, "sqlite")
+    assert diagnosis.verdict is N and diagnosis.permanent

@@ -14,6 +14,7 @@ they return to exit codes.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,6 +26,11 @@ from .errors import describe
 from .observe import Observers, wants_hooks, wants_monitoring
 
 log = logging.getLogger("worker")
+
+
+class DatabaseUnusable(Exception):
+    """At start-up, the database refused us in a way waiting cannot fix (a login
+    refused, an ODBC driver not installed, a database file that cannot be opened)."""
 
 
 def load_config(path: str) -> tuple[Config, dict[str, JobFunction]]:
@@ -178,11 +184,20 @@ def install_signal_handlers(loop, reload: bool) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    # A process a job forks must not run these (a SIGTERM would only ask a loop the
+    # child does not run to stop, so the child would never end).
+    os.register_at_fork(after_in_child=default_signal_handlers)
     if reload:
         def hup(signum, _frame):
             log.info("received SIGHUP: reloading the configuration")
             loop.request_reload()
         signal.signal(signal.SIGHUP, hup)
+
+
+def default_signal_handlers() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def finish(loop, report) -> None:
@@ -230,8 +245,6 @@ def run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
                only: Sequence[str] | None):
     """The daemon until a stop signal; the LoopReport, or None when it was stopped
     before the database ever answered."""
-    from .loop import WorkLoop
-    from .sources import ScheduleSource
     from .systemd import Notifier
 
     notifier = Notifier()
@@ -295,7 +308,12 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
         held[0].probe_readiness(lambda: loop.runtime)
     install_signal_handlers(loop, reload=True)
     try:
-        if not _wait_for_database(loop, runtime, notifier, observers):
+        try:
+            ready = _wait_for_database(loop, runtime, notifier, observers)
+        except DatabaseUnusable:
+            runtime.close()
+            raise
+        if not ready:
             log.info("stopped while waiting for the database: no job ran")
             runtime.close()
             return None
@@ -321,7 +339,7 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
 
 def _wait_for_database(loop, runtime: Runtime, notifier, observers: Observers) -> bool:
     """READY only once the database answers; until then say why we wait. False when
-    a stop came first."""
+    a stop came first; DatabaseUnusable when waiting cannot help."""
     delay = 0.5
     observers.runtime_changed(runtime)
     while not loop.stop_requested:
@@ -330,8 +348,13 @@ def _wait_for_database(loop, runtime: Runtime, notifier, observers: Observers) -
             runtime.start()
             observers.database_ready(True)
             return True
-        except Exception as exc:  # any failure to connect: wait and try again
+        except Exception as exc:  # any failure to connect: wait and try again...
             observers.database_ready(False)
+            diagnosis = runtime.database.classify(exc)
+            if diagnosis.permanent:   # ...unless no wait can ever fix it
+                raise DatabaseUnusable(
+                    f"cannot start: database {runtime.database.display_url}: "
+                    f"{diagnosis.reason}: {describe(exc)}") from exc
             notifier.status(f"waiting for the database: {describe(exc)}")
             log.warning("database %s not answering (%s); retrying in %.1fs",
                         runtime.database.display_url, describe(exc), delay)

@@ -11,12 +11,15 @@ calls the registry inside that thread and clears it (`remove()`) when the job en
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
+from functools import partial
 from typing import Any
 
 from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import scoped_session, sessionmaker
 
 from .config import DatabaseSettings, masked_url
@@ -71,6 +74,18 @@ class JobSessionProxy:
 Session = JobSessionProxy()
 
 
+class JobSession(OrmSession):
+    """The Session class of every registry: it remembers being closed, so that the
+    runner can tell a job that closed its own Session (and so threw away what it
+    had not committed) from one that did not."""
+
+    was_closed = False
+
+    def close(self) -> None:
+        self.was_closed = True
+        super().close()
+
+
 class Database:
     """Engine + the registry's binding + error classification for one URL."""
 
@@ -89,11 +104,14 @@ class Database:
         # This engine's own registry. expire_on_commit=False: the worker commits
         # after the job has returned and discards the Session right after, so
         # expiring its objects would be wasted work.
-        factory = sessionmaker(bind=self.engine, expire_on_commit=False)
+        factory = sessionmaker(bind=self.engine, class_=JobSession, expire_on_commit=False)
         event.listen(factory, "after_begin", _remember_connection)
         event.listen(factory, "after_commit", _mark_transaction_ended)
         event.listen(factory, "after_rollback", _mark_transaction_ended)
         self.registry = scoped_session(factory)
+        self._kept_from_parent: tuple = ()
+        # A job may fork: the child must never touch this process's connections.
+        os.register_at_fork(after_in_child=partial(_after_fork_in_child, weakref.ref(self)))
         if for_jobs:   # not for an engine of the worker's own (the cluster's run table)
             Session.newest(self)
 
@@ -140,6 +158,26 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    def forked(self) -> None:
+        """In a child forked by a job (os.register_at_fork): the pool and the forking
+        thread's Session belong to the parent. Closing their connections here, even
+        by garbage collection, would end them for the parent too (a MariaDB ODBC
+        connection closed in a child is lost to its parent), so they are kept,
+        untouched, for the child's life; the child gets a new pool (SQLAlchemy's
+        pattern: dispose(close=False)) and a new Session, and a statement on a
+        connection the parent opened is refused."""
+        parent_session = self.registry() if self.registry.registry.has() else None
+        self._kept_from_parent = (self.engine.pool, parent_session)
+        self.registry.registry.clear()
+        self.engine.dispose(close=False)
+        self.statements.forked(self.engine)
+
+
+def _after_fork_in_child(database_ref: "weakref.ref[Database]") -> None:
+    database = database_ref()
+    if database is not None:
+        database.forked()
 
 
 class AbortedTransaction(Exception):

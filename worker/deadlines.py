@@ -35,6 +35,11 @@ class DeadlineExceeded(Exception):
     """Raised instead of running a statement once the attempt's deadline has passed."""
 
 
+class ParentConnection(Exception):
+    """Raised in a forked child instead of running a statement on a connection that
+    the parent process opened (and may be using at this moment)."""
+
+
 # Drivers whose connections take a query timeout in whole seconds (`timeout`), and how
 # far behind the deadline it is set. pyodbc can cancel, so its timeout is only the
 # fallback and comes a second late; mssql-python cannot cancel a running statement
@@ -50,6 +55,8 @@ class StatementTracker:
         # thread id -> (owner, dbapi connection, cursor); owner: the Deadline or None
         self._in_flight: dict[int, tuple[Any, Any, Any]] = {}
         self._deadlines: dict[int, tuple[Any, float]] = {}   # thread -> (owner, deadline)
+        # In a forked child: ids of the DBAPI connections the child opened itself.
+        self._child_connections: set[int] | None = None
         self._cancelling: dict[int, threading.Event] = {}    # thread -> set when cancel returns
         self._lock = threading.Lock()
         _track_cursors(engine, self._started, self.forget_statement)
@@ -63,6 +70,11 @@ class StatementTracker:
 
     def _started(self, cursor) -> None:
         """A statement is about to run on `cursor` in this thread."""
+        if self._child_connections is not None and \
+                id(cursor.connection) not in self._child_connections:
+            raise ParentConnection(
+                "this Session's connection belongs to the process the job forked from; "
+                "in the child, use a new Session (worker.Session())")
         thread = threading.get_ident()
         entry = self._deadlines.get(thread)
         owner = None
@@ -100,6 +112,19 @@ class StatementTracker:
             1, math.ceil(entry[1] - time.monotonic()) + self._slack)
         if dbapi_connection.timeout != timeout:
             dbapi_connection.timeout = timeout
+
+    def forked(self, engine: Engine) -> None:
+        """In a forked child, after the engine got its new pool: only connections
+        made from now on may run statements here. The parent's deadlines and
+        statements in flight mean nothing in the child."""
+        self._in_flight.clear()
+        self._deadlines.clear()
+        self._cancelling.clear()
+        self._lock = threading.Lock()       # another thread may have held it at the fork
+        self._child_connections = set()
+        event.listen(engine.pool, "connect",
+                     lambda dbapi_connection, record:
+                     self._child_connections.add(id(dbapi_connection)))
 
     # --- deadlines ------------------------------------------------------------------
 

@@ -32,6 +32,9 @@ class Diagnosis:
     sqlstate: str | None = None
     native: int | None = None
     min_wait: float = 0.0          # the server asks for at least this long a pause
+    # A login refused, a driver not installed, a file that cannot be opened: waiting
+    # can never fix it, so the daemon does not wait for the database at start-up.
+    permanent: bool = False
 
     def should_retry(self, idempotent: bool) -> bool:
         if self.verdict is Verdict.RETRY:
@@ -49,6 +52,7 @@ class Rule:
     reason: str
     disconnect: bool = False
     min_wait: float = 0.0
+    permanent: bool = False        # see Diagnosis.permanent
 
 
 R = Verdict.RETRY
@@ -58,6 +62,11 @@ N = Verdict.NEVER
 
 def _rules(codes: Iterable, verdict: Verdict, reason: str, disconnect: bool = False) -> dict:
     return {code: Rule(verdict, reason, disconnect) for code in codes}
+
+
+def _permanent(codes: Iterable, reason: str) -> dict:
+    """Never retried, and never waited for at start-up."""
+    return {code: Rule(N, reason, permanent=True) for code in codes}
 
 
 # Native error numbers, per dialect family. Checked before the SQLSTATE because
@@ -72,7 +81,7 @@ NATIVE_RULES: dict[str, dict[int, Rule]] = {
         40501: Rule(R, "service busy (Azure SQL asks for 10 s)", True, min_wait=10.0),
         **_rules([64, 233, 997, 121, 10053, 10054, 10060], R, "transport failure",
                  disconnect=True),
-        **_rules([18456], N, "login failed"),
+        **_permanent([18456], "login failed"),
     },
     "mysql": {
         **_rules([1213], R, "deadlock"),
@@ -86,13 +95,14 @@ NATIVE_RULES: dict[str, dict[int, Rule]] = {
         **_rules([1053], R, "server shutting down", disconnect=True),
         **_rules([1317, 1969], N, "query interrupted / statement timeout"),
         **_rules([1062], N, "duplicate key"),
-        **_rules([1045], N, "access denied"),
+        **_permanent([1045], "access denied (user or password)"),
         **_rules([1064], N, "syntax error"),
     },
     "sqlite": {
         # primary result codes (extended codes are reduced with & 0xFF first)
         **_rules([5], R, "database is locked (SQLITE_BUSY)"),
         **_rules([6], N, "table locked inside one connection (SQLITE_LOCKED)"),
+        **_permanent([14], "unable to open the database file (SQLITE_CANTOPEN)"),
     },
 }
 
@@ -105,7 +115,8 @@ SQLSTATE_RULES: dict[str, dict[str, Rule]] = {
         **_rules(["08007", "40003"], I, "connection lost, outcome unknown", disconnect=True),
         **_rules(["HYT01"], R, "login timeout", disconnect=True),
         **_rules(["HYT00"], I, "query timeout, outcome unknown"),
-        **_rules(["28000"], N, "login failed"),
+        **_permanent(["28000"], "login failed"),
+        **_permanent(["IM002", "IM003"], "ODBC driver or data source not installed"),
     },
     "postgresql": {
         **_rules(["40P01"], R, "deadlock"),
@@ -115,14 +126,17 @@ SQLSTATE_RULES: dict[str, dict[str, Rule]] = {
         **_rules(["55P03"], R, "lock not available"),
         **_rules(["57014"], N, "statement cancelled"),
         **_rules(["25P02"], N, "in failed transaction"),
+        **_permanent(["28P01"], "password authentication failed"),
     },
     "mysql": {
         **_rules(["HY018"], R, "connection killed", disconnect=True),
     },
 }
 
-# Message fragments, for errors whose codes say too little.
+# Message fragments, for errors whose codes say too little; "*": every dialect.
 MESSAGE_RULES: dict[str, list[tuple[str, Rule]]] = {
+    # unixODBC cannot load the driver named in the URL (SQLSTATE 01000, native 0)
+    "*": [("can't open lib", Rule(N, "ODBC driver not installed", permanent=True))],
     "mssql": [("connection is busy with results for another command",
                Rule(N, "two statements at once on one connection: a threading bug")),
               # Microsoft's driver reports a login timeout as HYT00 (not HYT01): no
@@ -142,7 +156,9 @@ MESSAGE_RULES: dict[str, list[tuple[str, Rule]]] = {
         ("ssl syscall error", Rule(R, "lost connection", True)),
     ],
     "sqlite": [("database is locked", Rule(R, "database is locked (SQLITE_BUSY)")),
-               ("database table is locked", Rule(N, "table locked inside one connection"))],
+               ("database table is locked", Rule(N, "table locked inside one connection")),
+               ("unable to open database file",
+                Rule(N, "unable to open the database file", permanent=True))],
 }
 
 _SQLSTATE = re.compile(r"^[0-9A-Z]{5}$")
@@ -287,7 +303,7 @@ def classify(exc: BaseException, dialect: str | None = None,
         else:
             rule = Rule(Verdict.NEVER, "not a transient error")
     return Diagnosis(rule.verdict, rule.reason, rule.disconnect or invalidated,
-                     sqlstate, native, rule.min_wait)
+                     sqlstate, native, rule.min_wait, rule.permanent)
 
 
 def is_disconnect(exc: BaseException, dialect: str | None = None) -> bool:
@@ -314,9 +330,10 @@ def _lookup(family: str | None, sqlstate: str | None, native: int | None,
             if code is not None and code in extra.retry:
                 return Rule(Verdict.RETRY, "listed in retry.transient_codes")
     lowered = message.lower()
-    for fragment, rule in MESSAGE_RULES.get(family or "", []):
-        if fragment in lowered:
-            return rule
+    for scope in (family or "", "*"):
+        for fragment, rule in MESSAGE_RULES.get(scope, []):
+            if fragment in lowered:
+                return rule
     if native is not None and family in NATIVE_RULES:
         key = native & 0xFF if family == "sqlite" else native
         if key in NATIVE_RULES[family]:

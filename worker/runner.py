@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -103,7 +105,7 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
     session = registry()
     during_commit = False
     try:
-        function(session, **job.kwargs)
+        _call(function, session, job, attempt)
         if deadline is not None and deadline.expired.is_set():
             # Too late: what the job did is rolled back, not committed.
             raise AttemptTimedOut(f"returned after its deadline of "
@@ -137,7 +139,48 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
                                 reason=diagnosis.reason + " during COMMIT, outcome unknown")
         raise AttemptFailed(exc, diagnosis, during_commit) from exc
     finally:
+        if getattr(session, "was_closed", False):
+            _closed_by_job(job, attempt)
         _remove(registry, session, job, attempt)
+
+
+def _call(function: JobFunction, session, job: JobSpec, attempt: int) -> None:
+    """The job's function. A process it forked that comes back here (returned or
+    raised) ends at once: it must not commit, roll back or close the parent's
+    connection, nor go on as a second worker."""
+    pid = os.getpid()
+    try:
+        function(session, **job.kwargs)
+    except BaseException as exc:
+        if os.getpid() != pid:
+            _end_forked_child(job, attempt, exc)
+        raise
+    if os.getpid() != pid:
+        _end_forked_child(job, attempt, None)
+
+
+def _end_forked_child(job: JobSpec, attempt: int, error: BaseException | None) -> None:
+    if error is None:
+        status = 0
+    elif isinstance(error, SystemExit):
+        status = error.code if isinstance(error.code, int) else 1
+    else:
+        status = 1
+    log.warning("%s: a process the job forked (pid %d) returned into the worker; it "
+                "exits here with status %d (end a forked child with os._exit())",
+                _tag(job, attempt), os.getpid(), status, extra=_fields(job, attempt))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _closed_by_job(job: JobSpec, attempt: int) -> None:
+    # close() rolls back: whatever the job had not committed is gone. Its choice,
+    # but never a silent one.
+    log.warning("%s closed its Session itself: whatever it had not committed before "
+                "that was rolled back and is lost (let the worker commit when the job "
+                "returns, or commit before closing)", _tag(job, attempt),
+                extra=_fields(job, attempt))
 
 
 def _rollback(session, job: JobSpec, attempt: int) -> None:
