@@ -441,6 +441,35 @@ def test_pool_size_defaults_to_max_workers(tmp_path):
     assert config.database.pool_size == 7
 
 
+# Each key a config may leave out, and a valid value different from its default.
+DEFAULTED_KEYS = [
+    ("worker", "max_workers", 3), ("worker", "misfire_grace_time", 90.0),
+    ("worker", "shutdown_timeout", 45.0),
+    ("database", "max_overflow", 2), ("database", "pool_timeout", 12.0),
+    ("database", "pool_recycle", 600.0), ("database", "pool_pre_ping", True),
+    ("cluster", "lease", 40.0), ("cluster", "heartbeat", 10.0),
+    ("cluster", "keep_history", 3600.0), ("cluster", "batch_slot", 120.0),
+    ("job", "enabled", False), ("job", "idempotent", True),
+]
+
+
+@pytest.mark.parametrize("section, key, value", DEFAULTED_KEYS,
+                         ids=[f"{s}.{k}" for s, k, _ in DEFAULTED_KEYS])
+def test_each_default_is_written_once_on_its_dataclass(section, key, value, tmp_path,
+                                                       monkeypatch):
+    """A default changed on the dataclass is the default a config file gets: the
+    schema has no second copy of it."""
+    from worker.config import ClusterSettings, DatabaseSettings, JobSpec, WorkerSettings
+    settings = {"worker": WorkerSettings, "database": DatabaseSettings,
+                "cluster": ClusterSettings, "job": JobSpec}[section]
+    monkeypatch.setattr(settings.__dataclass_fields__[key], "default", value)
+    config = load_text(tmp_path, "database:\n  url: sqlite:///w.db\n  pool_size: 4\n"
+                                 "cluster: {}\njobs:\n  - {name: a, call: 'm:f'}\n")
+    loaded = {"worker": config.worker, "database": config.database,
+              "cluster": config.cluster, "job": config.jobs[0]}[section]
+    assert getattr(loaded, key) == value
+
+
 def test_every_key_is_read(tmp_path):
     config = load_text(tmp_path, """\
 database:

@@ -1,4 +1,4 @@
-"""YAML job list -> frozen, validated settings.
+"""The checks: YAML data -> a validated Config, or one ConfigError.
 
 Everything is checked before anything runs, and every error names the file, the
 job, the key and (where YAML knows it) the line, so that a bad deploy fails at
@@ -6,282 +6,18 @@ start-up with one readable message instead of half-way through a batch.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import yaml
+from ..errors import ExtraCodes
+from .durations import format_duration, parse_duration
+from .model import (ClusterSettings, Config, ConfigError, DatabaseSettings, JobSpec,
+                    RetryPolicy, WorkerSettings, default_of, keys_of)
+from .yamlfile import KeyPath, UnsetVariable, dotted, expand_tree, read_yaml
 
-from .errors import ExtraCodes
-
-DEFAULT_CONFIG_PATH = "config/jobs.yaml"
-CONFIG_ENV_VAR = "WORKER_CONFIG"
-
-
-class ConfigError(Exception):
-    """An invalid configuration; nothing may run (exit code 78)."""
-
-    def __init__(self, message: str, *, path: str | os.PathLike | None = None,
-                 job: str | None = None, key: str | None = None,
-                 line: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.path = str(path) if path is not None else None
-        self.job = job
-        self.key = key
-        self.line = line
-
-    def __str__(self) -> str:
-        where = self.path or "<config>"
-        if self.line is not None:
-            where += f":{self.line}"
-        parts = [where]
-        if self.job is not None:
-            parts.append(f"job {self.job!r}")
-        if self.key is not None:
-            parts.append(f"key {self.key!r}")
-        # One line, and never a password (a message may quote a value, e.g. a URL
-        # written where a mapping belongs).
-        message = " ".join(self.message.splitlines())
-        return mask_secrets(": ".join(parts) + ": " + message)
-
-
-_URL_PASSWORD = re.compile(  # the placeholder in "user:password@host" may stay
-    r"(\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s'\"]*:)(?!password@)[^\s'\"]*@")
-_ODBC_PASSWORD = re.compile(r"(?i)\b(pwd|password)(\s*=\s*)[^;\s'\"]*")
-
-
-def mask_secrets(text: str) -> str:
-    """`text` with URL passwords and ODBC PWD=... values replaced by ***."""
-    text = _URL_PASSWORD.sub(r"\1***@", text)
-    return _ODBC_PASSWORD.sub(r"\1\2***", text)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = 5          # total tries; 1 means no retry
-    wait_initial: float = 0.5  # seconds before the first retry
-    wait_max: float = 30.0     # cap on any single wait
-    on_timeout: bool = False   # retry an attempt that passed its job's timeout
-
-
-@dataclass(frozen=True)
-class DatabaseSettings:
-    url: str
-    pool_size: int
-    max_overflow: int = 0
-    pool_timeout: float = 30.0
-    pool_recycle: float = 3600.0   # -1: never recycle
-    pool_pre_ping: bool = False
-    connect_args: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    max_workers: int = 4
-    timezone: str | None = None          # IANA name for cron schedules; None: local
-    misfire_grace_time: float = 60.0     # a run later than this is skipped, not run
-    shutdown_timeout: float = 30.0       # how long a stop waits for running jobs
-    lock_dir: str | None = None          # per-job host locks; None: default_lock_dir()
-
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    url: str | None = None        # the run table's database; None: database.url
-    node: str | None = None       # this node's name; None: hostname:pid
-    lease: float = 30.0           # a run not heartbeated for this long is abandoned
-    heartbeat: float = 5.0        # how often running rows are heartbeated
-    keep_history: float = 7 * 86400.0   # finished runs older than this are pruned
-    batch_slot: float = 60.0      # --once: the slot length for jobs without a schedule
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    name: str
-    call: str                      # "package.module:function"
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    timeout: float | None = None   # seconds per attempt
-    every: float | None = None     # seconds between runs (daemon)
-    cron: str | None = None        # cron expression (daemon)
-    retry: RetryPolicy = RetryPolicy()
-    enabled: bool = True
-    idempotent: bool = False       # safe to re-run when a commit's outcome is unknown
-    line: int | None = None        # where the job starts in the YAML file
-
-    @property
-    def schedule(self) -> str | None:
-        if self.cron is not None:
-            return f"cron {self.cron!r}"
-        if self.every is not None:
-            return f"every {format_duration(self.every)}"
-        return None
-
-
-@dataclass(frozen=True)
-class Config:
-    path: Path
-    database: DatabaseSettings
-    worker: WorkerSettings
-    retry: RetryPolicy
-    jobs: tuple[JobSpec, ...]
-    extra_codes: ExtraCodes = ExtraCodes()   # the site's additions to the classifier
-    cluster: "ClusterSettings | None" = None  # runs coordinated across hosts
-
-    def job_names(self) -> list[str]:
-        return [job.name for job in self.jobs]
-
-    def error(self, message: str, job: JobSpec | None = None,
-              key: str | None = None) -> ConfigError:
-        """A ConfigError about this file (used by later checks such as callables)."""
-        return ConfigError(message, path=self.path, job=job.name if job else None,
-                           key=key, line=job.line if job else None)
-
-
-# --- durations -------------------------------------------------------------
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string such as '500ms', '30s', '5m', '1h30m'."""
-    if isinstance(value, bool):
-        raise ValueError("a duration, not true/false")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise ValueError(f"not a duration: {value!r} (use a finite number of seconds)")
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        pos, total, matched = 0, 0.0, False
-        while pos < len(text):
-            m = _DURATION_PART.match(text, pos)
-            if not m:
-                break
-            total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-            pos = m.end()
-            matched = True
-            while pos < len(text) and text[pos] == " ":
-                pos += 1
-        if matched and pos == len(text):
-            return total
-    raise ValueError(f"not a duration: {value!r} (use seconds, or a number with "
-                     "ms, s, m, h or d, e.g. '30s', '5m', '1h30m', '7d')")
-
-
-def format_duration(seconds: float) -> str:
-    if seconds >= 3600 and seconds % 3600 == 0:
-        return f"{int(seconds // 3600)}h"
-    if seconds >= 60 and seconds % 60 == 0:
-        return f"{int(seconds // 60)}m"
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    return f"{seconds:g}s"
-
-
-# --- environment expansion ---------------------------------------------------
-
-_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def expand_env(text: str, environ: Mapping[str, str]) -> str:
-    """Expand ${VAR} and ${VAR:-default}; '$$' is a literal '$'."""
-    def substitute(m: re.Match) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        name, default = m.group(1), m.group(2)
-        value = environ.get(name)
-        if value:  # like the shell's :-, an empty value takes the default too
-            return value
-        if default is not None:
-            return default
-        if value is not None:
-            return value
-        raise LookupError(f"environment variable {name} is not set and has no "
-                          f"default (write ${{{name}:-default}} to give one)")
-    return _ENV_REF.sub(substitute, text)
-
-
-# --- reading YAML with line numbers ------------------------------------------
-
-KeyPath = tuple  # a key path inside the document, e.g. ("jobs", 0, "retry")
-
-
-def _read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("file not found (pass -c PATH or set "
-                          f"${CONFIG_ENV_VAR})", path=path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the file: {exc}", path=path) from None
-    loader = yaml.SafeLoader(text)
-    lines: dict[KeyPath, int] = {}
-    try:
-        node = loader.get_single_node()
-        if node is not None:
-            # Before constructing: construction flattens merge keys (<<: *base)
-            # in place, which would look like duplicate keys.
-            _index_lines(node, (), lines, path)
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = " ".join(p for p in (exc.context, exc.problem) if p)
-        if "\t" in text and "'\\t'" in problem:
-            problem += " (YAML does not allow tabs for indentation; use spaces)"
-        raise ConfigError(f"invalid YAML: {problem}", path=path,
-                          line=mark.line + 1 if mark else None) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}", path=path) from None
-    finally:
-        loader.dispose()
-    return data, lines
-
-
-QUOTED = ("<quoted>",)   # key in the line index: the paths of quoted scalars
-
-
-def _index_lines(node: yaml.Node, at: KeyPath, lines: dict, path: Path,
-                 stack: frozenset = frozenset(), job: str | None = None) -> None:
-    if id(node) in stack:
-        raise ConfigError("invalid YAML: an alias refers to a node that contains it",
-                          path=path, key=_dotted(at) or None,
-                          line=node.start_mark.line + 1)
-    stack = stack | {id(node)}
-    lines.setdefault(at, node.start_mark.line + 1)
-    if isinstance(node, yaml.ScalarNode) and node.style in ("'", '"'):
-        lines.setdefault(QUOTED, set()).add(at)   # quoted: `${VAR}` stays a string
-    if isinstance(node, yaml.MappingNode):
-        if len(at) == 2 and at[0] == "jobs":
-            job = next((v.value for k, v in node.value if k.value == "name"
-                        and isinstance(v, yaml.ScalarNode)), None)
-        seen: set = set()
-        for key_node, value_node in node.value:
-            key = key_node.value
-            if isinstance(key, str) and key in seen:
-                where = at[2:] if job is not None else at
-                raise ConfigError(f"duplicate key {key!r} in the same mapping",
-                                  path=path, job=job, key=_dotted(where + (key,)),
-                                  line=key_node.start_mark.line + 1)
-            seen.add(key)
-            lines[at + (key,)] = key_node.start_mark.line + 1
-            _index_lines(value_node, at + (key,), lines, path, stack, job)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _index_lines(item, at + (index,), lines, path, stack, job)
-
-
-def _dotted(at: KeyPath) -> str:
-    out = ""
-    for part in at:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-# --- validation ----------------------------------------------------------------
 
 class _Checker:
     """Typed getters that raise ConfigError naming the file, job, key and line."""
@@ -306,9 +42,9 @@ class _Checker:
                 line = self.lines[at[:n]]
                 break
         if job is not None and len(at) >= 2 and at[0] == "jobs":
-            key = _dotted(at[2:]) or None
+            key = dotted(at[2:]) or None
         else:
-            key = _dotted(at) or None
+            key = dotted(at) or None
         return ConfigError(message, path=self.path, job=job, key=key, line=line)
 
     def mapping(self, value: Any, at: KeyPath, allowed: tuple[str, ...],
@@ -367,37 +103,16 @@ def _describe(value: Any) -> str:
 
 
 TOP_KEYS = ("database", "worker", "retry", "jobs", "cluster")
-CLUSTER_KEYS = ("url", "node", "lease", "heartbeat", "keep_history", "batch_slot")
-DATABASE_KEYS = ("url", "pool_size", "max_overflow", "pool_timeout", "pool_recycle",
-                 "pool_pre_ping", "connect_args")
-WORKER_KEYS = ("max_workers", "timezone", "misfire_grace_time", "shutdown_timeout",
-               "lock_dir")
-RETRY_KEYS = ("attempts", "wait_initial", "wait_max", "on_timeout")
-JOB_KEYS = ("name", "call", "kwargs", "timeout", "every", "cron", "retry", "enabled",
-            "idempotent")
+CLUSTER_KEYS = keys_of(ClusterSettings)
+DATABASE_KEYS = keys_of(DatabaseSettings)
+WORKER_KEYS = keys_of(WorkerSettings)
+RETRY_KEYS = keys_of(RetryPolicy)
+JOB_KEYS = keys_of(JobSpec, without=("line",))
 
 
-_WHOLE_ENV_REF = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}")
-
-
-def _expand_tree(value: Any, at: KeyPath, check: _Checker, environ) -> Any:
-    if isinstance(value, str):
-        try:
-            expanded = expand_env(value, environ)
-        except LookupError as exc:
-            raise check.fail(str(exc), at, check.job_name_at(at)) from None
-        if expanded != value and _WHOLE_ENV_REF.fullmatch(value.strip()) and \
-                at not in check.lines.get(QUOTED, ()):
-            # An unquoted value that is only `${VAR}` is typed as YAML would type it,
-            # so that `max_workers: ${WORKERS:-4}` is a number and `enabled: ${ON}` a
-            # bool; quote it ("${PASSWORD}") to keep it a string.
-            return _yaml_scalar(expanded)
-        return expanded
-    if isinstance(value, dict):
-        return {k: _expand_tree(v, at + (k,), check, environ) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand_tree(v, at + (i,), check, environ) for i, v in enumerate(value)]
-    return value
+def _given_or_default(raw: Mapping, settings: type, key: str) -> Any:
+    """The value written for `key`, else the default the dataclass declares."""
+    return raw[key] if key in raw else default_of(settings, key)
 
 
 EXTRA_CODE_KEYS = ("transient_codes", "permanent_codes")  # top-level retry section only
@@ -432,14 +147,6 @@ def _extra_codes(raw: Any, check: _Checker) -> ExtraCodes:
         raise check.fail(f"{sorted(map(str, both))} listed as both transient and permanent",
                          ("retry", "permanent_codes"))
     return ExtraCodes(retry=found["transient_codes"], never=found["permanent_codes"])
-
-
-def _yaml_scalar(text: str) -> Any:
-    try:
-        typed = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return typed if isinstance(typed, (bool, int, float)) else text
 
 
 def _retry_policy(raw: Any, at: KeyPath, base: RetryPolicy, check: _Checker,
@@ -519,8 +226,10 @@ def _job(raw: Any, index: int, defaults: RetryPolicy, check: _Checker,
                              "@daily, @weekly, @monthly)",
                              at + ("cron",), name)
     retry = _retry_policy(raw.get("retry"), at + ("retry",), defaults, check, name)
-    enabled = check.boolean(raw.get("enabled", True), at + ("enabled",), name)
-    idempotent = check.boolean(raw.get("idempotent", False), at + ("idempotent",), name)
+    enabled = check.boolean(_given_or_default(raw, JobSpec, "enabled"),
+                            at + ("enabled",), name)
+    idempotent = check.boolean(_given_or_default(raw, JobSpec, "idempotent"),
+                               at + ("idempotent",), name)
     return JobSpec(name=name, call=call, kwargs=dict(kwargs), timeout=timeout,
                    every=every, cron=cron, retry=retry, enabled=enabled,
                    idempotent=idempotent, line=check.lines.get(at))
@@ -535,8 +244,9 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> C
     """Read and validate a config file; raise ConfigError on the first problem."""
     path = Path(path)
     environ = os.environ if environ is None else environ
-    data, lines = _read_yaml(path)
-    check = _Checker(path, lines)
+    document = read_yaml(path)
+    data = document.data
+    check = _Checker(path, document.lines)
     if data is None:
         raise check.fail("the file is empty; it needs 'database' and 'jobs'", ())
     if isinstance(data, dict):   # `x-...` keys hold YAML anchors for the jobs to share
@@ -544,10 +254,13 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> C
     top = check.mapping(data, (), TOP_KEYS)
     if isinstance(top.get("jobs"), list):
         check.jobs_raw = top["jobs"]
-    top = _expand_tree(top, (), check, environ)
+    try:
+        top = expand_tree(top, environ, document.quoted)
+    except UnsetVariable as exc:
+        raise check.fail(str(exc), exc.at, check.job_name_at(exc.at)) from None
 
     worker_raw = check.mapping(top.get("worker"), ("worker",), WORKER_KEYS)
-    max_workers = check.integer(worker_raw.get("max_workers", 4),
+    max_workers = check.integer(_given_or_default(worker_raw, WorkerSettings, "max_workers"),
                                 ("worker", "max_workers"), 1)
     worker = _worker(worker_raw, max_workers, check)
 
@@ -594,9 +307,10 @@ def _cluster(raw: Any, check: _Checker) -> ClusterSettings:
             raise check.fail("not a valid SQLAlchemy URL", at + ("url",)) from None
     if raw.get("node") is not None:
         node = check.string(str(raw["node"]), at + ("node",)).strip()
-    defaults = ClusterSettings()
-    lease = check.duration(raw.get("lease", defaults.lease), at + ("lease",))
-    heartbeat = check.duration(raw.get("heartbeat", defaults.heartbeat), at + ("heartbeat",))
+    lease = check.duration(_given_or_default(raw, ClusterSettings, "lease"),
+                           at + ("lease",))
+    heartbeat = check.duration(_given_or_default(raw, ClusterSettings, "heartbeat"),
+                               at + ("heartbeat",))
     if heartbeat * 2 > lease:
         raise check.fail(f"heartbeat ({format_duration(heartbeat)}) must be at most half "
                          f"the lease ({format_duration(lease)}), or one late heartbeat "
@@ -604,9 +318,9 @@ def _cluster(raw: Any, check: _Checker) -> ClusterSettings:
                          at + ("heartbeat",))
     return ClusterSettings(
         url=url, node=node, lease=lease, heartbeat=heartbeat,
-        keep_history=check.duration(raw.get("keep_history", defaults.keep_history),
+        keep_history=check.duration(_given_or_default(raw, ClusterSettings, "keep_history"),
                                     at + ("keep_history",)),
-        batch_slot=check.duration(raw.get("batch_slot", defaults.batch_slot),
+        batch_slot=check.duration(_given_or_default(raw, ClusterSettings, "batch_slot"),
                                   at + ("batch_slot",)))
 
 
@@ -627,10 +341,12 @@ def _worker(raw: dict, max_workers: int, check: _Checker) -> WorkerSettings:
     return WorkerSettings(
         max_workers=max_workers,
         timezone=zone,
-        misfire_grace_time=check.duration(raw.get("misfire_grace_time", 60),
-                                          at + ("misfire_grace_time",)),
-        shutdown_timeout=check.duration(raw.get("shutdown_timeout", 30),
-                                        at + ("shutdown_timeout",), positive=False),
+        misfire_grace_time=check.duration(
+            _given_or_default(raw, WorkerSettings, "misfire_grace_time"),
+            at + ("misfire_grace_time",)),
+        shutdown_timeout=check.duration(
+            _given_or_default(raw, WorkerSettings, "shutdown_timeout"),
+            at + ("shutdown_timeout",), positive=False),
         lock_dir=lock_dir,
     )
 
@@ -651,8 +367,8 @@ def _database(raw: dict, worker: WorkerSettings, check: _Checker) -> DatabaseSet
                          at + ("url",)) from None
     if parsed.get_driver_name() == "pyodbc" and parsed.get_backend_name() in (
             "mysql", "mariadb") and parsed.port is not None:
-        # field-notes §2: this becomes Server=host,port, which MariaDB's ODBC driver
-        # ignores: it would silently connect to 3306.
+        # SQLAlchemy's mysql+pyodbc builds Server=host,port (SQL Server syntax), and
+        # MariaDB Connector/ODBC ignores the ",port": it would silently connect to 3306.
         raise check.fail(f"MariaDB/MySQL ODBC drivers ignore the port in host:port "
                          f"(it would silently connect to 3306); drop ':{parsed.port}' "
                          f"and add '&Port={parsed.port}' to the query string",
@@ -660,9 +376,11 @@ def _database(raw: dict, worker: WorkerSettings, check: _Checker) -> DatabaseSet
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise check.fail("an in-memory SQLite database cannot be shared by job threads; "
                          "use a file, e.g. sqlite:///worker.db", at + ("url",))
+    # One connection per worker thread unless the file says otherwise.
     pool_size = check.integer(raw.get("pool_size", worker.max_workers),
                               at + ("pool_size",), 1)
-    max_overflow = check.integer(raw.get("max_overflow", 0), at + ("max_overflow",), 0)
+    max_overflow = check.integer(_given_or_default(raw, DatabaseSettings, "max_overflow"),
+                                 at + ("max_overflow",), 0)
     if worker.max_workers > pool_size + max_overflow:
         raise check.fail(
             f"worker.max_workers ({worker.max_workers}) is larger than pool_size + "
@@ -677,24 +395,11 @@ def _database(raw: dict, worker: WorkerSettings, check: _Checker) -> DatabaseSet
         url=url,
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_timeout=check.duration(raw.get("pool_timeout", 30), at + ("pool_timeout",)),
-        pool_recycle=check.duration(raw.get("pool_recycle", 3600), at + ("pool_recycle",),
-                                    allow_never=True),
-        pool_pre_ping=check.boolean(raw.get("pool_pre_ping", False),
+        pool_timeout=check.duration(_given_or_default(raw, DatabaseSettings, "pool_timeout"),
+                                    at + ("pool_timeout",)),
+        pool_recycle=check.duration(_given_or_default(raw, DatabaseSettings, "pool_recycle"),
+                                    at + ("pool_recycle",), allow_never=True),
+        pool_pre_ping=check.boolean(_given_or_default(raw, DatabaseSettings, "pool_pre_ping"),
                                     at + ("pool_pre_ping",)),
         connect_args=dict(connect_args),
     )
-
-
-def masked_url(url: str) -> str:
-    """The URL as it may be shown: password replaced by ***."""
-    from sqlalchemy.engine import make_url
-    try:
-        parsed = make_url(url)
-        if parsed.query:  # e.g. mssql+pyodbc:///?odbc_connect=...;PWD=secret
-            parsed = parsed.update_query_dict(
-                {k: mask_secrets(v) if isinstance(v, str) else [mask_secrets(i) for i in v]
-                 for k, v in parsed.query.items()})
-        return parsed.render_as_string(hide_password=True)
-    except Exception:  # never echo an unparsable URL: it may hold a password
-        return "<unparsable URL>"
