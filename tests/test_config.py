@@ -272,6 +272,36 @@ def test_there_are_enough_broken_cases():
 
 @pytest.mark.parametrize("case", BROKEN, ids=[case.id for case in BROKEN])
 def test_broken_config_exits_78_with_one_line_and_runs_nothing(case, tmp_path, capsys):
+    assert_refused_with_one_line(case, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=[case.id for case in BROKEN])
+def test_broken_config_without_libyaml_gives_the_same_line(case, tmp_path, capsys,
+                                                          monkeypatch):
+    """The pure-Python loader (PyYAML built without libyaml) names the same lines."""
+    import yaml
+    monkeypatch.setattr(yaml, "__with_libyaml__", False)
+    assert_refused_with_one_line(case, tmp_path, capsys)
+
+
+def test_the_file_is_read_by_libyaml_when_pyyaml_has_it(tmp_path, monkeypatch):
+    import yaml
+    if not yaml.__with_libyaml__:
+        pytest.skip("PyYAML was built without libyaml")
+    made = []
+
+    class RecordingLoader(yaml.CSafeLoader):
+        def __init__(self, stream):
+            made.append(type(self))
+            super().__init__(stream)
+
+    monkeypatch.setattr(yaml, "CSafeLoader", RecordingLoader)
+    config = load_text(tmp_path, HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n")
+    assert made == [RecordingLoader]
+    assert [job.line for job in config.jobs] == [4, 7]
+
+
+def assert_refused_with_one_line(case: Broken, tmp_path: Path, capsys) -> None:
     if case.path == "missing":
         path = tmp_path / "no-such-dir" / "jobs.yaml"
     elif case.path == "directory":

@@ -177,6 +177,9 @@ def _retry_policy(raw: Any, at: KeyPath, base: RetryPolicy, check: _Checker,
     return policy
 
 
+_JOB_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
 def _job(raw: Any, index: int, defaults: RetryPolicy, check: _Checker,
          cron_is_valid: Callable[[str], bool]) -> JobSpec:
     at: KeyPath = ("jobs", index)
@@ -187,7 +190,7 @@ def _job(raw: Any, index: int, defaults: RetryPolicy, check: _Checker,
     if name_value is None:
         raise check.fail("job has no 'name'", at)
     name = check.string(name_value, at + ("name",)).strip()
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+    if not _JOB_NAME.fullmatch(name):
         raise check.fail("a job name may use letters, digits, '.', '_' and '-' only",
                          at + ("name",), name)
     check.mapping(raw, at, JOB_KEYS, name)
@@ -235,9 +238,17 @@ def _job(raw: Any, index: int, defaults: RetryPolicy, check: _Checker,
                    idempotent=idempotent, line=check.lines.get(at))
 
 
-def _cron_is_valid(expression: str) -> bool:
-    from croniter import croniter  # imported only when a config uses cron
-    return bool(croniter.is_valid(expression))
+def _cron_checker() -> Callable[[str], bool]:
+    """cron_is_valid(expression), asked of croniter once per distinct expression
+    (a file of many jobs repeats a few schedules)."""
+    verdicts: dict[str, bool] = {}
+
+    def cron_is_valid(expression: str) -> bool:
+        if expression not in verdicts:
+            from croniter import croniter  # imported only when a config uses cron
+            verdicts[expression] = bool(croniter.is_valid(expression))
+        return verdicts[expression]
+    return cron_is_valid
 
 
 def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> Config:
@@ -280,8 +291,9 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> C
         raise check.fail("'jobs' must be a non-empty list of jobs", ("jobs",))
     jobs: list[JobSpec] = []
     seen: dict[str, int] = {}
+    cron_is_valid = _cron_checker()
     for index, raw in enumerate(jobs_raw):
-        spec = _job(raw, index, retry, check, _cron_is_valid)
+        spec = _job(raw, index, retry, check, cron_is_valid)
         if spec.name in seen:
             raise check.fail(f"duplicate job name (first defined at line "
                              f"{seen[spec.name]})", ("jobs", index, "name"), spec.name)
