@@ -4,6 +4,9 @@ the documented defaults."""
 from __future__ import annotations
 
 import logging
+import os
+import resource
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -795,3 +798,90 @@ jobs:
   - {name: a, call: 'm:f'}
 """)
     assert "Port=3399" in config.database.url
+
+
+# --- hostile files, through the real command ---------------------------------------------
+
+CLI_MEMORY_LIMIT = 1 << 30   # address space for one `--check`: several times what it needs
+
+
+def check_in_a_process(path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`run_worker.py --check -c PATH` in a fresh process with its memory capped
+    (going past the cap is a MemoryError, not exit 78) and a bounded wait."""
+    def cap_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (CLI_MEMORY_LIMIT, CLI_MEMORY_LIMIT))
+    return subprocess.run([sys.executable, str(ROOT / "run_worker.py"), "--check", "-c",
+                           str(path), *extra], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, preexec_fn=cap_memory)
+
+
+def assert_one_config_error_line(done: subprocess.CompletedProcess, path: Path,
+                                 fragment: str) -> str:
+    assert done.returncode == 78, done.stderr[-2000:]
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.endswith("\n"), done.stderr
+    assert done.stderr.startswith(f"run-worker: invalid configuration: {path}")
+    assert fragment in done.stderr
+    return done.stderr
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """The classic alias bomb: each level a list of 9 aliases to the one before."""
+    lines = ['x-0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels):
+        lines.append(f"x-{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_without_expanding_it(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(billion_laughs() + DB.replace("@DIR@", str(tmp_path)) +
+                    "jobs:\n  - name: a\n    call: tests.jobfuncs:touch\n"
+                    "    kwargs: {path: *l8}\n")
+    assert path.stat().st_size < 1000   # 9^9 = 387 million "lol"s expanded
+    assert_one_config_error_line(check_in_a_process(path), path,
+                                 "invalid YAML: its aliases expand it to more than 100,000 "
+                                 "nodes")
+
+
+def test_aliases_within_the_limit_are_expanded(tmp_path):
+    """Anchors shared by many jobs are what aliases are for: not a bomb."""
+    config = load_text(tmp_path, billion_laughs(levels=4) + DB + "jobs:\n" + "".join(
+        f"  - {{name: j{i}, call: 'm:f', kwargs: {{data: *l3}}}}\n" for i in range(10)))
+    data = config.jobs[9].kwargs["data"]   # 9 * 9 * 9 lists of 9: 7,380 nodes per job
+    assert len(data) == 9 and data[8][8][8] == ["lol"] * 9
+
+
+@pytest.mark.parametrize("levels, fragment", [
+    (3000, "invalid YAML: nested more than 100 levels deep"),   # RecursionError before
+    (101, "invalid YAML: nested more than 100 levels deep"),
+], ids=["3000-levels", "101-levels"])
+def test_deep_nesting_is_refused(levels, fragment, tmp_path):
+    path = write_config(tmp_path, HEAD.replace(
+        '    kwargs: {path: "@RAN@"}\n',
+        "    kwargs:\n      path: " + "[" * (levels - 4) + "]" * (levels - 4) + "\n"))
+    line = assert_one_config_error_line(check_in_a_process(path), path, fragment)
+    assert f"{path}:7: " in line   # the line where the nesting starts
+
+
+def test_a_hundred_levels_are_allowed(tmp_path):
+    config = load_text(tmp_path, HEAD.replace(
+        '    kwargs: {path: "@RAN@"}\n',
+        "    kwargs:\n      path: " + "[" * 96 + "]" * 96 + "\n"))
+    assert isinstance(config.jobs[0].kwargs["path"], list)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "character-device", "directory"])
+def test_a_path_that_is_not_a_regular_file_is_refused(kind, tmp_path):
+    if kind == "fifo":
+        path = tmp_path / "jobs.yaml"
+        os.mkfifo(path)   # opening it to read would wait for a writer for ever
+        fragment = "it is a FIFO (named pipe), not a regular file"
+    elif kind == "character-device":
+        path = Path("/dev/zero")   # reading it would never end
+        fragment = "it is a character device, not a regular file"
+    else:
+        path = tmp_path
+        fragment = "it is a directory, not a regular file"
+    assert_one_config_error_line(check_in_a_process(path), path,
+                                 f"cannot read the file: {fragment}")

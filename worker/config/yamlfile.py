@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,15 +30,40 @@ class YamlDocument:
 
 
 def read_yaml(path: Path) -> YamlDocument:
+    text = _read_regular_file(path)
+    with _gc_paused():
+        return _parse(text, path)
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def _read_regular_file(path: Path) -> str:
+    """The file's text; ConfigError unless it is a regular file. Opened without
+    blocking and checked on the open descriptor: opening a FIFO would wait for a
+    writer for ever, and a device such as /dev/zero never ends."""
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError("file not found (pass -c PATH or set "
                           f"${CONFIG_ENV_VAR})", path=path) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror or exc}",
+                          path=path) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+            raise ConfigError(f"cannot read the file: it is {kind}, not a regular file",
+                              path=path)
+        with open(fd, "rb", closefd=False) as file:
+            return file.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the file: {exc}", path=path) from None
-    with _gc_paused():
-        return _parse(text, path)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
