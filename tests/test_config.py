@@ -396,12 +396,14 @@ def test_password_never_in_config_error(text, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("url, shown", [
-    (SECRET_URL, "postgresql://u:***@127.0.0.1/x"),
+    # (a postgresql:// URL is refused by --check unless its driver is installed)
+    ("mysql+pyodbc://u:s3cret@127.0.0.1/x?driver=MariaDB+Unicode",
+     "mysql+pyodbc://u:***@127.0.0.1/x"),
     ("mssql+pyodbc://u:s3cret@sqlhost/db?driver=ODBC+Driver+18+for+SQL+Server",
      "mssql+pyodbc://u:***@sqlhost/db"),
     ("mssql+pyodbc:///?odbc_connect=DRIVER%3D%7BX%7D%3BSERVER%3Dh%3BUID%3Du%3BPWD%3Ds3cret",
      "mssql+pyodbc:///?odbc_connect="),
-], ids=["postgresql", "pyodbc-url", "pyodbc-odbc_connect"])
+], ids=["userinfo", "pyodbc-url", "pyodbc-odbc_connect"])
 def test_password_never_in_check_output(url, shown, tmp_path, capsys):
     path = write_config(tmp_path, f"database:\n  url: '{url}'\njobs:\n" + TOUCH)
     assert cli.main(["-c", str(path), "--check"]) == cli.EXIT_OK
@@ -885,3 +887,73 @@ def test_a_path_that_is_not_a_regular_file_is_refused(kind, tmp_path):
         fragment = "it is a directory, not a regular file"
     assert_one_config_error_line(check_in_a_process(path), path,
                                  f"cannot read the file: {fragment}")
+
+
+# --- dialects and drivers, through the real command ------------------------------------------
+
+def write_url_config(tmp_path: Path, url: str, cluster_url: str | None = None) -> Path:
+    text = f"database:\n  url: '{url}'\n"
+    if cluster_url is not None:
+        text += f"cluster:\n  url: '{cluster_url}'\n"
+    return write_config(tmp_path, text + "jobs:\n" + TOUCH)
+
+
+def module_missing(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is None
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("postgres://u:s3cret@127.0.0.1/x", "unknown dialect 'postgres'; did you mean "
+                                        "'postgresql'?"),
+    ("mssql+pydobc://u:s3cret@h/db?driver=X", "unknown dialect 'mssql+pydobc'; did you "
+                                              "mean 'mssql+pyodbc'?"),
+    ("nosuchdb://u:s3cret@h/db", "unknown dialect 'nosuchdb'; known: mariadb, mssql"),
+    ("postgresql+asyncpg://u:s3cret@h/db", "'postgresql+asyncpg' is an asyncio driver"),
+], ids=["postgres", "mssql+pydobc", "nonsense", "asyncio"])
+def test_an_unknown_dialect_is_refused_by_check(url, fragment, tmp_path):
+    assert_url_refused(tmp_path, url, fragment, "database.url")
+
+
+def test_an_unknown_dialect_in_the_cluster_url_is_refused_by_check(tmp_path):
+    assert_url_refused(tmp_path, "postgres://u:s3cret@127.0.0.1/x", "unknown dialect "
+                       "'postgres'; did you mean 'postgresql'?", "cluster.url")
+
+
+def assert_url_refused(tmp_path: Path, url: str, fragment: str, key: str) -> str:
+    good = f"sqlite:///{tmp_path / 'w.db'}"
+    path = (write_url_config(tmp_path, url) if key == "database.url" else
+            write_url_config(tmp_path, good, cluster_url=url))
+    line = assert_one_config_error_line(check_in_a_process(path), path, fragment)
+    assert f"key {key!r}" in line
+    assert "s3cret" not in line
+    return line
+
+
+MISSING_DRIVERS = [  # (URL, the module its dialect imports, the package to install)
+    ("postgresql+psycopg2://u:s3cret@127.0.0.1/x", "psycopg2", "psycopg2-binary"),
+    ("postgresql+psycopg://u:s3cret@127.0.0.1/x", "psycopg", "psycopg[binary]"),
+    ("mysql+pymysql://u:s3cret@127.0.0.1/x", "pymysql", "PyMySQL"),
+    ("mssql+pymssql://u:s3cret@127.0.0.1/x", "pymssql", "pymssql"),
+]
+
+
+@pytest.mark.parametrize("url, module, package, key",
+                         [(*case, "database.url") for case in MISSING_DRIVERS] +
+                         [(*MISSING_DRIVERS[0], "cluster.url")],
+                         ids=[f"{case[1]}-database" for case in MISSING_DRIVERS] +
+                         [f"{MISSING_DRIVERS[0][1]}-cluster"])
+def test_a_missing_driver_module_is_refused_by_check(url, module, package, key, tmp_path):
+    if not module_missing(module):
+        pytest.skip(f"{module} is installed here")
+    line = assert_url_refused(tmp_path, url, f"needs the Python module {module!r}", key)
+    assert f"dialect {url.split(':')[0]!r}" in line
+    assert f"pip install {package}" in line
+
+
+def test_an_installed_driver_passes_check(tmp_path):
+    path = write_url_config(tmp_path, "mysql+pyodbc://u:s3cret@127.0.0.1/x?driver=X",
+                            cluster_url=f"sqlite:///{tmp_path / 'runs.db'}")
+    done = check_in_a_process(path)
+    assert done.returncode == 0, done.stderr
+    assert "database mysql+pyodbc://u:***@127.0.0.1/x" in done.stdout

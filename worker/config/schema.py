@@ -16,6 +16,7 @@ from ..errors import ExtraCodes
 from .durations import format_duration, parse_duration
 from .model import (ClusterSettings, Config, ConfigError, DatabaseSettings, JobSpec,
                     RetryPolicy, WorkerSettings, default_of, keys_of)
+from .urls import UrlProblem, check_url
 from .yamlfile import KeyPath, UnsetVariable, dotted, expand_tree, read_yaml
 
 
@@ -311,12 +312,7 @@ def _cluster(raw: Any, check: _Checker) -> ClusterSettings:
     url = node = None
     if raw.get("url") is not None:
         url = check.string(raw["url"], at + ("url",)).strip()
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-        try:
-            make_url(url)
-        except (ArgumentError, ValueError):
-            raise check.fail("not a valid SQLAlchemy URL", at + ("url",)) from None
+        _checked_url(url, at + ("url",), check)
     if raw.get("node") is not None:
         node = check.string(str(raw["node"]), at + ("node",)).strip()
     lease = check.duration(_given_or_default(raw, ClusterSettings, "lease"),
@@ -334,6 +330,14 @@ def _cluster(raw: Any, check: _Checker) -> ClusterSettings:
                                     at + ("keep_history",)),
         batch_slot=check.duration(_given_or_default(raw, ClusterSettings, "batch_slot"),
                                   at + ("batch_slot",)))
+
+
+def _checked_url(url: str, at: KeyPath, check: _Checker) -> Any:
+    """The parsed URL, its dialect loaded and its driver module imported."""
+    try:
+        return check_url(url)
+    except UrlProblem as exc:
+        raise check.fail(str(exc), at) from None
 
 
 def _worker(raw: dict, max_workers: int, check: _Checker) -> WorkerSettings:
@@ -369,14 +373,7 @@ def _database(raw: dict, worker: WorkerSettings, check: _Checker) -> DatabaseSet
         raise check.fail("missing key 'url' (an SQLAlchemy URL, e.g. "
                          "sqlite:///worker.db)", at + ("url",))
     url = check.string(raw["url"], at + ("url",)).strip()
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):  # ValueError: e.g. a port that is not a number
-        raise check.fail("not a valid SQLAlchemy URL (expected "
-                         "dialect+driver://user:password@host/database)",
-                         at + ("url",)) from None
+    parsed = _checked_url(url, at + ("url",), check)
     if parsed.get_driver_name() == "pyodbc" and parsed.get_backend_name() in (
             "mysql", "mariadb") and parsed.port is not None:
         # SQLAlchemy's mysql+pyodbc builds Server=host,port (SQL Server syntax), and
