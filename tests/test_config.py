@@ -16,7 +16,7 @@ import pytest
 from worker import cli
 from worker.callables import resolve_jobs
 from worker.config import (ConfigError, RetryPolicy, expand_env, format_duration, load,
-                           masked_url, parse_duration)
+                           mask_secrets, masked_url, parse_duration)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -957,3 +957,99 @@ def test_an_installed_driver_passes_check(tmp_path):
     done = check_in_a_process(path)
     assert done.returncode == 0, done.stderr
     assert "database mysql+pyodbc://u:***@127.0.0.1/x" in done.stdout
+
+
+# --- credentials in URLs and connection strings ------------------------------------------
+
+def odbc_connect(connection_string: str) -> str:
+    from urllib.parse import quote_plus
+    return "mssql+pyodbc:///?odbc_connect=" + quote_plus(connection_string)
+
+
+# Every URL shape that can carry a credential; "s3cret" is every credential in
+# them, so any part of one that is shown is caught.
+CREDENTIAL_URLS = [
+    ("userinfo", "mysql+pyodbc://u:s3cret@127.0.0.1/db?driver=X"),
+    ("userinfo-azure-user", "mssql+pyodbc://u@server:s3cret@sqlhost/db?driver=X"),
+    ("query-PWD", "mssql+pyodbc://u@sqlhost/db?driver=X&PWD=s3cret"),
+    ("query-password", "mysql+pyodbc://u@127.0.0.1/db?driver=X&password=s3cret&Port=3306"),
+    ("query-token", "mssql+pyodbc://u@sqlhost/db?AccessToken=s3cret&driver=X"),
+    ("query-secret", "mssql+pyodbc://u@sqlhost/db?driver=X&Client_Secret=s3cret"),
+    ("query-key", "mssql+pyodbc://u@sqlhost/db?driver=X&api_key=s3cret"),
+    ("odbc_connect", odbc_connect("DRIVER={X};SERVER=h;UID=u;PWD=s3cret;APP=w")),
+    ("odbc_connect-braced", odbc_connect(
+        "DRIVER={X};SERVER=h;UID=u;PWD={s3cret;s3cret}}s3cret};APP=w")),
+    ("odbc_connect-password-key", odbc_connect("Driver={X};Server=h;Password=s3cret")),
+]
+
+
+@pytest.mark.parametrize("url", [url for _, url in CREDENTIAL_URLS],
+                         ids=[name for name, _ in CREDENTIAL_URLS])
+def test_check_shows_every_url_shape_without_its_credential(url, tmp_path, capsys):
+    path = write_config(tmp_path, f"database:\n  url: '{url}'\njobs:\n" + TOUCH)
+    assert cli.main(["-c", str(path), "--check"]) == cli.EXIT_OK
+    out, err = capsys.readouterr()
+    shown = out.splitlines()[0]
+    assert "***" in shown
+    assert "s3cret" not in out + err
+    assert masked_url(url) in shown
+
+
+@pytest.mark.parametrize("url", [url for _, url in CREDENTIAL_URLS],
+                         ids=[name for name, _ in CREDENTIAL_URLS])
+@pytest.mark.parametrize("where", ["instead-of-the-section", "as-a-key", "as-connect_args"])
+def test_a_url_echoed_in_a_config_error_shows_no_credential(url, where, tmp_path, capsys):
+    text = {"instead-of-the-section": f"database: '{url}'\njobs:\n" + TOUCH,
+            "as-a-key": f"database:\n  url: sqlite:///w.db\n  {url}: 1\njobs:\n" + TOUCH,
+            "as-connect_args": f"database:\n  url: sqlite:///w.db\n  connect_args: '{url}'\n"
+                               "jobs:\n" + TOUCH}[where]
+    path = write_config(tmp_path, text)
+    assert cli.main(["-c", str(path), "--check"]) == 78
+    out, err = capsys.readouterr()
+    assert str(path) in err and "***" in err
+    assert "s3cret" not in out + err
+
+
+@pytest.mark.parametrize("key", ["database.url", "cluster.url"])
+def test_an_unencoded_at_in_the_password_is_refused(key, tmp_path, capsys):
+    url = "mysql+pyodbc://u:p@s3cret@127.0.0.1/db?driver=X"
+    text = (f"database:\n  url: '{url}'\n" if key == "database.url" else
+            f"database:\n  url: sqlite:///w.db\ncluster:\n  url: '{url}'\n")
+    path = write_config(tmp_path, text + "jobs:\n" + TOUCH)
+    assert cli.main(["-c", str(path), "--check"]) == 78
+    out, err = capsys.readouterr()
+    assert f"key {key!r}" in err
+    assert "an '@' that is not encoded; write each '@' in the user name or password " \
+           "as %40" in err
+    assert "s3cret" not in out + err
+    # Encoded, the same password is fine.
+    path.write_text(path.read_text().replace("p@s3cret", "p%40s3cret"))
+    assert cli.main(["-c", str(path), "--check"]) == cli.EXIT_OK
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("UID=u;PWD=s3cret;APP=w", "UID=u;PWD=***;APP=w"),
+    ("DRIVER={X};UID=u;PWD={s3cret;s3cret}}s3cret};APP=w", "DRIVER={X};UID=u;PWD=***;APP=w"),
+    ("PWD={s3cret s3cret", "PWD=***"),    # a brace never closed: the rest of the line
+    ("Password = s3cret; Server=h", "Password = ***; Server=h"),
+    ("?driver=X&token=s3cret&Port=1", "?driver=X&token=***&Port=1"),
+    ("cannot connect to postgresql://u:p@s3cret@h/x: refused",
+     "cannot connect to postgresql://u:***@h/x: refused"),
+    ("cannot connect to postgresql://u:password@h/x", "cannot connect to "
+                                                      "postgresql://u:password@h/x"),
+    ("connect_args {'password': 's3cret', 'timeout': 5}",
+     "connect_args {'password': '***', 'timeout': 5}"),
+    ('{"api_key": "s3cret", "n": 1}', '{"api_key": "***", "n": 1}'),
+    ("odbc_connect=UID%3Du%3BPWD%3D%7Bs3cret%3Bs3cret%7D%7Ds3cret%7D%3BAPP%3Dw",
+     "odbc_connect=UID%3Du%3BPWD%3D***%3BAPP%3Dw"),
+    ("job=report attempt=1/3 succeeded", "job=report attempt=1/3 succeeded"),
+], ids=["odbc", "odbc-braced", "odbc-unclosed-brace", "odbc-spaces", "query",
+        "url-unencoded-at", "url-placeholder", "dict-repr", "json", "percent-encoded",
+        "no-credential"])
+def test_mask_secrets(text, shown):
+    assert mask_secrets(text) == shown
+
+
+def test_config_error_holds_no_credential_in_any_form():
+    error = ConfigError("got 'mssql+pyodbc://u@h/db?PWD=s3cret'", path="x.yaml")
+    assert "s3cret" not in str(error) + repr(error) + error.message + str(error.args)

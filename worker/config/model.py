@@ -25,6 +25,9 @@ class ConfigError(Exception):
     def __init__(self, message: str, *, path: str | os.PathLike | None = None,
                  job: str | None = None, key: str | None = None,
                  line: int | None = None) -> None:
+        # Masked from the start, so that no use of the error (str, repr, args, a
+        # traceback) can show a password that the message quotes.
+        message = mask_secrets(message)
         super().__init__(message)
         self.message = message
         self.path = str(path) if path is not None else None
@@ -42,7 +45,7 @@ class ConfigError(Exception):
         if self.key is not None:
             parts.append(f"key {self.key!r}")
         # One line, and never a password (a message may quote a value, e.g. a URL
-        # written where a mapping belongs).
+        # written where a mapping belongs; a key may be a URL written without ': ').
         message = " ".join(self.message.splitlines())
         return mask_secrets(": ".join(parts) + ": " + message)
 

@@ -33,6 +33,12 @@ def check_url(url: str) -> Any:
     except (ArgumentError, ValueError):  # ValueError: e.g. a port that is not a number
         raise UrlProblem("not a valid SQLAlchemy URL (expected "
                          "dialect+driver://user:password@host/database)") from None
+    if parsed.host and "@" in parsed.host:
+        # make_url split at the first '@', so part of the password would be
+        # taken for the host name (and shown, and connected to).
+        raise UrlProblem("the user:password part has an '@' that is not encoded; write "
+                         "each '@' in the user name or password as %40 "
+                         "(e.g. user:p%40ss@host)")
     name = parsed.drivername
     try:
         dialect = parsed.get_dialect()
