@@ -4,6 +4,7 @@
     durations.py  '30s', '1h30m' <-> seconds
     yamlfile.py   reading the file: data, line numbers, env expansion
     masking.py    secrets out of any text or URL that is shown
+    urls.py       database URLs: parsed, the dialect loaded, its driver imported
     schema.py     the checks and their messages; load()
 
 The public names are re-exported here; import them from `worker.config`.
