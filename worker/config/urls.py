@@ -73,7 +73,7 @@ def _closest_dialect(name: str) -> str:
                 if hasattr(importlib.import_module(f"{package.__name__}.{module.name}"),
                            "dialect"):
                     known.append(f"{backend}+{module.name}")
-            except ImportError:
+            except Exception:  # a module that cannot load only costs a suggestion
                 continue
     hint = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     if hint:
