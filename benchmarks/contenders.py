@@ -2,12 +2,13 @@
 
 - WorkerPath: this project. JobSpec + worker.runner.run_job submitted directly
   on worker.pool.WorkerPool: the per-job path of the CLI's batch, without the
-  batch's bookkeeping (run_batch, in worker/batch.py and now worker/loop.py,
-  waits on every pending future per completion and keeps per-job watches, which
-  would measure the collector instead of the per-job path).
+  work loop's bookkeeping (it waits on every pending future per completion and
+  keeps per-job watches, which would measure the collector instead of the
+  per-job path).
 - HandWrittenFix: ThreadPoolExecutor + scoped_session(sessionmaker(engine)); each
-  task runs the statement, commits, and calls Session.remove() in finally
-  (field notes, section 5). Plain engine defaults, or pool_pre_ping=True.
+  task runs the statement, commits, and calls Session.remove() in finally: the
+  usual fix, which sends a ROLLBACK after every COMMIT when the connection goes
+  back to the pool. Plain engine defaults, or pool_pre_ping=True.
 - RawDriver: the floor. One DB-API connection per thread (pyodbc, autocommit
   off; or sqlite3), each job: execute, fetch, commit. It is fed through the same
   kind of ThreadPoolExecutor, so all three pay the same dispatch cost.

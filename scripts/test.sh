@@ -51,5 +51,10 @@ SQL
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# What the other suites need: PostgreSQL and psycopg, systemd-analyze for the unit
+# files, and the SQL Server drivers (mssql-python, Microsoft's ODBC driver registered).
+bash scripts/setup-postgres.sh
+bash scripts/setup-deploy-tests.sh
+bash scripts/setup-sqlserver.sh
 
 exec .venv/bin/python -m pytest "$@"

@@ -5,6 +5,7 @@ the Session. Test state (barriers, counters) comes in through kwargs.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from pathlib import Path
@@ -42,7 +43,16 @@ def needs_two_args(session, a, b) -> None:
 NOT_CALLABLE = 42
 
 
+def create_commands_table(session) -> None:
+    from jobs.commands import ensure_schema
+    ensure_schema(session)
+
+
 def create_counters(session) -> None:
+    if _dialect(session) == "postgresql":
+        # Concurrent CREATE TABLE IF NOT EXISTS can fail on PostgreSQL (duplicate
+        # pg_type row): one creator at a time, each waiting for the last to commit.
+        session.execute(text("SELECT pg_advisory_xact_lock(20261124)"))
     session.execute(text("CREATE TABLE IF NOT EXISTS worker_test_counters "
                          "(id INTEGER PRIMARY KEY, value INTEGER NOT NULL)"))
 
@@ -69,24 +79,44 @@ def global_style_reader(session, barrier: threading.Barrier, seen: list) -> None
     connection = Session.connection()
     if connection.dialect.name == "sqlite":
         ident = id(connection.connection.dbapi_connection)
+    elif connection.dialect.name == "mssql":
+        ident = Session.execute(text("SELECT @@SPID")).scalar_one()
     else:
-        ident = Session.execute(text("SELECT CONNECTION_ID()")).scalar_one()
+        ident = connection_id(Session())
     barrier.wait(timeout=30)
     seen.append((Session() is session, ident))
 
 
-def kill_own_connection_once(session, admin, calls: list) -> None:
-    """First attempt: a DBA kills this job's connection mid-query; then it works."""
+def _dialect(session) -> str:
+    return session.connection().dialect.name
+
+
+def connection_id(session) -> int:
+    """The server's id of this job's connection (MariaDB thread id, PostgreSQL pid;
+    SQLite: the Python id of its sqlite3 connection)."""
+    if _dialect(session) == "sqlite":
+        return id(session.connection().connection.dbapi_connection)
+    query = {"postgresql": "SELECT pg_backend_pid()",
+             "mssql": "SELECT @@SPID"}.get(_dialect(session), "SELECT CONNECTION_ID()")
+    return session.execute(text(query)).scalar_one()
+
+
+def kill_own_connection_once(session, kill, calls: list) -> None:
+    """First attempt: a DBA kills this job's connection mid-query (`kill(id)`, from
+    another connection); then it works."""
     calls.append(time.monotonic())
     if len(calls) == 1:
-        connection_id = session.execute(text("SELECT CONNECTION_ID()")).scalar_one()
-        threading.Timer(0.3, admin.execute, args=(f"KILL {connection_id}",)).start()
-        session.execute(text("SELECT SLEEP(5)"))
+        threading.Timer(0.3, kill, args=(connection_id(session),)).start()
+        sleep_query(session, 5)
     session.execute(text("SELECT 1"))
 
 
 def sleep_query(session, seconds: float) -> None:
-    session.execute(text(f"SELECT SLEEP({float(seconds)})"))
+    """One statement that sleeps at the server."""
+    if _dialect(session) == "postgresql":
+        session.execute(text(f"SELECT pg_sleep({float(seconds)})"))
+    else:
+        session.execute(text(f"SELECT SLEEP({float(seconds)})"))
 
 
 def sqlite_write(session, value: int) -> None:
@@ -102,7 +132,7 @@ def sqlite_long_query(session) -> None:
 
 
 def long_query(session, seconds: float = 30) -> None:
-    """A statement that runs `seconds` on MariaDB, or very long on SQLite."""
+    """A statement that runs `seconds` on a server, or very long on SQLite."""
     if session.connection().dialect.name == "sqlite":
         sqlite_long_query(session)
     else:
@@ -142,15 +172,25 @@ def transfer(session, forward: bool, pause: float = 0.005) -> None:
 
 
 def update_with_short_lock_wait(session, row: int) -> None:
-    session.execute(text("SET SESSION innodb_lock_wait_timeout = 1"))
+    """Waits at most about a second for the row's lock. SQLite: the busy timeout
+    the test gives the connection."""
+    dialect = _dialect(session)
+    if dialect == "postgresql":
+        session.execute(text("SET LOCAL lock_timeout = '1s'"))   # this transaction only
+    elif dialect != "sqlite":
+        session.execute(text("SET SESSION innodb_lock_wait_timeout = 1"))
     session.execute(text("UPDATE worker_test_counters SET value = value + 1 WHERE id = :id"),
                     {"id": row})
 
 
 def insert_unique(session, value: int) -> None:
     """Idempotent insert: re-running it after an unknown COMMIT cannot double it."""
-    session.execute(text("INSERT IGNORE INTO worker_test_counters (id, value) "
-                         "VALUES (:v, :v)"), {"v": value})
+    if _dialect(session) in ("mysql", "mariadb"):
+        insert = "INSERT IGNORE INTO worker_test_counters (id, value) VALUES (:v, :v)"
+    else:
+        insert = ("INSERT INTO worker_test_counters (id, value) VALUES (:v, :v) "
+                  "ON CONFLICT (id) DO NOTHING")
+    session.execute(text(insert), {"v": value})
     time.sleep(0.05)
 
 
@@ -164,7 +204,7 @@ def record_run(session, name: str) -> None:
 
 def slow_record(session, name: str, seconds: float) -> None:
     """Records the run, then spends `seconds` inside one database call before the
-    commit: on MariaDB SELECT SLEEP, on SQLite a Python sleep while holding the row."""
+    commit: on a server a sleeping statement, on SQLite a Python sleep while holding the row."""
     record_run(session, name)
     if session.connection().dialect.name == "sqlite":
         time.sleep(seconds)
@@ -181,3 +221,178 @@ def record_then_long_query(session, name: str, seconds: float = 30) -> None:
 def fail_after_select(session) -> None:
     select_one(session)
     raise ValueError("failing after a statement")
+
+
+def serializable_increment(session, row: int, calls: list, interfere) -> None:
+    """Adds 1 to a counter in a SERIALIZABLE transaction the job sets itself. On the
+    first attempt `interfere()` changes the row from another connection between
+    the read and the write: PostgreSQL then fails the write with 40001."""
+    calls.append(1)
+    session.execute(text("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
+    value = session.execute(text("SELECT value FROM worker_test_counters WHERE id = :id"),
+                            {"id": row}).scalar_one()
+    if len(calls) == 1:
+        interfere()
+    session.execute(text("UPDATE worker_test_counters SET value = :v WHERE id = :id"),
+                    {"v": value + 1, "id": row})
+
+
+def insert_after_a_swallowed_error(session, value: int) -> None:
+    """Inserts a row, then catches a failing statement and returns as if all was
+    well: on PostgreSQL the failure aborted the whole transaction."""
+    from sqlalchemy.exc import DBAPIError
+    insert_row(session, value)
+    try:
+        session.execute(text("SELECT 1 FROM worker_test_no_such_table"))
+    except DBAPIError:
+        pass
+
+
+def server_statement_timeout(session, seconds: float) -> None:
+    """Sleeps at the server under a server-side statement timeout of 1 s
+    (PostgreSQL statement_timeout, this transaction only)."""
+    session.execute(text("SET LOCAL statement_timeout = '1s'"))
+    sleep_query(session, seconds)
+
+
+def record_connection_id(session, seen: list) -> None:
+    """Tells the test which server connection the job ran on."""
+    seen.append(connection_id(session))
+
+
+def insert_after_a_failure_in_a_savepoint(session, value: int) -> None:
+    """The right way to go on after an expected error: the failing statement in a
+    savepoint, rolled back to it, and the transaction stays usable everywhere."""
+    from sqlalchemy.exc import DBAPIError
+    insert_row(session, value)
+    try:
+        with session.begin_nested():
+            session.execute(text("SELECT 1 FROM worker_test_no_such_table"))
+    except DBAPIError:
+        pass
+    insert_row(session, value + 1)
+
+
+def raw_write_then_fail(session, value: int) -> None:
+    """Writes through a raw DBAPI connection of the job's engine (not its Session),
+    then raises: the write must be rolled back, never committed by the next job."""
+    raw = session.get_bind().raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute(f"INSERT INTO worker_test_counters (id, value) "
+                       f"VALUES ({value}, {value})")
+        cursor.close()
+        raise ValueError("failing after a raw write")
+    finally:
+        raw.close()          # back to the pool, its transaction still open
+
+
+def raise_system_exit(session, code: int = 0) -> None:
+    session.execute(text("SELECT 1"))
+    raise SystemExit(code)
+
+
+def raise_keyboard_interrupt(session) -> None:
+    raise KeyboardInterrupt
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message for you")
+
+
+def raise_unprintable(session) -> None:
+    raise _Unprintable()
+
+# --- Functions whose call does not run their body: the worker must refuse them ----------
+# Each would leave the file `path` behind if its body ran, so a test can tell.
+
+def generator_job(session, path: str):
+    Path(path).write_text("ran")
+    yield
+
+
+async def async_job(session, path: str) -> None:
+    Path(path).write_text("ran")
+
+
+async def async_generator_job(session, path: str):
+    Path(path).write_text("ran")
+    yield
+
+
+class AsyncCallable:
+    """An object whose __call__ is a coroutine function."""
+
+    async def __call__(self, session, path: str) -> None:
+        Path(path).write_text("ran")
+
+
+class GeneratorCallable:
+    """An object whose __call__ is a generator function."""
+
+    def __call__(self, session, path: str):
+        Path(path).write_text("ran")
+        yield
+
+
+class PlainCallable:
+    """The control for the two above: an ordinary __call__."""
+
+    def __call__(self, session, path: str) -> None:
+        Path(path).write_text("ran")
+
+
+ASYNC_CALLABLE = AsyncCallable()
+GENERATOR_CALLABLE = GeneratorCallable()
+PLAIN_CALLABLE = PlainCallable()
+PARTIAL_OF_GENERATOR = functools.partial(generator_job)
+PARTIAL_OF_ASYNC = functools.partial(async_job)
+PARTIAL_OF_PARTIAL_OF_ASYNC_CALLABLE = functools.partial(functools.partial(ASYNC_CALLABLE))
+PARTIAL_OF_TOUCH = functools.partial(touch)
+
+
+def wait_for_file(session, path: str, timeout: float = 60) -> None:
+    """Holds the run (and its host lock) until the test creates `path`."""
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.05)
+
+# --- SQL Server (the TDS test server, tests/sqlserver) -------------------------------
+
+def bump_counter(session, row: int = 1) -> None:
+    """One UPDATE (a fault can match "update worker_test_counters")."""
+    session.execute(text("UPDATE worker_test_counters SET value = value + 1 WHERE id = :id"),
+                    {"id": row})
+
+
+def mssql_waitfor(session, seconds: int = 30) -> None:
+    session.execute(text(f"WAITFOR DELAY '00:00:{int(seconds):02d}'"))
+
+
+def select_big(session, rows: int = 3000) -> int:
+    """A result of several packets (a fault can drop the connection half-way)."""
+    return len(session.execute(text(
+        f"WITH c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {int(rows)}) "
+        "SELECT x AS big FROM c")).all())
+
+
+def insert_marker(session, value: int) -> None:
+    """Not idempotent: a second run inserts a second row."""
+    session.execute(text("INSERT INTO worker_test_counters (id, value) VALUES "
+                         "((SELECT COALESCE(MAX(id), 0) + 1 FROM worker_test_counters), :v)"),
+                    {"v": value})
+
+
+def record_run_mssql(session, name: str) -> None:
+    """record_run without its CREATE TABLE IF NOT EXISTS, which SQL Server has not:
+    the test creates worker_test_runs."""
+    session.execute(text("INSERT INTO worker_test_runs (name, at) VALUES (:n, :t)"),
+                    {"n": name, "t": time.time()})
+
+
+def select_classified(session) -> int:
+    """A statement a fault can match ("as classified")."""
+    return session.execute(text("SELECT 1 AS classified")).scalar_one()

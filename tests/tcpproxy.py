@@ -17,6 +17,8 @@ class TcpProxy:
         self._closed = False
         self.accepted = 0
         self.refused = 0
+        self.answers_lost = 0
+        self._lose_answer_to: bytes | None = None
         threading.Thread(target=self._accept_loop, name="proxy-accept", daemon=True).start()
 
     def cut(self) -> None:
@@ -29,6 +31,12 @@ class TcpProxy:
 
     def restore(self) -> None:
         self._down.clear()
+
+    def lose_answer_to(self, marker: bytes) -> None:
+        """Arm a one-shot fault: the next client packet containing `marker` reaches
+        the server, the server answers, and that answer is dropped and the
+        connection cut (e.g. a COMMIT applied whose outcome the client never learns)."""
+        self._lose_answer_to = marker
 
     def close(self) -> None:
         self._closed = True
@@ -54,16 +62,26 @@ class TcpProxy:
             self.accepted += 1
             with self._lock:
                 self._sockets.update((client, server))
-            for source, target in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, target), daemon=True,
-                                 name="proxy-pump").start()
+            link = {"mute": False}    # True: the server's next answer is dropped
+            for source, target, upstream in ((client, server, True),
+                                             (server, client, False)):
+                threading.Thread(target=self._pump, args=(source, target, upstream, link),
+                                 daemon=True, name="proxy-pump").start()
 
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+    def _pump(self, source: socket.socket, target: socket.socket, upstream: bool,
+              link: dict) -> None:
         try:
             while True:
                 data = source.recv(65536)
                 if not data:
                     break
+                marker = self._lose_answer_to
+                if upstream and marker is not None and marker in data:
+                    self._lose_answer_to = None
+                    link["mute"] = True
+                elif not upstream and link["mute"]:
+                    self.answers_lost += 1
+                    break                   # the answer is dropped; both sides closed
                 target.sendall(data)
         except OSError:
             pass

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os.path
 import pathlib
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests import jobfuncs
-from worker.callables import CallableError, check_arguments, resolve, resolve_jobs
+from tests.conftest import ROOT
+from worker.callables import (CallableError, check_arguments, check_runs_body, resolve,
+                              resolve_jobs)
 from worker.config import Config, ConfigError, JobSpec, load
 
 
@@ -241,3 +244,89 @@ def test_resolve_jobs_resolves_and_checks_each_distinct_call_once(tmp_path, monk
     with pytest.raises(ConfigError, match=r"with kwargs \['paht'\]") as info:
         resolve_jobs(load(write(tmp_path, jobs), environ={}))
     assert info.value.job == "bad"
+
+
+# --- Functions whose call does not run their body are refused (issue 10, item 3) ---------
+# A generator function or a coroutine function, called as fn(session), returns a
+# generator or a coroutine without running a line of its body: the worker saw the run
+# "succeed" and nothing happened. `--check` (and every start) must refuse them with 78.
+
+GENERATOR_REASON = ("is a generator function: the worker would get a generator back "
+                    "and its body would never run")
+COROUTINE_REASON = "is a coroutine function (async def)"
+ASYNC_GENERATOR_REASON = "is an async generator function"
+
+NOT_RUN_BY_A_CALL = [
+    # (call, expected part of the message)
+    ("tests.jobfuncs:generator_job", GENERATOR_REASON),
+    ("tests.jobfuncs:async_job", COROUTINE_REASON),
+    ("tests.jobfuncs:async_generator_job", ASYNC_GENERATOR_REASON),
+    ("tests.jobfuncs:ASYNC_CALLABLE", COROUTINE_REASON),
+    ("tests.jobfuncs:GENERATOR_CALLABLE", GENERATOR_REASON),
+    ("tests.jobfuncs:GENERATOR_CALLABLE.__call__", GENERATOR_REASON),   # bound method
+    ("tests.jobfuncs:PARTIAL_OF_GENERATOR", GENERATOR_REASON),
+    ("tests.jobfuncs:PARTIAL_OF_ASYNC", COROUTINE_REASON),
+    ("tests.jobfuncs:PARTIAL_OF_PARTIAL_OF_ASYNC_CALLABLE", COROUTINE_REASON),
+]
+
+
+def run_worker(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "run_worker.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def write_job(tmp_path: Path, call: str) -> Path:
+    return write(tmp_path, f"""\
+        - name: good
+          call: tests.jobfuncs:noop
+        - name: bad
+          call: "{call}"
+          kwargs: {{path: "{tmp_path / 'ran'}"}}
+        """)
+
+
+@pytest.mark.parametrize("call, reason", NOT_RUN_BY_A_CALL,
+                         ids=[c.split(":")[1] for c, _ in NOT_RUN_BY_A_CALL])
+def test_check_refuses_a_job_whose_call_would_not_run_its_body(call, reason, tmp_path):
+    path = write_job(tmp_path, call)
+    done = run_worker("--check", "-c", str(path))
+    assert done.returncode == 78, (done.stdout, done.stderr)
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert f"{path}:6: job 'bad': key 'call': {call}: " in done.stderr
+    assert reason in done.stderr
+    assert "OK" not in done.stdout
+
+
+@pytest.mark.parametrize("call", ["tests.jobfuncs:generator_job", "tests.jobfuncs:async_job"])
+def test_once_refuses_them_before_anything_runs(call, tmp_path):
+    """Before the fix: exit 0, the job "succeeded", and its body never ran."""
+    done = run_worker("--once", "-c", str(write_job(tmp_path, call)))
+    assert done.returncode == 78, (done.stdout, done.stderr)
+    assert "success" not in done.stdout
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("call", ["tests.jobfuncs:PLAIN_CALLABLE",
+                                  "tests.jobfuncs:PARTIAL_OF_TOUCH"])
+def test_a_plain_callable_object_and_a_partial_still_run(call, tmp_path):
+    """The control: the same shapes around an ordinary function are accepted and run."""
+    path = write_job(tmp_path, call)
+    done = run_worker("--check", "-c", str(path))
+    assert done.returncode == 0, done.stderr
+    done = run_worker("--once", "--job", "bad", "-c", str(path))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ran").read_text() == "ran"
+
+
+@pytest.mark.parametrize("call, reason", NOT_RUN_BY_A_CALL,
+                         ids=[c.split(":")[1] for c, _ in NOT_RUN_BY_A_CALL])
+def test_check_runs_body_names_the_kind(call, reason):
+    with pytest.raises(CallableError) as info:
+        check_runs_body(resolve(call))
+    assert str(info.value).startswith(reason)
+
+
+def test_check_runs_body_lets_classes_builtins_and_plain_functions_be():
+    for function in (jobfuncs.touch, jobfuncs.PLAIN_CALLABLE, jobfuncs.PARTIAL_OF_TOUCH,
+                     jobfuncs.PlainCallable, Path, max, os.path.join):
+        check_runs_body(function)   # no exception

@@ -170,3 +170,42 @@ def test_check_with_job_lists_only_that_job(tmp_path):
     assert done.returncode == 0, done.stderr
     listed = [line.split(":")[0].strip() for line in done.stdout.splitlines()[1:]]
     assert listed == ["dormant"]
+
+
+def test_a_job_raising_system_exit_or_worse_is_that_jobs_failure(tmp_path):
+    """SystemExit, KeyboardInterrupt and an exception whose str() raises end as the
+    job's failure; the other jobs run; the summary lists all; exit 1."""
+    config = write_config(tmp_path, """\
+        - {name: exits, call: 'tests.jobfuncs:raise_system_exit'}
+        - {name: interrupts, call: 'tests.jobfuncs:raise_keyboard_interrupt'}
+        - {name: unprintable, call: 'tests.jobfuncs:raise_unprintable'}
+        - {name: fine, call: 'tests.jobfuncs:select_one'}
+        """)
+    result = worker("--once", "-c", str(config))
+    assert result.returncode == 1, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:-1]}
+    assert set(lines) == {"exits", "interrupts", "unprintable", "fine"}
+    for name in ("exits", "interrupts", "unprintable"):
+        assert lines[name].split()[1] == "failed"
+    assert lines["fine"].split()[1] == "success"
+    assert "SystemExit" in lines["exits"] and "KeyboardInterrupt" in lines["interrupts"]
+    assert "4 job(s): 1 succeeded, 3 failed" in result.stdout
+
+
+def test_version_and_python_m_worker(tmp_path):
+    version = worker("--version")
+    assert version.returncode == 0 and version.stdout.startswith("run-worker ")
+    as_module = subprocess.run([sys.executable, "-m", "worker", "--help"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60)
+    assert as_module.returncode == 0 and "--once" in as_module.stdout
+
+
+def test_cluster_mode_refuses_job_names_that_differ_only_in_case(tmp_path):
+    config = write_config(tmp_path, """\
+        - {name: Tick, call: 'tests.jobfuncs:noop'}
+        - {name: tick, call: 'tests.jobfuncs:noop'}
+        """)
+    config.write_text(config.read_text().replace("jobs:\n", "cluster: {}\njobs:\n"))
+    result = worker("--check", "-c", str(config))
+    assert result.returncode == 78, result.stderr
+    assert "'Tick' and 'tick' differ only in case" in result.stderr

@@ -1,7 +1,10 @@
 """Several nodes, one schedule: real worker processes sharing one run table, on
-SQLite and on MariaDB through pyodbc (issue: runs coordinated through the database)."""
+SQLite, on MariaDB through pyodbc and on PostgreSQL through psycopg (issue: runs
+coordinated through the database). The first two are scenarios of the suite over
+every backend (tests/backends.py)."""
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -9,6 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from tests.backends import scenario
 from tests.conftest import MARIADB_URL
 from tests.tcpproxy import TcpProxy
 from tests.processes import runs
@@ -51,9 +55,9 @@ def run_rows(url: str, job: str) -> list:
 
 @pytest.fixture
 def run_table_url(db_url, backend, tmp_path):
-    """MariaDB: the run table sits beside the jobs' tables. SQLite: in a file of its
+    """A server: the run table sits beside the jobs' tables. SQLite: in a file of its
     own, since a job holding SQLite's write lock would block every claim."""
-    url = db_url if backend == "mariadb" else f"sqlite:///{tmp_path / 'runs.db'}"
+    url = db_url if backend != "sqlite" else f"sqlite:///{tmp_path / 'runs.db'}"
 
     def drop():
         engine = create_engine(url)
@@ -66,6 +70,7 @@ def run_table_url(db_url, backend, tmp_path):
     drop()
 
 
+@scenario("three_nodes_run_each_occurrence_exactly_once")
 def test_three_nodes_run_each_occurrence_exactly_once(db_url, run_table_url, tmp_path,
                                                       daemons):
     url = db_url
@@ -91,10 +96,12 @@ def test_three_nodes_run_each_occurrence_exactly_once(db_url, run_table_url, tmp
         assert len(runs(url, job)) == len(rows)                 # the job body ran once each
         assert abs(len(rows) - 20) <= 2                         # what one node would run
         assert len({row.node for row in rows}) >= 2             # the work is shared
-    print(f"\nthree nodes, 20 s: alpha {len(run_rows(run_table_url, 'alpha'))} runs, beta "
+    print(f"\n[three nodes / {db_url.split(':')[0]}] 20 s: alpha "
+          f"{len(run_rows(run_table_url, 'alpha'))} runs, beta "
           f"{len(run_rows(run_table_url, 'beta'))} runs, 0 duplicates, 0 lost")
 
 
+@scenario("a_killed_nodes_idempotent_run_is_recovered")
 def test_a_killed_nodes_idempotent_run_is_recovered(db_url, run_table_url, tmp_path,
                                                      daemons):
     url = db_url
@@ -135,7 +142,7 @@ def test_a_killed_nodes_idempotent_run_is_recovered(db_url, run_table_url, tmp_p
     assert "job=long recovering the abandoned run" in logs
     assert len(runs(url, "long")) == 1                     # the killed run left nothing
     assert runs(url, "fragile") == []
-    print(f"\nnode killed mid-job: run completed by {long_run.node} "
+    print(f"\n[killed node / {db_url.split(':')[0]}] run completed by {long_run.node} "
           f"{recovered_after:.1f}s after the kill (lease {LEASE}s, job 4 s)")
 
 
@@ -221,3 +228,226 @@ def test_list_and_history_show_the_runs(db_url, run_table_url, tmp_path, daemons
     rows = history.process.stdout.read().splitlines()
     assert rows[0].split()[:4] == ["slot", "node", "outcome", "attempts"]
     assert "host-a" in rows[1] and "failed" in rows[1] and "syntax error" in rows[1]
+
+
+# --- in-process nodes: Cluster objects on the real run table ------------------------
+
+def node(url: str, name: str, lease: float, heartbeat: float):
+    from worker.cluster import Cluster
+    from worker.config import ClusterSettings
+    cluster = Cluster(ClusterSettings(url=url, node=name, lease=lease, heartbeat=heartbeat),
+                      url)
+    cluster.ensure_schema()
+    return cluster
+
+
+def test_each_row_is_judged_by_its_own_lease(run_table_url):
+    """Issue 10 item 11: a node with a short lease must not mark abandoned the healthy
+    run of a node with a long lease (which heartbeats less often), and a node with a
+    long lease still marks a short-lease node's silent run abandoned in time."""
+    patient = node(run_table_url, "patient", lease=60, heartbeat=20)
+    hasty = node(run_table_url, "hasty", lease=1, heartbeat=0.2)
+    try:
+        slow_beating = patient.claim("report", 1000)
+        silent = hasty.claim("tick", 1000)
+        assert slow_beating and silent
+        time.sleep(1.5)              # past hasty's lease, well within patient's
+        hasty.beat()                 # hasty's housekeeping; hasty heartbeats itself too
+        patient.beat()
+        rows = {job: run_rows(run_table_url, job)[0] for job in ("report", "tick")}
+        assert rows["report"].outcome == "running"
+        assert rows["tick"].outcome == "running"           # hasty just heartbeated it
+        hasty.finish(silent, "success", 1, None)
+        silent = hasty.claim("tick", 2000)
+        time.sleep(1.5)
+        patient.beat()               # hasty went silent for longer than its own lease
+        assert run_rows(run_table_url, "tick")[-1].outcome == "abandoned"
+        assert run_rows(run_table_url, "report")[0].outcome == "running"
+    finally:
+        patient.stop()
+        hasty.stop()
+
+
+def test_a_version_1_run_table_is_upgraded_by_nodes_starting_together(run_table_url):
+    """An existing v1 table (no lease column) gains it once, even when several nodes
+    start at the same moment; its old rows stay and are judged by the node's lease."""
+    import threading
+    from sqlalchemy import (BigInteger, Column, Integer, MetaData, String, Table,
+                            inspect)
+    from worker.cluster import SCHEMA_VERSION
+    v1 = MetaData()
+    Table("worker_runs", v1,
+          Column("id", Integer, primary_key=True, autoincrement=True),
+          Column("job", String(200), nullable=False),
+          Column("slot_ms", BigInteger, nullable=False),
+          Column("node", String(200), nullable=False),
+          Column("started_ms", BigInteger, nullable=False),
+          Column("heartbeat_ms", BigInteger, nullable=False),
+          Column("ended_ms", BigInteger, nullable=True),
+          Column("outcome", String(16), nullable=False),
+          Column("attempts", Integer, nullable=False),
+          Column("recovered", Integer, nullable=False),
+          Column("error", String(1000), nullable=True))
+    Table("worker_schema", v1, Column("component", String(32), primary_key=True),
+          Column("version", Integer, nullable=False))
+    engine = create_engine(run_table_url)
+    with engine.begin() as connection:
+        v1.create_all(connection)
+        connection.execute(text("INSERT INTO worker_schema VALUES ('runs', 1)"))
+        ten_seconds_ago = int(time.time() * 1000) - 10_000
+        connection.execute(text(
+            "INSERT INTO worker_runs (job, slot_ms, node, started_ms, heartbeat_ms, "
+            "outcome, attempts, recovered) VALUES ('old', 1, 'gone', :t, :t, 'running', "
+            "0, 0)"), {"t": ten_seconds_ago})
+    engine.dispose()
+    from worker.cluster import Cluster
+    from worker.config import ClusterSettings
+    nodes = [Cluster(ClusterSettings(url=run_table_url, node=f"n{n}", lease=2,
+                                     heartbeat=1), run_table_url) for n in range(3)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(nodes))
+
+    def join(cluster):
+        start.wait()
+        try:
+            cluster.ensure_schema()
+        except Exception as exc:  # collected: the assertion below shows it
+            errors.append(exc)
+    threads = [threading.Thread(target=join, args=(n,)) for n in nodes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert errors == []
+        engine = create_engine(run_table_url)
+        with engine.connect() as connection:
+            assert connection.execute(text(
+                "SELECT version FROM worker_schema")).scalar_one() == SCHEMA_VERSION
+            columns = {c["name"] for c in inspect(connection).get_columns("worker_runs")}
+            assert "lease_ms" in columns
+        engine.dispose()
+        claim = nodes[0].claim("new", 5000)
+        assert claim is not None
+        nodes[1].beat()                 # the old row is judged by n1's lease (2 s)
+        (old,) = run_rows(run_table_url, "old")
+        assert old.outcome == "abandoned"
+        assert run_rows(run_table_url, "new")[0].outcome == "running"
+    finally:
+        for cluster in nodes:
+            cluster.stop()
+
+
+def test_nodes_with_the_default_name_on_one_host_and_pid_are_told_apart(run_table_url):
+    """Issue 10 item 12: two containers, same hostname, both PID 1 (here: two nodes
+    in one process). One dies mid-run; the other must find its run abandoned, not
+    keep heartbeating it as its own."""
+    import socket
+    dead = node(run_table_url, None, lease=1, heartbeat=0.2)
+    alive = node(run_table_url, None, lease=1, heartbeat=0.2)
+    try:
+        assert dead.node != alive.node
+        assert dead.node.startswith(f"{socket.gethostname()}:{os.getpid()}:")
+        assert dead.claim("report", 1000) is not None      # then it stops beating
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            alive.beat()
+            if run_rows(run_table_url, "report")[0].outcome != "running":
+                break
+            time.sleep(0.2)
+        (row,) = run_rows(run_table_url, "report")
+        assert row.outcome == "abandoned" and row.node == dead.node
+    finally:
+        dead.stop()
+        alive.stop()
+
+
+def test_names_the_run_table_cannot_tell_apart_or_hold_are_problems():
+    """Issue 10 item 13, for validation in cluster mode (exit 78)."""
+    from worker.cluster import JOB_NAME_MAX, cluster_name_problems
+    assert cluster_name_problems(["report", "tick", "Report-2"]) == []
+    (problem,) = cluster_name_problems(["report", "tick", "Report"])
+    assert "'report' and 'Report' differ only in case" in problem
+    (problem,) = cluster_name_problems(iter(["ok", "x" * (JOB_NAME_MAX + 1)]))
+    assert f"is {JOB_NAME_MAX + 1} characters long" in problem
+    assert cluster_name_problems(["x" * JOB_NAME_MAX]) == []
+    (problem,) = cluster_name_problems([], node="n" * 300)
+    assert "cluster.node" in problem
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_a_claim_error_of_one_job_does_not_stop_the_others(run_table_url, db_url):
+    """A name too long for the column (MariaDB refuses it: strict mode) fails that
+    job's claim; the node stays healthy and other jobs' claims go on."""
+    from worker.cluster import JOB_NAME_MAX
+    cluster = node(run_table_url, "n1", lease=60, heartbeat=20)
+    cluster.start()
+    try:
+        assert cluster.healthy is True
+        assert cluster.claim("x" * (JOB_NAME_MAX + 50), 1000) is None
+        assert cluster.healthy is True
+        assert cluster.claim("report", 1000) is not None
+        assert cluster.abandoned_runs(["report"]) == []    # still looking, too
+        assert [row.node for row in run_rows(run_table_url, "report")] == ["n1"]
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_a_claim_whose_commit_answer_was_lost_is_recognised_as_ours(run_table_url,
+                                                                   db_url):
+    """Issue 10 item 14: the claim's COMMIT reaches the server and is applied, the
+    answer is lost (the proxy drops it and cuts the connection). The row is ours:
+    the occurrence runs here, instead of being taken for another node's."""
+    proxy = TcpProxy(3306)
+    try:
+        url = run_table_url.replace("Port=3306", f"Port={proxy.port}")
+        cluster = node(url, "n1", lease=60, heartbeat=20)
+        cluster.start()
+        try:
+            proxy.lose_answer_to(b"COMMIT")
+            claim = cluster.claim("report", 1000)
+            assert proxy.answers_lost == 1
+            (row,) = run_rows(run_table_url, "report")
+            assert claim is not None and row.node == "n1" and row.outcome == "running"
+            cluster.finish(claim, "success", 1, None)
+            assert run_rows(run_table_url, "report")[0].outcome == "success"
+            # Another node's row for a slot is still another node's.
+            other = node(run_table_url, "n2", lease=60, heartbeat=20)
+            try:
+                assert other.claim("report", 2000) is not None
+            finally:
+                other.stop()
+            proxy.lose_answer_to(b"COMMIT")
+            assert cluster.claim("report", 2000) is None
+        finally:
+            cluster.stop()
+    finally:
+        proxy.close()
+
+
+def test_heartbeats_keep_only_the_runs_this_node_knows_alive(run_table_url):
+    """A row of ours that the node does not know it runs (a claim whose outcome it
+    never learned) is not heartbeated: it ends abandoned, not running for ever."""
+    cluster = node(run_table_url, "n1", lease=1, heartbeat=0.2)
+    try:
+        known = cluster.claim("known", 1000)
+        engine = create_engine(run_table_url)
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO worker_runs (job, slot_ms, node, started_ms, heartbeat_ms, "
+                "outcome, attempts, recovered, lease_ms) SELECT 'ghost', 1000, node, "
+                "started_ms, heartbeat_ms, 'running', 0, 0, lease_ms FROM worker_runs "
+                "WHERE job = 'known'"))
+        engine.dispose()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            cluster.beat()
+            if run_rows(run_table_url, "ghost")[0].outcome != "running":
+                break
+            time.sleep(0.2)
+        assert run_rows(run_table_url, "ghost")[0].outcome == "abandoned"
+        assert run_rows(run_table_url, "known")[0].outcome == "running"
+        cluster.finish(known, "success", 1, None)
+    finally:
+        cluster.stop()

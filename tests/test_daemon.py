@@ -45,7 +45,7 @@ def test_every_jobs_run_on_time_for_five_seconds(db_url, tmp_path, daemons):
         daemon.log
     lateness = [line for line in daemon.log.splitlines() if "started late by median" in line]
     assert lateness, daemon.log
-    print("\n" + lateness[0].split("worker.loop: ")[1])
+    print("\n" + lateness[0].split(": ", 1)[1])
 
 
 def test_sigterm_lets_the_running_job_commit(db_url, tmp_path, daemons):
@@ -85,6 +85,25 @@ def test_stop_past_the_shutdown_timeout_cancels_and_rolls_back(db_url, tmp_path,
     assert stop_time < 8
     assert runs(db_url, "endless") == []           # rolled back
     assert "job=endless attempt=1/3 cancelled after shutdown_timeout 1s" in daemon.log
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_job_cancelled_while_busy_in_python_is_rolled_back(db_url, tmp_path, daemons):
+    """Cancelled at the stop while in Python (no statement to cancel), the job then
+    returns: what it wrote is rolled back, not committed, and the run is cancelled."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - name: busy
+          call: tests.jobfuncs:slow_record
+          every: 1h
+          kwargs: {name: busy, seconds: 3}
+        """, shutdown_timeout="1s")
+    daemon = daemons(config)
+    daemon.wait_for("job=busy starting")
+    time.sleep(0.5)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 1
+    assert runs(db_url, "busy") == []
+    assert "job=busy attempt=1/3 cancelled: the worker is stopping" in daemon.log
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)

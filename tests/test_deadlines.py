@@ -6,7 +6,7 @@ import time
 
 from sqlalchemy import text
 
-from worker.loop import run_batch
+from tests.batch import run_batch
 from worker.callables import resolve
 from worker.config import JobSpec, RetryPolicy
 from worker.pool import WorkerPool
@@ -25,28 +25,8 @@ def rows(database) -> int:
         return connection.execute(text("SELECT COUNT(*) FROM worker_test_counters")).scalar()
 
 
-def test_long_statement_is_cancelled_at_the_deadline(make_database):
-    """MariaDB: SELECT SLEEP(30) with a 2 s timeout; SQLite: a query of minutes."""
-    database = make_database(pool_size=5)
-    slow = timed("slow", "tests.jobfuncs:long_query", 2.0, seconds=30)
-    others = [spec(f"other-{n}", "tests.jobfuncs:insert_row", value=n) for n in range(4)]
-    jobs = [slow] + others
-    functions = {job.name: resolve(job.call) for job in jobs}
-    started = time.monotonic()
-    with WorkerPool(5) as pool:
-        batch = run_batch(jobs, functions, database, pool)
-    elapsed = time.monotonic() - started
-    slow_result, *other_results = batch.results
-    print(f"\n{database.dialect}: a long statement with timeout 2s ended as "
-          f"{slow_result.outcome.value} after {slow_result.duration:.2f}s")
-    assert slow_result.outcome is Outcome.TIMEOUT
-    assert slow_result.attempts == 1                 # a timeout is not retried by default
-    assert elapsed < 6                               # the deadline, not the statement, ended it
-    assert all(r.ok and r.attempts == 1 for r in other_results)
-    assert rows(database) == 4                       # the other jobs were not disturbed
-    assert batch.abandoned == 0
-    assert database.checked_out() == 0
-    assert run_job(spec("next"), resolve("tests.jobfuncs:select_one"), database).ok
+# The long statement cut at its deadline on every backend: tests/test_scenarios.py
+# (deadline_cancels_the_statement).
 
 
 def test_work_done_before_the_deadline_is_rolled_back(database):

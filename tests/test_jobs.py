@@ -1,12 +1,15 @@
-"""jobs.commands: the example domain does real work on SQLite and MariaDB."""
+"""jobs.commands: the example domain does real work on every backend (scenarios of
+tests/backends.py)."""
 from __future__ import annotations
 
 from sqlalchemy import func, select
 
 from jobs.commands import DONE, PENDING, Command
+from tests.batch import run_all
 from worker.callables import resolve
 from worker.pool import WorkerPool
 from worker.runner import run_job
+from tests.backends import scenario
 from tests.conftest import spec
 
 
@@ -21,6 +24,7 @@ def counts(database) -> dict[str, int]:
         return dict(rows.all())
 
 
+@scenario("enqueue_process_purge")
 def test_enqueue_process_purge(database):
     assert run(database, "enqueue", "jobs.commands:enqueue_commands", count=30).ok
     assert counts(database) == {PENDING: 30}
@@ -34,12 +38,13 @@ def test_enqueue_process_purge(database):
     assert counts(database) == {}
 
 
+@scenario("jobs_racing_to_create_the_schema_all_succeed")
 def test_jobs_racing_to_create_the_schema_all_succeed(make_database):
     database = make_database(pool_size=6)
     calls = ["jobs.commands:enqueue_commands", "jobs.commands:process_pending",
              "jobs.commands:purge_processed"] * 2
     with WorkerPool(6) as pool:
-        results = pool.run_all([
+        results = run_all(pool, [
             (lambda c=c, n=n: run(database, f"job{n}", c, attempts=5)) for n, c in enumerate(calls)])
     assert [r.error for r in results if not r.ok] == []
     total = sum(counts(database).values())

@@ -5,6 +5,7 @@ surface at 3 a.m. when that job first comes due.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from typing import Any, Callable, Mapping
@@ -12,6 +13,10 @@ from typing import Any, Callable, Mapping
 from .config import Config
 
 JobFunction = Callable[..., Any]
+
+
+# How many partial / __call__ layers to look through: far more than any real job has.
+_MAX_UNWRAP = 32
 
 
 class CallableError(Exception):
@@ -59,6 +64,45 @@ def check_arguments(function: JobFunction, kwargs: Mapping[str, Any]) -> None:
                             f"{sorted(kwargs)}: {exc}") from None
 
 
+def _called_function(function: JobFunction) -> Any:
+    """What actually runs when the worker calls `function`: through partials (nested
+    ones too) and into the __call__ of a callable object. A class is left as it is:
+    calling it runs its constructor, which is an ordinary function."""
+    for _ in range(_MAX_UNWRAP):   # bounded: a __call__ can be an odd object
+        if isinstance(function, functools.partial):
+            function = function.func
+        elif (not inspect.isroutine(function) and not inspect.isclass(function)
+              and callable(function)):
+            function = type(function).__call__
+        else:
+            break
+    return function
+
+
+def check_runs_body(function: JobFunction) -> None:
+    """Refuse a function whose call returns without running its body.
+
+    The worker calls fn(session, **kwargs) and takes the return as the job's success.
+    A generator or coroutine function returns a generator or coroutine object at once;
+    nobody iterates or awaits it, so the job "succeeds" and nothing was done.
+    (inspect's checks see through bound methods; `_called_function` adds partials and
+    callable objects.)
+    """
+    called = _called_function(function)
+    if inspect.isasyncgenfunction(called):
+        raise CallableError("is an async generator function (async def with yield): the "
+                            "worker would get an async generator back and its body would "
+                            "never run; the worker calls jobs synchronously")
+    if inspect.iscoroutinefunction(called):
+        raise CallableError("is a coroutine function (async def): the worker would get a "
+                            "coroutine back and its body would never run; the worker "
+                            "calls jobs synchronously (wrap it: asyncio.run(...) in a "
+                            "plain function)")
+    if inspect.isgeneratorfunction(called):
+        raise CallableError("is a generator function: the worker would get a generator "
+                            "back and its body would never run")
+
+
 def resolve_jobs(config: Config) -> dict[str, JobFunction]:
     """Every job's function, by job name; ConfigError on the first that fails.
 
@@ -71,7 +115,9 @@ def resolve_jobs(config: Config) -> dict[str, JobFunction]:
         try:
             function = resolved.get(job.call)
             if function is None:
-                function = resolved[job.call] = resolve(job.call)
+                function = resolve(job.call)
+                check_runs_body(function)
+                resolved[job.call] = function
             arguments = (job.call, tuple(sorted(job.kwargs)))
             if arguments not in checked:
                 check_arguments(function, job.kwargs)
@@ -80,3 +126,4 @@ def resolve_jobs(config: Config) -> dict[str, JobFunction]:
             raise config.error(f"{job.call}: {exc}", job=job, key="call") from None
         functions[job.name] = function
     return functions
+

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -32,7 +33,8 @@ from .errors import describe
 
 log = logging.getLogger("worker.cluster")
 
-SCHEMA_VERSION = 1
+# 1: the first run table. 2: lease_ms, each row's own lease (nodes may differ).
+SCHEMA_VERSION = 2
 RUNNING, ABANDONED = "running", "abandoned"
 
 metadata = MetaData()
@@ -49,10 +51,18 @@ runs = Table(
     Column("attempts", Integer, nullable=False),
     Column("recovered", Integer, nullable=False),       # re-runs after being abandoned
     Column("error", String(1000), nullable=True),
+    # The claiming node's lease: a row is abandoned when its own lease has passed
+    # since its heartbeat. NULL on rows written by schema version 1.
+    Column("lease_ms", BigInteger, nullable=True),
     UniqueConstraint("job", "slot_ms", name="uq_worker_runs_job_slot"),
     Index("ix_worker_runs_outcome_heartbeat", "outcome", "heartbeat_ms"),
     Index("ix_worker_runs_job_started", "job", "started_ms"),
 )
+# What --list and --history read: the version 1 columns, so that they work (read
+# only) on a table no node of this version has upgraded yet.
+_SHOWN = tuple(column for column in runs.columns if column.name != "lease_ms")
+JOB_NAME_MAX = runs.c.job.type.length
+NODE_NAME_MAX = runs.c.node.type.length
 schema_versions = Table(
     "worker_schema", metadata,
     Column("component", String(32), primary_key=True),
@@ -70,8 +80,38 @@ _CLOCK_SQL = {
 }
 
 
+def cluster_name_problems(job_names: Iterable[str], node: str | None = None) -> list[str]:
+    """What makes these names unusable in the run table, one message each (empty:
+    fine). Validation refuses them (exit 78) when a `cluster` section is present:
+    names that differ only in case are one key under the case-insensitive default
+    collations of MariaDB/MySQL and SQL Server, so one of the jobs would never run;
+    a name longer than its column makes every claim of that job fail."""
+    names = list(job_names)
+    problems = []
+    first_spelling: dict[str, str] = {}
+    for name in names:
+        other = first_spelling.setdefault(name.casefold(), name)
+        if other != name:
+            problems.append(f"job names {other!r} and {name!r} differ only in case: the "
+                            f"run table (case-insensitive on MariaDB, MySQL and SQL "
+                            f"Server) would take them for one job; rename one")
+    for name in names:
+        if len(name) > JOB_NAME_MAX:
+            problems.append(f"job name {name[:40]!r}... is {len(name)} characters long; "
+                            f"in cluster mode a job name may have at most {JOB_NAME_MAX} "
+                            f"(the run table's column)")
+    if node is not None and len(node) > NODE_NAME_MAX:
+        problems.append(f"cluster.node is {len(node)} characters long; at most "
+                        f"{NODE_NAME_MAX} (the run table's column)")
+    return problems
+
+
 def default_node_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """`hostname:pid:random`, new at each start: two containers both running as
+    PID 1 with one hostname, or a node restarted with its old pid, must not share a
+    name (a live node heartbeats every running row of its name, so a dead one
+    would never be found out)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class DbClock:
@@ -116,10 +156,12 @@ class Cluster:
         # the jobs' pool, and it must not rebind the jobs' Session registry.
         self.database = Database(DatabaseSettings(url=url, pool_size=2, max_overflow=2,
                                                   pool_timeout=10),
-                                 extra_codes, registry=None)
+                                 extra_codes, for_jobs=False)
         self.clock = DbClock(self.database.dialect)
+        self.lease_ms = int(settings.lease * 1000)
         self.healthy = False
         self._finishes: list[tuple[Claim, dict]] = []
+        self._running_ids: set[int] = set()     # claims running or with outcome unwritten
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -148,7 +190,8 @@ class Cluster:
         self.database.dispose()
 
     def ensure_schema(self) -> None:
-        """Create the run table (safe when several nodes start at once)."""
+        """Create the run table, or bring a version 1 table to this version (safe
+        when several nodes start at once)."""
         with self.database.engine.begin() as connection:
             create_tables(connection, metadata)
         try:
@@ -157,12 +200,43 @@ class Cluster:
                     component="runs", version=SCHEMA_VERSION))
         except IntegrityError:
             pass   # another node wrote it first
-        with self.database.engine.connect() as connection:
-            version = connection.execute(select(schema_versions.c.version).where(
-                schema_versions.c.component == "runs")).scalar_one()
+        version = self._schema_version()
+        if version == 1:
+            self._add_lease_column()
+            with self.database.engine.begin() as connection:
+                connection.execute(update(schema_versions).where(
+                    schema_versions.c.component == "runs",
+                    schema_versions.c.version == 1).values(version=SCHEMA_VERSION))
+            log.info("run table upgraded to schema version %d (each row's own lease)",
+                     SCHEMA_VERSION)
+            version = self._schema_version()
         if version != SCHEMA_VERSION:
             raise RuntimeError(f"the run table has schema version {version}; this worker "
                                f"knows version {SCHEMA_VERSION}")
+
+    def _schema_version(self) -> int:
+        with self.database.engine.connect() as connection:
+            return connection.execute(select(schema_versions.c.version).where(
+                schema_versions.c.component == "runs")).scalar_one()
+
+    def _add_lease_column(self) -> None:
+        """ALTER TABLE ... ADD lease_ms, unless a node starting beside us did it."""
+        if self._has_lease_column():
+            return
+        column = runs.c.lease_ms.type.compile(dialect=self.database.engine.dialect)
+        try:
+            with self.database.engine.begin() as connection:
+                connection.execute(text(f"ALTER TABLE worker_runs ADD lease_ms {column} "
+                                        f"NULL"))
+        except DBAPIError:
+            if not self._has_lease_column():   # not a race lost: a real failure
+                raise
+
+    def _has_lease_column(self) -> bool:
+        from sqlalchemy import inspect
+        with self.database.engine.connect() as connection:
+            return "lease_ms" in {column["name"] for column in
+                                  inspect(connection).get_columns("worker_runs")}
 
     # --- claims (called from the work loop) ---------------------------------------------
 
@@ -170,22 +244,57 @@ class Cluster:
         """Insert the occurrence's row; None when another node has it (or no database)."""
         now = self.clock.now_ms()
         values = dict(job=job, slot_ms=slot_ms, node=self.node, started_ms=now,
-                      heartbeat_ms=now, outcome=RUNNING, attempts=0, recovered=0)
+                      heartbeat_ms=now, outcome=RUNNING, attempts=0, recovered=0,
+                      lease_ms=self.lease_ms)
+        outcome_unknown = False     # an attempt failed: its INSERT may be committed
         for attempt in range(3):
             try:
                 with self.database.engine.begin() as connection:
                     result = connection.execute(insert(runs).values(**values))
-                return Claim(result.inserted_primary_key[0], job, slot_ms)
+                return self._track(Claim(result.inserted_primary_key[0], job, slot_ms))
             except IntegrityError:
-                return None                   # the unique key: another node won
+                # The unique key: another node won, or our own earlier attempt did.
+                return self._own_row(job, slot_ms, now) if outcome_unknown else None
             except DBAPIError as exc:
+                outcome_unknown = True
                 if not self.database.classify(exc).should_retry(False) or attempt == 2:
-                    log.warning("job=%s could not claim its run (%s); not running it",
-                                job, describe(exc))
-                    self.healthy = False
-                    return None
+                    claim = self._own_row(job, slot_ms, now)
+                    if claim is None:
+                        # This job's problem only (its name, a deadlock...): other jobs
+                        # go on claiming. Only a failed heartbeat stops every claim.
+                        log.warning("job=%s could not claim its run (%s); not running it",
+                                    job, describe(exc), extra={"job": job})
+                    return claim
                 time.sleep(0.05 * (attempt + 1))
         return None
+
+    def _own_row(self, job: str, slot_ms: int, started_ms: int) -> Claim | None:
+        """The claim whose COMMIT may have been applied without our hearing of it:
+        the occurrence's row if it is the one we inserted (this node, this start
+        time, still running), else None. A row of ours that cannot be looked up is
+        not heartbeated (see beat), so it is marked abandoned after its lease."""
+        try:
+            with self.database.engine.connect() as connection:
+                row = connection.execute(select(runs.c.id, runs.c.node, runs.c.started_ms,
+                                                runs.c.outcome).where(
+                    runs.c.job == job, runs.c.slot_ms == slot_ms)).first()
+        except DBAPIError as exc:
+            log.warning("job=%s: whether its claim was recorded is unknown (%s); not "
+                        "running it", job, describe(exc), extra={"job": job})
+            return None
+        if row is None or (row.node, row.started_ms, row.outcome) != \
+                (self.node, started_ms, RUNNING):
+            return None
+        log.info("job=%s the run table has our claim although its commit was not "
+                 "confirmed: running it", job, extra={"job": job})
+        return self._track(Claim(row.id, job, slot_ms))
+
+    def _track(self, claim: Claim) -> Claim:
+        """A claim this node now runs: its row is heartbeated until its outcome is
+        written."""
+        with self._lock:
+            self._running_ids.add(claim.id)
+        return claim
 
     def holder(self, job: str, slot_ms: int) -> str:
         try:
@@ -212,12 +321,14 @@ class Cluster:
                     runs.c.outcome == RUNNING).values(**values))
         except DBAPIError as exc:
             log.warning("job=%s could not record its outcome yet (%s); will retry",
-                        claim.job, describe(exc))
+                        claim.job, describe(exc), extra={"job": claim.job})
             return False
+        with self._lock:
+            self._running_ids.discard(claim.id)
         if result.rowcount == 0:
             log.warning("job=%s finished a run that the cluster had already marked "
                         "abandoned (this node missed its lease); outcome %s not recorded",
-                        claim.job, values["outcome"])
+                        claim.job, values["outcome"], extra={"job": claim.job})
         return True
 
     def abandoned_runs(self, idempotent_jobs: Iterable[str]) -> list[Claim]:
@@ -245,12 +356,12 @@ class Cluster:
                 result = connection.execute(update(runs).where(
                     runs.c.id == candidate.id, runs.c.outcome == ABANDONED).values(
                     outcome=RUNNING, node=self.node, started_ms=now, heartbeat_ms=now,
-                    recovered=runs.c.recovered + 1, error=None))
+                    lease_ms=self.lease_ms, recovered=runs.c.recovered + 1, error=None))
         except DBAPIError as exc:
             log.warning("job=%s could not take over its abandoned run: %s", candidate.job,
-                        describe(exc))
+                        describe(exc), extra={"job": candidate.job})
             return None
-        return candidate if result.rowcount == 1 else None
+        return self._track(candidate) if result.rowcount == 1 else None
 
     # --- heartbeat thread ---------------------------------------------------------------
 
@@ -259,13 +370,19 @@ class Cluster:
             self.beat()
 
     def beat(self) -> None:
-        """One heartbeat: clock, own rows, pending outcomes, abandoned rows, pruning."""
+        """One heartbeat: clock, own rows, pending outcomes, abandoned rows, pruning.
+        Only the rows this node knows it runs are heartbeated: a row it may have
+        inserted without knowing (a claim whose commit outcome stayed unknown) is
+        left to be marked abandoned."""
+        with self._lock:
+            running_ids = sorted(self._running_ids)
         try:
             with self.database.engine.begin() as connection:
                 self.clock.sync(connection)
-                connection.execute(update(runs).where(
-                    runs.c.node == self.node, runs.c.outcome == RUNNING).values(
-                    heartbeat_ms=self.clock.now_ms()))
+                if running_ids:
+                    connection.execute(update(runs).where(
+                        runs.c.id.in_(running_ids), runs.c.node == self.node,
+                        runs.c.outcome == RUNNING).values(heartbeat_ms=self.clock.now_ms()))
         except DBAPIError as exc:
             if self.healthy:
                 log.error("cluster heartbeat failed (%s): this node stops claiming runs "
@@ -291,11 +408,16 @@ class Cluster:
                     self._finishes.append((claim, values))
 
     def _mark_abandoned(self) -> None:
-        cutoff = self.clock.now_ms() - int(self.settings.lease * 1000)
-        stale = and_(runs.c.outcome == RUNNING, runs.c.heartbeat_ms < cutoff)
+        """Mark running rows abandoned whose heartbeat is older than *their* lease
+        (the claiming node's: nodes may be configured differently). A row from
+        schema version 1 has none: it is judged by this node's lease."""
+        lease = func.coalesce(runs.c.lease_ms, self.lease_ms)
+        stale = and_(runs.c.outcome == RUNNING,
+                     runs.c.heartbeat_ms + lease < self.clock.now_ms())
         with self.database.engine.connect() as connection:
             rows = connection.execute(select(runs.c.id, runs.c.job, runs.c.node,
-                                             runs.c.heartbeat_ms).where(stale)).all()
+                                             runs.c.heartbeat_ms, lease.label("lease"))
+                                      .where(stale)).all()
         for row in rows:
             with self.database.engine.begin() as connection:
                 result = connection.execute(update(runs).where(runs.c.id == row.id, stale)
@@ -305,8 +427,8 @@ class Cluster:
             if result.rowcount == 1:
                 silent = (self.clock.now_ms() - row.heartbeat_ms) / 1000
                 log.warning("job=%s run on node %s marked abandoned: no heartbeat for "
-                            "%.1fs (lease %gs)", row.job, row.node, silent,
-                            self.settings.lease)
+                            "%.1fs (its lease %gs)", row.job, row.node, silent,
+                            row.lease / 1000, extra={"job": row.job})
 
     def _prune(self) -> None:
         if time.monotonic() - self._last_prune < 600:
@@ -327,11 +449,11 @@ class Cluster:
         newest = select(func.max(runs.c.id)).group_by(runs.c.job)
         with self.database.engine.connect() as connection:
             return {row.job: row for row in connection.execute(
-                select(runs).where(runs.c.id.in_(newest)))}
+                select(*_SHOWN).where(runs.c.id.in_(newest)))}
 
     def history(self, job: str, limit: int = 20) -> list[Any]:
         with self.database.engine.connect() as connection:
-            return connection.execute(select(runs).where(runs.c.job == job)
+            return connection.execute(select(*_SHOWN).where(runs.c.job == job)
                                       .order_by(runs.c.slot_ms.desc(), runs.c.id.desc())
                                       .limit(limit)).all()
 

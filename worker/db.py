@@ -1,55 +1,101 @@
-"""The database layer: one engine, one sessionmaker, one scoped Session registry.
+"""The database layer: an engine, its sessionmaker and its scoped Session registry,
+pool reset, and disconnect marking.
 
-`Session` below is the only Session registry in the process. Job code that uses
-the old global style (`Session.query(...)`) gets the Session of the job running
-in its thread, because the runner calls the registry inside that thread and
-clears it (`Session.remove()`) when the job ends.
+Each `Database` (one per configuration the worker runs: a reload that changes the
+database section builds a new one) has its own registry. `Session` below is the
+one name job code uses: it stands for the registry of the runtime that started the
+job running in the calling thread. Job code in the old global style
+(`Session.query(...)`) therefore gets its own job's Session, because the runner
+calls the registry inside that thread and clears it (`remove()`) when the job ends.
 """
 from __future__ import annotations
 
 import logging
-import math
 import threading
-import time
+import weakref
 from typing import Any
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import scoped_session, sessionmaker
 
 from .config import DatabaseSettings, masked_url
+from .deadlines import StatementTracker
 from .errors import Diagnosis, ExtraCodes, classify, is_disconnect
 
 log = logging.getLogger("worker.db")
 
-# The one registry. It is created unbound (no engine, no connection, no work at
-# import time) so that `from worker import Session` works anywhere; Database
-# binds it to its engine.
-# expire_on_commit=False: the worker commits after the job has returned and
-# discards the Session right after, so expiring its objects would be wasted work.
-Session = scoped_session(sessionmaker(expire_on_commit=False))
+
+class JobSessionProxy:
+    """`worker.Session`: the registry of the Database whose runtime started the job
+    running in this thread (set by the runner for the job's duration). Outside a
+    job it is the registry of the newest Database, as for scripts and tests that
+    build one Database and use `Session()` directly."""
+
+    def __init__(self) -> None:
+        self._thread = threading.local()
+        self._newest: weakref.ref | None = None
+
+    def registry_in_use(self) -> scoped_session:
+        registry = getattr(self._thread, "registry", None)
+        if registry is not None:
+            return registry
+        database = self._newest() if self._newest is not None else None
+        if database is None:
+            raise RuntimeError("worker.Session is used outside a job and no Database "
+                               "exists yet")
+        return database.registry
+
+    def enter_job(self, registry: scoped_session) -> scoped_session | None:
+        """The calling thread runs a job on `registry` from now on; returns the one it
+        used before (restored by leave_job)."""
+        previous = getattr(self._thread, "registry", None)
+        self._thread.registry = registry
+        return previous
+
+    def leave_job(self, previous: scoped_session | None) -> None:
+        self._thread.registry = previous
+
+    def newest(self, database: "Database") -> None:
+        self._newest = weakref.ref(database)
+
+    def __call__(self, **kwargs):
+        return self.registry_in_use()(**kwargs)
+
+    def __getattr__(self, name: str):   # Session.query, .execute, .remove, .registry...
+        return getattr(self.registry_in_use(), name)
+
+
+# The one name job code imports. Creating it opens nothing: no engine, no
+# connection, no work at import time.
+Session = JobSessionProxy()
 
 
 class Database:
     """Engine + the registry's binding + error classification for one URL."""
 
     def __init__(self, settings: DatabaseSettings, extra_codes: ExtraCodes | None = None,
-                 registry: scoped_session | None = Session) -> None:
+                 *, for_jobs: bool = True) -> None:
         self.settings = settings
         self.url = make_url(settings.url)
         self.extra_codes = extra_codes
-        self.registry = registry
         if self.url.get_driver_name() == "pyodbc":
             _disable_odbc_pooling()
         self.engine: Engine = create_engine(self.url, **_engine_options(settings))
         self.dialect = self.engine.dialect.name
         event.listen(self.engine, "handle_error", self._mark_disconnect)
         self.statements = StatementTracker(self.engine, self.url.get_driver_name())
-        # pyodbc: each checkout takes the thread's deadline as its query timeout.
-        _skip_needless_reset(self.engine, self.statements.set_query_timeout
-                             if self.url.get_driver_name() == "pyodbc" else None)
-        if registry is not None:   # None: an engine of the worker's own (cluster table)
-            registry.configure(bind=self.engine)
+        _skip_needless_reset(self.engine)
+        # This engine's own registry. expire_on_commit=False: the worker commits
+        # after the job has returned and discards the Session right after, so
+        # expiring its objects would be wasted work.
+        factory = sessionmaker(bind=self.engine, expire_on_commit=False)
+        event.listen(factory, "after_begin", _remember_connection)
+        event.listen(factory, "after_commit", _mark_transaction_ended)
+        event.listen(factory, "after_rollback", _mark_transaction_ended)
+        self.registry = scoped_session(factory)
+        if for_jobs:   # not for an engine of the worker's own (the cluster's run table)
+            Session.newest(self)
 
     @property
     def display_url(self) -> str:
@@ -68,21 +114,19 @@ class Database:
             context.is_disconnect = True
 
     @staticmethod
-    def connection_info(session) -> dict | None:
-        """The pool entry's info of the connection the session's transaction holds,
-        or None when the job never touched the database."""
+    def refuse_aborted_commit(session) -> None:
+        """Raise AbortedTransaction instead of committing a PostgreSQL transaction
+        that a failed statement has aborted: the server would answer the COMMIT with
+        a silent ROLLBACK, and a job that caught its error would count as a success
+        that saved nothing. Other drivers: nothing to check (a failed statement
+        there does not doom the rest of the transaction)."""
         if not session.in_transaction():
-            return None
-        return session.connection().connection.info
-
-    @staticmethod
-    def mark_committed(info: dict | None) -> None:
-        """The COMMIT on this connection succeeded: no ROLLBACK needed on return."""
-        if info is not None:
-            info[COMMITTED] = True
-
-    def cancel_statement(self, thread: int) -> bool:
-        return self.statements.cancel(thread)
+            return
+        status = _libpq_transaction_status(session.connection().connection.dbapi_connection)
+        if status == _LIBPQ_INERROR:
+            raise AbortedTransaction(
+                "a statement failed earlier in this transaction and the job went on, so "
+                "PostgreSQL aborted the transaction (SQLSTATE 25P02); nothing was committed")
 
     def ping(self) -> None:
         """Open one connection and run a trivial statement; raise on failure."""
@@ -98,130 +142,84 @@ class Database:
         self.engine.dispose()
 
 
-class DeadlineExceeded(Exception):
-    """Raised instead of running a statement once the job's deadline has passed."""
+class AbortedTransaction(Exception):
+    """The job returned, but its PostgreSQL transaction had already been aborted."""
 
 
-class StatementTracker:
-    """Knows the statement each job thread has in flight, so that another thread
-    (a deadline, a shutdown) can cancel it through the driver."""
-
-    def __init__(self, engine: Engine, driver: str) -> None:
-        self.driver = driver
-        self._in_flight: dict[int, tuple[Any, Any]] = {}  # thread id -> (dbapi conn, cursor)
-        self._deadlines: dict[int, float] = {}             # thread id -> monotonic deadline
-        self._lock = threading.Lock()
-        _track_cursors(engine, self.started, self.forget_statement)
-
-    def set_query_timeout(self, dbapi_connection) -> None:
-        """pyodbc, at each checkout from the pool: the fallback for ODBC drivers that
-        ignore SQLCancel is the query timeout (SQL_ATTR_QUERY_TIMEOUT, taken by
-        each new cursor), a second behind the deadline so that the cancel normally
-        wins. 0 clears it for jobs without a deadline."""
-        deadline = self._deadlines.get(threading.get_ident())
-        timeout = 0 if deadline is None else max(1, math.ceil(deadline - time.monotonic()) + 1)
-        if dbapi_connection.timeout != timeout:
-            dbapi_connection.timeout = timeout
-
-    def started(self, cursor) -> None:
-        """A statement is about to run on `cursor` in this thread."""
-        thread = threading.get_ident()
-        deadline = self._deadlines.get(thread)
-        if deadline is not None and time.monotonic() >= deadline:
-            # The deadline passed between two statements: start no new one.
-            raise DeadlineExceeded("the job's deadline passed; no new statement may start")
-        self._in_flight[thread] = (cursor.connection, cursor)
-
-    def forget_statement(self) -> None:
-        """The driver returned: nothing to cancel. (Holding on to the cursor would
-        be worse than useless: freed after the connection went back to the pool, its
-        statement handle is released on a connection another job is using.)"""
-        self._in_flight.pop(threading.get_ident(), None)
-
-    def forget(self, thread: int) -> None:
-        """The thread's job has ended: no statement to cancel, no deadline."""
-        self._in_flight.pop(thread, None)
-        self._deadlines.pop(thread, None)
-
-    def set_deadline(self, thread: int, deadline: float | None) -> None:
-        """Statements of this thread started from now on get a driver-side timeout."""
-        if deadline is None:
-            self._deadlines.pop(thread, None)
-        else:
-            self._deadlines[thread] = deadline
-
-    def cancel(self, thread: int) -> bool:
-        """Cancel the statement this thread is running; False if there is none."""
-        entry = self._in_flight.get(thread)
-        if entry is None:
-            return False
-        dbapi_connection, cursor = entry
-        try:
-            if self.driver == "pyodbc":
-                cursor.cancel()                   # SQLCancel; the statement fails HY008
-            elif hasattr(dbapi_connection, "interrupt"):
-                dbapi_connection.interrupt()      # sqlite3
-            elif hasattr(dbapi_connection, "cancel"):
-                dbapi_connection.cancel()         # psycopg 2 and 3
-            else:
-                log.warning("driver %s cannot cancel a running statement", self.driver)
-                return False
-        except Exception as exc:  # the statement may have just finished
-            log.debug("cancelling a statement failed: %s", exc)
-            return False
-        return True
+class DirtyConnection(Exception):
+    """A connection still in a transaction after its rollback on return to the pool."""
 
 
-def _track_cursors(engine: Engine, started, finished) -> None:
-    """Call `started(cursor)` before every statement the engine runs, `finished()`
-    when the driver returns from it.
-
-    Done by wrapping the dialect's do_execute* methods (the methods a dialect
-    subclass would override) rather than with a before_cursor_execute listener:
-    any Connection execution listener moves SQLAlchemy off its fast path, which
-    measured about 20 µs per statement, the largest part of the worker's cost per
-    job. handle_error and the commit/rollback listeners cost nothing measurable.
-    """
-    dialect = engine.dialect
-    for name in ("do_execute", "do_execute_no_params", "do_executemany"):
-        original = getattr(dialect, name)
-
-        def tracked(cursor, *args, _original=original, **kwargs):
-            started(cursor)
-            try:
-                return _original(cursor, *args, **kwargs)
-            finally:
-                finished()
-        setattr(dialect, name, tracked)
+ENDED = "worker_transaction_ended"   # pool-entry info: the Session ended its transaction
+SESSION_RECORD = "worker_pool_record"  # Session.info: its connection's pool-entry info
 
 
-COMMITTED = "worker_committed"   # pool-entry info flag: this checkout ended in a COMMIT
+def _remember_connection(session, transaction, connection) -> None:
+    """after_begin: which pooled connection this Session's transaction runs on."""
+    session.info[SESSION_RECORD] = connection.connection.info
 
 
-def _skip_needless_reset(engine: Engine, on_checkout=None) -> None:
+def _mark_transaction_ended(session) -> None:
+    """after_commit / after_rollback: the COMMIT or ROLLBACK of the Session's own
+    transaction succeeded, and the connection is about to go back to the pool (in
+    the same call): mark it so that the pool sends no ROLLBACK of its own. The
+    mark is taken off at that return, so it belongs to this one check-out."""
+    if session.in_nested_transaction():   # a SAVEPOINT: the transaction goes on
+        return
+    info = session.info.pop(SESSION_RECORD, None)
+    if info is not None:
+        info[ENDED] = True
+
+
+# libpq's PQtransactionStatus (psycopg 3 and psycopg2 report it as
+# connection.info.transaction_status): idle, or inside a failed transaction.
+_LIBPQ_IDLE, _LIBPQ_INERROR = 0, 3
+
+
+def _libpq_transaction_status(dbapi_connection) -> int | None:
+    """libpq's own word on the connection's transaction; None for other drivers."""
+    status = getattr(getattr(dbapi_connection, "info", None), "transaction_status", None)
+    return None if status is None else int(status)
+
+
+def _skip_needless_reset(engine: Engine) -> None:
     """Roll back a connection returned to the pool unless its transaction is known
     to be over.
 
     SQLAlchemy's default reset-on-return sends a ROLLBACK for every connection
     that comes back after a Session commit, although the COMMIT already ended the
-    transaction: one wasted round trip per job (field-notes §5). The runner marks
-    a connection whose COMMIT succeeded (Database.mark_committed); SQLAlchemy
+    transaction: one wasted round trip per job, and a second ROLLBACK after a
+    failed job's own. A Session marks a connection whose COMMIT or ROLLBACK
+    succeeded (_mark_transaction_ended); SQLAlchemy
     tells us when a Connection already rolled back on close. Anything else (a
     raw_connection() left open, a failed job) is rolled back as before, and a
-    connection whose rollback fails is invalidated by the pool. Only Pool events
-    are used: Connection event listeners (begin/commit/rollback) would move every
-    statement off SQLAlchemy's fast path.
+    connection whose rollback fails is invalidated by the pool. On PostgreSQL
+    libpq knows the transaction state exactly: roll back when a transaction is
+    open or aborted ("idle in transaction"), never otherwise, and a connection
+    still not idle after that is invalidated (the pool does so when reset raises)
+    rather than pooled dirty. Only Pool events are used: Connection event
+    listeners (begin/commit/rollback) would move every statement off
+    SQLAlchemy's fast path.
     """
     def reset(dbapi_connection, record, reset_state) -> None:
-        committed = record.info.pop(COMMITTED, False) if record is not None else False
-        if committed or reset_state.transaction_was_reset or reset_state.terminate_only:
+        ended = record.info.pop(ENDED, False) if record is not None else False
+        if reset_state.terminate_only:
+            return
+        status = _libpq_transaction_status(dbapi_connection)
+        if status is not None:
+            if status != _LIBPQ_IDLE:
+                dbapi_connection.rollback()
+            if _libpq_transaction_status(dbapi_connection) != _LIBPQ_IDLE:
+                raise DirtyConnection("still inside a transaction after ROLLBACK")
+            return
+        if ended or reset_state.transaction_was_reset:
             return
         dbapi_connection.rollback()
 
     event.listen(engine.pool, "reset", reset)
-    if on_checkout is not None:
-        event.listen(engine.pool, "checkout",
-                     lambda dbapi_connection, record, proxy: on_checkout(dbapi_connection))
+    # A mark left by anything else must not skip the next check-out's reset.
+    event.listen(engine.pool, "checkout",
+                 lambda dbapi_connection, record, proxy: record.info.pop(ENDED, None))
 
 
 def _engine_options(settings: DatabaseSettings) -> dict[str, Any]:
@@ -245,18 +243,40 @@ def _disable_odbc_pooling() -> None:
     pyodbc.pooling = False
 
 
+_CREATE_TABLES_LOCK = 0x776F726B   # PostgreSQL advisory lock key of create_tables ("work")
+
+
 def create_tables(connection, metadata) -> None:
     """Create the metadata's missing tables and indexes; safe when several jobs or
     processes race to do it (CREATE ... IF NOT EXISTS where the dialect has it;
     SQL Server has not, so there it is a check, then CREATE)."""
     if connection.dialect.name in ("sqlite", "mysql", "mariadb", "postgresql"):
         from sqlalchemy.schema import CreateIndex, CreateTable
+        if connection.dialect.name == "postgresql":
+            if not _missing_relations(connection, metadata):
+                return   # no lock taken: jobs that only check never wait for each other
+            # PostgreSQL's IF NOT EXISTS is not race-safe: a second creator waits for
+            # the first's uncommitted CREATE, then fails (23505 on pg_type). One
+            # creator at a time (a lock held until this transaction ends), so the
+            # next one sees the table and skips it.
+            connection.execute(select(func.pg_advisory_xact_lock(_CREATE_TABLES_LOCK)))
         for table in metadata.sorted_tables:
             connection.execute(CreateTable(table, if_not_exists=True))
             for index in table.indexes:
                 connection.execute(CreateIndex(index, if_not_exists=True))
     else:
         metadata.create_all(connection, checkfirst=True)
+
+
+def _missing_relations(connection, metadata) -> bool:
+    """PostgreSQL: True if a table or index of the metadata does not exist yet."""
+    names = [table.fullname for table in metadata.sorted_tables]
+    names += [index.name for table in metadata.sorted_tables for index in table.indexes
+              if index.name]
+    missing = connection.execute(text(
+        "SELECT count(*) FROM unnest(CAST(:names AS text[])) AS name "
+        "WHERE to_regclass(name) IS NULL"), {"names": names}).scalar_one()
+    return missing > 0
 
 
 def installed_odbc_drivers() -> list[str]:

@@ -1,6 +1,8 @@
 """Which database errors are worth re-running a job for.
 
-Table-driven from shared/reference/transient-errors.md. Every error gets one of
+Table-driven, from Microsoft's transient-fault codes for Azure SQL, the retry list of
+Microsoft.Data.SqlClient, EF Core's SqlServerTransientExceptionDetector, SQLAlchemy's
+dialects and the MariaDB and PostgreSQL manuals. Every error gets one of
 three verdicts (retry, retry only if the job is idempotent, never) and a flag
 saying whether the connection is dead and must leave the pool.
 
@@ -122,7 +124,23 @@ SQLSTATE_RULES: dict[str, dict[str, Rule]] = {
 # Message fragments, for errors whose codes say too little.
 MESSAGE_RULES: dict[str, list[tuple[str, Rule]]] = {
     "mssql": [("connection is busy with results for another command",
-               Rule(N, "two statements at once on one connection: a threading bug"))],
+               Rule(N, "two statements at once on one connection: a threading bug")),
+              # Microsoft's driver reports a login timeout as HYT00 (not HYT01): no
+              # statement ran, so it is not a query timeout of unknown outcome
+              ("login timeout expired", Rule(R, "login timeout", disconnect=True))],
+    # psycopg: 57014 is both PostgreSQL's statement_timeout and a cancel request
+    # (our deadline's, or a DBA's): the message says which. Failures to connect or
+    # a connection dropped by the network come without any SQLSTATE.
+    "postgresql": [
+        ("canceling statement due to statement timeout",
+         Rule(N, "server statement_timeout (not the job's deadline)")),
+        ("canceling statement due to user request", Rule(N, "statement cancelled")),
+        ("connection refused", Rule(R, "cannot connect (server down or restarting)", True)),
+        ("could not connect to server", Rule(R, "cannot connect", True)),
+        ("server closed the connection unexpectedly", Rule(R, "lost connection", True)),
+        ("the connection is lost", Rule(R, "lost connection", True)),
+        ("ssl syscall error", Rule(R, "lost connection", True)),
+    ],
     "sqlite": [("database is locked", Rule(R, "database is locked (SQLITE_BUSY)")),
                ("database table is locked", Rule(N, "table locked inside one connection"))],
 }
@@ -148,7 +166,7 @@ def _guess_family(orig: BaseException, message: str) -> str | None:
         return "postgresql"
     if module.startswith(("pymysql", "MySQLdb", "mariadb", "mysql")):
         return "mysql"
-    if module.startswith("pymssql"):
+    if module.startswith(("pymssql", "mssql_python")):
         return "mssql"
     lowered = message.lower()
     if "sql server" in lowered or "[freetds]" in lowered or "[microsoft]" in lowered:
@@ -174,6 +192,14 @@ def error_codes(exc: BaseException) -> tuple[str | None, int | None, str]:
         value = getattr(orig, attribute, None)
         if isinstance(value, str) and _SQLSTATE.match(value):
             sqlstate = value
+    # mssql-python: (driver_error, ddbc_error), the SQLSTATE's description and the
+    # driver's message; neither the SQLSTATE nor the native number is kept
+    driver_error, ddbc_error = (getattr(orig, "driver_error", None),
+                                getattr(orig, "ddbc_error", None))
+    if isinstance(driver_error, str) and isinstance(ddbc_error, str):
+        sqlstate = sqlstate or _mssql_python_sqlstate(driver_error)
+        message = ddbc_error
+        native = native if native is not None else _sql_server_number(ddbc_error)
     # pyodbc: (sqlstate, message), sometimes reversed for pyodbc's own errors
     strings = [a for a in args[:2] if isinstance(a, str)]
     for index, value in enumerate(strings):
@@ -196,6 +222,49 @@ def error_codes(exc: BaseException) -> tuple[str | None, int | None, str]:
             if trailing:
                 native = int(trailing.group(1))
     return sqlstate, native, message
+
+
+# SQL Server's own message texts, for drivers that drop the error number
+# (mssql-python): the native number each one stands for.
+SQL_SERVER_MESSAGES = (
+    ("was deadlocked on lock resources", 1205),
+    ("lock request time out period exceeded", 1222),
+    ("is not currently available. please retry the connection later", 40613),
+    ("the service is currently busy. retry the request after 10 seconds", 40501),
+    ("not enough resources to process request", 49918),
+    ("the service has encountered an error processing your request", 40197),
+    ("login failed for user", 18456),
+)
+
+
+def _sql_server_number(message: str) -> int | None:
+    lowered = message.lower()
+    for fragment, number in SQL_SERVER_MESSAGES:
+        if fragment in lowered:
+            return number
+    return None
+
+
+_MSSQL_PYTHON_STATES = ("40001", "40003", "08S01", "08001", "08003", "08004", "08007",
+                        "08S02", "01002", "HYT00", "HYT01", "HY008", "28000", "23000",
+                        "42000", "42S02", "HY000")
+
+
+def _mssql_python_sqlstate(description: str) -> str | None:
+    """The SQLSTATE whose description mssql-python put in the exception, found by
+    asking its own table (so a renamed description cannot go stale here)."""
+    try:
+        from mssql_python.exceptions import sqlstate_to_exception
+    except ImportError:
+        return None
+    for state in _MSSQL_PYTHON_STATES:
+        try:
+            candidate = sqlstate_to_exception(state, "")
+        except Exception:  # its table is its own business: no answer, no SQLSTATE
+            return None
+        if candidate is not None and candidate.driver_error == description:
+            return state
+    return None
 
 
 def classify(exc: BaseException, dialect: str | None = None,
@@ -261,7 +330,7 @@ def _lookup(family: str | None, sqlstate: str | None, native: int | None,
 
 
 _DRIVER_MODULES = ("pyodbc", "sqlite3", "psycopg", "psycopg2", "pymysql", "MySQLdb",
-                   "pymssql", "mariadb")
+                   "pymssql", "mariadb", "mssql_python")
 
 
 def _looks_like_dbapi_error(exc: BaseException) -> bool:
@@ -273,7 +342,10 @@ def describe(exc: BaseException, limit: int = 300) -> str:
     """One line for logs and summaries: the driver's message, never the SQL parameters."""
     orig = getattr(exc, "orig", None)
     shown = orig if orig is not None else exc
-    text = " ".join(str(shown).split())
+    try:
+        text = " ".join(str(shown).split())
+    except Exception:  # a job's exception whose __str__ itself fails
+        text = f"<{type(shown).__name__} whose message cannot be shown>"
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -3,7 +3,7 @@ callables, at most `max_workers` at a time, and hands back their results."""
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -18,13 +18,8 @@ class WorkerPool:
         self._executor = ThreadPoolExecutor(max_workers=max_workers,
                                             thread_name_prefix=thread_name_prefix)
 
-    def submit(self, task: Callable[[], T]) -> Future:
-        return self._executor.submit(task)
-
-    def run_all(self, tasks: Sequence[Callable[[], T]]) -> list[T]:
-        """Run every task, wait for all, and return their results in task order."""
-        futures = [self.submit(task) for task in tasks]
-        return [future.result() for future in futures]
+    def submit(self, task: Callable[..., T], *args, **kwargs) -> Future:
+        return self._executor.submit(task, *args, **kwargs)
 
     def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
         self._executor.shutdown(wait=wait, cancel_futures=cancel_pending)

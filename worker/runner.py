@@ -14,7 +14,7 @@ import enum
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from tenacity import (RetryCallState, Retrying, retry_if_exception,
@@ -22,8 +22,10 @@ from tenacity import (RetryCallState, Retrying, retry_if_exception,
 
 from .callables import JobFunction
 from .config import JobSpec, format_duration
-from .db import Database
+from .db import Database, Session
+from .deadlines import Deadline, DeadlineExceeded, RunWatch
 from .errors import Diagnosis, Verdict, describe
+from .logs import job_fields
 
 log = logging.getLogger("worker.runner")
 
@@ -74,73 +76,28 @@ class Cancelled(Exception):
     """The worker is stopping: no new attempt, no new statement."""
 
 
-@dataclass
-class RunWatch:
-    """What other threads may see of a job while it runs, and how they stop it."""
-    attempt: int = 0
-    started: float = field(default_factory=time.monotonic)
-    thread: int | None = None            # the pool thread running the job
-    overdue_since: float | None = None   # when the current attempt's deadline passed
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def cancel(self, database: Database) -> bool:
-        """Stop the job: no further attempt, no new statement, the statement in
-        flight cancelled through the driver. True if a statement was cancelled."""
-        self.cancelled.set()
-        if self.thread is None:
-            return False
-        database.statements.set_deadline(self.thread, time.monotonic())
-        return database.cancel_statement(self.thread)
-
-
-class Deadline:
-    """One attempt's deadline. When it passes, the statement in flight is cancelled
-    through the driver from the timer's thread, and no new statement may start."""
-
-    def __init__(self, job: JobSpec, attempt: int, database: Database, watch: RunWatch):
-        self.job, self.attempt, self.database, self.watch = job, attempt, database, watch
-        self.thread = threading.get_ident()
-        self.expired = threading.Event()
-        self._timer = threading.Timer(job.timeout, self._expire)
-        self._timer.daemon = True
-        self._timer.name = f"deadline-{job.name}"
-
-    def __enter__(self) -> "Deadline":
-        self.database.statements.set_deadline(self.thread, time.monotonic() + self.job.timeout)
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._timer.cancel()
-        self.database.statements.set_deadline(self.thread, None)
-
-    def _expire(self) -> None:
-        self.expired.set()
-        self.watch.overdue_since = time.monotonic()
-        cancelled = self.database.cancel_statement(self.thread)
-        log.warning("%s passed its deadline of %s; %s", _tag(self.job, self.attempt),
-                    format_duration(self.job.timeout),
-                    "cancelling its statement" if cancelled else
-                    "it is not inside a database call, so it ends at its next statement "
-                    "or when it returns")
-
-
 def _tag(job: JobSpec, attempt: int) -> str:
     return f"job={job.name} attempt={attempt}/{job.retry.attempts}"
+
+
+def _fields(job: JobSpec, attempt: int) -> dict:
+    return job_fields(job.name, attempt, job.retry.attempts)
 
 
 def run_attempt(job: JobSpec, function: JobFunction, database: Database,
                 attempt: int = 1, watch: RunWatch | None = None) -> None:
     """One attempt in one Session scope; raises AttemptFailed on any error."""
     if job.timeout is None:
-        _run_in_session(job, function, database, attempt, None)
+        _run_in_session(job, function, database, attempt, None, watch)
         return
-    with Deadline(job, attempt, database, watch or RunWatch()) as deadline:
-        _run_in_session(job, function, database, attempt, deadline)
+    with Deadline(job.timeout, database.statements, watch or RunWatch(),
+                  _tag(job, attempt), _fields(job, attempt)) as deadline:
+        _run_in_session(job, function, database, attempt, deadline, watch)
 
 
 def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
-                    attempt: int, deadline: Deadline | None) -> None:
+                    attempt: int, deadline: Deadline | None,
+                    watch: RunWatch | None) -> None:
     registry = database.registry
     session = registry()
     during_commit = False
@@ -150,14 +107,25 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
             # Too late: what the job did is rolled back, not committed.
             raise AttemptTimedOut(f"returned after its deadline of "
                                   f"{format_duration(job.timeout)}")
+        if watch is not None and watch.cancelled.is_set():
+            # A stop cancelled it while it was busy in Python: nothing is committed.
+            raise Cancelled("the worker is stopping; returned after being cancelled")
         session.flush()        # a failure here cannot have committed anything
-        connection_info = database.connection_info(session)
+        database.refuse_aborted_commit(session)
         during_commit = True
         session.commit()
-        database.mark_committed(connection_info)
-    except Exception as exc:
+    except BaseException as exc:
+        # BaseException too: a job's SystemExit or KeyboardInterrupt is that job's
+        # failure, never the worker's exit (signals reach the main thread only, so
+        # in a job thread these come from the job's own code).
+        # Whose deadline: read before the rollback's round trip, so an error that
+        # arrived before our timer fired (PostgreSQL's own statement_timeout, also
+        # 57014) is not ours; DeadlineExceeded is ours even before the timer's
+        # thread has set its flag.
+        deadline_passed = deadline is not None and (
+            deadline.expired.is_set() or isinstance(exc, DeadlineExceeded))
         _rollback(session, job, attempt)
-        if deadline is not None and deadline.expired.is_set() and not during_commit:
+        if deadline_passed and not during_commit:
             timeout = Diagnosis(Verdict.NEVER, f"deadline of {format_duration(job.timeout)} "
                                                f"passed")
             raise AttemptFailed(exc, timeout, during_commit, timed_out=True) from exc
@@ -167,9 +135,6 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
             diagnosis = replace(diagnosis, verdict=Verdict.RETRY_IF_IDEMPOTENT,
                                 reason=diagnosis.reason + " during COMMIT, outcome unknown")
         raise AttemptFailed(exc, diagnosis, during_commit) from exc
-    except BaseException:  # KeyboardInterrupt, SystemExit: clean up, then let it go
-        _rollback(session, job, attempt)
-        raise
     finally:
         _remove(registry, session, job, attempt)
 
@@ -179,7 +144,7 @@ def _rollback(session, job: JobSpec, attempt: int) -> None:
         session.rollback()
     except Exception as exc:  # the job's own error matters more: log this one
         log.warning("%s rollback failed, invalidating the connection: %s",
-                    _tag(job, attempt), describe(exc))
+                    _tag(job, attempt), describe(exc), extra=_fields(job, attempt))
         _invalidate(session, job, attempt)
 
 
@@ -188,7 +153,7 @@ def _remove(registry, session, job: JobSpec, attempt: int) -> None:
         registry.remove()
     except Exception as exc:
         log.warning("%s closing the Session failed, invalidating its connection: %s",
-                    _tag(job, attempt), describe(exc))
+                    _tag(job, attempt), describe(exc), extra=_fields(job, attempt))
         _invalidate(session, job, attempt)
         registry.registry.clear()  # remove() raised before it could clear
 
@@ -198,7 +163,7 @@ def _invalidate(session, job: JobSpec, attempt: int) -> None:
         session.invalidate()
     except Exception as exc:
         log.warning("%s invalidating the connection failed too: %s",
-                    _tag(job, attempt), describe(exc))
+                    _tag(job, attempt), describe(exc), extra=_fields(job, attempt))
 
 
 def run_job(job: JobSpec, function: JobFunction, database: Database, *,
@@ -207,9 +172,12 @@ def run_job(job: JobSpec, function: JobFunction, database: Database, *,
     """Run a job with its retry policy; never raises for the job's own errors."""
     watch = watch or RunWatch()
     watch.thread = threading.get_ident()
+    watch.tracker = database.statements
+    previous = Session.enter_job(database.registry)
     try:
         return _run_job(job, function, database, sleep, watch)
     finally:
+        Session.leave_job(previous)
         database.statements.forget(watch.thread)
 
 
@@ -234,7 +202,7 @@ def _run_job(job: JobSpec, function: JobFunction, database: Database,
             return _failed(job, watch.attempt, last, started, watch)
     duration = time.monotonic() - started
     log.info("job=%s attempt=%d/%d succeeded in %.3fs", job.name, attempt,
-             job.retry.attempts, duration)
+             job.retry.attempts, duration, extra=_fields(job, attempt))
     return JobResult(job.name, Outcome.SUCCESS, attempt, duration)
 
 
@@ -254,7 +222,8 @@ def _retry(job: JobSpec, function: JobFunction, database: Database,
         wait = state.next_action.sleep if state.next_action else 0.0
         log.warning("%s failed: %s (%s): %s; retrying in %.2fs",
                     _tag(job, state.attempt_number), failure.diagnosis.reason,
-                    failure.diagnosis.codes, failure, wait)
+                    failure.diagnosis.codes, failure, wait,
+                    extra=_fields(job, state.attempt_number))
 
     def wait_or_stop(seconds: float) -> None:
         watch.cancelled.wait(seconds)        # a shutdown cuts the wait short
@@ -281,11 +250,10 @@ def _retry(job: JobSpec, function: JobFunction, database: Database,
             attempt = watch.attempt = attempt_context.retry_state.attempt_number
             if attempt == 1:
                 raise first_failure
-            watch.overdue_since = None
             if watch.cancelled.is_set():
                 raise AttemptFailed(Cancelled("the worker is stopping"),
                                     Diagnosis(Verdict.NEVER, "cancelled"), False)
-            log.debug("%s starting", _tag(job, attempt))
+            log.debug("%s starting", _tag(job, attempt), extra=_fields(job, attempt))
             run_attempt(job, function, database, attempt, watch)
     return attempt
 
@@ -296,12 +264,14 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
     duration = time.monotonic() - started
     diagnosis = failure.diagnosis
     if watch.cancelled.is_set():
-        log.error("%s cancelled: the worker is stopping (%s)", _tag(job, attempt), failure)
+        log.error("%s cancelled: the worker is stopping (%s)", _tag(job, attempt), failure,
+                  extra=_fields(job, attempt))
         return JobResult(job.name, Outcome.CANCELLED, attempt, duration, str(failure))
     if failure.timed_out:
         log.error("%s timed out: %s: %s; %s", _tag(job, attempt), diagnosis.reason,
                   failure, "no attempts left" if failure.should_retry(job)
-                  else "not retried (set retry.on_timeout to retry)")
+                  else "not retried (set retry.on_timeout to retry)",
+                  extra=_fields(job, attempt))
         return JobResult(job.name, Outcome.TIMEOUT, attempt, duration, str(failure))
     if failure.should_retry(job):
         why = "no attempts left"
@@ -310,6 +280,8 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
     else:
         why = "not retried"
     log.error("%s failed: %s (%s): %s; %s", _tag(job, attempt), diagnosis.reason,
-              diagnosis.codes, failure, why)
-    log.debug("%s traceback", _tag(job, attempt), exc_info=failure.error)
+              diagnosis.codes, failure, why, extra=_fields(job, attempt))
+    # Once, at INFO: where in the job's code it failed (file and line).
+    log.info("%s traceback of the last attempt", _tag(job, attempt),
+             exc_info=failure.error, extra=_fields(job, attempt))
     return JobResult(job.name, Outcome.FAILED, attempt, duration, str(failure))

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from .config import JobSpec, format_duration
 
@@ -140,7 +140,9 @@ class DueRun:
     scheduled: str          # the occurrence this run is for, as a readable time
     lateness: float         # seconds between that occurrence and now
     coalesced: int          # missed occurrences folded into this run (1 = none missed)
-    slot: float = 0.0       # that occurrence on the schedule's clock (cluster key)
+    slot: float | None = None   # that occurrence on the schedule's clock (cluster key);
+                                # None: a batch run, due now
+    recovering: Any = None  # cluster: the abandoned run (a Claim) this run takes over
 
 
 @dataclass
@@ -156,11 +158,15 @@ class Scheduler:
     """Next-run bookkeeping for the scheduled jobs; knows nothing of threads or SQL."""
 
     def __init__(self, jobs: Iterable[JobSpec], zone: tzinfo, misfire_grace_time: float,
-                 schedule_factory: Callable[[JobSpec, tzinfo], Schedule | None] = schedule_for):
+                 schedule_factory: Callable[[JobSpec, tzinfo], Schedule | None] = schedule_for,
+                 carry_over: "Scheduler | None" = None):
+        """`carry_over`: the scheduler this one replaces (a reload); its jobs whose
+        schedule is unchanged keep their next run. Only valid when both read the
+        same clock in the same zone, which the caller (worker.app) decides."""
         self.zone = zone
         self.misfire_grace_time = misfire_grace_time
         self._factory = schedule_factory
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, _Entry] = dict(carry_over._entries) if carry_over else {}
         self.unscheduled: list[str] = []
         self.update(jobs)
 
@@ -216,7 +222,8 @@ class Scheduler:
                             entry.job.name, count, entry.schedule.describe(latest),
                             format_duration(round(lateness, 3)),
                             format_duration(self.misfire_grace_time),
-                            entry.schedule.describe(entry.next_due))
+                            entry.schedule.describe(entry.next_due),
+                            extra={"job": entry.job.name})
                 continue
             if count > 1:
                 self._log_coalesced(entry, count)
@@ -232,7 +239,7 @@ class Scheduler:
         if now - entry.coalesced_logged >= COALESCE_LOG_EVERY:
             log.warning("job=%s missed %d run(s) since the last report (the worker was "
                         "busy or stalled); each time the missed runs were coalesced into "
-                        "one", entry.job.name, entry.coalesced)
+                        "one", entry.job.name, entry.coalesced, extra={"job": entry.job.name})
             entry.coalesced, entry.coalesced_logged = 0, now
 
 

@@ -28,10 +28,6 @@ class Notifier:
         if usec and usec.isdigit() and (not pid or pid == str(os.getpid())):
             self.watchdog_interval = int(usec) / 1e6 / 2   # ping twice per period
 
-    @property
-    def enabled(self) -> bool:
-        return self._socket is not None
-
     def send(self, **fields: str) -> None:
         if self._socket is None:
             return

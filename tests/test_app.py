@@ -1,0 +1,88 @@
+"""worker.app: one builder for start-up and reload. A reload builds a complete new
+runtime, any failure to build it leaves the old one running, and runs in flight
+finish on the runtime they started on. Real daemons, real signals."""
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tests.processes import runs
+from tests.test_cluster import cluster_config, run_rows
+from tests.test_daemon import write_config
+
+sqlite_only = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+
+
+@sqlite_only
+def test_a_cluster_node_reloaded_with_a_new_timezone_keeps_every_occurrence_single(
+        db_url, tmp_path, daemons):
+    runs_url = f"sqlite:///{tmp_path / 'runs.db'}"
+    config = cluster_config(tmp_path / "jobs.yaml", db_url, run_table_url=runs_url, jobs="""\
+  - {name: tick, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {name: tick}}
+""")
+    nodes = [daemons(config, env={"NODE": f"node-{n}"}) for n in range(2)]
+    for node in nodes:
+        node.wait_for("daemon started")
+    config.write_text(config.read_text().replace("worker:\n", "worker:\n  timezone: UTC\n"))
+    for node in nodes:
+        node.signal(signal.SIGHUP)
+    for node in nodes:
+        node.wait_for("reloaded")
+    time.sleep(10)
+    for node in nodes:
+        node.signal(signal.SIGTERM)
+    assert [node.wait() for node in nodes] == [0, 0]
+    rows = run_rows(runs_url, "tick")
+    slots = [row.slot_ms for row in rows]
+    assert len(slots) == len(set(slots))                  # each occurrence claimed once
+    assert all(slot % 1000 == 0 for slot in slots)        # still on the epoch grid
+    assert len(runs(db_url, "tick")) == len(rows)         # and its body ran once
+    assert 9 <= len(rows) <= 14
+
+
+@sqlite_only
+def test_a_reload_that_cannot_be_built_leaves_the_old_jobs_running(db_url, tmp_path,
+                                                                   daemons):
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: keeps, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {name: keeps}}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("job=keeps starting")
+    good = config.read_text()
+    for count, url in enumerate(["nosuchdialect://host/db",                 # no dialect
+                                 "postgresql+psycopg2://u@127.0.0.1/db"],   # no driver
+                                start=1):
+        config.write_text(good.replace(db_url, url))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for("reload rejected", count=count)
+    rejected_at = time.time()
+    time.sleep(2.5)
+    assert daemon.process.poll() is None                  # still running
+    assert daemon.stop() == 0
+    assert len(runs(db_url, "keeps", after=rejected_at)) >= 2
+    assert "Traceback" not in daemon.log
+
+
+@sqlite_only
+def test_a_deadline_holds_for_a_run_queued_behind_a_database_reload(db_url, tmp_path,
+                                                                    daemons):
+    """max_workers 1: `slow` waits behind `blocker` in the pool while a reload
+    changes the database section (max_workers, hence pool_size). It then runs on
+    the runtime it was started on, whose statement tracker cuts it at 1 s."""
+    jobs = """\
+        - {name: blocker, call: 'tests.jobfuncs:python_sleep', every: 1h,
+           kwargs: {seconds: 3}}
+        - {name: slow, call: 'tests.jobfuncs:sqlite_long_query', every: 1h, timeout: 1s,
+           retry: {attempts: 1}}
+        """
+    config = write_config(tmp_path / "jobs.yaml", db_url, jobs, max_workers=1)
+    daemon = daemons(config)
+    daemon.wait_for("job=slow starting")
+    write_config(config, db_url, jobs, max_workers=2)
+    reloaded = daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reloaded")
+    timed_out = daemon.wait_for("job=slow attempt=1/1 timed out", timeout=30)
+    assert timed_out - reloaded < 3 + 1 + 3               # blocker, deadline, margin
+    assert daemon.stop() == 0

@@ -1,0 +1,4 @@
+"""`python -m worker`: the same as `run-worker`."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""What the worker prints for people: `--check`, `--list`, `--history` and the
+summary of a `--once` run. Each returns the exit code it stands for."""
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from typing import Sequence
+
+from .config import Config, JobSpec, masked_url
+from .exitcodes import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+
+
+def check(config: Config, shown: list[JobSpec], connect: bool) -> int:
+    print(f"{config.path}: OK: {len(config.jobs)} jobs, database "
+          f"{masked_url(config.database.url)}, max_workers {config.worker.max_workers}")
+    for job in shown:
+        state = "enabled" if job.enabled else "disabled"
+        print(f"  {job.name}: {job.call} ({state}; {job.schedule or 'no schedule'})")
+    if not connect:
+        return EXIT_OK
+    from .db import Database, installed_odbc_drivers
+    from .errors import describe
+    database = Database(config.database, config.extra_codes, for_jobs=False)
+    try:
+        database.ping()
+    except Exception as exc:  # report any failure to connect, whatever the driver
+        print(f"run-worker: cannot connect to {database.display_url}: {describe(exc)}",
+              file=sys.stderr)
+        if database.url.get_driver_name() == "pyodbc" and _is_missing_driver(exc):
+            drivers = installed_odbc_drivers()
+            print("run-worker: installed ODBC drivers: "
+                  + (", ".join(repr(d) for d in drivers) if drivers else "none"),
+                  file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    finally:
+        database.dispose()
+    print(f"connected to {database.display_url}")
+    return EXIT_OK
+
+
+def _is_missing_driver(exc: BaseException) -> bool:
+    text = str(getattr(exc, "orig", exc))
+    return ("IM002" in text or "Can't open lib" in text or "file not found" in text
+            or "Data source name not found" in text)
+
+
+def job_list(config: Config) -> int:
+    from .scheduler import Scheduler, zone_named
+    scheduler = Scheduler(config.jobs, zone_named(config.worker.timezone),
+                          config.worker.misfire_grace_time)
+    last = _last_runs(config)
+    rows = []
+    for job in config.jobs:
+        if not job.enabled:
+            when = "disabled (runs only with --once --job)"
+        elif job.schedule is None:
+            when = "no schedule: runs only with --once"
+        else:
+            when = scheduler.next_run(job.name)
+        row = [job.name, job.schedule or "-", when]
+        if last is not None:
+            entry = last.get(job.name)
+            row.append(f"{entry.outcome} at {_ms_to_text(entry.ended_ms or entry.started_ms)}"
+                       f" on {entry.node}" if entry else "never")
+        rows.append(row)
+    header = ["job", "schedule", "next run"] + (["last run"] if last is not None else [])
+    _print_table(header, rows)
+    return EXIT_OK
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    """Columns as wide as their widest cell, two spaces apart."""
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(f"{str(cell):<{width}}" for cell, width in zip(row, widths)).rstrip())
+
+
+def _last_runs(config: Config):
+    """Each job's newest row in the cluster's run table; None without a cluster."""
+    from .app import open_cluster
+    from .errors import describe
+    cluster = open_cluster(config)
+    if cluster is None:
+        return None
+    try:
+        return cluster.last_runs()
+    except Exception as exc:  # the listing must work without the run table
+        print(f"run-worker: cannot read the run table: {describe(exc)}", file=sys.stderr)
+        return {}
+    finally:
+        cluster.database.dispose()
+
+
+def _ms_to_text(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000).astimezone().isoformat(timespec="seconds")
+
+
+def history(config: Config, job_name: str, usage) -> int:
+    """`usage()` prints the command's usage line (for an unknown job)."""
+    if config.cluster is None:
+        print(f"run-worker: error: --history needs a 'cluster' section in {config.path}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if job_name not in config.job_names():
+        usage()
+        print(f"run-worker: error: unknown job {job_name!r}; the jobs in {config.path} "
+              f"are: {', '.join(config.job_names())}", file=sys.stderr)
+        return EXIT_USAGE
+    from .app import open_cluster
+    from .errors import describe
+    cluster = open_cluster(config)
+    try:
+        rows = cluster.history(job_name)
+    except Exception as exc:  # no table yet, or no database
+        print(f"run-worker: cannot read the run table: {describe(exc)}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    finally:
+        cluster.database.dispose()
+    print(f"{'slot':<26} {'node':<24} {'outcome':<10} attempts  duration  error")
+    for row in rows:
+        duration = f"{(row.ended_ms - row.started_ms) / 1000:.3f}s" if row.ended_ms else "-"
+        recovered = f" (recovered x{row.recovered})" if row.recovered else ""
+        print(f"{_ms_to_text(row.slot_ms):<26} {row.node:<24} {row.outcome:<10} "
+              f"{row.attempts:>8}  {duration:>8}  {(row.error or '') + recovered}".rstrip())
+    if not rows:
+        print(f"no runs of {job_name} recorded yet")
+    return EXIT_OK
+
+
+def summary(results: Sequence) -> None:
+    width = max([len(r.job) for r in results] + [3])
+    print(f"{'job':<{width}}  {'outcome':<9} attempts  duration  error")
+    for r in results:
+        print(f"{r.job:<{width}}  {r.outcome.value:<9} {r.attempts:>8}  "
+              f"{r.duration:>7.3f}s  {r.error or ''}".rstrip())
+    failed = sum(1 for r in results if not r.ok and r.outcome.value != "skipped")
+    skipped = sum(1 for r in results if r.outcome.value == "skipped")
+    print(f"{len(results)} job(s): {len(results) - failed - skipped} succeeded, "
+          f"{failed} failed" + (f", {skipped} skipped" if skipped else ""))
