@@ -42,7 +42,7 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN set -eux; \
     export DEBIAN_FRONTEND=noninteractive; \
     apt-get update; \
-    apt-get install -y --no-install-recommends unixodbc ca-certificates; \
+    apt-get install -y --no-install-recommends unixodbc odbcinst ca-certificates; \
     case "$ODBC_DRIVER" in \
       msodbcsql18) \
         apt-get install -y --no-install-recommends curl gnupg; \
