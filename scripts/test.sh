@@ -56,5 +56,6 @@ if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 bash scripts/setup-postgres.sh
 bash scripts/setup-deploy-tests.sh
 bash scripts/setup-sqlserver.sh
+bash scripts/test-container.sh  # the Dockerfile built with buildah and its images run (docs/docker.md)
 
 exec .venv/bin/python -m pytest "$@"
