@@ -24,8 +24,9 @@
 # (pip's configuration files and PIP_* variables, as pip resolves them) as
 # /etc/pip.conf. Local directories (file: indexes) are left out. The base is a test
 # stand-in, so the test images carry these too; the Dockerfile adds nothing of it.
-set -euo pipefail
+set -Eeuo pipefail
 cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/sbin:/sbin"  # debootstrap, chroot
 
 if [ "$(id -u)" -ne 0 ]; then
     # buildah's chroot isolation and debootstrap need root.
@@ -68,7 +69,7 @@ cleanup() {
     rm -rf --one-file-system "$WORK"
 }
 trap cleanup EXIT
-trap 'echo "test-container: FAILED: line $LINENO: $BASH_COMMAND" >&2' ERR
+trap 'echo "test-container: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 # --- tools -------------------------------------------------------------------
 missing=()
@@ -76,9 +77,12 @@ command -v buildah >/dev/null || missing+=(buildah)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" </dev/null >/dev/null
+    apt-get update -qq -o DPkg::Lock::Timeout=300 </dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 \
+        "${missing[@]}" </dev/null >/dev/null
 fi
+# Containers left by an interrupted run (the lock says no other run is using them).
+bh rm --all >/dev/null
 
 # --- the host's package sources ------------------------------------------------
 # apt: the source files apt reads here, the keyrings they name, and the config
@@ -155,7 +159,7 @@ else
     say "building base $BASE: debootstrap bookworm from $mirror"
     rootfs="$WORK/rootfs"
     if ! debootstrap --variant=minbase --include="$BASE_PACKAGES" bookworm "$rootfs" "$mirror" \
-            > "$LOGS/debootstrap.log" 2>&1; then
+            > "$LOGS/debootstrap.log" 2>&1 </dev/null; then
         tail -20 "$LOGS/debootstrap.log" >&2
         fail "debootstrap (log: $LOGS/debootstrap.log)"
     fi
@@ -218,11 +222,8 @@ run_in() {
     local ctr="$1" options=()
     shift
     while [ "$1" != "--" ]; do options+=("$1"); shift; done
-    set +e
     bh run --isolation chroot --network host "${options[@]}" "$ctr" "$@" \
-        > "$WORK/out" 2> "$WORK/err.raw" </dev/null
-    rc=$?
-    set -e
+        > "$WORK/out" 2> "$WORK/err.raw" </dev/null && rc=0 || rc=$?
     # buildah's own lines about the exit status are not the command's output.
     grep -vE '^(subprocess exited with status [0-9]+|Error: exit status [0-9]+)$' \
         "$WORK/err.raw" > "$WORK/err" || true
@@ -407,12 +408,9 @@ for item in config.get("Env") or []:
     grep -qE '^NSpid:\s+[0-9]+\s+1$' /proc/"$worker_pid"/status || fail "$image: the daemon is not PID 1"
     stopped=$(now)
     kill -TERM "$worker_pid"
-    set +e
-    timeout $((shutdown_timeout + 10)) tail -s 0.1 --pid="$runner" -f /dev/null
-    kill -KILL "$runner" 2>/dev/null
-    wait "$runner"
-    rc=$?
-    set -e
+    timeout $((shutdown_timeout + 10)) tail -s 0.1 --pid="$runner" -f /dev/null || true
+    kill -KILL "$runner" 2>/dev/null || true  # still running: a failure, below
+    wait "$runner" && rc=0 || rc=$?
     took=$(since "$stopped")
     show "$WORK/daemon.log"
     [ "$rc" -eq 0 ] || fail "$image: the daemon exited $rc after SIGTERM"
@@ -429,6 +427,8 @@ for item in config.get("Env") or []:
 check_image msodbcsql18-pypi "ODBC Driver 18 for SQL Server" "driver=ODBC+Driver+18+for+SQL+Server&Encrypt=no"
 check_image freetds FreeTDS "driver=FreeTDS&TDS_Version=7.4"
 
+# Images that lost their tag to a newer build; the layer cache of the current ones stays.
+bh rmi --prune >/dev/null
 say "--- summary"
 [ -n "$tds_server" ] || say "(no tests/sqlserver in this checkout: --check --connect was tried against closed ports only)"
 say "base image: ${base_seconds} s"
