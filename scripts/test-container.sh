@@ -166,7 +166,7 @@ else
     rm -f "$rootfs/etc/apt/sources.list"
     for f in "${apt_sources[@]}"; do
         install -D -m 0644 "$f" "$rootfs$f"
-        for keyring in $(grep -ohiE '(signed-by[=:] *)[^] ]+' "$f" | sed -E 's/^[^=:]*[=:] *//'); do
+        for keyring in $(grep -ohiE '(signed-by[=:] *)[^] ]+' "$f" | sed -E 's/^[^=:]*[=:] *//' || true); do
             [ -f "$keyring" ] && [ ! -e "$rootfs$keyring" ] && install -D -m 0644 "$keyring" "$rootfs$keyring"
         done
     done
@@ -191,7 +191,7 @@ else
     bh commit --quiet --rm "$ctr" "$BASE" >/dev/null
     rm -rf "$rootfs"
     # Older bases (other sources or package lists) are not needed any more.
-    for old in $(bh images --format '{{.Name}}:{{.Tag}}' | grep '^localhost/db-job-worker-base:' | grep -vx "$BASE"); do
+    for old in $(bh images --format '{{.Name}}:{{.Tag}}' | grep '^localhost/db-job-worker-base:' | grep -vx "$BASE" || true); do
         bh rmi "$old" >/dev/null 2>&1 || true
     done
 fi
