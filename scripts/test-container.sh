@@ -60,8 +60,14 @@ DAEMON_PIDS=()
 cleanup() {
     local c p
     for p in "${SERVER_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    # A daemon left by a failed check: its unshare takes it down (--kill-child).
-    for p in "${DAEMON_PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+    # A daemon left by a failed check: its PID 1 first (unshare's --kill-child does
+    # not reach it once chroot has changed its user), which ends its namespace.
+    for p in "${DAEMON_PIDS[@]}"; do
+        for c in $(cat /proc/"$p"/task/*/children 2>/dev/null || true); do
+            kill -KILL "$c" 2>/dev/null || true
+        done
+        kill -KILL "$p" 2>/dev/null || true
+    done
     for c in "${CONTAINERS[@]}"; do bh rm "$c" >/dev/null 2>&1 || true; done
     if [ -d "$WORK/rootfs" ]; then
         umount -R "$WORK/rootfs/proc" "$WORK/rootfs/sys" 2>/dev/null || true
