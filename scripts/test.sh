@@ -57,5 +57,6 @@ bash scripts/setup-postgres.sh
 bash scripts/setup-deploy-tests.sh
 bash scripts/setup-sqlserver.sh
 bash scripts/setup-monitoring-tests.sh
+bash scripts/test-container.sh  # the Dockerfile built with buildah and its images run (docs/docker.md)
 
 exec .venv/bin/python -m pytest "$@"
