@@ -41,11 +41,12 @@ class TranslationError(Exception):
 
 @dataclass(frozen=True)
 class Step:
-    kind: str                 # sql, begin, commit, rollback, waitfor, implicit, noop, typeinfo
+    kind: str                 # sql, begin, commit, rollback, waitfor, implicit, noop, typeinfo,
+                              # kill, save, rollback_to
     sql: str = ""             # sql: the SQLite text
-    text: str = ""            # the T-SQL it came from
+    text: str = ""            # the T-SQL it came from; save, rollback_to: the savepoint
     seconds: float = 0.0      # waitfor
-    data_type: int = 0        # typeinfo: the ODBC data type asked for
+    data_type: int = 0        # typeinfo: the ODBC data type asked for; kill: the spid
     flag: bool = False        # implicit: on/off; commit/rollback: only if a tran is open
     params: list = field(default_factory=list)   # sql: :name placeholders it uses
     returns_rows: bool = False
@@ -56,6 +57,8 @@ _WAITFOR = re.compile(r"^\s*WAITFOR\s+DELAY\s+'(\d{1,2}):(\d{1,2}):(\d{1,2})(?:\
 _BEGIN = re.compile(r"^\s*BEGIN\s+TRAN(SACTION)?(\s+\w+)?\s*;?\s*$", re.I)
 _COMMIT = re.compile(r"^\s*(IF\s+@@TRANCOUNT\s*>\s*0\s+)?COMMIT(\s+(TRAN|TRANSACTION|WORK))?(\s+\w+)?\s*;?\s*$", re.I)
 _ROLLBACK = re.compile(r"^\s*(IF\s+@@TRANCOUNT\s*>\s*0\s+)?ROLLBACK(\s+(TRAN|TRANSACTION|WORK))?(\s+\w+)?\s*;?\s*$", re.I)
+_KILL = re.compile(r"^\s*KILL\s+(\d+)\s*;?\s*$", re.I)
+_SAVE = re.compile(r"^\s*SAVE\s+TRAN(?:SACTION)?\s+(\w+)\s*;?\s*$", re.I)
 _IMPLICIT = re.compile(r"^\s*SET\s+IMPLICIT_TRANSACTIONS\s+(ON|OFF)\s*;?\s*$", re.I)
 _SET = re.compile(r"^\s*SET\s+\w+", re.I)
 _PROCEDURE_CALL = re.compile(r"^\s*(?:EXEC(?:UTE)?\s+)?((?:\[?\w+\]?\.)*\[?sp_\w+\]?)(?:\s|$)", re.I)
@@ -101,8 +104,16 @@ def _control_step(text: str) -> Step | None:
     if found:
         return Step("commit", text=text, flag=bool(found.group(1)))
     found = _ROLLBACK.match(text)
+    if found and found.group(3) and found.group(4):   # ROLLBACK TRANSACTION savepoint
+        return Step("rollback_to", text=found.group(4).strip())
     if found:
         return Step("rollback", text=text, flag=bool(found.group(1)))
+    found = _SAVE.match(text)
+    if found:
+        return Step("save", text=found.group(1))
+    found = _KILL.match(text)
+    if found:
+        return Step("kill", text=text, data_type=int(found.group(1)))
     found = _IMPLICIT.match(text)
     if found:
         return Step("implicit", text=text, flag=found.group(1).upper() == "ON")
