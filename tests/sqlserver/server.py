@@ -80,14 +80,24 @@ class TdsServer:
                    [values[name] for name in COUNTERS])
 
     def fill_sessions(self, db: sqlite3.Connection) -> None:
-        """`sys.dm_exec_sessions`: one row per logged-in connection, with the columns
-        a DBA reads to find a connection and whether it has a transaction open."""
+        """`sys.dm_exec_sessions` (one row per logged-in connection, with the columns
+        a DBA reads to find a connection and whether it has a transaction open), and
+        `sys.dm_tran_session_transactions` / `sys.dm_tran_database_transactions` (has
+        that transaction touched the database, or is it the empty one a driver begins
+        after each COMMIT)."""
         with self._lock:
-            rows = [(spid, session.program_name, 1 if session.in_transaction else 0)
-                    for spid, (session, _) in sorted(self._sessions.items())]
+            sessions = [session for _, (session, _) in sorted(self._sessions.items())]
+        open_ = [s for s in sessions if s.in_transaction]
         db.execute("DELETE FROM temp.tds_sys_dm_exec_sessions")
         db.executemany("INSERT INTO temp.tds_sys_dm_exec_sessions VALUES (?, 1, 'sa', ?, 2, ?)",
-                       rows)
+                       [(s.spid, s.program_name, 1 if s.in_transaction else 0)
+                        for s in sessions])
+        db.execute("DELETE FROM temp.tds_sys_dm_tran_session_transactions")
+        db.executemany("INSERT INTO temp.tds_sys_dm_tran_session_transactions VALUES (?, ?, 1)",
+                       [(s.spid, s.descriptor) for s in open_])
+        db.execute("DELETE FROM temp.tds_sys_dm_tran_database_transactions")
+        db.executemany("INSERT INTO temp.tds_sys_dm_tran_database_transactions "
+                       "VALUES (?, 5, ?)", [(s.descriptor, s.touched_at) for s in open_])
 
     def kill(self, spid: int, by: int) -> None:
         """`KILL spid`: that connection's socket is closed (its transaction rolls back

@@ -42,6 +42,12 @@ CATALOG_SQL = [
     "CREATE TEMP TABLE tds_sys_dm_exec_sessions (session_id SMALLINT, is_user_process BIT,"
     " login_name NVARCHAR(128), program_name NVARCHAR(128), transaction_isolation_level SMALLINT,"
     " open_transaction_count INT)",
+    # which transaction each session has, and when it first touched the database (NULL
+    # for the empty transaction a driver begins after each COMMIT): server.fill_sessions
+    "CREATE TEMP TABLE tds_sys_dm_tran_session_transactions (session_id SMALLINT,"
+    " transaction_id BIGINT, is_local BIT)",
+    "CREATE TEMP TABLE tds_sys_dm_tran_database_transactions (transaction_id BIGINT,"
+    " database_id INT, database_transaction_begin_time DATETIME2)",
     "CREATE TEMP VIEW tds_sys_indexes AS SELECT name, tbl_name AS object_name"
     " FROM main.sqlite_master WHERE type = 'index'",
 ]
@@ -80,6 +86,7 @@ class Session:
         self.program_name = program_name
         self.attention = threading.Event()
         self.in_transaction = False
+        self.touched_at: str | None = None   # first statement of the open transaction
         self.implicit_transactions = False
         self.descriptor = 0
         self.prepared: dict[int, Prepared] = {}
@@ -120,6 +127,7 @@ class Session:
     def begin(self) -> bytes:
         self.db.execute("BEGIN")
         self.in_transaction = True
+        self.touched_at = None
         self.descriptor = self.server.next_descriptor()
         return tds.envchange(tds.ENV_BEGIN_TRAN, tds.b_varbyte(struct.pack("<Q", self.descriptor)),
                              b"\x00")
@@ -259,8 +267,11 @@ class Session:
             prefix = self.begin()
         if "tds_stats" in step.sql.lower():
             self.server.fill_stats(self.db)
-        if "tds_sys_dm_exec_sessions" in step.sql.lower():
+        if "tds_sys_dm_" in step.sql.lower():
             self.server.fill_sessions(self.db)
+        if self.in_transaction and self.touched_at is None:
+            self.touched_at = datetime.datetime.now(datetime.timezone.utc).strftime(
+                "%Y-%m-%d %H:%M:%S.%f")
         missing = [name for name in step.params if name not in params]
         if missing:
             raise ServerFailure(ServerError(137, 2, 15,

@@ -24,6 +24,8 @@ CATALOG_VIEWS = {
     ("sys", "schemas"): "tds_sys_schemas",
     ("sys", "system_views"): "tds_sys_system_views",
     ("sys", "dm_exec_sessions"): "tds_sys_dm_exec_sessions",
+    ("sys", "dm_tran_session_transactions"): "tds_sys_dm_tran_session_transactions",
+    ("sys", "dm_tran_database_transactions"): "tds_sys_dm_tran_database_transactions",
     ("sys", "indexes"): "tds_sys_indexes",
 }
 # @@variables -> functions each connection registers.
@@ -187,10 +189,23 @@ def _rewrite(node: exp.Expression) -> exp.Expression:
                 node.set("table", exp.to_identifier(CATALOG_VIEWS[key]))
             node.set("db", None)
             node.set("catalog", None)
-        if node.table.lower() in ("inserted", "deleted") and isinstance(node.parent, exp.Returning):
+        if node.table.lower() in ("inserted", "deleted") and isinstance(
+                node.parent.parent if isinstance(node.parent, exp.Alias) else node.parent,
+                exp.Returning):
             node = node.copy()
             node.set("table", None)
         return node
+    if isinstance(node, exp.Values) and node.args.get("alias") is not None \
+            and node.args["alias"].columns:
+        # (VALUES ...) AS t(a, b), SQLAlchemy's insertmanyvalues on SQL Server: SQLite
+        # names a VALUES table's columns column1, column2, ... and takes no alias list.
+        alias = node.args["alias"]
+        values = node.copy()
+        values.set("alias", None)
+        values = values.transform(_rewrite)      # its @P1 placeholders
+        select = exp.select(*[exp.alias_(exp.column(f"column{index}"), column.name)
+                              for index, column in enumerate(alias.columns, 1)]).from_(values)
+        return exp.Subquery(this=select, alias=exp.TableAlias(this=alias.this.copy()))
     if isinstance(node, exp.National):                 # N'...' -> '...'
         return exp.Literal.string(node.this)
     if isinstance(node, exp.CurrentSchema):
