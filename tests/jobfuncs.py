@@ -225,12 +225,10 @@ def insert_unique(session, value: int) -> None:
 
 
 def record_run(session, name: str) -> None:
-    """Appends one row per run, so a test can count runs from outside the process."""
-    if _dialect(session) == "mssql":
-        from sqlalchemy import Column, Float, String
-        _mssql_create(session, "worker_test_runs", Column("name", String(64), nullable=False),
-                      Column("at", Float, nullable=False))
-    else:
+    """Appends one row per run, so a test can count runs from outside the process.
+    SQL Server has no CREATE TABLE IF NOT EXISTS: there the test creates the table
+    (conftest.db_url), and the run only writes."""
+    if _dialect(session) != "mssql":
         session.execute(text("CREATE TABLE IF NOT EXISTS worker_test_runs "
                              "(name VARCHAR(64) NOT NULL, at FLOAT NOT NULL)"))
     session.execute(text("INSERT INTO worker_test_runs (name, at) VALUES (:n, :t)"),
@@ -419,13 +417,6 @@ def insert_marker(session, value: int) -> None:
     session.execute(text("INSERT INTO worker_test_counters (id, value) VALUES "
                          "((SELECT COALESCE(MAX(id), 0) + 1 FROM worker_test_counters), :v)"),
                     {"v": value})
-
-
-def record_run_mssql(session, name: str) -> None:
-    """record_run without its CREATE TABLE IF NOT EXISTS, which SQL Server has not:
-    the test creates worker_test_runs."""
-    session.execute(text("INSERT INTO worker_test_runs (name, at) VALUES (:n, :t)"),
-                    {"n": name, "t": time.time()})
 
 
 def select_classified(session) -> int:

@@ -427,7 +427,7 @@ cluster:
   heartbeat: 500ms
 retry: {{attempts: 3, wait_initial: 50ms, wait_max: 200ms}}
 jobs:
-  - {{name: tick, call: 'tests.jobfuncs:record_run_mssql', every: 1s, kwargs: {{name: tick}}}}
+  - {{name: tick, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {{name: tick}}}}
 """)
     before = tds.stats()["duplicate_keys"]
     nodes = [daemons(config, env={"NODE": f"node-{n}"}) for n in range(2)]
