@@ -219,9 +219,13 @@ def test_kill_ends_another_session_and_rolls_its_transaction_back(clean):
         listed = dict(setup.execute("SELECT session_id, open_transaction_count FROM "
                                     "sys.dm_exec_sessions").fetchall())
         assert listed[spid] == 1                          # its transaction is open
-        threading.Timer(0.3, setup.execute, args=(f"KILL {spid}",)).start()
+        killer = connect(clean, autocommit=True)      # a connection per thread
+        kill = threading.Timer(0.3, killer.execute, args=(f"KILL {spid}",))
+        kill.start()
         with pytest.raises(pyodbc.Error) as caught:
             victim.execute("WAITFOR DELAY '00:00:05'")
+        kill.join()
+        killer.close()
         assert caught.value.args[0] in ("08S01", "08003"), caught.value.args
         for _ in range(50):
             sessions = [row[0] for row in setup.execute(
@@ -239,6 +243,38 @@ def test_kill_ends_another_session_and_rolls_its_transaction_back(clean):
     finally:
         victim.close()
         setup.close()
+
+
+def test_dm_tran_views_tell_an_untouched_transaction_from_one_with_work(clean):
+    """Microsoft's driver, autocommit off, begins the next transaction with each COMMIT
+    (open_transaction_count stays 1); the dm_tran views say whether it has touched the
+    database yet, which is what a leftover transaction means."""
+    admin = connect(clean, autocommit=True)
+    admin.execute("DROP TABLE IF EXISTS tds_touched")
+    admin.execute("CREATE TABLE tds_touched (id INT PRIMARY KEY)")
+    worker = connect(clean)
+
+    def state(spid):
+        count = admin.execute("SELECT open_transaction_count FROM sys.dm_exec_sessions "
+                              "WHERE session_id = ?", spid).fetchone()[0]
+        touched = admin.execute(
+            "SELECT COUNT(*) FROM sys.dm_tran_session_transactions AS s JOIN "
+            "sys.dm_tran_database_transactions AS d ON d.transaction_id = s.transaction_id "
+            "WHERE s.session_id = ? AND d.database_transaction_begin_time IS NOT NULL",
+            spid).fetchone()[0]
+        return count, touched
+
+    try:
+        spid = worker.execute("SELECT @@SPID").fetchone()[0]
+        worker.commit()
+        assert state(spid) == (1, 0)
+        worker.execute("INSERT INTO tds_touched VALUES (1)")
+        assert state(spid) == (1, 1)
+        worker.rollback()
+        assert state(spid) == (1, 0)
+    finally:
+        worker.close()
+        admin.close()
 
 
 def test_rollback_to_a_savepoint_keeps_the_transaction(clean):
