@@ -545,6 +545,9 @@ class SqlServerBackend(Backend):
     deadlock_code = "native 1205"
     lock_timeout_code = "native 1222"
     killed_sqlstate = "08S01"      # Microsoft's driver: communication link failure
+    # The counters are server-wide, but the session's TDS server has no other client
+    # while a scenario runs, and reading them is not counted.
+    counts_per_connection = True
 
     def __init__(self, tds=None) -> None:
         self.tds = tds
