@@ -469,7 +469,6 @@ class SqlServerAdmin(Admin):
         self.harness_app = HARNESS_APP
         self.connection = tds.odbc(autocommit=True)
         self._lock = threading.Lock()     # pyodbc connections are not thread-safe
-        self._release: threading.Timer | None = None
 
     def _rows(self, sql: str, *params) -> list:
         with self._lock:
