@@ -106,14 +106,6 @@ def database(make_database) -> Database:
     return make_database()
 
 
-@pytest.fixture
-def admin_odbc():
-    """A raw pyodbc connection on the side, for KILL and locks (not the worker's pool)."""
-    import pyodbc
-    connection = pyodbc.connect(MARIADB_ODBC, autocommit=True)
-    yield connection
-    connection.close()
-
 
 def spec(name: str = "job", call: str = "tests.jobfuncs:select_one", *, attempts: int = 3,
          wait: float = 0.01, idempotent: bool = False, **kwargs) -> JobSpec:
