@@ -114,6 +114,20 @@ def spec(name: str = "job", call: str = "tests.jobfuncs:select_one", *, attempts
                    retry=RetryPolicy(attempts=attempts, wait_initial=wait, wait_max=wait))
 
 
+def timed(name: str, call: str, timeout: float, attempts: int = 3, on_timeout: bool = False,
+          **kwargs) -> JobSpec:
+    """A JobSpec with a `timeout` for tests: fast retries."""
+    return JobSpec(name=name, call=call, kwargs=kwargs, timeout=timeout,
+                   retry=RetryPolicy(attempts=attempts, wait_initial=0.01, wait_max=0.01,
+                                     on_timeout=on_timeout))
+
+
+def rows(database) -> int:
+    """Rows in the tests' counters table."""
+    with database.engine.connect() as connection:
+        return connection.execute(text("SELECT COUNT(*) FROM worker_test_counters")).scalar()
+
+
 @pytest.fixture
 def daemons():
     """Factory: start worker processes; any still running are killed afterwards."""

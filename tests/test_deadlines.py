@@ -13,18 +13,7 @@ from worker.config import JobSpec, RetryPolicy
 from worker.deadlines import Deadline, RunWatch
 from worker.pool import WorkerPool
 from worker.runner import Outcome, run_job
-from tests.conftest import spec
-
-
-def timed(name, call, timeout, attempts=3, on_timeout=False, **kwargs) -> JobSpec:
-    return JobSpec(name=name, call=call, kwargs=kwargs, timeout=timeout,
-                   retry=RetryPolicy(attempts=attempts, wait_initial=0.01, wait_max=0.01,
-                                     on_timeout=on_timeout))
-
-
-def rows(database) -> int:
-    with database.engine.connect() as connection:
-        return connection.execute(text("SELECT COUNT(*) FROM worker_test_counters")).scalar()
+from tests.conftest import rows, spec, timed
 
 
 # The long statement cut at its deadline on every backend: tests/test_scenarios.py

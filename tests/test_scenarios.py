@@ -22,7 +22,7 @@ from worker.pool import WorkerPool
 from worker.runner import Outcome, run_job
 from tests.batch import run_all, run_batch
 from tests.backends import ALL_BACKENDS, BACKENDS, GAPS, NOT_YET, gap, scenario
-from tests.conftest import spec
+from tests.conftest import rows, spec, timed
 from tests.tcpproxy import TcpProxy
 
 
@@ -262,17 +262,6 @@ def test_lock_timeout(make_database, admin, server, backend, caplog):
 
 
 # --- time limits --------------------------------------------------------------------
-
-def timed(name, call, timeout, attempts=3, on_timeout=False, **kwargs) -> JobSpec:
-    return JobSpec(name=name, call=call, kwargs=kwargs, timeout=timeout,
-                   retry=RetryPolicy(attempts=attempts, wait_initial=0.01, wait_max=0.01,
-                                     on_timeout=on_timeout))
-
-
-def rows(database) -> int:
-    with database.engine.connect() as connection:
-        return connection.execute(text("SELECT COUNT(*) FROM worker_test_counters")).scalar()
-
 
 @scenario("deadline_cancels_the_statement")
 def test_deadline_cancels_the_statement(make_database, backend):
