@@ -183,7 +183,9 @@ class WorkLoop:
         free = runtime.pool.max_workers - len(self._running)   # stuck ones hold a thread
         for run in self.source.due(runtime, self._running, max(0, free)):
             self._start(run)
-        idle = [job for job in runtime.jobs if job.name not in self._running]
+        # A generator: only a cluster ledger, once a heartbeat, walks the job list;
+        # a list here would cost O(jobs) per pass, O(jobs^2) over a batch.
+        idle = (job for job in runtime.jobs if job.name not in self._running)
         for run in runtime.ledger.recoverable(idle):
             self._start(run)
 
