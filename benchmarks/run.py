@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import roundtrips, scaling, soak, startup, throughput
+from . import batch, daemon, roundtrips, scaling, soak, startup, throughput
 from .backends import Backend, mariadb_backend, mariadb_problem, sqlite_backend
 from .common import ROOT, Profile, Report, Target, make_profile, print_targets
 
@@ -30,6 +30,9 @@ SECTIONS: dict[str, Section] = {
     "scaling": scaling.run,
     "startup": startup.run,
     "soak": soak.run,
+    "batch": batch.run_batch,
+    "check": batch.run_check,
+    "daemon": daemon.run,
 }
 NEEDS_MARIADB = {"roundtrips", "scaling"}
 
