@@ -1,7 +1,7 @@
 """Where runs come from, and what is kept of them: the two run sources of the loop.
 
 - `BatchSource` (`--once`): every selected job is due once, now, handed out as
-  workers come free; it keeps every result, in job order, for the summary.
+  workers come free (one queued ahead per worker); it keeps every result, in job order, for the summary.
 - `ScheduleSource` (daemon): the runtime's scheduler says what is due; a run due
   while the job's previous run still goes is skipped (logged once, then as a
   count a minute); it keeps the recent failures and how late runs started,
@@ -55,7 +55,8 @@ class BatchSource:
         return not self._pending
 
     def due(self, runtime, running: Container[str], free_workers: int) -> list[DueRun]:
-        # Only as many as can start: a run holds its host lock from its claim on.
+        # Only as many as the loop asks for (one per free thread and one queued
+        # behind each): a run holds its host lock from its claim on.
         count = min(free_workers, len(self._pending))
         return [DueRun(self._pending.popleft(), "now", 0.0, 1) for _ in range(count)]
 
