@@ -56,7 +56,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=list(SECTIONS),
                         help=f"run only these sections: {', '.join(SECTIONS)}")
     parser.add_argument("--rounds", type=int, metavar="N",
-                        help="interleaved rounds (throughput, scaling, start-up runs)")
+                        help="interleaved rounds (throughput, scaling, start-up runs, "
+                                          "batch and --check runs)")
     parser.add_argument("--output", type=Path, default=RESULTS_PATH,
                         help=f"where to write the JSON results (default: {RESULTS_PATH})")
     args = parser.parse_args(argv)
