@@ -1,27 +1,48 @@
 # db-job-worker: the worker, Python 3.11 and one ODBC driver for SQL Server.
 #
-#   docker build -t db-worker .                                   # Microsoft ODBC Driver 18
-#   docker build -t db-worker --build-arg ODBC_DRIVER=freetds .   # FreeTDS instead
-#   docker run --rm db-worker                                     # the example batch, once
+#   docker build -t db-worker .                                        # Microsoft ODBC Driver 18 (apt)
+#   docker build -t db-worker --build-arg ODBC_DRIVER=freetds .        # FreeTDS instead
+#   docker build -t db-worker --build-arg ODBC_DRIVER=msodbcsql18-pypi .  # Microsoft's driver from PyPI
+#   docker run --rm db-worker                                          # the example batch, once
 #
 # The Debian release is pinned (bookworm = Debian 12): the plain python:3.11-slim
 # tag now follows newer Debian releases, while Microsoft's apt repository below is
-# per release.
-FROM python:3.11-slim-bookworm
+# per release. BASE_IMAGE is for builders that cannot pull it (CI builds on a local
+# Debian bookworm with Debian's python3.11; see docs/docker.md); it must be a
+# Debian bookworm with Python 3.11 and its venv module.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
-# msodbcsql18: "ODBC Driver 18 for SQL Server" (you accept Microsoft's EULA by building).
-# freetds:     FreeTDS (Debian's tdsodbc), registered as the ODBC driver "FreeTDS".
+# msodbcsql18:      "ODBC Driver 18 for SQL Server" from Microsoft's apt repository
+#                   (the supported route; you accept Microsoft's EULA by building).
+# msodbcsql18-pypi: the same driver's files from PyPI (mssql-python-odbc, packaged by
+#                   Microsoft for mssql-python), for builders that cannot reach
+#                   Microsoft's repository; registered under the same name.
+# freetds:          FreeTDS (Debian's tdsodbc), registered as the ODBC driver "FreeTDS".
+#
+# For msodbcsql18-pypi the step installs what the msodbcsql18 package depends on
+# (Kerberos, linked; OpenSSL, loaded for TLS), puts the driver and its messages
+# where that package puts them, and leaves out the wheel's own libodbcinst.so.2 so
+# that the driver uses the system's unixODBC, as with the apt package. The build
+# fails if a library the driver links is missing.
 ARG ODBC_DRIVER=msodbcsql18
+ARG MSSQL_PYTHON_ODBC_VERSION=18.6.2.2
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_ROOT_USER_ACTION=ignore
+    PIP_ROOT_USER_ACTION=ignore \
+    PIP_NO_CACHE_DIR=1
+
+# The worker's own Python environment: it keeps the image's system Python (which
+# Debian marks externally managed) untouched, and the driver step below uses its pip.
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
 
 RUN set -eux; \
     export DEBIAN_FRONTEND=noninteractive; \
     apt-get update; \
-    apt-get install -y --no-install-recommends unixodbc ca-certificates; \
+    apt-get install -y --no-install-recommends unixodbc odbcinst ca-certificates; \
     case "$ODBC_DRIVER" in \
       msodbcsql18) \
         apt-get install -y --no-install-recommends curl gnupg; \
@@ -34,6 +55,25 @@ RUN set -eux; \
         ACCEPT_EULA=Y apt-get install -y --no-install-recommends msodbcsql18; \
         apt-get purge -y --auto-remove curl gnupg; \
         ;; \
+      msodbcsql18-pypi) \
+        apt-get install -y --no-install-recommends libgssapi-krb5-2 libkrb5-3 libssl3 libstdc++6; \
+        pip download --no-deps --only-binary=:all: --dest /tmp/msodbc \
+            "mssql-python-odbc==${MSSQL_PYTHON_ODBC_VERSION}"; \
+        mkdir /tmp/msodbc/x; \
+        python3 -m zipfile -e /tmp/msodbc/mssql_python_odbc-*.whl /tmp/msodbc/x; \
+        src="$(echo /tmp/msodbc/x/mssql_python_odbc/libs/linux/debian_ubuntu/*)"; \
+        lib="$(find "$src/lib" -name 'libmsodbcsql-18.*.so.*' -print)"; \
+        test "$(echo "$lib" | wc -w)" -eq 1; \
+        dest=/opt/microsoft/msodbcsql18; \
+        install -d "$dest/lib64" "$dest/share/resources/en_US"; \
+        install -m 0644 "$lib" "$src/lib/MICROSOFT_ODBC_DRIVER_FOR_SQL_SERVER_LICENSE.txt" "$dest/lib64/"; \
+        install -m 0644 "$src"/share/resources/en_US/* "$dest/share/resources/en_US/"; \
+        printf '[ODBC Driver 18 for SQL Server]\nDescription = Microsoft ODBC Driver 18 for SQL Server (from PyPI: mssql-python-odbc %s)\nDriver = %s\nUsageCount = 1\n' \
+          "$MSSQL_PYTHON_ODBC_VERSION" "$dest/lib64/$(basename "$lib")" > /tmp/msodbc/odbcinst.ini; \
+        odbcinst -i -d -f /tmp/msodbc/odbcinst.ini; \
+        rm -rf /tmp/msodbc; \
+        if ldd "$dest/lib64/$(basename "$lib")" | grep 'not found'; then exit 1; fi; \
+        ;; \
       freetds) \
         apt-get install -y --no-install-recommends tdsodbc; \
         lib="$(find /usr/lib -name libtdsodbc.so -print -quit)"; \
@@ -44,11 +84,12 @@ RUN set -eux; \
         rm /tmp/freetds-odbcinst.ini; \
         ;; \
       *) \
-        echo "ODBC_DRIVER must be msodbcsql18 or freetds, not '$ODBC_DRIVER'" >&2; \
+        echo "ODBC_DRIVER must be msodbcsql18, msodbcsql18-pypi or freetds, not '$ODBC_DRIVER'" >&2; \
         exit 1; \
         ;; \
     esac; \
     odbcinst -q -d; \
+    apt-get clean; \
     rm -rf /var/lib/apt/lists/*
 
 # An unprivileged user, and a directory it may write to (the example job list's
@@ -61,9 +102,17 @@ RUN set -eux; \
     chown worker:worker /data
 
 WORKDIR /app
+# The dependencies first, in their own layer, so that a change to the source
+# does not download them again; they are read from setup.cfg, the one list.
+COPY setup.cfg /app/
+RUN set -eux; \
+    python3 -c 'import configparser; c = configparser.ConfigParser(); c.read("setup.cfg"); print(c["options"]["install_requires"])' \
+        > /tmp/requirements.txt; \
+    pip install -r /tmp/requirements.txt "setuptools>=64" wheel; \
+    rm /tmp/requirements.txt
 COPY . /app
 RUN set -eux; \
-    pip install --no-cache-dir .; \
+    pip install --no-deps --no-build-isolation .; \
     rm -rf build *.egg-info
 
 # config/jobs.yaml reads its URL from ${WORKER_DATABASE_URL:-sqlite:///worker.db};

@@ -8,7 +8,7 @@
 #
 #   bash scripts/systemd-trial.sh
 #
-# What it shows (the numbers in docs/deploy-notes.md come from here):
+# What it shows (the numbers in docs/operations.md, "systemd", come from here):
 # 1. the old unit's ExecStartPre=--check exiting 78 is restarted again and again;
 # 2. the current unit with the same broken config: failed at once, no restart;
 #    a main process exiting 69: no restart; exiting 1: restarted;

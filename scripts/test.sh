@@ -50,8 +50,13 @@ GRANT PROCESS ON *.* TO 'worker_test'@'localhost', 'worker_test'@'127.0.0.1', 'w
 SQL
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
-
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,metrics]'
+# What the other suites need: PostgreSQL and psycopg, systemd-analyze for the unit
+# files, and the SQL Server drivers (mssql-python, Microsoft's ODBC driver registered).
+bash scripts/setup-postgres.sh
 bash scripts/setup-deploy-tests.sh
+bash scripts/setup-sqlserver.sh
+bash scripts/setup-monitoring-tests.sh
+bash scripts/test-container.sh  # the Dockerfile built with buildah and its images run (docs/docker.md)
 
 exec .venv/bin/python -m pytest "$@"

@@ -1,4 +1,5 @@
-"""Shared fixtures: real databases only (SQLite files and MariaDB through pyodbc)."""
+"""Shared fixtures: real databases only (SQLite files, MariaDB through pyodbc,
+PostgreSQL through psycopg; tests/backends.py describes each)."""
 from __future__ import annotations
 
 import os
@@ -21,10 +22,22 @@ MARIADB_ODBC = os.environ.get(
     "TEST_MARIADB_ODBC",
     "DRIVER={MariaDB Unicode};SERVER=127.0.0.1;PORT=3306;DATABASE=worker_test;"
     "UID=worker_test;PWD=worker_test")
+# scripts/setup-postgres.sh creates this role and database.
+POSTGRES_URL = os.environ.get(
+    "TEST_POSTGRES_URL",
+    "postgresql+psycopg://worker_test:worker_test@127.0.0.1:5432/worker_test")
 
 
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+def backend_url(backend: str, tmp_path: Path, sqlite_file: str = "test.db") -> str:
+    """The URL of a test database on the named backend."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / sqlite_file}"
+    from tests.backends import BACKENDS
+    return BACKENDS[backend].url
 
 
 @pytest.fixture(params=["sqlite", "mariadb"])
@@ -38,7 +51,7 @@ def make_database(tmp_path, backend):
     made: list[Database] = []
 
     def make(pool_size: int = 4, **settings) -> Database:
-        url = sqlite_url(tmp_path) if backend == "sqlite" else MARIADB_URL
+        url = backend_url(backend, tmp_path)
         database = Database(DatabaseSettings(url=url, pool_size=pool_size, **settings))
         made.append(database)
         return database
@@ -96,7 +109,7 @@ def daemons():
 def db_url(backend, tmp_path):
     """The parametrised backend's URL with an empty worker_test_runs table."""
     from sqlalchemy import create_engine
-    url = f"sqlite:///{tmp_path / 'daemon.db'}" if backend == "sqlite" else MARIADB_URL
+    url = backend_url(backend, tmp_path, "daemon.db")
     engine = create_engine(url)
     with engine.begin() as connection:
         connection.execute(text("DROP TABLE IF EXISTS worker_test_runs"))

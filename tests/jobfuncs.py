@@ -1,11 +1,15 @@
 """Every job function the tests use, in one place.
 
 They follow the job contract, fn(session, **kwargs), and never commit or close
-the Session. Test state (barriers, counters) comes in through kwargs.
+the Session (except the few that test a job doing so). Test state (barriers,
+counters) comes in through kwargs.
 """
 from __future__ import annotations
 
 import functools
+import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -43,7 +47,16 @@ def needs_two_args(session, a, b) -> None:
 NOT_CALLABLE = 42
 
 
+def create_commands_table(session) -> None:
+    from jobs.commands import ensure_schema
+    ensure_schema(session)
+
+
 def create_counters(session) -> None:
+    if _dialect(session) == "postgresql":
+        # Concurrent CREATE TABLE IF NOT EXISTS can fail on PostgreSQL (duplicate
+        # pg_type row): one creator at a time, each waiting for the last to commit.
+        session.execute(text("SELECT pg_advisory_xact_lock(20261124)"))
     session.execute(text("CREATE TABLE IF NOT EXISTS worker_test_counters "
                          "(id INTEGER PRIMARY KEY, value INTEGER NOT NULL)"))
 
@@ -70,24 +83,44 @@ def global_style_reader(session, barrier: threading.Barrier, seen: list) -> None
     connection = Session.connection()
     if connection.dialect.name == "sqlite":
         ident = id(connection.connection.dbapi_connection)
+    elif connection.dialect.name == "mssql":
+        ident = Session.execute(text("SELECT @@SPID")).scalar_one()
     else:
-        ident = Session.execute(text("SELECT CONNECTION_ID()")).scalar_one()
+        ident = connection_id(Session())
     barrier.wait(timeout=30)
     seen.append((Session() is session, ident))
 
 
-def kill_own_connection_once(session, admin, calls: list) -> None:
-    """First attempt: a DBA kills this job's connection mid-query; then it works."""
+def _dialect(session) -> str:
+    return session.connection().dialect.name
+
+
+def connection_id(session) -> int:
+    """The server's id of this job's connection (MariaDB thread id, PostgreSQL pid;
+    SQLite: the Python id of its sqlite3 connection)."""
+    if _dialect(session) == "sqlite":
+        return id(session.connection().connection.dbapi_connection)
+    query = {"postgresql": "SELECT pg_backend_pid()",
+             "mssql": "SELECT @@SPID"}.get(_dialect(session), "SELECT CONNECTION_ID()")
+    return session.execute(text(query)).scalar_one()
+
+
+def kill_own_connection_once(session, kill, calls: list) -> None:
+    """First attempt: a DBA kills this job's connection mid-query (`kill(id)`, from
+    another connection); then it works."""
     calls.append(time.monotonic())
     if len(calls) == 1:
-        connection_id = session.execute(text("SELECT CONNECTION_ID()")).scalar_one()
-        threading.Timer(0.3, admin.execute, args=(f"KILL {connection_id}",)).start()
-        session.execute(text("SELECT SLEEP(5)"))
+        threading.Timer(0.3, kill, args=(connection_id(session),)).start()
+        sleep_query(session, 5)
     session.execute(text("SELECT 1"))
 
 
 def sleep_query(session, seconds: float) -> None:
-    session.execute(text(f"SELECT SLEEP({float(seconds)})"))
+    """One statement that sleeps at the server."""
+    if _dialect(session) == "postgresql":
+        session.execute(text(f"SELECT pg_sleep({float(seconds)})"))
+    else:
+        session.execute(text(f"SELECT SLEEP({float(seconds)})"))
 
 
 def sqlite_write(session, value: int) -> None:
@@ -103,7 +136,7 @@ def sqlite_long_query(session) -> None:
 
 
 def long_query(session, seconds: float = 30) -> None:
-    """A statement that runs `seconds` on MariaDB, or very long on SQLite."""
+    """A statement that runs `seconds` on a server, or very long on SQLite."""
     if session.connection().dialect.name == "sqlite":
         sqlite_long_query(session)
     else:
@@ -143,15 +176,25 @@ def transfer(session, forward: bool, pause: float = 0.005) -> None:
 
 
 def update_with_short_lock_wait(session, row: int) -> None:
-    session.execute(text("SET SESSION innodb_lock_wait_timeout = 1"))
+    """Waits at most about a second for the row's lock. SQLite: the busy timeout
+    the test gives the connection."""
+    dialect = _dialect(session)
+    if dialect == "postgresql":
+        session.execute(text("SET LOCAL lock_timeout = '1s'"))   # this transaction only
+    elif dialect != "sqlite":
+        session.execute(text("SET SESSION innodb_lock_wait_timeout = 1"))
     session.execute(text("UPDATE worker_test_counters SET value = value + 1 WHERE id = :id"),
                     {"id": row})
 
 
 def insert_unique(session, value: int) -> None:
     """Idempotent insert: re-running it after an unknown COMMIT cannot double it."""
-    session.execute(text("INSERT IGNORE INTO worker_test_counters (id, value) "
-                         "VALUES (:v, :v)"), {"v": value})
+    if _dialect(session) in ("mysql", "mariadb"):
+        insert = "INSERT IGNORE INTO worker_test_counters (id, value) VALUES (:v, :v)"
+    else:
+        insert = ("INSERT INTO worker_test_counters (id, value) VALUES (:v, :v) "
+                  "ON CONFLICT (id) DO NOTHING")
+    session.execute(text(insert), {"v": value})
     time.sleep(0.05)
 
 
@@ -165,7 +208,7 @@ def record_run(session, name: str) -> None:
 
 def slow_record(session, name: str, seconds: float) -> None:
     """Records the run, then spends `seconds` inside one database call before the
-    commit: on MariaDB SELECT SLEEP, on SQLite a Python sleep while holding the row."""
+    commit: on a server a sleeping statement, on SQLite a Python sleep while holding the row."""
     record_run(session, name)
     if session.connection().dialect.name == "sqlite":
         time.sleep(seconds)
@@ -182,6 +225,56 @@ def record_then_long_query(session, name: str, seconds: float = 30) -> None:
 def fail_after_select(session) -> None:
     select_one(session)
     raise ValueError("failing after a statement")
+
+
+def serializable_increment(session, row: int, calls: list, interfere) -> None:
+    """Adds 1 to a counter in a SERIALIZABLE transaction the job sets itself. On the
+    first attempt `interfere()` changes the row from another connection between
+    the read and the write: PostgreSQL then fails the write with 40001."""
+    calls.append(1)
+    session.execute(text("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
+    value = session.execute(text("SELECT value FROM worker_test_counters WHERE id = :id"),
+                            {"id": row}).scalar_one()
+    if len(calls) == 1:
+        interfere()
+    session.execute(text("UPDATE worker_test_counters SET value = :v WHERE id = :id"),
+                    {"v": value + 1, "id": row})
+
+
+def insert_after_a_swallowed_error(session, value: int) -> None:
+    """Inserts a row, then catches a failing statement and returns as if all was
+    well: on PostgreSQL the failure aborted the whole transaction."""
+    from sqlalchemy.exc import DBAPIError
+    insert_row(session, value)
+    try:
+        session.execute(text("SELECT 1 FROM worker_test_no_such_table"))
+    except DBAPIError:
+        pass
+
+
+def server_statement_timeout(session, seconds: float) -> None:
+    """Sleeps at the server under a server-side statement timeout of 1 s
+    (PostgreSQL statement_timeout, this transaction only)."""
+    session.execute(text("SET LOCAL statement_timeout = '1s'"))
+    sleep_query(session, seconds)
+
+
+def record_connection_id(session, seen: list) -> None:
+    """Tells the test which server connection the job ran on."""
+    seen.append(connection_id(session))
+
+
+def insert_after_a_failure_in_a_savepoint(session, value: int) -> None:
+    """The right way to go on after an expected error: the failing statement in a
+    savepoint, rolled back to it, and the transaction stays usable everywhere."""
+    from sqlalchemy.exc import DBAPIError
+    insert_row(session, value)
+    try:
+        with session.begin_nested():
+            session.execute(text("SELECT 1 FROM worker_test_no_such_table"))
+    except DBAPIError:
+        pass
+    insert_row(session, value + 1)
 
 
 def raw_write_then_fail(session, value: int) -> None:
@@ -270,3 +363,216 @@ def wait_for_file(session, path: str, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} never appeared")
         time.sleep(0.05)
+
+
+def select_then_wait_for_file(session, path: str, timeout: float = 60) -> None:
+    """Holds the run and one pooled connection until the test creates `path`."""
+    select_one(session)
+    wait_for_file(session, path, timeout)
+
+
+DEADLOCK_TABLE = "worker_test_deadlock"   # rows 1..10, made by the test
+
+
+def deadlock_first_attempt(session, marker: str) -> None:
+    """MariaDB: the first attempt (no `marker` file yet) is the victim of a real
+    deadlock with a second connection; every later attempt just updates a row.
+
+    The job locks row 1; the other connection locks rows 2..10 and then waits for
+    row 1; the job asks for row 2 and closes the cycle. InnoDB rolls back the
+    lighter transaction, the job's (1 row against 9), with error 1213."""
+    update = text(f"UPDATE {DEADLOCK_TABLE} SET value = value + 1 WHERE id BETWEEN :a AND :b")
+    if Path(marker).exists():
+        session.execute(update, {"a": 1, "b": 1})
+        return
+    Path(marker).touch()
+    session.execute(update, {"a": 1, "b": 1})
+    holding = threading.Event()
+
+    def other() -> None:
+        with session.get_bind().connect() as connection:
+            connection.execute(update, {"a": 2, "b": 10})
+            holding.set()
+            connection.execute(update, {"a": 1, "b": 1})   # waits for the job's row 1
+            connection.commit()
+
+    thread = threading.Thread(target=other, name="deadlock-peer")
+    thread.start()
+    try:
+        holding.wait(10)
+        time.sleep(0.3)          # the peer is now waiting for row 1
+        session.execute(update, {"a": 2, "b": 2})
+    finally:
+        thread.join(15)
+
+
+def raise_secret_error(session) -> None:
+    """Fails with a message that quotes a URL with a password (must be masked)."""
+    raise ValueError("cannot reach mysql://app:s3cr3t-pw@db.example/prod")
+
+
+# --- hooks (called as fn(result) with the run's JobResult) ---------------------------
+
+def noop_hook(result) -> None:
+    """A hook that does nothing."""
+
+
+def write_result_hook(result) -> None:
+    """Appends 'job outcome attempts' to $HOOK_OUT (the test reads it)."""
+    with open(os.environ["HOOK_OUT"], "a") as out:
+        out.write(f"global {result.job} {result.outcome.value} {result.attempts}\n")
+
+
+def own_result_hook(result) -> None:
+    """A job's own hook: like write_result_hook, tagged 'own'."""
+    with open(os.environ["HOOK_OUT"], "a") as out:
+        out.write(f"own {result.job} {result.outcome.value} {result.attempts}\n")
+
+
+def raising_hook(result) -> None:
+    raise RuntimeError(f"hook failed for {result.job}")
+
+
+def slow_hook(result) -> None:
+    """Sleeps $HOOK_SLEEP seconds, then appends 'slow <job>' to $HOOK_OUT."""
+    time.sleep(float(os.environ.get("HOOK_SLEEP", "30")))
+    with open(os.environ["HOOK_OUT"], "a") as out:
+        out.write(f"slow {result.job}\n")
+
+
+def hook_with_two_args(result, other) -> None:
+    """Not a valid hook: hooks are called as fn(result)."""
+
+
+
+# --- Jobs that end their Session's transaction themselves -------------------------------
+
+def insert_close_insert(session, value: int, style: str = "argument") -> None:
+    """Inserts `value`, closes the Session (losing that insert), inserts value + 1.
+    style "global": through worker.Session, as old-style job code would."""
+    insert_row(session, value)
+    if style == "global":
+        Session.close()
+    else:
+        session.close()
+    insert_row(session, value + 1)
+
+
+def insert_and_commit(session, value: int) -> None:
+    insert_row(session, value)
+    session.commit()
+
+
+# --- A job that forks -------------------------------------------------------------------
+
+def _connection_identity(session) -> str:
+    """Which server connection (MariaDB) or DBAPI connection (SQLite) a Session uses."""
+    if session.connection().dialect.name == "sqlite":
+        return f"sqlite:{id(session.connection().connection.dbapi_connection)}"
+    return f"mariadb:{session.execute(text('SELECT CONNECTION_ID()')).scalar_one()}"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(data))
+    partial.rename(path)
+
+
+def fork_child(session, report: str, child_returns: bool = False) -> None:
+    """Forks while holding its Session's connection. The child reports (into
+    `report`.child) the connection a new Session gets and whether the parent's
+    Session was refused, then either waits to be ended by SIGTERM or returns into
+    the worker. The parent (into `report`.parent) sends SIGTERM, reaps the child, and
+    reports its connection before and after and how the child ended; then it
+    writes a row."""
+    before = _connection_identity(session)
+    child_report, parent_report = Path(report + ".child"), Path(report + ".parent")
+    pid = os.fork()
+    if pid == 0:
+        seen: dict = {"pid": os.getpid(), "new_session": _connection_identity(Session())}
+        try:
+            session.execute(text("SELECT 1"))
+            seen["parent_session"] = "used"
+        except Exception as exc:
+            seen["parent_session"] = f"refused: {type(exc).__name__}: {exc}"
+        _write_json(child_report, seen)
+        if child_returns:
+            return               # back into the worker: it must end the child there
+        time.sleep(30)           # SIGTERM should end this
+        os._exit(3)
+    deadline = time.monotonic() + 20
+    while not child_report.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not child_returns:
+        os.kill(pid, signal.SIGTERM)
+    sent = time.monotonic()
+    while True:
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+        if reaped or time.monotonic() - sent > 10:
+            break
+        time.sleep(0.02)
+    if not reaped:
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        ended = "did not end within 10 s"
+    elif os.WIFSIGNALED(status):
+        ended = f"signal {os.WTERMSIG(status)}"
+    else:
+        ended = f"exit {os.WEXITSTATUS(status)}"
+    after = _connection_identity(session)
+    insert_row(session, 1)
+    _write_json(parent_report, {"before": before, "after": after, "child": ended,
+                                "ended_in": time.monotonic() - sent})
+
+
+def wait_then_insert(session, path: str, value: int) -> None:
+    wait_for_file(session, path)
+    insert_row(session, value)
+
+
+def touch_then_python_sleep(session, path: str, seconds: float) -> None:
+    """Marks that it runs, then is stuck in Python: nothing a cancel can reach."""
+    touch(session, path)
+    time.sleep(seconds)
+
+
+def touch_then_long_query(session, path: str, seconds: float = 60) -> None:
+    """Marks that it runs, then is stuck in one long statement."""
+    touch(session, path)
+    long_query(session, seconds)
+# --- SQL Server (the TDS test server, tests/sqlserver) -------------------------------
+
+def bump_counter(session, row: int = 1) -> None:
+    """One UPDATE (a fault can match "update worker_test_counters")."""
+    session.execute(text("UPDATE worker_test_counters SET value = value + 1 WHERE id = :id"),
+                    {"id": row})
+
+
+def mssql_waitfor(session, seconds: int = 30) -> None:
+    session.execute(text(f"WAITFOR DELAY '00:00:{int(seconds):02d}'"))
+
+
+def select_big(session, rows: int = 3000) -> int:
+    """A result of several packets (a fault can drop the connection half-way)."""
+    return len(session.execute(text(
+        f"WITH c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {int(rows)}) "
+        "SELECT x AS big FROM c")).all())
+
+
+def insert_marker(session, value: int) -> None:
+    """Not idempotent: a second run inserts a second row."""
+    session.execute(text("INSERT INTO worker_test_counters (id, value) VALUES "
+                         "((SELECT COALESCE(MAX(id), 0) + 1 FROM worker_test_counters), :v)"),
+                    {"v": value})
+
+
+def record_run_mssql(session, name: str) -> None:
+    """record_run without its CREATE TABLE IF NOT EXISTS, which SQL Server has not:
+    the test creates worker_test_runs."""
+    session.execute(text("INSERT INTO worker_test_runs (name, at) VALUES (:n, :t)"),
+                    {"n": name, "t": time.time()})
+
+
+def select_classified(session) -> int:
+    """A statement a fault can match ("as classified")."""
+    return session.execute(text("SELECT 1 AS classified")).scalar_one()

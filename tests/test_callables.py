@@ -220,6 +220,32 @@ def test_resolve_jobs_on_a_config_built_in_code():
                                "module 'tests.jobfuncs' has no attribute 'nope'")
 
 
+def test_resolve_jobs_resolves_and_checks_each_distinct_call_once(tmp_path, monkeypatch):
+    """A file of many jobs names a few functions many times: each is imported
+    and its arguments checked once, and a bad argument set is still caught."""
+    import worker.callables as callables
+    resolved, checked = [], []
+    real_resolve, real_check = callables.resolve, callables.check_arguments
+    monkeypatch.setattr(callables, "resolve",
+                        lambda call: resolved.append(call) or real_resolve(call))
+    monkeypatch.setattr(callables, "check_arguments",
+                        lambda f, kwargs: checked.append(sorted(kwargs)) or
+                        real_check(f, kwargs))
+    jobs = "".join(f"- name: touch-{i}\n  call: tests.jobfuncs:touch\n"
+                   f"  kwargs: {{path: /tmp/{i}}}\n" for i in range(50))
+    jobs += "".join(f"- name: noop-{i}\n  call: tests.jobfuncs:noop\n" for i in range(50))
+    functions = resolve_jobs(load(write(tmp_path, jobs), environ={}))
+    assert len(functions) == 100
+    assert functions["touch-49"] is jobfuncs.touch and functions["noop-0"] is jobfuncs.noop
+    assert resolved == ["tests.jobfuncs:touch", "tests.jobfuncs:noop"]
+    assert checked == [["path"], []]
+
+    jobs += "- name: bad\n  call: tests.jobfuncs:touch\n  kwargs: {paht: /tmp/x}\n"
+    with pytest.raises(ConfigError, match=r"with kwargs \['paht'\]") as info:
+        resolve_jobs(load(write(tmp_path, jobs), environ={}))
+    assert info.value.job == "bad"
+
+
 # --- Functions whose call does not run their body are refused (issue 10, item 3) ---------
 # A generator function or a coroutine function, called as fn(session), returns a
 # generator or a coroutine without running a line of its body: the worker saw the run

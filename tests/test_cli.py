@@ -1,10 +1,12 @@
 """worker.cli: each exit code, produced by the real command in a real process."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -209,3 +211,109 @@ def test_cluster_mode_refuses_job_names_that_differ_only_in_case(tmp_path):
     result = worker("--check", "-c", str(config))
     assert result.returncode == 78, result.stderr
     assert "'Tick' and 'tick' differ only in case" in result.stderr
+
+
+def _unusable_databases(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    """name -> (URL, the reason the worker must give): start-up errors no wait fixes."""
+    return {
+        "wrong-password": (MARIADB_URL.replace(":worker_test@", ":Wr0ngPassw0rd@"),
+                           "access denied"),
+        "odbc-driver-not-installed": (MARIADB_URL.replace("MariaDB+Unicode", "No+Such+Driver"),
+                                      "ODBC driver not installed"),
+        "sqlite-directory-missing": (f"sqlite:///{tmp_path / 'no-such-dir' / 'x.db'}",
+                                     "unable to open the database file"),
+    }
+
+
+UNUSABLE = ["wrong-password", "odbc-driver-not-installed", "sqlite-directory-missing"]
+
+
+@pytest.mark.parametrize("case", UNUSABLE)
+def test_the_daemon_exits_69_at_once_when_waiting_cannot_help(case, tmp_path):
+    """Issue 10 item 8: no endless wait for a login that is refused, a driver that is
+    not installed or a file that cannot be opened: exit 69 with one line."""
+    url, reason = _unusable_databases(tmp_path)[case]
+    config = write_config(tmp_path, "- {name: tick, call: 'tests.jobfuncs:noop', every: 1s}\n",
+                          url=url)
+    started = time.monotonic()
+    done = worker("-c", str(config), env={"NOTIFY_SOCKET": ""})
+    took = time.monotonic() - started
+    print(f"\n{case}: exit {done.returncode} after {took:.2f}s")
+    assert done.returncode == 69, done.stderr
+    assert took < 15
+    problems = [line for line in done.stderr.splitlines()
+                if " ERROR " in line or " WARNING " in line]
+    assert len(problems) == 1, done.stderr
+    assert "cannot start" in problems[0] and reason in problems[0]
+    assert "not answering" not in done.stderr and "connection lost" not in done.stderr
+    assert "Wr0ngPassw0rd" not in done.stderr
+
+
+@pytest.mark.parametrize("case", UNUSABLE)
+def test_once_fails_each_job_without_retrying_when_waiting_cannot_help(case, tmp_path):
+    url, reason = _unusable_databases(tmp_path)[case]
+    config = write_config(tmp_path, "- {name: first, call: 'tests.jobfuncs:select_one'}\n"
+                                    "- {name: second, call: 'tests.jobfuncs:select_one'}\n",
+                          url=url)
+    done = worker("-c", str(config), "--once")
+    assert done.returncode == 1, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[1:-1]]
+    assert [row[:3] for row in rows] == [["first", "failed", "1"], ["second", "failed", "1"]]
+    assert f"failed: {reason}" in done.stderr and "retrying" not in done.stderr
+    assert "connection lost" not in done.stderr
+    assert "Wr0ngPassw0rd" not in done.stdout + done.stderr
+
+
+JSON_CASES = {
+    "config error": (["--once"], "- {name: a, call: nope}\n", 78),
+    "unknown job": (["--once", "--job", "zz"], "- {name: a, call: 'tests.jobfuncs:noop'}\n", 2),
+    "command-line error": (["--bogus"], "- {name: a, call: 'tests.jobfuncs:noop'}\n", 2),
+    "failing job with traceback": (["--once"],
+                                   "- {name: a, call: 'tests.jobfuncs:fail_with_value_error'}\n",
+                                   1),
+    "database unusable at start-up": ([], "- {name: a, call: 'tests.jobfuncs:noop', "
+                                          "every: 1s}\n", 69),
+}
+
+
+@pytest.mark.parametrize("case", list(JSON_CASES))
+def test_with_json_logs_every_stderr_line_is_json(case, tmp_path):
+    """Issue 10 item 15: config errors and command-line errors too."""
+    args, jobs, code = JSON_CASES[case]
+    url = f"sqlite:///{tmp_path / 'no-such-dir' / 'x.db'}" if code == 69 else None
+    config = write_config(tmp_path, jobs, url=url)
+    done = worker("-c", str(config), "--log-format", "json", *args)
+    assert done.returncode == code, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines
+    entries = [json.loads(line) for line in lines]   # raises on any line not JSON
+    assert all(entry["time"][-6] in "+-" for entry in entries)   # the UTC offset
+    assert any(entry["level"] in ("ERROR", "CRITICAL") for entry in entries)
+
+
+def test_list_columns_are_aligned(tmp_path):
+    """Issue 10 item 15: each column starts at the same place on every line."""
+    config = write_config(tmp_path, """\
+        - {name: a, call: 'tests.jobfuncs:noop', every: 30s}
+        - {name: a-much-longer-name, call: 'tests.jobfuncs:noop', cron: '0 3 * * *'}
+        - {name: manual, call: 'tests.jobfuncs:noop'}
+        """)
+    done = worker("-c", str(config), "--list")
+    assert done.returncode == 0, done.stderr
+    header, *rows = done.stdout.splitlines()
+    starts = [header.index("schedule"), header.index("next run")]
+    assert len(rows) == 3
+    for row in rows:
+        for start in starts:
+            assert row[start - 2:start] == "  " and row[start] != " ", (row, start)
+
+
+def test_a_failing_jobs_traceback_is_logged_once_at_info(tmp_path):
+    """Issue 10 item 15: file and line of the job's failure, at INFO, once."""
+    config = write_config(tmp_path, "- {name: bad, call: 'tests.jobfuncs:fail_with_value_error'}\n")
+    done = worker("-c", str(config), "--once")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("Traceback (most recent call last)") == 1
+    assert done.stderr.count('jobfuncs.py", line') == 1
+    assert "in fail_with_value_error" in done.stderr
+    assert " INFO " in done.stderr.split("Traceback (most recent call last)")[0].splitlines()[-1]

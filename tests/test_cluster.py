@@ -1,5 +1,7 @@
 """Several nodes, one schedule: real worker processes sharing one run table, on
-SQLite and on MariaDB through pyodbc (issue: runs coordinated through the database)."""
+SQLite, on MariaDB through pyodbc and on PostgreSQL through psycopg (issue: runs
+coordinated through the database). The first two are scenarios of the suite over
+every backend (tests/backends.py)."""
 from __future__ import annotations
 
 import os
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from tests.backends import scenario
 from tests.conftest import MARIADB_URL
 from tests.tcpproxy import TcpProxy
 from tests.processes import runs
@@ -52,9 +55,9 @@ def run_rows(url: str, job: str) -> list:
 
 @pytest.fixture
 def run_table_url(db_url, backend, tmp_path):
-    """MariaDB: the run table sits beside the jobs' tables. SQLite: in a file of its
+    """A server: the run table sits beside the jobs' tables. SQLite: in a file of its
     own, since a job holding SQLite's write lock would block every claim."""
-    url = db_url if backend == "mariadb" else f"sqlite:///{tmp_path / 'runs.db'}"
+    url = db_url if backend != "sqlite" else f"sqlite:///{tmp_path / 'runs.db'}"
 
     def drop():
         engine = create_engine(url)
@@ -67,6 +70,7 @@ def run_table_url(db_url, backend, tmp_path):
     drop()
 
 
+@scenario("three_nodes_run_each_occurrence_exactly_once")
 def test_three_nodes_run_each_occurrence_exactly_once(db_url, run_table_url, tmp_path,
                                                       daemons):
     url = db_url
@@ -92,10 +96,12 @@ def test_three_nodes_run_each_occurrence_exactly_once(db_url, run_table_url, tmp
         assert len(runs(url, job)) == len(rows)                 # the job body ran once each
         assert abs(len(rows) - 20) <= 2                         # what one node would run
         assert len({row.node for row in rows}) >= 2             # the work is shared
-    print(f"\nthree nodes, 20 s: alpha {len(run_rows(run_table_url, 'alpha'))} runs, beta "
+    print(f"\n[three nodes / {db_url.split(':')[0]}] 20 s: alpha "
+          f"{len(run_rows(run_table_url, 'alpha'))} runs, beta "
           f"{len(run_rows(run_table_url, 'beta'))} runs, 0 duplicates, 0 lost")
 
 
+@scenario("a_killed_nodes_idempotent_run_is_recovered")
 def test_a_killed_nodes_idempotent_run_is_recovered(db_url, run_table_url, tmp_path,
                                                      daemons):
     url = db_url
@@ -136,7 +142,7 @@ def test_a_killed_nodes_idempotent_run_is_recovered(db_url, run_table_url, tmp_p
     assert "job=long recovering the abandoned run" in logs
     assert len(runs(url, "long")) == 1                     # the killed run left nothing
     assert runs(url, "fragile") == []
-    print(f"\nnode killed mid-job: run completed by {long_run.node} "
+    print(f"\n[killed node / {db_url.split(':')[0]}] run completed by {long_run.node} "
           f"{recovered_after:.1f}s after the kill (lease {LEASE}s, job 4 s)")
 
 

@@ -4,6 +4,9 @@ the documented defaults."""
 from __future__ import annotations
 
 import logging
+import os
+import resource
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,7 @@ import pytest
 from worker import cli
 from worker.callables import resolve_jobs
 from worker.config import (ConfigError, RetryPolicy, expand_env, format_duration, load,
-                           masked_url, parse_duration)
+                           mask_secrets, masked_url, parse_duration)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -272,6 +275,36 @@ def test_there_are_enough_broken_cases():
 
 @pytest.mark.parametrize("case", BROKEN, ids=[case.id for case in BROKEN])
 def test_broken_config_exits_78_with_one_line_and_runs_nothing(case, tmp_path, capsys):
+    assert_refused_with_one_line(case, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=[case.id for case in BROKEN])
+def test_broken_config_without_libyaml_gives_the_same_line(case, tmp_path, capsys,
+                                                          monkeypatch):
+    """The pure-Python loader (PyYAML built without libyaml) names the same lines."""
+    import yaml
+    monkeypatch.setattr(yaml, "__with_libyaml__", False)
+    assert_refused_with_one_line(case, tmp_path, capsys)
+
+
+def test_the_file_is_read_by_libyaml_when_pyyaml_has_it(tmp_path, monkeypatch):
+    import yaml
+    if not yaml.__with_libyaml__:
+        pytest.skip("PyYAML was built without libyaml")
+    made = []
+
+    class RecordingLoader(yaml.CSafeLoader):
+        def __init__(self, stream):
+            made.append(type(self))
+            super().__init__(stream)
+
+    monkeypatch.setattr(yaml, "CSafeLoader", RecordingLoader)
+    config = load_text(tmp_path, HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n")
+    assert made == [RecordingLoader]
+    assert [job.line for job in config.jobs] == [4, 7]
+
+
+def assert_refused_with_one_line(case: Broken, tmp_path: Path, capsys) -> None:
     if case.path == "missing":
         path = tmp_path / "no-such-dir" / "jobs.yaml"
     elif case.path == "directory":
@@ -363,12 +396,14 @@ def test_password_never_in_config_error(text, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("url, shown", [
-    (SECRET_URL, "postgresql://u:***@127.0.0.1/x"),
+    # (a postgresql:// URL is refused by --check unless its driver is installed)
+    ("mysql+pyodbc://u:s3cret@127.0.0.1/x?driver=MariaDB+Unicode",
+     "mysql+pyodbc://u:***@127.0.0.1/x"),
     ("mssql+pyodbc://u:s3cret@sqlhost/db?driver=ODBC+Driver+18+for+SQL+Server",
      "mssql+pyodbc://u:***@sqlhost/db"),
     ("mssql+pyodbc:///?odbc_connect=DRIVER%3D%7BX%7D%3BSERVER%3Dh%3BUID%3Du%3BPWD%3Ds3cret",
      "mssql+pyodbc:///?odbc_connect="),
-], ids=["postgresql", "pyodbc-url", "pyodbc-odbc_connect"])
+], ids=["userinfo", "pyodbc-url", "pyodbc-odbc_connect"])
 def test_password_never_in_check_output(url, shown, tmp_path, capsys):
     path = write_config(tmp_path, f"database:\n  url: '{url}'\njobs:\n" + TOUCH)
     assert cli.main(["-c", str(path), "--check"]) == cli.EXIT_OK
@@ -439,6 +474,35 @@ def test_pool_size_defaults_to_max_workers(tmp_path):
     config = load_text(tmp_path, "database:\n  url: sqlite:///w.db\nworker:\n"
                                  "  max_workers: 7\njobs:\n  - {name: a, call: 'm:f'}\n")
     assert config.database.pool_size == 7
+
+
+# Each key a config may leave out, and a valid value different from its default.
+DEFAULTED_KEYS = [
+    ("worker", "max_workers", 3), ("worker", "misfire_grace_time", 90.0),
+    ("worker", "shutdown_timeout", 45.0),
+    ("database", "max_overflow", 2), ("database", "pool_timeout", 12.0),
+    ("database", "pool_recycle", 600.0), ("database", "pool_pre_ping", True),
+    ("cluster", "lease", 40.0), ("cluster", "heartbeat", 10.0),
+    ("cluster", "keep_history", 3600.0), ("cluster", "batch_slot", 120.0),
+    ("job", "enabled", False), ("job", "idempotent", True),
+]
+
+
+@pytest.mark.parametrize("section, key, value", DEFAULTED_KEYS,
+                         ids=[f"{s}.{k}" for s, k, _ in DEFAULTED_KEYS])
+def test_each_default_is_written_once_on_its_dataclass(section, key, value, tmp_path,
+                                                       monkeypatch):
+    """A default changed on the dataclass is the default a config file gets: the
+    schema has no second copy of it."""
+    from worker.config import ClusterSettings, DatabaseSettings, JobSpec, WorkerSettings
+    settings = {"worker": WorkerSettings, "database": DatabaseSettings,
+                "cluster": ClusterSettings, "job": JobSpec}[section]
+    monkeypatch.setattr(settings.__dataclass_fields__[key], "default", value)
+    config = load_text(tmp_path, "database:\n  url: sqlite:///w.db\n  pool_size: 4\n"
+                                 "cluster: {}\njobs:\n  - {name: a, call: 'm:f'}\n")
+    loaded = {"worker": config.worker, "database": config.database,
+              "cluster": config.cluster, "job": config.jobs[0]}[section]
+    assert getattr(loaded, key) == value
 
 
 def test_every_key_is_read(tmp_path):
@@ -736,3 +800,256 @@ jobs:
   - {name: a, call: 'm:f'}
 """)
     assert "Port=3399" in config.database.url
+
+
+# --- hostile files, through the real command ---------------------------------------------
+
+CLI_MEMORY_LIMIT = 1 << 30   # address space for one `--check`: several times what it needs
+
+
+def check_in_a_process(path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`run_worker.py --check -c PATH` in a fresh process with its memory capped
+    (going past the cap is a MemoryError, not exit 78) and a bounded wait."""
+    def cap_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (CLI_MEMORY_LIMIT, CLI_MEMORY_LIMIT))
+    return subprocess.run([sys.executable, str(ROOT / "run_worker.py"), "--check", "-c",
+                           str(path), *extra], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, preexec_fn=cap_memory)
+
+
+def assert_one_config_error_line(done: subprocess.CompletedProcess, path: Path,
+                                 fragment: str) -> str:
+    assert done.returncode == 78, done.stderr[-2000:]
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.endswith("\n"), done.stderr
+    assert done.stderr.startswith(f"run-worker: invalid configuration: {path}")
+    assert fragment in done.stderr
+    return done.stderr
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """The classic alias bomb: each level a list of 9 aliases to the one before."""
+    lines = ['x-0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels):
+        lines.append(f"x-{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_without_expanding_it(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(billion_laughs() + DB.replace("@DIR@", str(tmp_path)) +
+                    "jobs:\n  - name: a\n    call: tests.jobfuncs:touch\n"
+                    "    kwargs: {path: *l8}\n")
+    assert path.stat().st_size < 1000   # 9^9 = 387 million "lol"s expanded
+    assert_one_config_error_line(check_in_a_process(path), path,
+                                 "invalid YAML: its aliases expand it to more than 100,000 "
+                                 "nodes")
+
+
+def test_aliases_within_the_limit_are_expanded(tmp_path):
+    """Anchors shared by many jobs are what aliases are for: not a bomb."""
+    config = load_text(tmp_path, billion_laughs(levels=4) + DB + "jobs:\n" + "".join(
+        f"  - {{name: j{i}, call: 'm:f', kwargs: {{data: *l3}}}}\n" for i in range(10)))
+    data = config.jobs[9].kwargs["data"]   # 9 * 9 * 9 lists of 9: 7,380 nodes per job
+    assert len(data) == 9 and data[8][8][8] == ["lol"] * 9
+
+
+@pytest.mark.parametrize("levels, fragment", [
+    (3000, "invalid YAML: nested more than 100 levels deep"),   # RecursionError before
+    (101, "invalid YAML: nested more than 100 levels deep"),
+], ids=["3000-levels", "101-levels"])
+def test_deep_nesting_is_refused(levels, fragment, tmp_path):
+    path = write_config(tmp_path, HEAD.replace(
+        '    kwargs: {path: "@RAN@"}\n',
+        "    kwargs:\n      path: " + "[" * (levels - 4) + "]" * (levels - 4) + "\n"))
+    line = assert_one_config_error_line(check_in_a_process(path), path, fragment)
+    assert f"{path}:7: " in line   # the line where the nesting starts
+
+
+def test_a_hundred_levels_are_allowed(tmp_path):
+    config = load_text(tmp_path, HEAD.replace(
+        '    kwargs: {path: "@RAN@"}\n',
+        "    kwargs:\n      path: " + "[" * 96 + "]" * 96 + "\n"))
+    assert isinstance(config.jobs[0].kwargs["path"], list)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "character-device", "directory"])
+def test_a_path_that_is_not_a_regular_file_is_refused(kind, tmp_path):
+    if kind == "fifo":
+        path = tmp_path / "jobs.yaml"
+        os.mkfifo(path)   # opening it to read would wait for a writer for ever
+        fragment = "it is a FIFO (named pipe), not a regular file"
+    elif kind == "character-device":
+        path = Path("/dev/zero")   # reading it would never end
+        fragment = "it is a character device, not a regular file"
+    else:
+        path = tmp_path
+        fragment = "it is a directory, not a regular file"
+    assert_one_config_error_line(check_in_a_process(path), path,
+                                 f"cannot read the file: {fragment}")
+
+
+# --- dialects and drivers, through the real command ------------------------------------------
+
+def write_url_config(tmp_path: Path, url: str, cluster_url: str | None = None) -> Path:
+    text = f"database:\n  url: '{url}'\n"
+    if cluster_url is not None:
+        text += f"cluster:\n  url: '{cluster_url}'\n"
+    return write_config(tmp_path, text + "jobs:\n" + TOUCH)
+
+
+def module_missing(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is None
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("postgres://u:s3cret@127.0.0.1/x", "unknown dialect 'postgres'; did you mean "
+                                        "'postgresql'?"),
+    ("mssql+pydobc://u:s3cret@h/db?driver=X", "unknown dialect 'mssql+pydobc'; did you "
+                                              "mean 'mssql+pyodbc'?"),
+    ("nosuchdb://u:s3cret@h/db", "unknown dialect 'nosuchdb'; known: mariadb, mssql"),
+    ("postgresql+asyncpg://u:s3cret@h/db", "'postgresql+asyncpg' is an asyncio driver"),
+], ids=["postgres", "mssql+pydobc", "nonsense", "asyncio"])
+def test_an_unknown_dialect_is_refused_by_check(url, fragment, tmp_path):
+    assert_url_refused(tmp_path, url, fragment, "database.url")
+
+
+def test_an_unknown_dialect_in_the_cluster_url_is_refused_by_check(tmp_path):
+    assert_url_refused(tmp_path, "postgres://u:s3cret@127.0.0.1/x", "unknown dialect "
+                       "'postgres'; did you mean 'postgresql'?", "cluster.url")
+
+
+def assert_url_refused(tmp_path: Path, url: str, fragment: str, key: str) -> str:
+    good = f"sqlite:///{tmp_path / 'w.db'}"
+    path = (write_url_config(tmp_path, url) if key == "database.url" else
+            write_url_config(tmp_path, good, cluster_url=url))
+    line = assert_one_config_error_line(check_in_a_process(path), path, fragment)
+    assert f"key {key!r}" in line
+    assert "s3cret" not in line
+    return line
+
+
+MISSING_DRIVERS = [  # (URL, the module its dialect imports, the package to install)
+    ("postgresql+psycopg2://u:s3cret@127.0.0.1/x", "psycopg2", "psycopg2-binary"),
+    ("postgresql+psycopg://u:s3cret@127.0.0.1/x", "psycopg", "psycopg[binary]"),
+    ("mysql+pymysql://u:s3cret@127.0.0.1/x", "pymysql", "PyMySQL"),
+    ("mssql+pymssql://u:s3cret@127.0.0.1/x", "pymssql", "pymssql"),
+]
+
+
+@pytest.mark.parametrize("url, module, package, key",
+                         [(*case, "database.url") for case in MISSING_DRIVERS] +
+                         [(*MISSING_DRIVERS[0], "cluster.url")],
+                         ids=[f"{case[1]}-database" for case in MISSING_DRIVERS] +
+                         [f"{MISSING_DRIVERS[0][1]}-cluster"])
+def test_a_missing_driver_module_is_refused_by_check(url, module, package, key, tmp_path):
+    if not module_missing(module):
+        pytest.skip(f"{module} is installed here")
+    line = assert_url_refused(tmp_path, url, f"needs the Python module {module!r}", key)
+    assert f"dialect {url.split(':')[0]!r}" in line
+    assert f"pip install {package}" in line
+
+
+def test_an_installed_driver_passes_check(tmp_path):
+    path = write_url_config(tmp_path, "mysql+pyodbc://u:s3cret@127.0.0.1/x?driver=X",
+                            cluster_url=f"sqlite:///{tmp_path / 'runs.db'}")
+    done = check_in_a_process(path)
+    assert done.returncode == 0, done.stderr
+    assert "database mysql+pyodbc://u:***@127.0.0.1/x" in done.stdout
+
+
+# --- credentials in URLs and connection strings ------------------------------------------
+
+def odbc_connect(connection_string: str) -> str:
+    from urllib.parse import quote_plus
+    return "mssql+pyodbc:///?odbc_connect=" + quote_plus(connection_string)
+
+
+# Every URL shape that can carry a credential; "s3cret" is every credential in
+# them, so any part of one that is shown is caught.
+CREDENTIAL_URLS = [
+    ("userinfo", "mysql+pyodbc://u:s3cret@127.0.0.1/db?driver=X"),
+    ("userinfo-azure-user", "mssql+pyodbc://u@server:s3cret@sqlhost/db?driver=X"),
+    ("query-PWD", "mssql+pyodbc://u@sqlhost/db?driver=X&PWD=s3cret"),
+    ("query-password", "mysql+pyodbc://u@127.0.0.1/db?driver=X&password=s3cret&Port=3306"),
+    ("query-token", "mssql+pyodbc://u@sqlhost/db?AccessToken=s3cret&driver=X"),
+    ("query-secret", "mssql+pyodbc://u@sqlhost/db?driver=X&Client_Secret=s3cret"),
+    ("query-key", "mssql+pyodbc://u@sqlhost/db?driver=X&api_key=s3cret"),
+    ("odbc_connect", odbc_connect("DRIVER={X};SERVER=h;UID=u;PWD=s3cret;APP=w")),
+    ("odbc_connect-braced", odbc_connect(
+        "DRIVER={X};SERVER=h;UID=u;PWD={s3cret;s3cret}}s3cret};APP=w")),
+    ("odbc_connect-password-key", odbc_connect("Driver={X};Server=h;Password=s3cret")),
+]
+
+
+@pytest.mark.parametrize("url", [url for _, url in CREDENTIAL_URLS],
+                         ids=[name for name, _ in CREDENTIAL_URLS])
+def test_check_shows_every_url_shape_without_its_credential(url, tmp_path, capsys):
+    path = write_config(tmp_path, f"database:\n  url: '{url}'\njobs:\n" + TOUCH)
+    assert cli.main(["-c", str(path), "--check"]) == cli.EXIT_OK
+    out, err = capsys.readouterr()
+    shown = out.splitlines()[0]
+    assert "***" in shown
+    assert "s3cret" not in out + err
+    assert masked_url(url) in shown
+
+
+@pytest.mark.parametrize("url", [url for _, url in CREDENTIAL_URLS],
+                         ids=[name for name, _ in CREDENTIAL_URLS])
+@pytest.mark.parametrize("where", ["instead-of-the-section", "as-a-key", "as-connect_args"])
+def test_a_url_echoed_in_a_config_error_shows_no_credential(url, where, tmp_path, capsys):
+    text = {"instead-of-the-section": f"database: '{url}'\njobs:\n" + TOUCH,
+            "as-a-key": f"database:\n  url: sqlite:///w.db\n  {url}: 1\njobs:\n" + TOUCH,
+            "as-connect_args": f"database:\n  url: sqlite:///w.db\n  connect_args: '{url}'\n"
+                               "jobs:\n" + TOUCH}[where]
+    path = write_config(tmp_path, text)
+    assert cli.main(["-c", str(path), "--check"]) == 78
+    out, err = capsys.readouterr()
+    assert str(path) in err and "***" in err
+    assert "s3cret" not in out + err
+
+
+@pytest.mark.parametrize("key", ["database.url", "cluster.url"])
+def test_an_unencoded_at_in_the_password_is_refused(key, tmp_path, capsys):
+    url = "mysql+pyodbc://u:p@s3cret@127.0.0.1/db?driver=X"
+    text = (f"database:\n  url: '{url}'\n" if key == "database.url" else
+            f"database:\n  url: sqlite:///w.db\ncluster:\n  url: '{url}'\n")
+    path = write_config(tmp_path, text + "jobs:\n" + TOUCH)
+    assert cli.main(["-c", str(path), "--check"]) == 78
+    out, err = capsys.readouterr()
+    assert f"key {key!r}" in err
+    assert "an '@' that is not encoded; write each '@' in the user name or password " \
+           "as %40" in err
+    assert "s3cret" not in out + err
+    # Encoded, the same password is fine.
+    path.write_text(path.read_text().replace("p@s3cret", "p%40s3cret"))
+    assert cli.main(["-c", str(path), "--check"]) == cli.EXIT_OK
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("UID=u;PWD=s3cret;APP=w", "UID=u;PWD=***;APP=w"),
+    ("DRIVER={X};UID=u;PWD={s3cret;s3cret}}s3cret};APP=w", "DRIVER={X};UID=u;PWD=***;APP=w"),
+    ("PWD={s3cret s3cret", "PWD=***"),    # a brace never closed: the rest of the line
+    ("Password = s3cret; Server=h", "Password = ***; Server=h"),
+    ("?driver=X&token=s3cret&Port=1", "?driver=X&token=***&Port=1"),
+    ("cannot connect to postgresql://u:p@s3cret@h/x: refused",
+     "cannot connect to postgresql://u:***@h/x: refused"),
+    ("cannot connect to postgresql://u:password@h/x", "cannot connect to "
+                                                      "postgresql://u:password@h/x"),
+    ("connect_args {'password': 's3cret', 'timeout': 5}",
+     "connect_args {'password': '***', 'timeout': 5}"),
+    ('{"api_key": "s3cret", "n": 1}', '{"api_key": "***", "n": 1}'),
+    ("odbc_connect=UID%3Du%3BPWD%3D%7Bs3cret%3Bs3cret%7D%7Ds3cret%7D%3BAPP%3Dw",
+     "odbc_connect=UID%3Du%3BPWD%3D***%3BAPP%3Dw"),
+    ("job=report attempt=1/3 succeeded", "job=report attempt=1/3 succeeded"),
+], ids=["odbc", "odbc-braced", "odbc-unclosed-brace", "odbc-spaces", "query",
+        "url-unencoded-at", "url-placeholder", "dict-repr", "json", "percent-encoded",
+        "no-credential"])
+def test_mask_secrets(text, shown):
+    assert mask_secrets(text) == shown
+
+
+def test_config_error_holds_no_credential_in_any_form():
+    error = ConfigError("got 'mssql+pyodbc://u@h/db?PWD=s3cret'", path="x.yaml")
+    assert "s3cret" not in str(error) + repr(error) + error.message + str(error.args)

@@ -3,6 +3,7 @@ them (real exception classes, real SQLSTATEs and message formats), wrapped the w
 SQLAlchemy wraps them."""
 from __future__ import annotations
 
+import socket
 import sqlite3
 
 import pyodbc
@@ -63,7 +64,8 @@ CASES = [
     ("mssql", odbc(pyodbc.OperationalError, "08S01", "[FreeTDS][SQL Server]Unable to "
                    "connect: Adaptive Server is unavailable or does not exist", 20009,
                    "SQLDriverConnect"), R, True, "08S01", 20009),
-    # MariaDB through MariaDB Connector/ODBC (field-notes §4)
+    # MariaDB through MariaDB Connector/ODBC (pyodbc hands deadlocks, lock waits and
+    # killed connections over as its base Error: read by SQLSTATE and native number)
     ("mysql", odbc(pyodbc.Error, "40001", MA + "Deadlock found when trying to get lock; try "
                    "restarting transaction", 1213), R, False, "40001", 1213),
     ("mysql", odbc(pyodbc.Error, "HY000", MA + "Lock wait timeout exceeded; try restarting "
@@ -141,26 +143,33 @@ def test_real_sqlite_busy_error_is_transient(tmp_path):
     assert classify(wrapped(raised.value), "sqlite").verdict is R
 
 
-class PgError(Exception):
-    """Shaped like psycopg's errors: the SQLSTATE in `.sqlstate` (psycopg 3) or
-    `.pgcode` (psycopg2). psycopg is not installed here; the attributes are what
-    the classifier reads."""
-    __module__ = "psycopg.errors"
-
-    def __init__(self, sqlstate: str, message: str):
-        super().__init__(message)
-        self.sqlstate = self.pgcode = sqlstate
-
-
 @pytest.mark.parametrize("sqlstate,verdict,disconnect", [
     ("40001", R, False), ("40P01", R, False), ("08006", R, True), ("57P01", R, True),
     ("53300", R, False), ("55P03", R, False), ("08007", I, True), ("57014", N, False),
     ("25P02", N, False), ("23505", N, False), ("42P01", N, False),
 ])
 def test_postgresql_sqlstates(sqlstate, verdict, disconnect):
-    err = sa_exc.DBAPIError.instance("SELECT 1", {}, PgError(sqlstate, "boom"), PgError)
+    """psycopg's own exception class for each SQLSTATE (psycopg.errors.lookup)."""
+    psycopg_errors = pytest.importorskip("psycopg.errors")
+    error_class = psycopg_errors.lookup(sqlstate)
+    err = sa_exc.DBAPIError.instance("SELECT 1", {}, error_class("boom"), error_class)
     diagnosis = classify(err, "postgresql")
     assert (diagnosis.verdict, diagnosis.disconnect) == (verdict, disconnect)
+    assert diagnosis.sqlstate == sqlstate
+
+
+def test_postgresql_refused_connection_is_transient():
+    """psycopg raises a failed connect with no SQLSTATE at all: the message decides."""
+    psycopg = pytest.importorskip("psycopg")
+    with socket.socket() as closed:            # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with pytest.raises(psycopg.OperationalError) as raised:
+        psycopg.connect(f"host=127.0.0.1 port={port} dbname=x user=x connect_timeout=2")
+    assert raised.value.sqlstate is None
+    err = sa_exc.DBAPIError.instance(None, None, raised.value, psycopg.Error)
+    diagnosis = classify(err, "postgresql")
+    assert diagnosis.verdict is R and diagnosis.disconnect
 
 
 def test_python_errors_are_never_retried():
@@ -205,3 +214,45 @@ def test_azure_busy_asks_for_a_ten_second_pause():
     busy = odbc(pyodbc.Error, "HY000", MS + "The service is currently busy.", 40501)
     diagnosis = classify(wrapped(busy), "mssql")
     assert diagnosis.verdict is R and diagnosis.min_wait == 10.0
+
+
+PERMANENT = [
+    ("mysql", odbc(pyodbc.InterfaceError, "28000", MA + "Access denied for user 'x'", 1045,
+                   "SQLDriverConnect")),
+    ("mssql", odbc(pyodbc.InterfaceError, "28000", MS + "Login failed for user 'sa'.", 18456,
+                   "SQLDriverConnect")),
+    ("mysql", pyodbc.Error("01000", "[01000] [unixODBC][Driver Manager]Can't open lib "
+                           "'MariaDB Nope' : file not found (0) (SQLDriverConnect)")),
+    ("mssql", pyodbc.InterfaceError("IM002", "[IM002] [unixODBC][Driver Manager]Data source "
+                                    "name not found and no default driver specified (0) "
+                                    "(SQLDriverConnect)")),
+]
+WAITED_FOR = [
+    ("mysql", odbc(pyodbc.OperationalError, "08S01", MA + "Can't connect to MySQL server on "
+                   "'127.0.0.1' (111)", 2002, "SQLDriverConnect")),
+    ("mssql", odbc(pyodbc.OperationalError, "HYT00", "[Microsoft][ODBC Driver 18 for SQL "
+                   "Server]Login timeout expired", 0, "SQLDriverConnect")),
+]
+
+
+@pytest.mark.parametrize("dialect,orig", PERMANENT)
+def test_errors_no_wait_can_fix_are_permanent(dialect, orig):
+    """Issue 10 item 8: the daemon exits 69 on these instead of waiting for ever."""
+    diagnosis = classify(wrapped(orig), dialect)
+    assert diagnosis.verdict is N and diagnosis.permanent
+    assert "connection lost" not in diagnosis.reason
+
+
+@pytest.mark.parametrize("dialect,orig", WAITED_FOR)
+def test_a_server_down_is_not_permanent(dialect, orig):
+    assert not classify(wrapped(orig), dialect).permanent
+
+
+def test_sqlite_cannot_open_the_file_is_permanent(tmp_path):
+    from sqlalchemy import create_engine
+    engine = create_engine(f"sqlite:///{tmp_path / 'missing' / 'x.db'}")
+    with pytest.raises(sa_exc.OperationalError) as caught:
+        engine.connect()
+    engine.dispose()
+    diagnosis = classify(caught.value, "sqlite")
+    assert diagnosis.verdict is N and diagnosis.permanent

@@ -1,4 +1,5 @@
-"""jobs.commands: the example domain does real work on SQLite and MariaDB."""
+"""jobs.commands: the example domain does real work on every backend (scenarios of
+tests/backends.py)."""
 from __future__ import annotations
 
 from sqlalchemy import func, select
@@ -8,6 +9,7 @@ from tests.batch import run_all
 from worker.callables import resolve
 from worker.pool import WorkerPool
 from worker.runner import run_job
+from tests.backends import scenario
 from tests.conftest import spec
 
 
@@ -22,6 +24,7 @@ def counts(database) -> dict[str, int]:
         return dict(rows.all())
 
 
+@scenario("enqueue_process_purge")
 def test_enqueue_process_purge(database):
     assert run(database, "enqueue", "jobs.commands:enqueue_commands", count=30).ok
     assert counts(database) == {PENDING: 30}
@@ -35,6 +38,7 @@ def test_enqueue_process_purge(database):
     assert counts(database) == {}
 
 
+@scenario("jobs_racing_to_create_the_schema_all_succeed")
 def test_jobs_racing_to_create_the_schema_all_succeed(make_database):
     database = make_database(pool_size=6)
     calls = ["jobs.commands:enqueue_commands", "jobs.commands:process_pending",

@@ -1,5 +1,4 @@
-"""worker.pool, and the story this project exists for: many jobs at once, written
-in the old global `Session` style, each with its own Session and connection."""
+"""worker.pool: bounded concurrency, results in order, no Session kept between jobs."""
 from __future__ import annotations
 
 import threading
@@ -11,23 +10,8 @@ from worker.pool import WorkerPool
 from worker.runner import run_job
 from tests.conftest import spec
 
-JOBS = 16
-
-
-def test_story_sixteen_jobs_at_once_each_with_its_own_connection(make_database):
-    database = make_database(pool_size=JOBS)
-    barrier = threading.Barrier(JOBS)     # all 16 hold their Session at the same time
-    seen: list = []
-    job = spec("reader", "tests.jobfuncs:global_style_reader", barrier=barrier, seen=seen)
-    function = resolve(job.call)
-    with WorkerPool(JOBS) as pool:
-        results = run_all(pool, [lambda: run_job(job, function, database)] * JOBS)
-    assert [r.error for r in results if not r.ok] == []           # zero errors
-    assert all(r.attempts == 1 for r in results)
-    assert len(seen) == JOBS
-    assert all(same for same, _ in seen)              # Session() is the job's session
-    assert len({ident for _, ident in seen}) == JOBS  # 16 distinct server connections
-    assert database.checked_out() == 0                # every Session was removed
+# The story itself (sixteen global-style jobs at once, sixteen server connections)
+# runs on every backend in tests/test_scenarios.py (story_sixteen_jobs).
 
 
 def test_run_all_returns_results_in_task_order_and_bounds_concurrency():

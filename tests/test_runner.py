@@ -1,10 +1,12 @@
 """worker.runner: one Session scope per attempt, commit/rollback/remove, retries."""
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
 
+import pytest
 from sqlalchemy import text
 
 from worker.callables import resolve
@@ -143,3 +145,39 @@ def test_global_style_session_is_the_jobs_session(database):
                       barrier=barrier, seen=seen), database)
     assert result.ok
     assert seen[0][0] is True                    # Session() is session inside the job
+
+
+def values(database) -> list[int]:
+    with database.engine.connect() as connection:
+        return [row[0] for row in connection.execute(
+            text("SELECT value FROM worker_test_counters ORDER BY value"))]
+
+
+@pytest.mark.parametrize("style", ["argument", "global"])
+def test_a_job_that_closes_its_session_is_warned_about_by_name(database, style, caplog):
+    """Issue 10 item 3: close() throws away what the job had not committed. The run
+    still succeeds (the job returned), what it did after close() is committed, and
+    the loss is logged as a warning naming the job."""
+    job = spec("closer", "tests.jobfuncs:insert_close_insert", value=1, style=style)
+    with caplog.at_level(logging.WARNING, logger="worker.runner"):
+        result = run(job, database)
+    assert result.outcome is Outcome.SUCCESS and result.attempts == 1
+    assert values(database) == [2]                   # the insert before close() is lost
+    warnings = [r for r in caplog.records if "closed its Session" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].levelno == logging.WARNING
+    assert warnings[0].getMessage().startswith("job=closer attempt=1/3 ")
+    assert warnings[0].job == "closer"
+    assert database.checked_out() == 0
+
+
+def test_a_job_that_commits_itself_succeeds_and_is_not_warned_about(database, caplog):
+    """Issue 10 item 3: a job's own commit() is its choice; returning after it is a
+    success, and its rows are there once."""
+    with caplog.at_level(logging.WARNING, logger="worker.runner"):
+        result = run(spec("committer", "tests.jobfuncs:insert_and_commit", value=7),
+                     database)
+    assert result.outcome is Outcome.SUCCESS and result.attempts == 1
+    assert values(database) == [7]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert database.checked_out() == 0

@@ -14,6 +14,7 @@ they return to exit codes.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,8 +23,14 @@ from typing import Mapping, Sequence
 from .callables import JobFunction, resolve_jobs
 from .config import Config, ConfigError, JobSpec, load
 from .errors import describe
+from .observe import Observers, wants_hooks, wants_monitoring
 
 log = logging.getLogger("worker")
+
+
+class DatabaseUnusable(Exception):
+    """At start-up, the database refused us in a way waiting cannot fix (a login
+    refused, an ODBC driver not installed, a database file that cannot be opened)."""
 
 
 def load_config(path: str) -> tuple[Config, dict[str, JobFunction]]:
@@ -34,7 +41,11 @@ def load_config(path: str) -> tuple[Config, dict[str, JobFunction]]:
         problems = cluster_name_problems(config.job_names(), config.cluster.node)
         if problems:
             raise ConfigError(problems[0], path=config.path, key="jobs")
-    return config, resolve_jobs(config)
+    functions = resolve_jobs(config)
+    if wants_hooks(config):
+        from .hooks import resolve_hooks
+        resolve_hooks(config)      # a hook's typo fails here, as a job's does
+    return config, functions
 
 
 def open_cluster(config: Config):
@@ -175,11 +186,20 @@ def install_signal_handlers(loop, reload: bool) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    # A process a job forks must not run these (a SIGTERM would only ask a loop the
+    # child does not run to stop, so the child would never end).
+    os.register_at_fork(after_in_child=default_signal_handlers)
     if reload:
         def hup(signum, _frame):
             log.info("received SIGHUP: reloading the configuration")
             loop.request_reload()
         signal.signal(signal.SIGHUP, hup)
+
+
+def default_signal_handlers() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def finish(loop, report) -> None:
@@ -199,12 +219,17 @@ def run_once(config: Config, functions: Mapping[str, JobFunction],
     from .loop import WorkLoop
     from .sources import BatchSource
 
+    observers, monitoring = Observers(), None
+    if wants_monitoring(config):
+        from .monitor import Monitoring
+        monitoring = Monitoring(observers, listen=False)   # --once never listens
+        monitoring.apply(config)
     runtime = build_runtime(config, functions, jobs=selected, scheduled=False)
     log.info("running %d job(s) once from %s on %s, max_workers %d", len(selected),
              config.path, runtime.database.display_url, config.worker.max_workers)
     if runtime.cluster is not None:
         runtime.cluster.start()
-    loop = WorkLoop(runtime, BatchSource(list(selected)))
+    loop = WorkLoop(runtime, BatchSource(list(selected)), observer=observers)
     install_signal_handlers(loop, reload=False)
     report = None
     try:
@@ -212,6 +237,8 @@ def run_once(config: Config, functions: Mapping[str, JobFunction],
     finally:
         if report is None:
             runtime.close(wait=False)
+        if monitoring is not None:     # hooks waited for (bounded), then the textfile
+            monitoring.finish(textfile=True)
     finish(loop, report)
     return report
 
@@ -220,11 +247,27 @@ def run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
                only: Sequence[str] | None):
     """The daemon until a stop signal; the LoopReport, or None when it was stopped
     before the database ever answered."""
-    from .loop import WorkLoop
-    from .sources import ScheduleSource
     from .systemd import Notifier
 
     notifier = Notifier()
+    observers, monitoring = Observers(), None
+    if wants_monitoring(config):
+        from .monitor import Monitoring
+        monitoring = Monitoring(observers, listen=True)
+        monitoring.apply(config)       # ListenError: the port is taken (exit 69)
+    held = [monitoring]                # a reload may start monitoring later
+    try:
+        return _run_daemon(path, config, functions, only, notifier, observers, held)
+    finally:
+        if held[0] is not None:
+            held[0].finish(textfile=False)
+
+
+def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
+                only: Sequence[str] | None, notifier, observers: Observers, held: list):
+    from .loop import WorkLoop
+    from .sources import ScheduleSource
+
     runtime = build_runtime(config, functions, jobs=only_jobs(config, only), scheduled=True)
     if runtime.scheduler.unscheduled:
         log.info("batch-only jobs (no every/cron; they run only with --once): %s",
@@ -234,19 +277,45 @@ def run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
 
     def reload(current: Runtime) -> Runtime:
         new_config, new_functions = load_config(path)
-        new = build_runtime(new_config, new_functions, jobs=only_jobs(new_config, only),
-                            scheduled=True, previous=current)
+        change = None
+        monitoring = held[0]
+        if monitoring is not None or wants_monitoring(new_config):
+            if monitoring is None:
+                from .monitor import Monitoring
+                monitoring = held[0] = Monitoring(observers, listen=True)
+            # A new listener is bound before anything else changes: if it cannot
+            # be, the reload is rejected and the old listener stays.
+            change = monitoring.prepare(new_config)
         try:
-            new.start(previous=current)
+            new = build_runtime(new_config, new_functions,
+                                jobs=only_jobs(new_config, only), scheduled=True,
+                                previous=current)
+            try:
+                new.start(previous=current)
+            except BaseException:
+                new.close(keep=current, wait=False)
+                raise
         except BaseException:
-            new.close(keep=current, wait=False)
+            if change is not None:
+                change.abort()
             raise
+        if change is not None:
+            change.commit()
+            monitoring.probe_readiness(lambda: loop.runtime)
         return new
 
-    loop = WorkLoop(runtime, ScheduleSource(), notifier=notifier, reload=reload)
+    loop = WorkLoop(runtime, ScheduleSource(observers), notifier=notifier, reload=reload,
+                    observer=observers)
+    if held[0] is not None:
+        held[0].probe_readiness(lambda: loop.runtime)
     install_signal_handlers(loop, reload=True)
     try:
-        if not _wait_for_database(loop, runtime, notifier):
+        try:
+            ready = _wait_for_database(loop, runtime, notifier, observers)
+        except DatabaseUnusable:
+            runtime.close()
+            raise
+        if not ready:
             log.info("stopped while waiting for the database: no job ran")
             runtime.close()
             return None
@@ -270,15 +339,24 @@ def run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
         notifier.close()
 
 
-def _wait_for_database(loop, runtime: Runtime, notifier) -> bool:
+def _wait_for_database(loop, runtime: Runtime, notifier, observers: Observers) -> bool:
     """READY only once the database answers; until then say why we wait. False when
-    a stop came first."""
+    a stop came first; DatabaseUnusable when waiting cannot help."""
     delay = 0.5
+    observers.runtime_changed(runtime)
     while not loop.stop_requested:
+        observers.tick()            # alive while waiting: /healthz 200, /readyz 503
         try:
             runtime.start()
+            observers.database_ready(True)
             return True
-        except Exception as exc:  # any failure to connect: wait and try again
+        except Exception as exc:  # any failure to connect: wait and try again...
+            observers.database_ready(False)
+            diagnosis = runtime.database.classify(exc)
+            if diagnosis.permanent:   # ...unless no wait can ever fix it
+                raise DatabaseUnusable(
+                    f"cannot start: database {runtime.database.display_url}: "
+                    f"{diagnosis.reason}: {describe(exc)}") from exc
             notifier.status(f"waiting for the database: {describe(exc)}")
             log.warning("database %s not answering (%s); retrying in %.1fs",
                         runtime.database.display_url, describe(exc), delay)

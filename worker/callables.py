@@ -104,13 +104,24 @@ def check_runs_body(function: JobFunction) -> None:
 
 
 def resolve_jobs(config: Config) -> dict[str, JobFunction]:
-    """Every job's function, by job name; ConfigError on the first that fails."""
+    """Every job's function, by job name; ConfigError on the first that fails.
+
+    Each distinct `call` is resolved once, and each distinct (call, argument
+    names) checked once: a file of many jobs names a few functions many times."""
     functions: dict[str, JobFunction] = {}
+    resolved: dict[str, JobFunction] = {}
+    checked: set[tuple[str, tuple[str, ...]]] = set()
     for job in config.jobs:
         try:
-            function = resolve(job.call)
-            check_runs_body(function)
-            check_arguments(function, job.kwargs)
+            function = resolved.get(job.call)
+            if function is None:
+                function = resolve(job.call)
+                check_runs_body(function)
+                resolved[job.call] = function
+            arguments = (job.call, tuple(sorted(job.kwargs)))
+            if arguments not in checked:
+                check_arguments(function, job.kwargs)
+                checked.add(arguments)
         except CallableError as exc:
             raise config.error(f"{job.call}: {exc}", job=job, key="call") from None
         functions[job.name] = function

@@ -12,9 +12,10 @@ import sys
 from typing import Sequence
 
 from .app import load_config
+from .logs import command_error
 from .config import CONFIG_ENV_VAR, DEFAULT_CONFIG_PATH, Config, ConfigError, JobSpec
 from .exitcodes import (EXIT_ALL_SKIPPED, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_JOB_FAILED,
-                        EXIT_OK, EXIT_USAGE)
+                        EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE)
 
 EXIT_CODES_HELP = """\
 modes:
@@ -30,7 +31,10 @@ exit codes:
   1   a job failed after its retries or timed out (--once), or a stop had to
       cancel running jobs
   2   command-line misuse, e.g. an unknown --job name
-  69  --check --connect could not open a database connection
+  69  --check --connect could not open a database connection; or the daemon
+      found at start-up that it never can (login refused, ODBC driver not
+      installed, database file cannot be opened), or cannot listen on the
+      metrics address (port in use)
   75  --once: every selected job was skipped, still running from an earlier run
   78  invalid configuration: nothing ran
   130 --once: interrupted by SIGINT (Ctrl-C); running jobs were stopped
@@ -112,11 +116,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    from .logs import setup_logging
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _wants_json(argv):
+        # Even a command-line mistake is reported as JSON then.
+        setup_logging("INFO", "json")
+        parser.print_usage = lambda file=None: None
+
+        def json_error(message: str):
+            command_error(f"error: {message}")
+            sys.exit(EXIT_USAGE)
+        parser.error = json_error
     args = parser.parse_args(argv)
     if args.connect and not args.check:
         parser.error("--connect goes with --check")
-    from .logs import setup_logging
     setup_logging(args.log_level, args.log_format)
     # Job modules are imported by name ("jobs.commands:..."), relative to where
     # the worker is started, as with `python -m`.
@@ -127,13 +141,13 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         config, functions = load_config(path)
     except ConfigError as exc:
-        print(f"run-worker: invalid configuration: {exc}", file=sys.stderr)
+        command_error(f"invalid configuration: {exc}")
         return EXIT_CONFIG
     try:
         selected = select_jobs(config, args.jobs, include_disabled=args.once or args.check)
     except LookupError as exc:
         parser.print_usage(sys.stderr)
-        print(f"run-worker: error: {exc}", file=sys.stderr)
+        command_error(f"error: {exc}")
         return EXIT_USAGE
 
     from . import reports
@@ -148,9 +162,17 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return _run(args, path, config, functions, selected)
     except LockDirectoryError as exc:
-        print(f"run-worker: invalid configuration: {config.path}: key 'worker.lock_dir': "
-              f"{exc}", file=sys.stderr)
+        command_error(f"invalid configuration: {config.path}: key 'worker.lock_dir': {exc}")
         return EXIT_CONFIG
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """--log-format json on the command line, read before argparse can complain."""
+    for index, arg in enumerate(argv):
+        if arg == "--log-format=json" or (arg == "--log-format" and
+                                          argv[index + 1:index + 2] == ["json"]):
+            return True
+    return False
 
 
 def _run(args, path: str, config: Config, functions, selected: list[JobSpec]) -> int:
@@ -165,8 +187,16 @@ def _run(args, path: str, config: Config, functions, selected: list[JobSpec]) ->
         if report.results and all(r.outcome.value == "skipped" for r in report.results):
             return _exit(report, EXIT_ALL_SKIPPED)
         return _exit(report, EXIT_OK if report.ok else EXIT_JOB_FAILED)
-    from .app import run_daemon
-    report = run_daemon(path, config, functions, args.jobs)
+    from .app import DatabaseUnusable, run_daemon
+    from .observe import ListenError
+    try:
+        report = run_daemon(path, config, functions, args.jobs)
+    except ListenError as exc:
+        command_error(str(exc))
+        return EXIT_UNAVAILABLE
+    except DatabaseUnusable as exc:
+        log.error("%s; waiting cannot fix this, exiting", exc)
+        return EXIT_UNAVAILABLE
     if report is None:           # stopped before the database answered
         return EXIT_OK
     return _exit(report, EXIT_OK if not report.cancelled else EXIT_JOB_FAILED)
@@ -175,8 +205,8 @@ def _run(args, path: str, config: Config, functions, selected: list[JobSpec]) ->
 def _exit(report, code: int) -> int:
     if report.abandoned:
         # A thread cannot be killed; waiting for it would hang cron. Leave now.
-        log.error("%d job thread(s) stuck past their deadline; exiting without them",
-                  report.abandoned)
+        log.error("%d job thread(s) did not end (stuck past a deadline, or after being "
+                  "cancelled); exiting without them", report.abandoned)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -166,6 +166,7 @@ class Cluster:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_prune = 0.0
+        self.abandoned_marked = 0    # runs of silent nodes marked abandoned (metrics)
 
     # --- life cycle ---------------------------------------------------------------
 
@@ -263,7 +264,7 @@ class Cluster:
                         # This job's problem only (its name, a deadlock...): other jobs
                         # go on claiming. Only a failed heartbeat stops every claim.
                         log.warning("job=%s could not claim its run (%s); not running it",
-                                    job, describe(exc))
+                                    job, describe(exc), extra={"job": job})
                     return claim
                 time.sleep(0.05 * (attempt + 1))
         return None
@@ -280,13 +281,13 @@ class Cluster:
                     runs.c.job == job, runs.c.slot_ms == slot_ms)).first()
         except DBAPIError as exc:
             log.warning("job=%s: whether its claim was recorded is unknown (%s); not "
-                        "running it", job, describe(exc))
+                        "running it", job, describe(exc), extra={"job": job})
             return None
         if row is None or (row.node, row.started_ms, row.outcome) != \
                 (self.node, started_ms, RUNNING):
             return None
         log.info("job=%s the run table has our claim although its commit was not "
-                 "confirmed: running it", job)
+                 "confirmed: running it", job, extra={"job": job})
         return self._track(Claim(row.id, job, slot_ms))
 
     def _track(self, claim: Claim) -> Claim:
@@ -321,14 +322,14 @@ class Cluster:
                     runs.c.outcome == RUNNING).values(**values))
         except DBAPIError as exc:
             log.warning("job=%s could not record its outcome yet (%s); will retry",
-                        claim.job, describe(exc))
+                        claim.job, describe(exc), extra={"job": claim.job})
             return False
         with self._lock:
             self._running_ids.discard(claim.id)
         if result.rowcount == 0:
             log.warning("job=%s finished a run that the cluster had already marked "
                         "abandoned (this node missed its lease); outcome %s not recorded",
-                        claim.job, values["outcome"])
+                        claim.job, values["outcome"], extra={"job": claim.job})
         return True
 
     def abandoned_runs(self, idempotent_jobs: Iterable[str]) -> list[Claim]:
@@ -359,7 +360,7 @@ class Cluster:
                     lease_ms=self.lease_ms, recovered=runs.c.recovered + 1, error=None))
         except DBAPIError as exc:
             log.warning("job=%s could not take over its abandoned run: %s", candidate.job,
-                        describe(exc))
+                        describe(exc), extra={"job": candidate.job})
             return None
         return self._track(candidate) if result.rowcount == 1 else None
 
@@ -425,10 +426,11 @@ class Cluster:
                                                     .now_ms(), error=f"node {row.node} "
                                                     f"stopped heartbeating"))
             if result.rowcount == 1:
+                self.abandoned_marked += 1
                 silent = (self.clock.now_ms() - row.heartbeat_ms) / 1000
                 log.warning("job=%s run on node %s marked abandoned: no heartbeat for "
                             "%.1fs (its lease %gs)", row.job, row.node, silent,
-                            row.lease / 1000)
+                            row.lease / 1000, extra={"job": row.job})
 
     def _prune(self) -> None:
         if time.monotonic() - self._last_prune < 600:

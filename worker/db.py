@@ -11,12 +11,15 @@ calls the registry inside that thread and clears it (`remove()`) when the job en
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
+from functools import partial
 from typing import Any
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import scoped_session, sessionmaker
 
 from .config import DatabaseSettings, masked_url
@@ -71,6 +74,18 @@ class JobSessionProxy:
 Session = JobSessionProxy()
 
 
+class JobSession(OrmSession):
+    """The Session class of every registry: it remembers being closed, so that the
+    runner can tell a job that closed its own Session (and so threw away what it
+    had not committed) from one that did not."""
+
+    was_closed = False
+
+    def close(self) -> None:
+        self.was_closed = True
+        super().close()
+
+
 class Database:
     """Engine + the registry's binding + error classification for one URL."""
 
@@ -89,11 +104,14 @@ class Database:
         # This engine's own registry. expire_on_commit=False: the worker commits
         # after the job has returned and discards the Session right after, so
         # expiring its objects would be wasted work.
-        factory = sessionmaker(bind=self.engine, expire_on_commit=False)
+        factory = sessionmaker(bind=self.engine, class_=JobSession, expire_on_commit=False)
         event.listen(factory, "after_begin", _remember_connection)
         event.listen(factory, "after_commit", _mark_transaction_ended)
         event.listen(factory, "after_rollback", _mark_transaction_ended)
         self.registry = scoped_session(factory)
+        self._kept_from_parent: tuple = ()
+        # A job may fork: the child must never touch this process's connections.
+        os.register_at_fork(after_in_child=partial(_after_fork_in_child, weakref.ref(self)))
         if for_jobs:   # not for an engine of the worker's own (the cluster's run table)
             Session.newest(self)
 
@@ -113,6 +131,21 @@ class Database:
                                                        self.dialect):
             context.is_disconnect = True
 
+    @staticmethod
+    def refuse_aborted_commit(session) -> None:
+        """Raise AbortedTransaction instead of committing a PostgreSQL transaction
+        that a failed statement has aborted: the server would answer the COMMIT with
+        a silent ROLLBACK, and a job that caught its error would count as a success
+        that saved nothing. Other drivers: nothing to check (a failed statement
+        there does not doom the rest of the transaction)."""
+        if not session.in_transaction():
+            return
+        status = _libpq_transaction_status(session.connection().connection.dbapi_connection)
+        if status == _LIBPQ_INERROR:
+            raise AbortedTransaction(
+                "a statement failed earlier in this transaction and the job went on, so "
+                "PostgreSQL aborted the transaction (SQLSTATE 25P02); nothing was committed")
+
     def ping(self) -> None:
         """Open one connection and run a trivial statement; raise on failure."""
         with self.engine.connect() as connection:
@@ -125,6 +158,34 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    def forked(self) -> None:
+        """In a child forked by a job (os.register_at_fork): the pool and the forking
+        thread's Session belong to the parent. Closing their connections here, even
+        by garbage collection, would end them for the parent too (a MariaDB ODBC
+        connection closed in a child is lost to its parent), so they are kept,
+        untouched, for the child's life; the child gets a new pool (SQLAlchemy's
+        pattern: dispose(close=False)) and a new Session, and a statement on a
+        connection the parent opened is refused."""
+        parent_session = self.registry() if self.registry.registry.has() else None
+        self._kept_from_parent = (self.engine.pool, parent_session)
+        self.registry.registry.clear()
+        self.engine.dispose(close=False)
+        self.statements.forked(self.engine)
+
+
+def _after_fork_in_child(database_ref: "weakref.ref[Database]") -> None:
+    database = database_ref()
+    if database is not None:
+        database.forked()
+
+
+class AbortedTransaction(Exception):
+    """The job returned, but its PostgreSQL transaction had already been aborted."""
+
+
+class DirtyConnection(Exception):
+    """A connection still in a transaction after its rollback on return to the pool."""
 
 
 ENDED = "worker_transaction_ended"   # pool-entry info: the Session ended its transaction
@@ -148,6 +209,17 @@ def _mark_transaction_ended(session) -> None:
         info[ENDED] = True
 
 
+# libpq's PQtransactionStatus (psycopg 3 and psycopg2 report it as
+# connection.info.transaction_status): idle, or inside a failed transaction.
+_LIBPQ_IDLE, _LIBPQ_INERROR = 0, 3
+
+
+def _libpq_transaction_status(dbapi_connection) -> int | None:
+    """libpq's own word on the connection's transaction; None for other drivers."""
+    status = getattr(getattr(dbapi_connection, "info", None), "transaction_status", None)
+    return None if status is None else int(status)
+
+
 def _skip_needless_reset(engine: Engine) -> None:
     """Roll back a connection returned to the pool unless its transaction is known
     to be over.
@@ -159,13 +231,26 @@ def _skip_needless_reset(engine: Engine) -> None:
     succeeded (_mark_transaction_ended); SQLAlchemy
     tells us when a Connection already rolled back on close. Anything else (a
     raw_connection() left open, a failed job) is rolled back as before, and a
-    connection whose rollback fails is invalidated by the pool. Only Pool events
-    are used: Connection event listeners (begin/commit/rollback) would move every
-    statement off SQLAlchemy's fast path.
+    connection whose rollback fails is invalidated by the pool. On PostgreSQL
+    libpq knows the transaction state exactly: roll back when a transaction is
+    open or aborted ("idle in transaction"), never otherwise, and a connection
+    still not idle after that is invalidated (the pool does so when reset raises)
+    rather than pooled dirty. Only Pool events are used: Connection event
+    listeners (begin/commit/rollback) would move every statement off
+    SQLAlchemy's fast path.
     """
     def reset(dbapi_connection, record, reset_state) -> None:
         ended = record.info.pop(ENDED, False) if record is not None else False
-        if ended or reset_state.transaction_was_reset or reset_state.terminate_only:
+        if reset_state.terminate_only:
+            return
+        status = _libpq_transaction_status(dbapi_connection)
+        if status is not None:
+            if status != _LIBPQ_IDLE:
+                dbapi_connection.rollback()
+            if _libpq_transaction_status(dbapi_connection) != _LIBPQ_IDLE:
+                raise DirtyConnection("still inside a transaction after ROLLBACK")
+            return
+        if ended or reset_state.transaction_was_reset:
             return
         dbapi_connection.rollback()
 
@@ -196,18 +281,40 @@ def _disable_odbc_pooling() -> None:
     pyodbc.pooling = False
 
 
+_CREATE_TABLES_LOCK = 0x776F726B   # PostgreSQL advisory lock key of create_tables ("work")
+
+
 def create_tables(connection, metadata) -> None:
     """Create the metadata's missing tables and indexes; safe when several jobs or
     processes race to do it (CREATE ... IF NOT EXISTS where the dialect has it;
     SQL Server has not, so there it is a check, then CREATE)."""
     if connection.dialect.name in ("sqlite", "mysql", "mariadb", "postgresql"):
         from sqlalchemy.schema import CreateIndex, CreateTable
+        if connection.dialect.name == "postgresql":
+            if not _missing_relations(connection, metadata):
+                return   # no lock taken: jobs that only check never wait for each other
+            # PostgreSQL's IF NOT EXISTS is not race-safe: a second creator waits for
+            # the first's uncommitted CREATE, then fails (23505 on pg_type). One
+            # creator at a time (a lock held until this transaction ends), so the
+            # next one sees the table and skips it.
+            connection.execute(select(func.pg_advisory_xact_lock(_CREATE_TABLES_LOCK)))
         for table in metadata.sorted_tables:
             connection.execute(CreateTable(table, if_not_exists=True))
             for index in table.indexes:
                 connection.execute(CreateIndex(index, if_not_exists=True))
     else:
         metadata.create_all(connection, checkfirst=True)
+
+
+def _missing_relations(connection, metadata) -> bool:
+    """PostgreSQL: True if a table or index of the metadata does not exist yet."""
+    names = [table.fullname for table in metadata.sorted_tables]
+    names += [index.name for table in metadata.sorted_tables for index in table.indexes
+              if index.name]
+    missing = connection.execute(text(
+        "SELECT count(*) FROM unnest(CAST(:names AS text[])) AS name "
+        "WHERE to_regclass(name) IS NULL"), {"names": names}).scalar_one()
+    return missing > 0
 
 
 def installed_odbc_drivers() -> list[str]:

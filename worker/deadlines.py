@@ -35,6 +35,18 @@ class DeadlineExceeded(Exception):
     """Raised instead of running a statement once the attempt's deadline has passed."""
 
 
+class ParentConnection(Exception):
+    """Raised in a forked child instead of running a statement on a connection that
+    the parent process opened (and may be using at this moment)."""
+
+
+# Drivers whose connections take a query timeout in whole seconds (`timeout`), and how
+# far behind the deadline it is set. pyodbc can cancel, so its timeout is only the
+# fallback and comes a second late; mssql-python cannot cancel a running statement
+# (its issue #424), so its query timeout is the deadline itself.
+QUERY_TIMEOUT_SLACK = {"pyodbc": 1, "mssqlpython": 0}
+
+
 class StatementTracker:
     """Per engine: thread -> the statement in flight and the deadline in force."""
 
@@ -43,8 +55,13 @@ class StatementTracker:
         # thread id -> (owner, dbapi connection, cursor); owner: the Deadline or None
         self._in_flight: dict[int, tuple[Any, Any, Any]] = {}
         self._deadlines: dict[int, tuple[Any, float]] = {}   # thread -> (owner, deadline)
+        # In a forked child: ids of the DBAPI connections the child opened itself.
+        self._child_connections: set[int] | None = None
+        self._cancelling: dict[int, threading.Event] = {}    # thread -> set when cancel returns
+        self._lock = threading.Lock()
         _track_cursors(engine, self._started, self.forget_statement)
-        if driver == "pyodbc":
+        if driver in QUERY_TIMEOUT_SLACK:
+            self._slack = QUERY_TIMEOUT_SLACK[driver]
             event.listen(engine.pool, "checkout",
                          lambda dbapi_connection, record, proxy:
                          self._set_query_timeout(dbapi_connection))
@@ -53,6 +70,11 @@ class StatementTracker:
 
     def _started(self, cursor) -> None:
         """A statement is about to run on `cursor` in this thread."""
+        if self._child_connections is not None and \
+                id(cursor.connection) not in self._child_connections:
+            raise ParentConnection(
+                "this Session's connection belongs to the process the job forked from; "
+                "in the child, use a new Session (worker.Session())")
         thread = threading.get_ident()
         entry = self._deadlines.get(thread)
         owner = None
@@ -66,17 +88,43 @@ class StatementTracker:
     def forget_statement(self) -> None:
         """The driver returned: nothing to cancel. (Holding on to the cursor would be
         worse than useless: freed after the connection went back to the pool, its
-        statement handle is released on a connection another job is using.)"""
-        self._in_flight.pop(threading.get_ident(), None)
+        statement handle is released on a connection another job is using.)
+
+        If another thread is inside the driver's cancel for this statement, wait for
+        it to return first: Microsoft's ODBC driver lets the cancelled statement
+        return while SQLCancel is still running in the other thread, and closing the
+        cursor or rolling back under it crashed the process (segfault or abort)."""
+        thread = threading.get_ident()
+        with self._lock:
+            self._in_flight.pop(thread, None)
+            cancelling = self._cancelling.get(thread)
+        if cancelling is not None:
+            cancelling.wait()
 
     def _set_query_timeout(self, dbapi_connection) -> None:
-        """pyodbc, at each checkout: SQL_ATTR_QUERY_TIMEOUT (taken by each new cursor)
-        a second behind the deadline, so that the cancel normally wins. 0 clears it
-        for jobs without a deadline."""
+        """pyodbc and mssql-python, at each checkout: the query timeout
+        (SQL_ATTR_QUERY_TIMEOUT, taken by each new cursor). For pyodbc it is the
+        fallback for ODBC drivers that ignore SQLCancel, a second behind the deadline
+        so that the cancel normally wins; for mssql-python, which cannot cancel, it is
+        the deadline itself. 0 clears it for jobs without a deadline."""
         entry = self._deadlines.get(threading.get_ident())
-        timeout = 0 if entry is None else max(1, math.ceil(entry[1] - time.monotonic()) + 1)
+        timeout = 0 if entry is None else max(
+            1, math.ceil(entry[1] - time.monotonic()) + self._slack)
         if dbapi_connection.timeout != timeout:
             dbapi_connection.timeout = timeout
+
+    def forked(self, engine: Engine) -> None:
+        """In a forked child, after the engine got its new pool: only connections
+        made from now on may run statements here. The parent's deadlines and
+        statements in flight mean nothing in the child."""
+        self._in_flight.clear()
+        self._deadlines.clear()
+        self._cancelling.clear()
+        self._lock = threading.Lock()       # another thread may have held it at the fork
+        self._child_connections = set()
+        event.listen(engine.pool, "connect",
+                     lambda dbapi_connection, record:
+                     self._child_connections.add(id(dbapi_connection)))
 
     # --- deadlines ------------------------------------------------------------------
 
@@ -96,10 +144,19 @@ class StatementTracker:
     def cancel(self, thread: int, owner: Any = None) -> bool:
         """Cancel the statement this thread is running; with `owner`, only if that
         statement runs under that deadline. False if there is none."""
-        entry = self._in_flight.get(thread)
-        if entry is None or (owner is not None and entry[0] is not owner):
-            return False
-        _, dbapi_connection, cursor = entry
+        with self._lock:
+            entry = self._in_flight.get(thread)
+            if entry is None or (owner is not None and entry[0] is not owner):
+                return False
+            cancelling = self._cancelling[thread] = threading.Event()
+        try:
+            return self._cancel(entry[1], entry[2])
+        finally:
+            with self._lock:
+                self._cancelling.pop(thread, None)
+            cancelling.set()
+
+    def _cancel(self, dbapi_connection, cursor) -> bool:
         try:
             if self.driver == "pyodbc":
                 cursor.cancel()                   # SQLCancel; the statement fails HY008

@@ -1,6 +1,8 @@
 """Which database errors are worth re-running a job for.
 
-Table-driven from shared/reference/transient-errors.md. Every error gets one of
+Table-driven, from Microsoft's transient-fault codes for Azure SQL, the retry list of
+Microsoft.Data.SqlClient, EF Core's SqlServerTransientExceptionDetector, SQLAlchemy's
+dialects and the MariaDB and PostgreSQL manuals. Every error gets one of
 three verdicts (retry, retry only if the job is idempotent, never) and a flag
 saying whether the connection is dead and must leave the pool.
 
@@ -30,6 +32,9 @@ class Diagnosis:
     sqlstate: str | None = None
     native: int | None = None
     min_wait: float = 0.0          # the server asks for at least this long a pause
+    # A login refused, a driver not installed, a file that cannot be opened: waiting
+    # can never fix it, so the daemon does not wait for the database at start-up.
+    permanent: bool = False
 
     def should_retry(self, idempotent: bool) -> bool:
         if self.verdict is Verdict.RETRY:
@@ -47,6 +52,7 @@ class Rule:
     reason: str
     disconnect: bool = False
     min_wait: float = 0.0
+    permanent: bool = False        # see Diagnosis.permanent
 
 
 R = Verdict.RETRY
@@ -56,6 +62,11 @@ N = Verdict.NEVER
 
 def _rules(codes: Iterable, verdict: Verdict, reason: str, disconnect: bool = False) -> dict:
     return {code: Rule(verdict, reason, disconnect) for code in codes}
+
+
+def _permanent(codes: Iterable, reason: str) -> dict:
+    """Never retried, and never waited for at start-up."""
+    return {code: Rule(N, reason, permanent=True) for code in codes}
 
 
 # Native error numbers, per dialect family. Checked before the SQLSTATE because
@@ -70,7 +81,7 @@ NATIVE_RULES: dict[str, dict[int, Rule]] = {
         40501: Rule(R, "service busy (Azure SQL asks for 10 s)", True, min_wait=10.0),
         **_rules([64, 233, 997, 121, 10053, 10054, 10060], R, "transport failure",
                  disconnect=True),
-        **_rules([18456], N, "login failed"),
+        **_permanent([18456], "login failed"),
     },
     "mysql": {
         **_rules([1213], R, "deadlock"),
@@ -84,13 +95,14 @@ NATIVE_RULES: dict[str, dict[int, Rule]] = {
         **_rules([1053], R, "server shutting down", disconnect=True),
         **_rules([1317, 1969], N, "query interrupted / statement timeout"),
         **_rules([1062], N, "duplicate key"),
-        **_rules([1045], N, "access denied"),
+        **_permanent([1045], "access denied (user or password)"),
         **_rules([1064], N, "syntax error"),
     },
     "sqlite": {
         # primary result codes (extended codes are reduced with & 0xFF first)
         **_rules([5], R, "database is locked (SQLITE_BUSY)"),
         **_rules([6], N, "table locked inside one connection (SQLITE_LOCKED)"),
+        **_permanent([14], "unable to open the database file (SQLITE_CANTOPEN)"),
     },
 }
 
@@ -103,7 +115,8 @@ SQLSTATE_RULES: dict[str, dict[str, Rule]] = {
         **_rules(["08007", "40003"], I, "connection lost, outcome unknown", disconnect=True),
         **_rules(["HYT01"], R, "login timeout", disconnect=True),
         **_rules(["HYT00"], I, "query timeout, outcome unknown"),
-        **_rules(["28000"], N, "login failed"),
+        **_permanent(["28000"], "login failed"),
+        **_permanent(["IM002", "IM003"], "ODBC driver or data source not installed"),
     },
     "postgresql": {
         **_rules(["40P01"], R, "deadlock"),
@@ -113,18 +126,39 @@ SQLSTATE_RULES: dict[str, dict[str, Rule]] = {
         **_rules(["55P03"], R, "lock not available"),
         **_rules(["57014"], N, "statement cancelled"),
         **_rules(["25P02"], N, "in failed transaction"),
+        **_permanent(["28P01"], "password authentication failed"),
     },
     "mysql": {
         **_rules(["HY018"], R, "connection killed", disconnect=True),
     },
 }
 
-# Message fragments, for errors whose codes say too little.
+# Message fragments, for errors whose codes say too little; "*": every dialect.
 MESSAGE_RULES: dict[str, list[tuple[str, Rule]]] = {
+    # unixODBC cannot load the driver named in the URL (SQLSTATE 01000, native 0)
+    "*": [("can't open lib", Rule(N, "ODBC driver not installed", permanent=True))],
     "mssql": [("connection is busy with results for another command",
-               Rule(N, "two statements at once on one connection: a threading bug"))],
+               Rule(N, "two statements at once on one connection: a threading bug")),
+              # Microsoft's driver reports a login timeout as HYT00 (not HYT01): no
+              # statement ran, so it is not a query timeout of unknown outcome
+              ("login timeout expired", Rule(R, "login timeout", disconnect=True))],
+    # psycopg: 57014 is both PostgreSQL's statement_timeout and a cancel request
+    # (our deadline's, or a DBA's): the message says which. Failures to connect or
+    # a connection dropped by the network come without any SQLSTATE.
+    "postgresql": [
+        ("canceling statement due to statement timeout",
+         Rule(N, "server statement_timeout (not the job's deadline)")),
+        ("canceling statement due to user request", Rule(N, "statement cancelled")),
+        ("connection refused", Rule(R, "cannot connect (server down or restarting)", True)),
+        ("could not connect to server", Rule(R, "cannot connect", True)),
+        ("server closed the connection unexpectedly", Rule(R, "lost connection", True)),
+        ("the connection is lost", Rule(R, "lost connection", True)),
+        ("ssl syscall error", Rule(R, "lost connection", True)),
+    ],
     "sqlite": [("database is locked", Rule(R, "database is locked (SQLITE_BUSY)")),
-               ("database table is locked", Rule(N, "table locked inside one connection"))],
+               ("database table is locked", Rule(N, "table locked inside one connection")),
+               ("unable to open database file",
+                Rule(N, "unable to open the database file", permanent=True))],
 }
 
 _SQLSTATE = re.compile(r"^[0-9A-Z]{5}$")
@@ -148,7 +182,7 @@ def _guess_family(orig: BaseException, message: str) -> str | None:
         return "postgresql"
     if module.startswith(("pymysql", "MySQLdb", "mariadb", "mysql")):
         return "mysql"
-    if module.startswith("pymssql"):
+    if module.startswith(("pymssql", "mssql_python")):
         return "mssql"
     lowered = message.lower()
     if "sql server" in lowered or "[freetds]" in lowered or "[microsoft]" in lowered:
@@ -174,6 +208,14 @@ def error_codes(exc: BaseException) -> tuple[str | None, int | None, str]:
         value = getattr(orig, attribute, None)
         if isinstance(value, str) and _SQLSTATE.match(value):
             sqlstate = value
+    # mssql-python: (driver_error, ddbc_error), the SQLSTATE's description and the
+    # driver's message; neither the SQLSTATE nor the native number is kept
+    driver_error, ddbc_error = (getattr(orig, "driver_error", None),
+                                getattr(orig, "ddbc_error", None))
+    if isinstance(driver_error, str) and isinstance(ddbc_error, str):
+        sqlstate = sqlstate or _mssql_python_sqlstate(driver_error)
+        message = ddbc_error
+        native = native if native is not None else _sql_server_number(ddbc_error)
     # pyodbc: (sqlstate, message), sometimes reversed for pyodbc's own errors
     strings = [a for a in args[:2] if isinstance(a, str)]
     for index, value in enumerate(strings):
@@ -198,6 +240,49 @@ def error_codes(exc: BaseException) -> tuple[str | None, int | None, str]:
     return sqlstate, native, message
 
 
+# SQL Server's own message texts, for drivers that drop the error number
+# (mssql-python): the native number each one stands for.
+SQL_SERVER_MESSAGES = (
+    ("was deadlocked on lock resources", 1205),
+    ("lock request time out period exceeded", 1222),
+    ("is not currently available. please retry the connection later", 40613),
+    ("the service is currently busy. retry the request after 10 seconds", 40501),
+    ("not enough resources to process request", 49918),
+    ("the service has encountered an error processing your request", 40197),
+    ("login failed for user", 18456),
+)
+
+
+def _sql_server_number(message: str) -> int | None:
+    lowered = message.lower()
+    for fragment, number in SQL_SERVER_MESSAGES:
+        if fragment in lowered:
+            return number
+    return None
+
+
+_MSSQL_PYTHON_STATES = ("40001", "40003", "08S01", "08001", "08003", "08004", "08007",
+                        "08S02", "01002", "HYT00", "HYT01", "HY008", "28000", "23000",
+                        "42000", "42S02", "HY000")
+
+
+def _mssql_python_sqlstate(description: str) -> str | None:
+    """The SQLSTATE whose description mssql-python put in the exception, found by
+    asking its own table (so a renamed description cannot go stale here)."""
+    try:
+        from mssql_python.exceptions import sqlstate_to_exception
+    except ImportError:
+        return None
+    for state in _MSSQL_PYTHON_STATES:
+        try:
+            candidate = sqlstate_to_exception(state, "")
+        except Exception:  # its table is its own business: no answer, no SQLSTATE
+            return None
+        if candidate is not None and candidate.driver_error == description:
+            return state
+    return None
+
+
 def classify(exc: BaseException, dialect: str | None = None,
              extra: "ExtraCodes | None" = None) -> Diagnosis:
     """The verdict for one exception raised while a job ran."""
@@ -218,7 +303,7 @@ def classify(exc: BaseException, dialect: str | None = None,
         else:
             rule = Rule(Verdict.NEVER, "not a transient error")
     return Diagnosis(rule.verdict, rule.reason, rule.disconnect or invalidated,
-                     sqlstate, native, rule.min_wait)
+                     sqlstate, native, rule.min_wait, rule.permanent)
 
 
 def is_disconnect(exc: BaseException, dialect: str | None = None) -> bool:
@@ -245,9 +330,10 @@ def _lookup(family: str | None, sqlstate: str | None, native: int | None,
             if code is not None and code in extra.retry:
                 return Rule(Verdict.RETRY, "listed in retry.transient_codes")
     lowered = message.lower()
-    for fragment, rule in MESSAGE_RULES.get(family or "", []):
-        if fragment in lowered:
-            return rule
+    for scope in (family or "", "*"):
+        for fragment, rule in MESSAGE_RULES.get(scope, []):
+            if fragment in lowered:
+                return rule
     if native is not None and family in NATIVE_RULES:
         key = native & 0xFF if family == "sqlite" else native
         if key in NATIVE_RULES[family]:
@@ -261,7 +347,7 @@ def _lookup(family: str | None, sqlstate: str | None, native: int | None,
 
 
 _DRIVER_MODULES = ("pyodbc", "sqlite3", "psycopg", "psycopg2", "pymysql", "MySQLdb",
-                   "pymssql", "mariadb")
+                   "pymssql", "mariadb", "mssql_python")
 
 
 def _looks_like_dbapi_error(exc: BaseException) -> bool:

@@ -17,10 +17,11 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import tzinfo
-from typing import TYPE_CHECKING, Iterable, Protocol
+from typing import TYPE_CHECKING, Container, Iterable, Protocol
 
 from .config import JobSpec
 from .locks import HostLocks, JobLock
+from .observe import SKIP_CLAIMED_ELSEWHERE, SKIP_CLUSTER_UNREACHABLE, SKIP_LOCK_HELD
 from .runner import JobResult
 from .scheduler import DueRun, schedule_for
 
@@ -42,10 +43,11 @@ class Refusal:
     """A run not to start. `record`: report it as a skipped run (the batch summary
     shows it); otherwise it is someone else's run and only logged. `failed`: it
     could not be claimed at all (a lock file that cannot be opened): the run
-    failed."""
+    failed. `kind`: why, as a short label for metrics (worker.observe SKIP_*)."""
     reason: str
     record: bool = True
     failed: bool = False
+    kind: str = SKIP_LOCK_HELD
 
 
 class Ledger(Protocol):
@@ -53,7 +55,8 @@ class Ledger(Protocol):
 
     def finish(self, ticket: Ticket, result: JobResult) -> None: ...
 
-    def recoverable(self, idle_jobs: Iterable[JobSpec]) -> list[DueRun]: ...
+    def recoverable(self, jobs: Iterable[JobSpec],
+                    running: Container[str]) -> list[DueRun]: ...
 
 
 class HostLedger:
@@ -74,7 +77,8 @@ class HostLedger:
         if ticket.lock is not None:
             ticket.lock.release()
 
-    def recoverable(self, idle_jobs: Iterable[JobSpec]) -> list[DueRun]:
+    def recoverable(self, jobs: Iterable[JobSpec],
+                    running: Container[str]) -> list[DueRun]:
         return []
 
 
@@ -88,7 +92,8 @@ class ClusterLedger(HostLedger):
 
     def claim(self, run: DueRun) -> Ticket | Refusal:
         if run.slot is not None and not run.recovering and not self._healthy():
-            return Refusal("the cluster's run table is out of reach", record=False)
+            return Refusal("the cluster's run table is out of reach", record=False,
+                           kind=SKIP_CLUSTER_UNREACHABLE)
         ticket = super().claim(run)
         if isinstance(ticket, Refusal):
             return ticket
@@ -107,7 +112,8 @@ class ClusterLedger(HostLedger):
                             "(idempotent: running it again here)", run.job.name,
                             _wall(run.recovering.slot_ms / 1000),
                             extra={"job": run.job.name})
-            return claim, Refusal("taken over by another node", record=False)
+            return claim, Refusal("taken over by another node", record=False,
+                                  kind=SKIP_CLAIMED_ELSEWHERE)
         if run.slot is None:   # a batch run: the occurrence nearest to now
             from .cluster import nearest_slot
             schedule = schedule_for(run.job, self.zone, cluster.clock.now)
@@ -115,12 +121,14 @@ class ClusterLedger(HostLedger):
                                          cluster.settings.batch_slot) * 1000)
             claim = cluster.claim(run.job.name, slot_ms)
             return claim, Refusal(f"its run for the slot at {_wall(slot_ms / 1000)} was "
-                                  f"claimed by node {cluster.holder(run.job.name, slot_ms)}")
+                                  f"claimed by node {cluster.holder(run.job.name, slot_ms)}",
+                                  kind=SKIP_CLAIMED_ELSEWHERE)
         claim = cluster.claim(run.job.name, round(run.slot * 1000))
         if claim is None:
             log.debug("job=%s run due at %s: claimed by another node", run.job.name,
                       run.scheduled, extra={"job": run.job.name})
-        return claim, Refusal("claimed by another node", record=False)
+        return claim, Refusal("claimed by another node", record=False,
+                              kind=SKIP_CLAIMED_ELSEWHERE)
 
     def finish(self, ticket: Ticket, result: JobResult) -> None:
         super().finish(ticket, result)
@@ -128,14 +136,17 @@ class ClusterLedger(HostLedger):
             self.cluster.finish(ticket.claim, result.outcome.value, result.attempts,
                                 result.error)
 
-    def recoverable(self, idle_jobs: Iterable[JobSpec]) -> list[DueRun]:
-        """Abandoned runs of idle idempotent jobs, at most once a heartbeat."""
+    def recoverable(self, jobs: Iterable[JobSpec],
+                    running: Container[str]) -> list[DueRun]:
+        """Abandoned runs of idempotent jobs not running here, at most once a
+        heartbeat."""
         if time.monotonic() - self._last_recovery < self.cluster.settings.heartbeat:
             return []
         self._last_recovery = time.monotonic()
         if not self._healthy():
             return []
-        jobs = {job.name: job for job in idle_jobs if job.idempotent}
+        jobs = {job.name: job for job in jobs
+                if job.idempotent and job.name not in running}
         runs, taken = [], set()
         for candidate in self.cluster.abandoned_runs(jobs):
             if candidate.job not in taken:     # one run of a job at a time here

@@ -48,6 +48,31 @@ def setup_logging(level: str, fmt: str = "text", stream: TextIO | None = None) -
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    if fmt == "json":
+        # Every line on stderr is JSON: Python's warnings and an uncaught exception's
+        # traceback too, not only our own log calls.
+        logging.captureWarnings(True)
+        sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(kind, value, traceback) -> None:
+    logging.getLogger("worker").critical("uncaught exception: %s", kind.__name__,
+                                         exc_info=(kind, value, traceback))
+
+
+def json_chosen() -> bool:
+    return any(isinstance(handler.formatter, JsonFormatter)
+               for handler in logging.getLogger().handlers)
+
+
+def command_error(message: str) -> None:
+    """An error of the command itself (bad config, unknown job...), one line: as
+    "run-worker: MESSAGE" for people, or a JSON entry with --log-format json, so
+    that a log shipper never gets a line that is not JSON."""
+    if json_chosen():
+        logging.getLogger("worker").error(message)
+    else:
+        print(f"run-worker: {message}", file=sys.stderr)
 
 
 def job_fields(job: str, attempt: int | None = None, attempts: int | None = None) -> dict:

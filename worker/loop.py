@@ -22,6 +22,7 @@ from .config import format_duration
 from .deadlines import RunWatch
 from .errors import describe
 from .ledger import Refusal, Ticket
+from .observe import NO_OBSERVER, RunObserver
 from .runner import JobResult, Outcome, run_job
 from .scheduler import DueRun
 from .sources import RunSource
@@ -75,13 +76,16 @@ class WorkLoop:
     def __init__(self, runtime, source: RunSource, *,
                  notifier: Notifier | None = None,
                  reload: Callable[[object], object] | None = None,
+                 observer: RunObserver = NO_OBSERVER,
                  stuck_grace: float = STUCK_GRACE,
                  cancel_grace: float = CANCEL_GRACE) -> None:
         """`runtime`: a worker.app.Runtime. `reload(current)`: builds the runtime
-        that replaces `current` (any exception rejects the reload)."""
+        that replaces `current` (any exception rejects the reload). `observer`
+        hears what happens (worker.observe); the loop never asks who listens."""
         self.runtime = runtime
         self.source = source
         self.notifier = notifier or Notifier({})
+        self.observer = observer
         self._reload = reload
         self.stuck_grace = stuck_grace
         self.cancel_grace = cancel_grace
@@ -149,7 +153,9 @@ class WorkLoop:
         return abandoned
 
     def _loop(self) -> str:
+        self.observer.runtime_changed(self.runtime)
         while True:
+            self.observer.tick()
             self._collect()
             if self._stop.requested:
                 reason = self._stopping()
@@ -191,16 +197,15 @@ class WorkLoop:
         free = (1 + QUEUED_PER_THREAD) * usable - (len(self._running) - stuck)
         for run in self.source.due(runtime, self._running, max(0, free)):
             self._start(run)
-        # A generator: only a cluster ledger, once a heartbeat, walks the job list;
-        # a list here would cost O(jobs) per pass, O(jobs^2) over a batch.
-        idle = (job for job in runtime.jobs if job.name not in self._running)
-        for run in runtime.ledger.recoverable(idle):
+        for run in runtime.ledger.recoverable(runtime.jobs, self._running):
             self._start(run)
 
     def _start(self, run: DueRun) -> None:
         runtime = self.runtime
         ticket = runtime.ledger.claim(run)
         if isinstance(ticket, Refusal):
+            if not ticket.failed:
+                self.observer.run_skipped(run.job, ticket.kind)
             if ticket.record:
                 outcome = Outcome.FAILED if ticket.failed else Outcome.SKIPPED
                 log.warning("job=%s %s: %s", run.job.name, outcome.value, ticket.reason,
@@ -208,10 +213,12 @@ class WorkLoop:
                 self._record(run, JobResult(run.job.name, outcome, 0, 0.0, ticket.reason))
             return
         self.source.started(run)
+        self.observer.run_started(run, runtime)
         name = run.job.name
         watch = RunWatch()
         future = runtime.pool.submit(run_job, run.job, runtime.functions[name],
-                                     runtime.database, watch=watch)
+                                     runtime.database, watch=watch,
+                                     observer=self.observer)
         self._running[name] = _Running(run, future, watch, runtime, ticket)
         future.add_done_callback(lambda _, name=name: self._finish_signal(name))
 
@@ -274,6 +281,8 @@ class WorkLoop:
         self._runs += result.outcome is not Outcome.SKIPPED
         self._cancelled += result.outcome is Outcome.CANCELLED
         self.source.record(run, result)
+        if result.outcome is not Outcome.SKIPPED:   # skips went to run_skipped
+            self.observer.run_finished(run, result)
 
     # --- stopping ------------------------------------------------------------------
 
@@ -298,6 +307,7 @@ class WorkLoop:
 
     def _begin_stop(self) -> None:
         self._stop.since = time.monotonic()
+        self.observer.stopping()
         self.source.stop()
         running = [name for name, r in self._running.items() if not r.reported]
         log.info("stopping: no new runs; waiting up to %s for %d running job(s)%s",
@@ -339,6 +349,7 @@ class WorkLoop:
         except Exception as exc:  # of any kind: the running configuration stays
             log.error("reload rejected, the running configuration stays: %s",
                       describe(exc) if not _is_config_error(exc) else exc)
+            self.observer.reload("rejected")
             self.notifier.ready("running; the last reload was rejected")
             return
         before = {job.name: job for job in old.jobs}
@@ -347,6 +358,8 @@ class WorkLoop:
         removed = sorted(before.keys() - after.keys())
         changed = sorted(n for n in after.keys() & before.keys() if after[n] != before[n])
         self.runtime = new
+        self.observer.reload("applied")
+        self.observer.runtime_changed(new)
         self._retired.append(old)
         self._retire_unused()
         log.info("reloaded %s: added %s, removed %s, changed %s", new.config.path,

@@ -2,12 +2,12 @@
 summary of a `--once` run. Each returns the exit code it stands for."""
 from __future__ import annotations
 
-import sys
 from datetime import datetime
 from typing import Sequence
 
 from .config import Config, JobSpec, masked_url
 from .exitcodes import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from .logs import command_error
 
 
 def check(config: Config, shown: list[JobSpec], connect: bool) -> int:
@@ -24,13 +24,11 @@ def check(config: Config, shown: list[JobSpec], connect: bool) -> int:
     try:
         database.ping()
     except Exception as exc:  # report any failure to connect, whatever the driver
-        print(f"run-worker: cannot connect to {database.display_url}: {describe(exc)}",
-              file=sys.stderr)
+        command_error(f"cannot connect to {database.display_url}: {describe(exc)}")
         if database.url.get_driver_name() == "pyodbc" and _is_missing_driver(exc):
             drivers = installed_odbc_drivers()
-            print("run-worker: installed ODBC drivers: "
-                  + (", ".join(repr(d) for d in drivers) if drivers else "none"),
-                  file=sys.stderr)
+            command_error("installed ODBC drivers: "
+                          + (", ".join(repr(d) for d in drivers) if drivers else "none"))
         return EXIT_UNAVAILABLE
     finally:
         database.dispose()
@@ -85,7 +83,7 @@ def _last_runs(config: Config):
     try:
         return cluster.last_runs()
     except Exception as exc:  # the listing must work without the run table
-        print(f"run-worker: cannot read the run table: {describe(exc)}", file=sys.stderr)
+        command_error(f"cannot read the run table: {describe(exc)}")
         return {}
     finally:
         cluster.database.dispose()
@@ -100,13 +98,12 @@ def _ms_to_text(ms: int | None) -> str:
 def history(config: Config, job_name: str, usage) -> int:
     """`usage()` prints the command's usage line (for an unknown job)."""
     if config.cluster is None:
-        print(f"run-worker: error: --history needs a 'cluster' section in {config.path}",
-              file=sys.stderr)
+        command_error(f"error: --history needs a 'cluster' section in {config.path}")
         return EXIT_USAGE
     if job_name not in config.job_names():
         usage()
-        print(f"run-worker: error: unknown job {job_name!r}; the jobs in {config.path} "
-              f"are: {', '.join(config.job_names())}", file=sys.stderr)
+        command_error(f"error: unknown job {job_name!r}; the jobs in {config.path} "
+                      f"are: {', '.join(config.job_names())}")
         return EXIT_USAGE
     from .app import open_cluster
     from .errors import describe
@@ -114,7 +111,7 @@ def history(config: Config, job_name: str, usage) -> int:
     try:
         rows = cluster.history(job_name)
     except Exception as exc:  # no table yet, or no database
-        print(f"run-worker: cannot read the run table: {describe(exc)}", file=sys.stderr)
+        command_error(f"cannot read the run table: {describe(exc)}")
         return EXIT_UNAVAILABLE
     finally:
         cluster.database.dispose()

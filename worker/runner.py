@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -20,9 +22,10 @@ from typing import TYPE_CHECKING, Callable
 from .callables import JobFunction
 from .config import JobSpec, format_duration
 from .db import Database, Session
-from .deadlines import Deadline, RunWatch
+from .deadlines import Deadline, DeadlineExceeded, RunWatch
 from .errors import Diagnosis, Verdict, describe
 from .logs import job_fields
+from .observe import NO_OBSERVER, RunObserver, retry_label
 
 if TYPE_CHECKING:
     from tenacity import RetryCallState
@@ -88,33 +91,44 @@ def run_attempt(job: JobSpec, function: JobFunction, database: Database,
                 attempt: int = 1, watch: RunWatch | None = None) -> None:
     """One attempt in one Session scope; raises AttemptFailed on any error."""
     if job.timeout is None:
-        _run_in_session(job, function, database, attempt, None)
+        _run_in_session(job, function, database, attempt, None, watch)
         return
     with Deadline(job.timeout, database.statements, watch or RunWatch(),
                   _tag(job, attempt), _fields(job, attempt)) as deadline:
-        _run_in_session(job, function, database, attempt, deadline)
+        _run_in_session(job, function, database, attempt, deadline, watch)
 
 
 def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
-                    attempt: int, deadline: Deadline | None) -> None:
+                    attempt: int, deadline: Deadline | None,
+                    watch: RunWatch | None) -> None:
     registry = database.registry
     session = registry()
     during_commit = False
     try:
-        function(session, **job.kwargs)
+        _call(function, session, job, attempt)
         if deadline is not None and deadline.expired.is_set():
             # Too late: what the job did is rolled back, not committed.
             raise AttemptTimedOut(f"returned after its deadline of "
                                   f"{format_duration(job.timeout)}")
+        if watch is not None and watch.cancelled.is_set():
+            # A stop cancelled it while it was busy in Python: nothing is committed.
+            raise Cancelled("the worker is stopping; returned after being cancelled")
         session.flush()        # a failure here cannot have committed anything
+        database.refuse_aborted_commit(session)
         during_commit = True
         session.commit()
     except BaseException as exc:
         # BaseException too: a job's SystemExit or KeyboardInterrupt is that job's
         # failure, never the worker's exit (signals reach the main thread only, so
         # in a job thread these come from the job's own code).
+        # Whose deadline: read before the rollback's round trip, so an error that
+        # arrived before our timer fired (PostgreSQL's own statement_timeout, also
+        # 57014) is not ours; DeadlineExceeded is ours even before the timer's
+        # thread has set its flag.
+        deadline_passed = deadline is not None and (
+            deadline.expired.is_set() or isinstance(exc, DeadlineExceeded))
         _rollback(session, job, attempt)
-        if deadline is not None and deadline.expired.is_set() and not during_commit:
+        if deadline_passed and not during_commit:
             timeout = Diagnosis(Verdict.NEVER, f"deadline of {format_duration(job.timeout)} "
                                                f"passed")
             raise AttemptFailed(exc, timeout, during_commit, timed_out=True) from exc
@@ -125,7 +139,48 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
                                 reason=diagnosis.reason + " during COMMIT, outcome unknown")
         raise AttemptFailed(exc, diagnosis, during_commit) from exc
     finally:
+        if getattr(session, "was_closed", False):
+            _closed_by_job(job, attempt)
         _remove(registry, session, job, attempt)
+
+
+def _call(function: JobFunction, session, job: JobSpec, attempt: int) -> None:
+    """The job's function. A process it forked that comes back here (returned or
+    raised) ends at once: it must not commit, roll back or close the parent's
+    connection, nor go on as a second worker."""
+    pid = os.getpid()
+    try:
+        function(session, **job.kwargs)
+    except BaseException as exc:
+        if os.getpid() != pid:
+            _end_forked_child(job, attempt, exc)
+        raise
+    if os.getpid() != pid:
+        _end_forked_child(job, attempt, None)
+
+
+def _end_forked_child(job: JobSpec, attempt: int, error: BaseException | None) -> None:
+    if error is None:
+        status = 0
+    elif isinstance(error, SystemExit):
+        status = error.code if isinstance(error.code, int) else 1
+    else:
+        status = 1
+    log.warning("%s: a process the job forked (pid %d) returned into the worker; it "
+                "exits here with status %d (end a forked child with os._exit())",
+                _tag(job, attempt), os.getpid(), status, extra=_fields(job, attempt))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _closed_by_job(job: JobSpec, attempt: int) -> None:
+    # close() rolls back: whatever the job had not committed is gone. Its choice,
+    # but never a silent one.
+    log.warning("%s closed its Session itself: whatever it had not committed before "
+                "that was rolled back and is lost (let the worker commit when the job "
+                "returns, or commit before closing)", _tag(job, attempt),
+                extra=_fields(job, attempt))
 
 
 def _rollback(session, job: JobSpec, attempt: int) -> None:
@@ -157,21 +212,24 @@ def _invalidate(session, job: JobSpec, attempt: int) -> None:
 
 def run_job(job: JobSpec, function: JobFunction, database: Database, *,
             sleep: Callable[[float], None] = time.sleep,
-            watch: RunWatch | None = None) -> JobResult:
-    """Run a job with its retry policy; never raises for the job's own errors."""
+            watch: RunWatch | None = None,
+            observer: RunObserver = NO_OBSERVER) -> JobResult:
+    """Run a job with its retry policy; never raises for the job's own errors.
+    `observer` hears of each retry (attempt_retried)."""
     watch = watch or RunWatch()
     watch.thread = threading.get_ident()
     watch.tracker = database.statements
     previous = Session.enter_job(database.registry)
     try:
-        return _run_job(job, function, database, sleep, watch)
+        return _run_job(job, function, database, sleep, watch, observer)
     finally:
         Session.leave_job(previous)
         database.statements.forget(watch.thread)
 
 
 def _run_job(job: JobSpec, function: JobFunction, database: Database,
-             sleep: Callable[[float], None], watch: RunWatch) -> JobResult:
+             sleep: Callable[[float], None], watch: RunWatch,
+             observer: RunObserver) -> JobResult:
     started = watch.started = time.monotonic()
     # The first attempt runs straight away; the retry machinery (tenacity) is only
     # built when it fails with something worth retrying: most jobs never need it.
@@ -186,7 +244,7 @@ def _run_job(job: JobSpec, function: JobFunction, database: Database,
                 watch.cancelled.is_set():
             return _failed(job, 1, failure, started, watch)
         try:
-            attempt = _retry(job, function, database, sleep, watch, failure)
+            attempt = _retry(job, function, database, sleep, watch, failure, observer)
         except AttemptFailed as last:
             return _failed(job, watch.attempt, last, started, watch)
     duration = time.monotonic() - started
@@ -197,7 +255,7 @@ def _run_job(job: JobSpec, function: JobFunction, database: Database,
 
 def _retry(job: JobSpec, function: JobFunction, database: Database,
            sleep: Callable[[float], None], watch: RunWatch,
-           first_failure: AttemptFailed) -> int:
+           first_failure: AttemptFailed, observer: RunObserver = NO_OBSERVER) -> int:
     """Attempts 2..n under tenacity; attempt 1 replays the failure already seen, so
     that tenacity decides, waits and logs for every retry alike. Returns the
     attempt that succeeded; raises the last AttemptFailed."""
@@ -216,6 +274,9 @@ def _retry(job: JobSpec, function: JobFunction, database: Database,
                     _tag(job, state.attempt_number), failure.diagnosis.reason,
                     failure.diagnosis.codes, failure, wait,
                     extra=_fields(job, state.attempt_number))
+        diagnosis = failure.diagnosis
+        observer.attempt_retried(job, state.attempt_number, retry_label(
+            diagnosis.reason, diagnosis.disconnect, failure.timed_out))
 
     def wait_or_stop(seconds: float) -> None:
         watch.cancelled.wait(seconds)        # a shutdown cuts the wait short
@@ -256,12 +317,14 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
     duration = time.monotonic() - started
     diagnosis = failure.diagnosis
     if watch.cancelled.is_set():
-        log.error("%s cancelled: the worker is stopping (%s)", _tag(job, attempt), failure, extra=_fields(job, attempt))
+        log.error("%s cancelled: the worker is stopping (%s)", _tag(job, attempt), failure,
+                  extra=_fields(job, attempt))
         return JobResult(job.name, Outcome.CANCELLED, attempt, duration, str(failure))
     if failure.timed_out:
         log.error("%s timed out: %s: %s; %s", _tag(job, attempt), diagnosis.reason,
                   failure, "no attempts left" if failure.should_retry(job)
-                  else "not retried (set retry.on_timeout to retry)", extra=_fields(job, attempt))
+                  else "not retried (set retry.on_timeout to retry)",
+                  extra=_fields(job, attempt))
         return JobResult(job.name, Outcome.TIMEOUT, attempt, duration, str(failure))
     if failure.should_retry(job):
         why = "no attempts left"
@@ -272,5 +335,6 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
     log.error("%s failed: %s (%s): %s; %s", _tag(job, attempt), diagnosis.reason,
               diagnosis.codes, failure, why, extra=_fields(job, attempt))
     # Once, at INFO: where in the job's code it failed (file and line).
-    log.info("%s traceback of the last attempt", _tag(job, attempt), exc_info=failure.error, extra=_fields(job, attempt))
+    log.info("%s traceback of the last attempt", _tag(job, attempt),
+             exc_info=failure.error, extra=_fields(job, attempt))
     return JobResult(job.name, Outcome.FAILED, attempt, duration, str(failure))

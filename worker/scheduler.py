@@ -168,6 +168,7 @@ class Scheduler:
         self._factory = schedule_factory
         self._entries: dict[str, _Entry] = dict(carry_over._entries) if carry_over else {}
         self.unscheduled: list[str] = []
+        self._misfired: list[JobSpec] = []    # skipped runs not yet taken (take_misfired)
         self.update(jobs)
 
     def update(self, jobs: Iterable[JobSpec]) -> None:
@@ -222,13 +223,21 @@ class Scheduler:
                             entry.job.name, count, entry.schedule.describe(latest),
                             format_duration(round(lateness, 3)),
                             format_duration(self.misfire_grace_time),
-                            entry.schedule.describe(entry.next_due))
+                            entry.schedule.describe(entry.next_due),
+                            extra={"job": entry.job.name})
+                self._misfired.append(entry.job)
                 continue
             if count > 1:
                 self._log_coalesced(entry, count)
             runs.append(DueRun(entry.job, entry.schedule.describe(latest), lateness, count,
                                latest))
         return runs
+
+    def take_misfired(self) -> list[JobSpec]:
+        """The jobs whose due run was skipped as too late since the last call (one
+        entry per skipped run)."""
+        taken, self._misfired = self._misfired, []
+        return taken
 
     def _log_coalesced(self, entry: _Entry, count: int) -> None:
         """At most one line per job a minute: a job whose interval is shorter than
@@ -238,7 +247,7 @@ class Scheduler:
         if now - entry.coalesced_logged >= COALESCE_LOG_EVERY:
             log.warning("job=%s missed %d run(s) since the last report (the worker was "
                         "busy or stalled); each time the missed runs were coalesced into "
-                        "one", entry.job.name, entry.coalesced)
+                        "one", entry.job.name, entry.coalesced, extra={"job": entry.job.name})
             entry.coalesced, entry.coalesced_logged = 0, now
 
 

@@ -17,6 +17,7 @@ from collections import deque
 from typing import Container, Protocol
 
 from .config import JobSpec
+from .observe import NO_OBSERVER, SKIP_MISFIRE, SKIP_OVERLAP, RunObserver
 from .runner import JobResult, Outcome
 from .scheduler import DueRun
 
@@ -85,7 +86,9 @@ class BatchSource:
 class ScheduleSource:
     exhausted = False
 
-    def __init__(self) -> None:
+    def __init__(self, observer: RunObserver = NO_OBSERVER) -> None:
+        """`observer` hears of the runs skipped here (overlap, misfire)."""
+        self._observer = observer
         self._failures: deque[JobResult] = deque(maxlen=KEPT_RESULTS)
         self._lateness: deque[float] = deque(maxlen=KEPT_RESULTS)
         self._worst_lateness = 0.0
@@ -98,6 +101,8 @@ class ScheduleSource:
                 self._overlapped(run)
             else:
                 runs.append(run)
+        for job in runtime.scheduler.take_misfired():
+            self._observer.run_skipped(job, SKIP_MISFIRE)
         return runs
 
     def seconds_until_next(self, runtime) -> float | None:
@@ -119,6 +124,7 @@ class ScheduleSource:
         """A run came due while the previous one is still going: skip it. The first
         skip of a job is logged at once, later ones as a count at most once a
         minute (and at stop), so that a job with a tiny interval cannot flood."""
+        self._observer.run_skipped(run.job, SKIP_OVERLAP)
         counter = self._overlaps.setdefault(run.job.name, [0, float("-inf")])
         counter[0] += 1
         now = time.monotonic()

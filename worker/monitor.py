@@ -1,0 +1,421 @@
+"""The process's watchers, put together from the config: metrics, health, the status
+page (one HTTP listener) and the hooks. Imported only when the config has a
+`metrics` or `hooks` section.
+
+They belong to the process, not to a runtime: a reload swaps the runtime they
+report on (`runtime_changed`), and a reload that changes the `metrics` section
+either restarts the listener or is rejected with the old one kept
+(`Monitoring.prepare` / `Change.commit` / `Change.abort`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .config import Config, mask_secrets
+from .observe import ListenError, NoObserver, Observers, wants_hooks
+from .observe_config import MetricsSettings
+
+log = logging.getLogger("worker.monitor")
+
+RECENT_RUNS = 20           # runs kept per job for the status page (outside a cluster)
+READY_PROBE_EVERY = 2.0    # seconds between readiness pings of the job database
+ERROR_SHOWN = 200          # characters of a run's error shown on the page
+
+
+# --- health ---------------------------------------------------------------------
+
+class Health(NoObserver):
+    """/healthz: the loop turns and the process is not stopping. /readyz: the job
+    database answered last time it was asked."""
+
+    def __init__(self, stall_after: float) -> None:
+        self.stall_after = stall_after
+        self.last_tick: float | None = None
+        self.is_stopping = False
+        self.ready = False
+
+    def tick(self) -> None:
+        self.last_tick = time.monotonic()
+
+    def stopping(self) -> None:
+        self.is_stopping = True
+
+    def database_ready(self, ready: bool) -> None:
+        self.ready = ready
+
+    def live(self) -> tuple[bool, str]:
+        if self.is_stopping:
+            return False, "stopping"
+        if self.last_tick is None:
+            return False, "the work loop has not started"
+        since = time.monotonic() - self.last_tick
+        if since > self.stall_after:
+            return False, f"the work loop has not turned for {since:.0f}s"
+        return True, "ok"
+
+
+# --- the status page's data -----------------------------------------------------
+
+@dataclass(frozen=True)
+class RunRecord:
+    finished: float        # Unix time
+    outcome: str
+    duration: float
+    attempts: int
+    error: str | None
+    node: str | None = None
+
+
+def one_line(error: str | None) -> str | None:
+    if not error:
+        return None
+    text = mask_secrets(" ".join(error.split()))
+    return text if len(text) <= ERROR_SHOWN else text[:ERROR_SHOWN - 1] + "…"
+
+
+class StatusBoard(NoObserver):
+    """What the status page shows: the runtime in use and each job's recent runs
+    (in memory, the last RECENT_RUNS; in cluster mode read from the run table)."""
+
+    def __init__(self) -> None:
+        self.runtime = None
+        self.started = time.time()
+        self._recent: dict[str, deque] = {}
+        self._running: dict[str, float] = {}     # job -> when its run started
+        # The loop thread writes, HTTP threads read: a deque must not change while
+        # it is being copied.
+        self._lock = threading.Lock()
+
+    def runtime_changed(self, runtime) -> None:
+        self.runtime = runtime
+
+    def run_started(self, run, runtime) -> None:
+        with self._lock:
+            self._running[run.job.name] = time.time()
+
+    def run_finished(self, run, result) -> None:
+        record = RunRecord(time.time(), result.outcome.value, result.duration,
+                           result.attempts, one_line(result.error))
+        with self._lock:
+            self._running.pop(result.job, None)
+            self._recent.setdefault(result.job, deque(maxlen=RECENT_RUNS)).appendleft(record)
+
+    def _own_runs(self) -> tuple[dict[str, list], dict[str, float]]:
+        with self._lock:
+            return ({name: list(runs) for name, runs in self._recent.items()},
+                    dict(self._running))
+
+    def snapshot(self, health: Health | None = None) -> dict:
+        runtime = self.runtime
+        if runtime is None:
+            return {"worker": {"state": "starting"}, "jobs": [], "cluster": None}
+        config = runtime.config
+        history, history_error = self._cluster_history(runtime)
+        own, running = self._own_runs()
+        jobs = []
+        scheduled = {job.name for job in runtime.scheduler.jobs} \
+            if runtime.scheduler is not None else set()
+        for job in config.jobs:
+            recent = history.get(job.name) if history is not None else \
+                own.get(job.name, [])
+            running_since = running.get(job.name)
+            jobs.append({
+                "name": job.name,
+                "schedule": job.schedule,
+                "enabled": job.enabled,
+                "next_run": runtime.scheduler.next_run(job.name)
+                if job.name in scheduled else None,
+                "running_since": _iso(running_since) if running_since else None,
+                "last": _run_json(recent[0]) if recent else None,
+                "recent": [_run_json(r) for r in recent or ()],
+            })
+        settings = config.database
+        worker = {
+            "pid": os.getpid(),
+            "version": _version(),
+            "started": _iso(self.started),
+            "config": str(config.path),
+            "database": _masked(settings.url),
+            "max_workers": config.worker.max_workers,
+            "pool_size": settings.pool_size + settings.max_overflow,
+            "connections_checked_out": runtime.database.checked_out(),
+            "running": len(running),
+        }
+        if health is not None:
+            worker["live"], worker["live_reason"] = health.live()
+            worker["database_ready"] = health.ready
+        cluster = None
+        if runtime.cluster is not None:
+            nodes = sorted({r["node"] for job in jobs for r in job["recent"] if r["node"]}
+                           | {runtime.cluster.node})
+            cluster = {"node": runtime.cluster.node, "nodes": nodes,
+                       "healthy": runtime.cluster.healthy, "history_error": history_error}
+        return {"worker": worker, "jobs": jobs, "cluster": cluster}
+
+    def _cluster_history(self, runtime):
+        if runtime.cluster is None:
+            return None, None
+        from .errors import describe
+        try:
+            history = {}
+            for job in runtime.config.jobs:
+                history[job.name] = [
+                    RunRecord(row.ended_ms / 1000 if row.ended_ms else row.started_ms / 1000,
+                              row.outcome, ((row.ended_ms or row.heartbeat_ms)
+                                            - row.started_ms) / 1000,
+                              row.attempts, one_line(row.error), row.node)
+                    for row in runtime.cluster.history(job.name, RECENT_RUNS)]
+            return history, None
+        except Exception as exc:  # the run table out of reach: show this node's own
+            return None, one_line(describe(exc))
+
+
+def _run_json(record: RunRecord) -> dict:
+    return {"finished": _iso(record.finished), "outcome": record.outcome,
+            "duration": round(record.duration, 3), "attempts": record.attempts,
+            "error": record.error, "node": record.node}
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="seconds")
+
+
+def _masked(url: str) -> str:
+    from .config import masked_url
+    return masked_url(url)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("db-job-worker")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# --- the HTTP listener --------------------------------------------------------------
+
+class MonitorServer:
+    """/metrics, /healthz, /readyz, / and /status.json on one address; read-only.
+    Bound at construction (ListenError), served from a thread of its own."""
+
+    def __init__(self, settings: MetricsSettings, monitoring: "Monitoring") -> None:
+        self.settings = settings
+        handler = type("Handler", (_Handler,), {"monitoring": monitoring})
+        try:
+            self._server = ThreadingHTTPServer((settings.address, settings.port), handler)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {settings.address}:{settings.port} for "
+                              f"metrics: {exc.strerror or exc}") from None
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="monitor-http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("monitoring on http://%s:%d/ (/metrics, /healthz, /readyz, /status.json)",
+                 self.settings.address, self.port)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    monitoring: "Monitoring"
+    server_version = "run-worker"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        monitoring = self.monitoring
+        if path == "/metrics" and monitoring.metrics is not None:
+            from prometheus_client import CONTENT_TYPE_LATEST
+            self._send(200, monitoring.metrics.exposition(), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            live, why = monitoring.health.live()
+            self._send(200 if live else 503, (why + "\n").encode())
+        elif path == "/readyz":
+            ready = monitoring.health.ready and not monitoring.health.is_stopping
+            self._send(200 if ready else 503, b"ok\n" if ready else
+                       b"the job database is not answering\n" if not monitoring.health.ready
+                       else b"stopping\n")
+        elif path == "/status.json":
+            data = monitoring.board.snapshot(monitoring.health)
+            self._send(200, json.dumps(data, indent=1).encode(), "application/json")
+        elif path == "/":
+            from .statuspage import render
+            data = monitoring.board.snapshot(monitoring.health)
+            self._send(200, render(data).encode(), "text/html; charset=utf-8")
+        else:
+            self._send(404, b"not found\n")
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._send(405, b"")
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD   # read-only
+
+    def _send(self, status: int, body: bytes,
+              content_type: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+# --- putting it together --------------------------------------------------------------
+
+class Monitoring:
+    """The watchers one process has, behind `observers` (the fan-out the loop is
+    given). `listen`: the daemon serves HTTP; `--once` never listens."""
+
+    def __init__(self, observers: Observers, listen: bool) -> None:
+        self.observers = observers
+        self.listen = listen
+        self.metrics = None                      # worker.metrics.MetricsObserver
+        self.hooks = None                        # worker.hooks.HookRunner
+        self.health: Health | None = None
+        self.board: StatusBoard | None = None
+        self.server: MonitorServer | None = None
+        self.settings: MetricsSettings | None = None
+        self._probe_stop = threading.Event()
+        self._probe: threading.Thread | None = None
+
+    def prepare(self, config: Config) -> "Change":
+        """Everything the config needs that can fail, done aside: a new listener is
+        bound (ListenError) and the hooks resolved. Nothing changes until commit."""
+        settings = config.metrics
+        server = None
+        if self.listen and settings is not None and (
+                self.server is None or _address(settings) != _address(self.settings)):
+            server = MonitorServer(settings, self)
+        hooks = functions = None
+        if wants_hooks(config):
+            from .hooks import HookRunner, resolve_hooks
+            try:
+                functions = resolve_hooks(config)     # ConfigError
+            except BaseException:
+                if server is not None:
+                    server.close()
+                raise
+            hooks = self.hooks or HookRunner()
+        return Change(self, config, server, hooks, functions)
+
+    def apply(self, config: Config) -> None:
+        self.prepare(config).commit()
+
+    def _observer_list(self) -> list:
+        return [o for o in (self.metrics, self.health, self.board, self.hooks)
+                if o is not None]
+
+    def probe_readiness(self, runtime_of) -> None:
+        """Ping the job database every READY_PROBE_EVERY seconds (a connection of
+        the pool, only when one is free: jobs come first)."""
+        if self._probe is not None:
+            return
+
+        def probe() -> None:
+            while not self._probe_stop.wait(READY_PROBE_EVERY):
+                runtime = runtime_of()
+                if runtime is None or self.health is None:
+                    continue
+                settings = runtime.config.database
+                if runtime.database.checked_out() >= settings.pool_size + \
+                        settings.max_overflow:
+                    continue
+                try:
+                    runtime.database.ping()
+                    ready = True
+                except Exception:  # unreachable, whatever the driver says
+                    ready = False
+                if ready != self.health.ready:
+                    log.warning("the job database %s", "answers again" if ready
+                                else "does not answer: /readyz is 503")
+                self.observers.database_ready(ready)
+
+        self._probe = threading.Thread(target=probe, name="monitor-probe", daemon=True)
+        self._probe.start()
+
+    def finish(self, textfile: bool) -> None:
+        """At exit: wait for hooks (bounded), write the textfile (--once), close the
+        listener."""
+        if self.hooks is not None:
+            self.hooks.wait()
+        if textfile and self.metrics is not None and self.settings is not None \
+                and self.settings.textfile:
+            try:
+                self.metrics.write_textfile(self.settings.textfile)
+                log.info("metrics written to %s", self.settings.textfile)
+            except OSError as exc:
+                log.error("cannot write the metrics textfile %s: %s",
+                          self.settings.textfile, exc)
+        self.close()
+
+    def close(self) -> None:
+        self._probe_stop.set()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
+def _address(settings: MetricsSettings | None):
+    return None if settings is None else (settings.address, settings.port)
+
+
+@dataclass
+class Change:
+    """A prepared configuration of the watchers: commit() swaps it in, abort()
+    drops what was prepared (the old stays as it was)."""
+    monitoring: Monitoring
+    config: Config
+    server: MonitorServer | None
+    hooks: object | None                  # worker.hooks.HookRunner
+    hook_functions: dict | None
+
+    def commit(self) -> None:
+        m, settings = self.monitoring, self.config.metrics
+        if settings is not None and m.metrics is None:
+            from .metrics import MetricsObserver
+            m.metrics = MetricsObserver()
+        elif settings is None:
+            m.metrics = None
+        if settings is not None and m.listen:
+            if m.health is None:
+                m.health = Health(settings.stall_after)
+                m.board = StatusBoard()
+            m.health.stall_after = settings.stall_after
+        else:
+            m.health = m.board = None
+        if self.server is not None or settings is None:
+            old, m.server = m.server, self.server
+            if old is not None:
+                old.close()
+                log.info("monitoring listener on %s:%d closed", old.settings.address,
+                         old.port)
+            if m.server is not None:
+                m.server.start()
+        if m.server is not None:
+            m.server.settings = settings
+        m.settings = settings
+        if self.hooks is not None:
+            self.hooks.configure(self.config, self.hook_functions)
+        m.hooks = self.hooks
+        m.observers.replace(m._observer_list())
+
+    def abort(self) -> None:
+        if self.server is not None:
+            self.server.close()
