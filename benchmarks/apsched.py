@@ -25,7 +25,8 @@ from .jobs import stamp_select
 
 
 def main(argv: list[str]) -> int:
-    url, jobs, every, threads, out = argv[0], int(argv[1]), float(argv[2]), int(argv[3]), argv[4]
+    url, jobs, every, threads, out = (argv[0], int(argv[1]), float(argv[2]), int(argv[3]),
+                                      argv[4])
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = create_engine(url, pool_size=threads, max_overflow=0)

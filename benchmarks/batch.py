@@ -20,7 +20,6 @@ importing and parsing: validation, line numbers, importing the job functions.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
