@@ -7,15 +7,22 @@ back (the real flock still happens underneath)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 
 from sqlalchemy import event
 
 from tests.batch import run_batch
-from tests.jobfuncs import select_one
-from worker.config import JobSpec, RetryPolicy
+from tests.jobfuncs import note_run, select_one, started_then_wait
+from worker.app import Runtime
+from worker.config import Config, DatabaseSettings, JobSpec, RetryPolicy, WorkerSettings
+from worker.db import Database
+from worker.ledger import HostLedger
 from worker.locks import HostLocks, JobLock
+from worker.loop import WorkLoop
 from worker.pool import WorkerPool
+from worker.runner import Outcome
+from worker.sources import BatchSource
 
 JOBS = 3000
 MAX_WORKERS = 4
@@ -103,3 +110,53 @@ def test_a_batch_of_3000_jobs_opens_at_most_max_workers_connections_and_takes_ea
     # Claimed ahead of a free thread by at most one run per thread: the locks held
     # at once stay bounded whatever the batch's size.
     assert locks.peak <= 2 * MAX_WORKERS
+
+
+def test_a_stop_starts_none_of_the_batch_runs_claimed_ahead(tmp_path):
+    """One worker thread: `first` runs and `second` is claimed behind it. A stop
+    while `first` runs cancels `second` before it begins, as if it had never been
+    claimed: it does not run, its host lock is free again, and the summary lists it
+    as not started."""
+    database = Database(DatabaseSettings(url=f"sqlite:///{tmp_path / 'w.db'}",
+                                         pool_size=1))
+    started, release, ran = threading.Event(), threading.Event(), []
+    jobs = [JobSpec(name="first", call="tests.jobfuncs:started_then_wait",
+                    kwargs={"started": started, "release": release})]
+    jobs += [JobSpec(name=name, call="tests.jobfuncs:note_run",
+                     kwargs={"ran": ran, "name": name}) for name in ("second", "third")]
+    functions = {"first": started_then_wait, "second": note_run, "third": note_run}
+    config = Config(path="<test>", database=database.settings,
+                    worker=WorkerSettings(max_workers=1), retry=RetryPolicy(),
+                    jobs=tuple(jobs))
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir(mode=0o700)
+    locks = HostLocks(lock_dir, database.settings.url)
+    reports = []
+    with WorkerPool(1) as pool:
+        runtime = Runtime(config, functions, tuple(jobs), database, pool, locks, None,
+                          HostLedger(locks))
+        loop = WorkLoop(runtime, BatchSource(list(jobs)))
+        thread = threading.Thread(target=lambda: reports.append(loop.run()))
+        thread.start()
+        assert started.wait(30)
+        deadline = time.monotonic() + 30
+        while "second" not in loop._running and time.monotonic() < deadline:
+            time.sleep(0.01)                            # claimed behind `first`
+        assert "second" in loop._running
+        loop.request_stop()
+        release.set()
+        thread.join(60)
+    locks.close()
+    database.dispose()
+
+    assert not thread.is_alive() and ran == []
+    results = {result.job: result for result in reports[0].results}
+    assert results["first"].outcome is Outcome.SUCCESS
+    for name in ("second", "third"):
+        assert results[name].outcome is Outcome.CANCELLED
+        assert results[name].error == "not started: the worker was stopping"
+    again = HostLocks(lock_dir, database.settings.url)
+    try:
+        assert again.try_acquire("second") is not None  # given back
+    finally:
+        again.close()

@@ -29,6 +29,9 @@ OVERLAP_LOG_EVERY = 60.0  # seconds between "runs skipped: still going" lines fo
 
 class RunSource(Protocol):
     exhausted: bool         # nothing more will come: the loop ends when idle
+    # The loop may claim runs ahead of a free thread (one queued per thread); a
+    # stop gives back those that have not begun.
+    claims_ahead: bool
 
     def due(self, runtime, running: Container[str], free_workers: int) -> list[DueRun]: ...
 
@@ -46,6 +49,8 @@ class RunSource(Protocol):
 
 
 class BatchSource:
+    claims_ahead = True
+
     def __init__(self, jobs: list[JobSpec]) -> None:
         self._pending = deque(jobs)
         self._order = [job.name for job in jobs]
@@ -85,6 +90,7 @@ class BatchSource:
 
 class ScheduleSource:
     exhausted = False
+    claims_ahead = False    # due runs are all handed out at once, as they come due
 
     def __init__(self, observer: RunObserver = NO_OBSERVER) -> None:
         """`observer` hears of the runs skipped here (overlap, misfire)."""
