@@ -9,9 +9,12 @@ backend either runs or is a gap in GAPS with its reason, so nothing is skipped
 silently, and test_every_scenario_and_backend_is_run_or_explained keeps the table
 complete.
 
-SQL Server (the TDS test server, tests/test_sqlserver.py) becomes one more entry of
-BACKENDS: a Backend subclass with its Admin, its entry of NOT_YET removed, and its
-own gaps, if any, added to the rows of GAPS.
+SQL Server is Microsoft's ODBC Driver 18 (mssql+pyodbc) against the TDS test server
+(tests/sqlserver, SQLite behind it), one per test session (conftest.tds_server); its
+Admin is what a DBA would do on SQL Server (sys.dm_exec_sessions, KILL) plus the
+server's faults where SQLite behind it cannot behave as SQL Server would (deadlocks,
+lock timeouts). FreeTDS and mssql-python run their own scenarios in
+tests/test_sqlserver.py.
 """
 from __future__ import annotations
 
@@ -31,7 +34,9 @@ from tests.conftest import MARIADB_ODBC, MARIADB_URL, POSTGRES_URL
 ALL_BACKENDS = ("sqlite", "mariadb", "postgresql", "sqlserver")
 
 NO_SERVER = "SQLite has no server: no connection to kill or cut from outside"
-TDS_SERVER = "TDS test server: tests/test_sqlserver.py"
+TDS_NO_SERVER_TIMEOUT = ("SQL Server has no server-side statement timeout (its query "
+                         "timeout is the client's), so its deadline and the server's "
+                         "never share one error")
 NO_COUNTERS = "SQLite has no server that could count the statements it received"
 
 # scenario -> {backend: why it cannot run there}. A backend missing from a row runs it.
@@ -49,13 +54,19 @@ GAPS: dict[str, dict[str, str]] = {
                   "serialized by the database lock (the lock timeout scenario)",
         "mariadb": "InnoDB's SERIALIZABLE makes reads take shared locks instead of "
                    "failing late with 40001: the concurrent update just waits; InnoDB's "
-                   "40001 is the deadlock (1213), covered by the deadlock storm"},
+                   "40001 is the deadlock (1213), covered by the deadlock storm",
+        "sqlserver": "SQL Server's SERIALIZABLE holds shared range locks, so the other "
+                     "connection's update would wait for the job (a deadlock, 1205, not a "
+                     "late 40001); the TDS test server would show SQLite's snapshot "
+                     "conflict instead. Its late failure, SNAPSHOT's 3960, is a classifier "
+                     "row tested in tests/test_sqlserver.py"},
     "lock_timeout": {},
     "deadline_cancels_the_statement": {},
     "server_statement_timeout_is_not_our_deadline": {
         "sqlite": "SQLite has no server-side statement timeout",
         "mariadb": "MariaDB's max_statement_time has a code of its own (1969); the "
-                   "scenario is about PostgreSQL's two cancels sharing 57014"},
+                   "scenario is about PostgreSQL's two cancels sharing 57014",
+        "sqlserver": TDS_NO_SERVER_TIMEOUT},
     "database_vanishes": {"sqlite": NO_SERVER},
     "statements_per_job": {"sqlite": NO_COUNTERS},
     "failed_job_rolled_back_once": {"sqlite": NO_COUNTERS},
@@ -71,7 +82,7 @@ GAPS: dict[str, dict[str, str]] = {
     "a_killed_nodes_idempotent_run_is_recovered": {},       # tests/test_cluster.py
 }
 # Backends with no implementation yet: a gap in every scenario, for this reason.
-NOT_YET: dict[str, str] = {"sqlserver": TDS_SERVER}
+NOT_YET: dict[str, str] = {}
 
 
 def gap(name: str, backend: str) -> str | None:
@@ -108,6 +119,11 @@ class Admin:
     def open_transaction(self, connection_id: int | None) -> bool:
         """True if the worker's connection still has a transaction open."""
         raise NotImplementedError
+
+    def inject_deadlocks(self, statement: str, times: int) -> bool:
+        """Make the server choose the next `times` matching statements as deadlock
+        victims. False: this server finds its deadlocks itself (the test provokes them)."""
+        return False
 
     def statements(self, connection_id: int):
         """A context manager yielding a dict that is filled on exit with what the
@@ -150,6 +166,11 @@ class Backend:
     def admin(self, tmp_path: Path):
         """A context manager yielding this backend's Admin."""
         raise NotImplementedError
+
+    def on(self, tds) -> "Backend":
+        """This backend for a test, given the session's TDS test server (only SQL
+        Server uses it)."""
+        return self
 
 
 # --- SQLite ---------------------------------------------------------------------
@@ -429,5 +450,138 @@ class PostgresBackend(Backend):
             admin.close()
 
 
+# --- SQL Server through Microsoft's ODBC Driver 18, on the TDS test server ----------
+
+DEADLOCK_VICTIM = ("Transaction (Process ID {spid}) was deadlocked on lock resources with "
+                   "another process and has been chosen as the deadlock victim. Rerun the "
+                   "transaction.")
+LOCK_WAIT = 1.0     # the job's SET LOCK_TIMEOUT 1000 (tests.jobfuncs.update_with_short_lock_wait)
+
+
+class SqlServerAdmin(Admin):
+    """A DBA's connection (autocommit) to the TDS test server, plus its faults: behind
+    it is SQLite, which locks the whole database for a writer, so SQL Server's
+    deadlocks and lock timeouts are the server's error tokens, not SQLite's doing."""
+
+    def __init__(self, tds) -> None:
+        from tests.sqlserver.process import HARNESS_APP
+        self.tds = tds
+        self.harness_app = HARNESS_APP
+        self.connection = tds.odbc(autocommit=True)
+        self._lock = threading.Lock()     # pyodbc connections are not thread-safe
+
+    def _rows(self, sql: str, *params) -> list:
+        with self._lock:
+            return self.connection.execute(sql, *params).fetchall()
+
+    def execute(self, sql: str) -> None:
+        with self._lock:
+            self.connection.execute(sql)
+
+    def worker_connections(self) -> set[int]:
+        # The tests' own connections (this one, the counters') log in as the harness.
+        rows = self._rows("SELECT session_id FROM sys.dm_exec_sessions WHERE "
+                          "is_user_process = 1 AND program_name <> ? AND session_id <> @@SPID",
+                          self.harness_app)
+        return {row[0] for row in rows}
+
+    def kill(self, connection_id: int) -> None:
+        self.execute(f"KILL {int(connection_id)}")
+
+    def open_transaction(self, connection_id: int | None) -> bool:
+        # Microsoft's driver, autocommit off, begins the next transaction with each
+        # COMMIT or ROLLBACK (open_transaction_count stays 1): what counts is whether
+        # that transaction has touched the database yet.
+        rows = self._rows(
+            "SELECT COUNT(*) FROM sys.dm_tran_session_transactions AS s "
+            "JOIN sys.dm_tran_database_transactions AS d ON d.transaction_id = s.transaction_id "
+            "WHERE s.session_id = ? AND d.database_transaction_begin_time IS NOT NULL",
+            connection_id)
+        return rows[0][0] > 0
+
+    def hold_row_lock(self, row: int, seconds: float) -> None:
+        """While the row would be held, each UPDATE of the counters waits out the
+        job's LOCK_TIMEOUT and fails with 1222, as SQL Server answers it."""
+        waits = max(1, int(seconds // LOCK_WAIT))
+        self.tds.set_faults(f"""\
+- match: "update worker_test_counters"
+  times: {waits}
+  delay: {LOCK_WAIT}s
+  error: {{number: 1222, state: 45, class: 16, message: "Lock request time out period exceeded."}}
+""")
+
+    def inject_deadlocks(self, statement: str, times: int) -> bool:
+        self.tds.set_faults(f"""\
+- match: "{statement}"
+  times: {times}
+  error: {{number: 1205, state: 51, class: 13, message: "{DEADLOCK_VICTIM}"}}
+""")
+        return True
+
+    @contextmanager
+    def statements(self, connection_id: int) -> Iterator[dict]:
+        """The server's counters (tds_stats, not counted themselves) around the block.
+        Microsoft's driver begins implicitly and commits with a transaction manager
+        request; a ping is a `SELECT 1` too, so it shows up as one more SELECT."""
+        seen: dict = {}
+        before = self.tds.stats()
+        yield seen
+        after = self.tds.stats()
+        delta = {name: after[name] - before[name] for name in before}
+        seen.update({"BEGIN": 0, "SELECT": delta["statements"] - delta["unprepares"],
+                     "COMMIT": delta["commits"], "ROLLBACK": delta["rollbacks"], "ping": 0})
+        other = delta["requests"] - delta["statements"] - delta["commits"] - delta["rollbacks"]
+        if other:
+            seen["other"] = other
+
+    def close(self) -> None:
+        self.tds.set_faults("[]\n")
+        self.connection.close()
+
+
+class SqlServerBackend(Backend):
+    name = "sqlserver"
+    deadlock_code = "native 1205"
+    lock_timeout_code = "native 1222"
+    killed_sqlstate = "08S01"      # Microsoft's driver: communication link failure
+    # The counters are server-wide, but the session's TDS server has no other client
+    # while a scenario runs, and reading them is not counted.
+    counts_per_connection = True
+
+    def __init__(self, tds=None) -> None:
+        self.tds = tds
+
+    def on(self, tds) -> Backend:
+        return SqlServerBackend(tds)
+
+    @property
+    def server(self):
+        if self.tds is None:
+            raise RuntimeError("SQL Server runs on the session's TDS test server: "
+                               "use the backend_server fixture")
+        return self.tds
+
+    @property
+    def url(self) -> str:
+        return self.server.url("msodbc")
+
+    @property
+    def upstream_port(self) -> int:
+        return self.server.port
+
+    def proxied_url(self, port: int) -> str:
+        url = self.url.replace(f":{self.server.port}/", f":{port}/")
+        assert f":{port}/" in url
+        return url
+
+    @contextmanager
+    def admin(self, tmp_path: Path) -> Iterator[Admin]:
+        admin = SqlServerAdmin(self.server)
+        try:
+            yield admin
+        finally:
+            admin.close()
+
+
 BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (
-    SqliteBackend(), MariadbBackend(), PostgresBackend())}
+    SqliteBackend(), MariadbBackend(), PostgresBackend(), SqlServerBackend())}

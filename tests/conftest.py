@@ -1,5 +1,6 @@
 """Shared fixtures: real databases only (SQLite files, MariaDB through pyodbc,
-PostgreSQL through psycopg; tests/backends.py describes each)."""
+PostgreSQL through psycopg, SQL Server's drivers against the TDS test server;
+tests/backends.py describes each)."""
 from __future__ import annotations
 
 import os
@@ -32,12 +33,32 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'test.db'}"
 
 
-def backend_url(backend: str, tmp_path: Path, sqlite_file: str = "test.db") -> str:
-    """The URL of a test database on the named backend."""
-    if backend == "sqlite":
+def backend_url(server, tmp_path: Path, sqlite_file: str = "test.db") -> str:
+    """The URL of a test database on a backend (tests.backends.Backend)."""
+    if server.name == "sqlite":
         return f"sqlite:///{tmp_path / sqlite_file}"
-    from tests.backends import BACKENDS
-    return BACKENDS[backend].url
+    return server.url
+
+
+@pytest.fixture(scope="session")
+def tds_server(tmp_path_factory):
+    """The TDS test server (tests/sqlserver), one for the whole session: started by
+    the first test that needs SQL Server. Tests leave its faults empty."""
+    from tests.sqlserver.process import TdsServerProcess
+    server = TdsServerProcess(tmp_path_factory.mktemp("tds"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tds_run_table_server(tmp_path_factory):
+    """A second TDS test server, for the cluster's run table when the jobs' tables are
+    on tds_server (tests/test_cluster.py: SQLite behind it locks the whole database
+    for a writer, so a job's write would hold every claim)."""
+    from tests.sqlserver.process import TdsServerProcess
+    server = TdsServerProcess(tmp_path_factory.mktemp("tds-runs"), name="runs")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(params=["sqlite", "mariadb"])
@@ -46,12 +67,26 @@ def backend(request) -> str:
 
 
 @pytest.fixture
-def make_database(tmp_path, backend):
+def backend_server(backend, request):
+    """The parametrised backend (tests.backends.Backend); SQL Server's on the
+    session's TDS test server, with no faults before and after the test."""
+    from tests.backends import BACKENDS
+    if backend != "sqlserver":
+        yield BACKENDS[backend]
+        return
+    tds = request.getfixturevalue("tds_server")
+    tds.set_faults("[]\n")
+    yield BACKENDS[backend].on(tds)
+    tds.set_faults("[]\n")
+
+
+@pytest.fixture
+def make_database(tmp_path, backend_server):
     """Factory: Database(pool_size=...) on the parametrised backend; disposed after."""
     made: list[Database] = []
 
     def make(pool_size: int = 4, **settings) -> Database:
-        url = backend_url(backend, tmp_path)
+        url = backend_url(backend_server, tmp_path)
         database = Database(DatabaseSettings(url=url, pool_size=pool_size, **settings))
         made.append(database)
         return database
@@ -70,14 +105,6 @@ def make_database(tmp_path, backend):
 def database(make_database) -> Database:
     return make_database()
 
-
-@pytest.fixture
-def admin_odbc():
-    """A raw pyodbc connection on the side, for KILL and locks (not the worker's pool)."""
-    import pyodbc
-    connection = pyodbc.connect(MARIADB_ODBC, autocommit=True)
-    yield connection
-    connection.close()
 
 
 def spec(name: str = "job", call: str = "tests.jobfuncs:select_one", *, attempts: int = 3,
@@ -106,10 +133,10 @@ def daemons():
 
 
 @pytest.fixture
-def db_url(backend, tmp_path):
+def db_url(backend_server, tmp_path):
     """The parametrised backend's URL with an empty worker_test_runs table."""
     from sqlalchemy import create_engine
-    url = backend_url(backend, tmp_path, "daemon.db")
+    url = backend_url(backend_server, tmp_path, "daemon.db")
     engine = create_engine(url)
     with engine.begin() as connection:
         connection.execute(text("DROP TABLE IF EXISTS worker_test_runs"))

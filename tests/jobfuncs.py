@@ -52,7 +52,22 @@ def create_commands_table(session) -> None:
     ensure_schema(session)
 
 
+def _mssql_create(session, name: str, *columns) -> None:
+    """SQL Server has no CREATE TABLE IF NOT EXISTS: the worker's own check-then-create."""
+    from sqlalchemy import MetaData, Table
+    from worker.db import create_tables
+    metadata = MetaData()
+    Table(name, metadata, *columns)
+    create_tables(session.connection(), metadata)
+
+
 def create_counters(session) -> None:
+    if _dialect(session) == "mssql":
+        from sqlalchemy import Column, Integer
+        _mssql_create(session, "worker_test_counters",
+                      Column("id", Integer, primary_key=True, autoincrement=False),
+                      Column("value", Integer, nullable=False))
+        return
     if _dialect(session) == "postgresql":
         # Concurrent CREATE TABLE IF NOT EXISTS can fail on PostgreSQL (duplicate
         # pg_type row): one creator at a time, each waiting for the last to commit.
@@ -63,6 +78,12 @@ def create_counters(session) -> None:
 
 def insert_row(session, value: int) -> None:
     create_counters(session)
+    session.execute(text("INSERT INTO worker_test_counters (id, value) VALUES (:v, :v)"),
+                    {"v": value})
+
+
+def insert_counter(session, value: int) -> None:
+    """insert_row into an existing table: one statement, which only writes."""
     session.execute(text("INSERT INTO worker_test_counters (id, value) VALUES (:v, :v)"),
                     {"v": value})
 
@@ -119,6 +140,10 @@ def sleep_query(session, seconds: float) -> None:
     """One statement that sleeps at the server."""
     if _dialect(session) == "postgresql":
         session.execute(text(f"SELECT pg_sleep({float(seconds)})"))
+    elif _dialect(session) == "mssql":
+        whole, millis = divmod(round(float(seconds) * 1000), 1000)
+        minutes, secs = divmod(whole, 60)
+        session.execute(text(f"WAITFOR DELAY '00:{minutes:02d}:{secs:02d}.{millis:03d}'"))
     else:
         session.execute(text(f"SELECT SLEEP({float(seconds)})"))
 
@@ -181,6 +206,8 @@ def update_with_short_lock_wait(session, row: int) -> None:
     dialect = _dialect(session)
     if dialect == "postgresql":
         session.execute(text("SET LOCAL lock_timeout = '1s'"))   # this transaction only
+    elif dialect == "mssql":
+        session.execute(text("SET LOCK_TIMEOUT 1000"))            # milliseconds, 1222 after
     elif dialect != "sqlite":
         session.execute(text("SET SESSION innodb_lock_wait_timeout = 1"))
     session.execute(text("UPDATE worker_test_counters SET value = value + 1 WHERE id = :id"),
@@ -191,6 +218,9 @@ def insert_unique(session, value: int) -> None:
     """Idempotent insert: re-running it after an unknown COMMIT cannot double it."""
     if _dialect(session) in ("mysql", "mariadb"):
         insert = "INSERT IGNORE INTO worker_test_counters (id, value) VALUES (:v, :v)"
+    elif _dialect(session) == "mssql":
+        insert = ("INSERT INTO worker_test_counters (id, value) SELECT :v, :v WHERE NOT "
+                  "EXISTS (SELECT 1 FROM worker_test_counters WHERE id = :v)")
     else:
         insert = ("INSERT INTO worker_test_counters (id, value) VALUES (:v, :v) "
                   "ON CONFLICT (id) DO NOTHING")
@@ -199,9 +229,12 @@ def insert_unique(session, value: int) -> None:
 
 
 def record_run(session, name: str) -> None:
-    """Appends one row per run, so a test can count runs from outside the process."""
-    session.execute(text("CREATE TABLE IF NOT EXISTS worker_test_runs "
-                         "(name VARCHAR(64) NOT NULL, at FLOAT NOT NULL)"))
+    """Appends one row per run, so a test can count runs from outside the process.
+    SQL Server has no CREATE TABLE IF NOT EXISTS: there the test creates the table
+    (conftest.db_url), and the run only writes."""
+    if _dialect(session) != "mssql":
+        session.execute(text("CREATE TABLE IF NOT EXISTS worker_test_runs "
+                             "(name VARCHAR(64) NOT NULL, at FLOAT NOT NULL)"))
     session.execute(text("INSERT INTO worker_test_runs (name, at) VALUES (:n, :t)"),
                     {"n": name, "t": time.time()})
 
@@ -564,13 +597,6 @@ def insert_marker(session, value: int) -> None:
     session.execute(text("INSERT INTO worker_test_counters (id, value) VALUES "
                          "((SELECT COALESCE(MAX(id), 0) + 1 FROM worker_test_counters), :v)"),
                     {"v": value})
-
-
-def record_run_mssql(session, name: str) -> None:
-    """record_run without its CREATE TABLE IF NOT EXISTS, which SQL Server has not:
-    the test creates worker_test_runs."""
-    session.execute(text("INSERT INTO worker_test_runs (name, at) VALUES (:n, :t)"),
-                    {"n": name, "t": time.time()})
 
 
 def select_classified(session) -> int:

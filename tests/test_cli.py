@@ -317,3 +317,15 @@ def test_a_failing_jobs_traceback_is_logged_once_at_info(tmp_path):
     assert done.stderr.count('jobfuncs.py", line') == 1
     assert "in fail_with_value_error" in done.stderr
     assert " INFO " in done.stderr.split("Traceback (most recent call last)")[0].splitlines()[-1]
+
+
+def test_a_jobs_error_quoting_a_password_is_masked_in_the_summary(tmp_path):
+    """The run's error goes to the summary, the run table, --history and hooks: it is
+    masked where it is made, so none of them can show the password."""
+    config = write_config(tmp_path, """\
+        - {name: leaky, call: 'tests.jobfuncs:raise_secret_error'}
+        """)
+    result = worker("--once", "-c", str(config))
+    assert result.returncode == 1
+    assert "s3cr3t-pw" not in result.stdout + result.stderr
+    assert "mysql://app:***@db.example/prod" in result.stdout

@@ -54,10 +54,16 @@ def run_rows(url: str, job: str) -> list:
 
 
 @pytest.fixture
-def run_table_url(db_url, backend, tmp_path):
+def run_table_url(db_url, backend, tmp_path, request):
     """A server: the run table sits beside the jobs' tables. SQLite: in a file of its
-    own, since a job holding SQLite's write lock would block every claim."""
-    url = db_url if backend != "sqlite" else f"sqlite:///{tmp_path / 'runs.db'}"
+    own, since a job holding SQLite's write lock would block every claim; the same on
+    SQL Server, whose TDS test server keeps its rows in SQLite (a second test server)."""
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'runs.db'}"
+    elif backend == "sqlserver":
+        url = request.getfixturevalue("tds_run_table_server").url("msodbc")
+    else:
+        url = db_url
 
     def drop():
         engine = create_engine(url)

@@ -1,6 +1,9 @@
 """The worker on SQL Server, end to end, through the three drivers our users run:
 Microsoft's ODBC Driver 18 (mssql+pyodbc), FreeTDS (mssql+pyodbc) and mssql-python
 (mssql+mssqlpython), against the TDS test server (tests/sqlserver, SQLite behind it).
+Microsoft's driver is also the SQL Server backend of the scenario suite
+(tests/test_scenarios.py): a scenario that suite runs with the same assertions runs
+here on the other two drivers only.
 
 Every scenario prints one line: outcome, attempts, seconds."""
 from __future__ import annotations
@@ -22,16 +25,15 @@ from worker.pool import WorkerPool
 from worker.runner import Outcome, run_job
 from tests.batch import run_all
 from tests.conftest import ROOT
-from tests.sqlserver.process import DRIVERS, TdsServerProcess
+from tests.sqlserver.process import DRIVERS
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def tds(tmp_path_factory):
-    server = TdsServerProcess(tmp_path_factory.mktemp("tds"))
-    yield server
-    server.stop()
+@pytest.fixture
+def tds(tds_server):
+    """The session's TDS test server (conftest), shared with the scenario suite."""
+    return tds_server
 
 
 @pytest.fixture(params=DRIVERS)
@@ -89,6 +91,8 @@ def seed(tds, *rows: int) -> None:
 
 # --- the story ----------------------------------------------------------------------
 
+# Microsoft's driver: test_scenarios.py::test_story_sixteen_jobs[sqlserver]
+@pytest.mark.parametrize("driver", ["freetds", "mssqlpython"])
 def test_story_sixteen_jobs_at_once_each_with_its_own_connection(make_database, driver):
     database = make_database(pool_size=16)
     run(job("schema", "jobs.commands:ensure_schema"), database)   # not raced by 16 jobs
@@ -427,7 +431,7 @@ cluster:
   heartbeat: 500ms
 retry: {{attempts: 3, wait_initial: 50ms, wait_max: 200ms}}
 jobs:
-  - {{name: tick, call: 'tests.jobfuncs:record_run_mssql', every: 1s, kwargs: {{name: tick}}}}
+  - {{name: tick, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {{name: tick}}}}
 """)
     before = tds.stats()["duplicate_keys"]
     nodes = [daemons(config, env={"NODE": f"node-{n}"}) for n in range(2)]

@@ -206,6 +206,99 @@ def test_spid_and_trancount(clean):
         two.close()
 
 
+def test_kill_ends_another_session_and_rolls_its_transaction_back(clean):
+    """KILL spid, as a DBA sends it: that connection's socket is closed mid-statement,
+    its open transaction is rolled back, and sys.dm_exec_sessions no longer lists it."""
+    setup = connect(clean, autocommit=True)
+    setup.execute("DROP TABLE IF EXISTS tds_killed")
+    setup.execute("CREATE TABLE tds_killed (id INT PRIMARY KEY)")
+    victim = connect(clean)
+    try:
+        spid = victim.execute("SELECT @@SPID").fetchone()[0]
+        victim.execute("INSERT INTO tds_killed VALUES (1)")
+        listed = dict(setup.execute("SELECT session_id, open_transaction_count FROM "
+                                    "sys.dm_exec_sessions").fetchall())
+        assert listed[spid] == 1                          # its transaction is open
+        killer = connect(clean, autocommit=True)      # a connection per thread
+        kill = threading.Timer(0.3, killer.execute, args=(f"KILL {spid}",))
+        kill.start()
+        with pytest.raises(pyodbc.Error) as caught:
+            victim.execute("WAITFOR DELAY '00:00:05'")
+        kill.join()
+        killer.close()
+        assert caught.value.args[0] in ("08S01", "08003"), caught.value.args
+        for _ in range(50):
+            sessions = [row[0] for row in setup.execute(
+                "SELECT session_id FROM sys.dm_exec_sessions").fetchall()]
+            if spid not in sessions:
+                break
+            time.sleep(0.05)
+        assert spid not in sessions
+        assert setup.execute("SELECT COUNT(*) FROM tds_killed").fetchone()[0] == 0
+        with pytest.raises(pyodbc.Error, match=r"\(6106\)"):
+            setup.execute(f"KILL {spid}")
+        own = setup.execute("SELECT @@SPID").fetchone()[0]
+        with pytest.raises(pyodbc.Error, match=r"\(6104\)"):
+            setup.execute(f"KILL {own}")
+    finally:
+        victim.close()
+        setup.close()
+
+
+def test_dm_tran_views_tell_an_untouched_transaction_from_one_with_work(clean):
+    """Microsoft's driver, autocommit off, begins the next transaction with each COMMIT
+    (open_transaction_count stays 1); the dm_tran views say whether it has touched the
+    database yet, which is what a leftover transaction means."""
+    admin = connect(clean, autocommit=True)
+    admin.execute("DROP TABLE IF EXISTS tds_touched")
+    admin.execute("CREATE TABLE tds_touched (id INT PRIMARY KEY)")
+    worker = connect(clean)
+
+    def state(spid):
+        count = admin.execute("SELECT open_transaction_count FROM sys.dm_exec_sessions "
+                              "WHERE session_id = ?", spid).fetchone()[0]
+        touched = admin.execute(
+            "SELECT COUNT(*) FROM sys.dm_tran_session_transactions AS s JOIN "
+            "sys.dm_tran_database_transactions AS d ON d.transaction_id = s.transaction_id "
+            "WHERE s.session_id = ? AND d.database_transaction_begin_time IS NOT NULL",
+            spid).fetchone()[0]
+        return count, touched
+
+    try:
+        spid = worker.execute("SELECT @@SPID").fetchone()[0]
+        worker.commit()
+        assert state(spid) == (1, 0)
+        worker.execute("INSERT INTO tds_touched VALUES (1)")
+        assert state(spid) == (1, 1)
+        worker.rollback()
+        assert state(spid) == (1, 0)
+    finally:
+        worker.close()
+        admin.close()
+
+
+def test_rollback_to_a_savepoint_keeps_the_transaction(clean):
+    """SAVE TRANSACTION / ROLLBACK TRANSACTION name (SQLAlchemy's begin_nested on
+    SQL Server): only the work after the savepoint is undone."""
+    setup = connect(clean, autocommit=True)
+    setup.execute("DROP TABLE IF EXISTS tds_saved")
+    setup.execute("CREATE TABLE tds_saved (id INT PRIMARY KEY)")
+    connection = connect(clean)
+    try:
+        connection.execute("INSERT INTO tds_saved VALUES (1)")
+        connection.execute("SAVE TRANSACTION before_two")
+        connection.execute("INSERT INTO tds_saved VALUES (2)")
+        connection.execute("ROLLBACK TRANSACTION before_two")
+        assert connection.execute("SELECT @@TRANCOUNT").fetchone()[0] == 1
+        connection.execute("INSERT INTO tds_saved VALUES (3)")
+        connection.commit()
+        assert [row[0] for row in setup.execute(
+            "SELECT id FROM tds_saved ORDER BY id").fetchall()] == [1, 3]
+    finally:
+        connection.close()
+        setup.close()
+
+
 # --- ATTENTION --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("driver", ["msodbc", "freetds"])

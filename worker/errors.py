@@ -363,6 +363,10 @@ def describe(exc: BaseException, limit: int = 300) -> str:
         text = " ".join(str(shown).split())
     except Exception:  # a job's exception whose __str__ itself fails
         text = f"<{type(shown).__name__} whose message cannot be shown>"
+    # Masked here, so that no place a run's error goes (the summary, the run table,
+    # --history, hooks, the status page) can show a password the message quotes.
+    from .config.masking import mask_secrets   # here: worker.config imports this module
+    text = mask_secrets(text)
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

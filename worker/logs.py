@@ -72,7 +72,7 @@ def command_error(message: str) -> None:
     if json_chosen():
         logging.getLogger("worker").error(message)
     else:
-        print(f"run-worker: {message}", file=sys.stderr)
+        print(f"run-worker: {mask_secrets(message)}", file=sys.stderr)
 
 
 def job_fields(job: str, attempt: int | None = None, attempts: int | None = None) -> dict:

@@ -13,6 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 MS_DRIVER = "ODBC Driver 18 for SQL Server"
 DRIVERS = ("msodbc", "freetds", "mssqlpython")
 USER, PASSWORD = "sa", "test"     # the server takes any user with this password
+# The program name of the tests' own connections (counters, set-up, admin), so that
+# sys.dm_exec_sessions can tell them from the worker's.
+HARNESS_APP = "tds test harness"
 
 
 class TdsServerProcess:
@@ -55,7 +58,7 @@ class TdsServerProcess:
         """A raw pyodbc connection through Microsoft's driver, for the test's own use."""
         import pyodbc
         return pyodbc.connect(f"DRIVER={{{MS_DRIVER}}};SERVER=127.0.0.1,{self.port};"
-                              f"DATABASE=test;UID={USER};PWD={PASSWORD};Encrypt=no",
+                              f"DATABASE=test;UID={USER};PWD={PASSWORD};Encrypt=no;APP={HARNESS_APP}",
                               autocommit=autocommit, timeout=10)
 
     def set_faults(self, text: str) -> None:

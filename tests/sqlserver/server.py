@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from . import tds
-from .faults import FaultBook
+from .faults import FaultBook, ServerError
 from .login import SERVER_NAME, login_reply, parse_login7, prelogin_reply
 from .session import Disconnect, Interrupted, ServerFailure, Session, translation_error
 from .translate import TranslationError
@@ -28,7 +28,7 @@ PASSWORD = "test"           # every user logs in with this password; others get 
 # sp_unprepare RPCs a driver sends when it frees a prepared statement.
 COUNTERS = ("logins", "login_failures", "requests", "statements", "unprepares", "commits",
             "rollbacks", "attentions", "errors", "duplicate_keys", "disconnects", "faults",
-            "connections")
+            "connections", "kills")
 _CLOSED = object()          # queued by the reader when the client went away
 
 
@@ -46,6 +46,8 @@ class TdsServer:
         self._handles = itertools.count(1)
         self._stopping = threading.Event()
         self._sockets: set[socket.socket] = set()
+        # logged-in connections by @@SPID: what KILL and sys.dm_exec_sessions see
+        self._sessions: dict[int, tuple[Session, socket.socket]] = {}
         # The database must open, so that a bad path fails at start with one line.
         sqlite3.connect(self.database).execute("PRAGMA journal_mode=WAL").close()
 
@@ -76,6 +78,40 @@ class TdsServer:
         db.execute("DELETE FROM temp.tds_stats")
         db.execute(f"INSERT INTO temp.tds_stats VALUES ({', '.join('?' * len(COUNTERS))})",
                    [values[name] for name in COUNTERS])
+
+    def fill_sessions(self, db: sqlite3.Connection) -> None:
+        """`sys.dm_exec_sessions` (one row per logged-in connection, with the columns
+        a DBA reads to find a connection and whether it has a transaction open), and
+        `sys.dm_tran_session_transactions` / `sys.dm_tran_database_transactions` (has
+        that transaction touched the database, or is it the empty one a driver begins
+        after each COMMIT)."""
+        with self._lock:
+            sessions = [session for _, (session, _) in sorted(self._sessions.items())]
+        open_ = [s for s in sessions if s.in_transaction]
+        db.execute("DELETE FROM temp.tds_sys_dm_exec_sessions")
+        db.executemany("INSERT INTO temp.tds_sys_dm_exec_sessions VALUES (?, 1, 'sa', ?, 2, ?)",
+                       [(s.spid, s.program_name, 1 if s.in_transaction else 0)
+                        for s in sessions])
+        db.execute("DELETE FROM temp.tds_sys_dm_tran_session_transactions")
+        db.executemany("INSERT INTO temp.tds_sys_dm_tran_session_transactions VALUES (?, ?, 1)",
+                       [(s.spid, s.descriptor) for s in open_])
+        db.execute("DELETE FROM temp.tds_sys_dm_tran_database_transactions")
+        db.executemany("INSERT INTO temp.tds_sys_dm_tran_database_transactions "
+                       "VALUES (?, 5, ?)", [(s.descriptor, s.touched_at) for s in open_])
+
+    def kill(self, spid: int, by: int) -> None:
+        """`KILL spid`: that connection's socket is closed (its transaction rolls back
+        when its session closes), as SQL Server ends a killed session."""
+        if spid == by:
+            raise ServerFailure(ServerError(6104, 1, 16,
+                                            "Cannot use KILL to kill your own process."))
+        with self._lock:
+            found = self._sessions.get(spid)
+        if found is None:
+            raise ServerFailure(ServerError(6106, 1, 16,
+                                            f"Process ID {spid} is not an active process ID."))
+        self.count("kills")
+        _close(found[1])
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -110,6 +146,8 @@ class TdsServer:
         try:
             session = self._login(client)
             if session is not None:
+                with self._lock:
+                    self._sessions[session.spid] = (session, client)
                 self._serve_requests(client, session)
         except (tds.ConnectionClosed, ConnectionError, OSError):
             pass
@@ -118,6 +156,8 @@ class TdsServer:
         finally:
             with self._lock:
                 self._sockets.discard(client)
+                if session is not None:
+                    self._sessions.pop(session.spid, None)
             _close(client)
             if session is not None:
                 session.close()
@@ -149,7 +189,7 @@ class TdsServer:
                          packet_size)
             return None
         spid = self.next_spid()
-        session = Session(self, spid, self.database, packet_size)
+        session = Session(self, spid, self.database, packet_size, program_name=login.app)
         self.count("logins")
         client.sendall(tds.packets(login_reply(database, packet_size), packet_size, spid))
         return session

@@ -38,8 +38,16 @@ CATALOG_SQL = [
     " CASE type WHEN 'table' THEN 'U' WHEN 'view' THEN 'V' ELSE 'X' END AS type"
     " FROM main.sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%'",
     "CREATE TEMP VIEW tds_sys_system_views AS SELECT 'dm_exec_sessions' AS name",
-    "CREATE TEMP VIEW tds_sys_dm_exec_sessions AS SELECT tds_spid() AS session_id,"
-    " 2 AS transaction_isolation_level",
+    # filled from the server's sessions whenever a statement reads it (server.fill_sessions)
+    "CREATE TEMP TABLE tds_sys_dm_exec_sessions (session_id SMALLINT, is_user_process BIT,"
+    " login_name NVARCHAR(128), program_name NVARCHAR(128), transaction_isolation_level SMALLINT,"
+    " open_transaction_count INT)",
+    # which transaction each session has, and when it first touched the database (NULL
+    # for the empty transaction a driver begins after each COMMIT): server.fill_sessions
+    "CREATE TEMP TABLE tds_sys_dm_tran_session_transactions (session_id SMALLINT,"
+    " transaction_id BIGINT, is_local BIT)",
+    "CREATE TEMP TABLE tds_sys_dm_tran_database_transactions (transaction_id BIGINT,"
+    " database_id INT, database_transaction_begin_time DATETIME2)",
     "CREATE TEMP VIEW tds_sys_indexes AS SELECT name, tbl_name AS object_name"
     " FROM main.sqlite_master WHERE type = 'index'",
 ]
@@ -71,11 +79,14 @@ class Session:
     """State of one connection. Requests are run one at a time by the connection's
     thread; `attention` is set by its reader thread."""
 
-    def __init__(self, server, spid: int, database_path: str, packet_size: int) -> None:
+    def __init__(self, server, spid: int, database_path: str, packet_size: int,
+                 program_name: str = "") -> None:
         self.server = server
         self.spid = spid
+        self.program_name = program_name
         self.attention = threading.Event()
         self.in_transaction = False
+        self.touched_at: str | None = None   # first statement of the open transaction
         self.implicit_transactions = False
         self.descriptor = 0
         self.prepared: dict[int, Prepared] = {}
@@ -116,6 +127,7 @@ class Session:
     def begin(self) -> bytes:
         self.db.execute("BEGIN")
         self.in_transaction = True
+        self.touched_at = None
         self.descriptor = self.server.next_descriptor()
         return tds.envchange(tds.ENV_BEGIN_TRAN, tds.b_varbyte(struct.pack("<Q", self.descriptor)),
                              b"\x00")
@@ -213,6 +225,11 @@ class Session:
                     f"The {step.kind.upper()} TRANSACTION request has no corresponding "
                     "BEGIN TRANSACTION.")))
             return self.end(step.kind == "commit") + tds.done(more, token=token_done), 0
+        if step.kind == "kill":
+            self.server.kill(step.data_type, by=self.spid)
+            return tds.done(more, token=token_done), 0
+        if step.kind in ("save", "rollback_to"):
+            return self._savepoint(step) + tds.done(more, token=token_done), 0
         if step.kind == "implicit":
             self.implicit_transactions = step.flag
             return tds.done(more, token=token_done), 0
@@ -222,12 +239,39 @@ class Session:
             return type_info(step.data_type, token_done), 1
         return self._run_sql(step, params, token_done)
 
+    def _savepoint(self, step: Step) -> bytes:
+        """SAVE TRANSACTION name, ROLLBACK TRANSACTION name: SQLite's SAVEPOINT and
+        ROLLBACK TO, inside the open transaction."""
+        prefix = b""
+        if not self.in_transaction and self.implicit_transactions and step.kind == "save":
+            prefix = self.begin()
+        if not self.in_transaction:
+            number, message = ((628, "Cannot issue SAVE TRANSACTION when there is no active "
+                                "transaction.") if step.kind == "save" else
+                               (3903, "The ROLLBACK TRANSACTION request has no corresponding "
+                                "BEGIN TRANSACTION."))
+            raise ServerFailure(ServerError(number, 1, 16, message))
+        name = '"' + step.text.replace('"', '""') + '"'
+        if step.kind == "save":
+            self.db.execute(f"SAVEPOINT {name}")
+            return prefix
+        try:
+            self.db.execute(f"ROLLBACK TO {name}")
+        except sqlite3.OperationalError:   # not a savepoint: the BEGIN TRAN's own name
+            return self.end(commit=False)
+        return b""
+
     def _run_sql(self, step: Step, params: dict, token_done: int) -> tuple[bytes, int]:
         prefix = b""
         if not self.in_transaction and self.implicit_transactions:
             prefix = self.begin()
         if "tds_stats" in step.sql.lower():
             self.server.fill_stats(self.db)
+        if "tds_sys_dm_" in step.sql.lower():
+            self.server.fill_sessions(self.db)
+        if self.in_transaction and self.touched_at is None:
+            self.touched_at = datetime.datetime.now(datetime.timezone.utc).strftime(
+                "%Y-%m-%d %H:%M:%S.%f")
         missing = [name for name in step.params if name not in params]
         if missing:
             raise ServerFailure(ServerError(137, 2, 15,

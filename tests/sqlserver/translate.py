@@ -24,6 +24,8 @@ CATALOG_VIEWS = {
     ("sys", "schemas"): "tds_sys_schemas",
     ("sys", "system_views"): "tds_sys_system_views",
     ("sys", "dm_exec_sessions"): "tds_sys_dm_exec_sessions",
+    ("sys", "dm_tran_session_transactions"): "tds_sys_dm_tran_session_transactions",
+    ("sys", "dm_tran_database_transactions"): "tds_sys_dm_tran_database_transactions",
     ("sys", "indexes"): "tds_sys_indexes",
 }
 # @@variables -> functions each connection registers.
@@ -41,11 +43,12 @@ class TranslationError(Exception):
 
 @dataclass(frozen=True)
 class Step:
-    kind: str                 # sql, begin, commit, rollback, waitfor, implicit, noop, typeinfo
+    kind: str                 # sql, begin, commit, rollback, waitfor, implicit, noop, typeinfo,
+                              # kill, save, rollback_to
     sql: str = ""             # sql: the SQLite text
-    text: str = ""            # the T-SQL it came from
+    text: str = ""            # the T-SQL it came from; save, rollback_to: the savepoint
     seconds: float = 0.0      # waitfor
-    data_type: int = 0        # typeinfo: the ODBC data type asked for
+    data_type: int = 0        # typeinfo: the ODBC data type asked for; kill: the spid
     flag: bool = False        # implicit: on/off; commit/rollback: only if a tran is open
     params: list = field(default_factory=list)   # sql: :name placeholders it uses
     returns_rows: bool = False
@@ -56,6 +59,8 @@ _WAITFOR = re.compile(r"^\s*WAITFOR\s+DELAY\s+'(\d{1,2}):(\d{1,2}):(\d{1,2})(?:\
 _BEGIN = re.compile(r"^\s*BEGIN\s+TRAN(SACTION)?(\s+\w+)?\s*;?\s*$", re.I)
 _COMMIT = re.compile(r"^\s*(IF\s+@@TRANCOUNT\s*>\s*0\s+)?COMMIT(\s+(TRAN|TRANSACTION|WORK))?(\s+\w+)?\s*;?\s*$", re.I)
 _ROLLBACK = re.compile(r"^\s*(IF\s+@@TRANCOUNT\s*>\s*0\s+)?ROLLBACK(\s+(TRAN|TRANSACTION|WORK))?(\s+\w+)?\s*;?\s*$", re.I)
+_KILL = re.compile(r"^\s*KILL\s+(\d+)\s*;?\s*$", re.I)
+_SAVE = re.compile(r"^\s*SAVE\s+TRAN(?:SACTION)?\s+(\w+)\s*;?\s*$", re.I)
 _IMPLICIT = re.compile(r"^\s*SET\s+IMPLICIT_TRANSACTIONS\s+(ON|OFF)\s*;?\s*$", re.I)
 _SET = re.compile(r"^\s*SET\s+\w+", re.I)
 _PROCEDURE_CALL = re.compile(r"^\s*(?:EXEC(?:UTE)?\s+)?((?:\[?\w+\]?\.)*\[?sp_\w+\]?)(?:\s|$)", re.I)
@@ -101,8 +106,16 @@ def _control_step(text: str) -> Step | None:
     if found:
         return Step("commit", text=text, flag=bool(found.group(1)))
     found = _ROLLBACK.match(text)
+    if found and found.group(3) and found.group(4):   # ROLLBACK TRANSACTION savepoint
+        return Step("rollback_to", text=found.group(4).strip())
     if found:
         return Step("rollback", text=text, flag=bool(found.group(1)))
+    found = _SAVE.match(text)
+    if found:
+        return Step("save", text=found.group(1))
+    found = _KILL.match(text)
+    if found:
+        return Step("kill", text=text, data_type=int(found.group(1)))
     found = _IMPLICIT.match(text)
     if found:
         return Step("implicit", text=text, flag=found.group(1).upper() == "ON")
@@ -176,10 +189,23 @@ def _rewrite(node: exp.Expression) -> exp.Expression:
                 node.set("table", exp.to_identifier(CATALOG_VIEWS[key]))
             node.set("db", None)
             node.set("catalog", None)
-        if node.table.lower() in ("inserted", "deleted") and isinstance(node.parent, exp.Returning):
+        if node.table.lower() in ("inserted", "deleted") and isinstance(
+                node.parent.parent if isinstance(node.parent, exp.Alias) else node.parent,
+                exp.Returning):
             node = node.copy()
             node.set("table", None)
         return node
+    if isinstance(node, exp.Values) and node.args.get("alias") is not None \
+            and node.args["alias"].columns:
+        # (VALUES ...) AS t(a, b), SQLAlchemy's insertmanyvalues on SQL Server: SQLite
+        # names a VALUES table's columns column1, column2, ... and takes no alias list.
+        alias = node.args["alias"]
+        values = node.copy()
+        values.set("alias", None)
+        values = values.transform(_rewrite)      # its @P1 placeholders
+        select = exp.select(*[exp.alias_(exp.column(f"column{index}"), column.name)
+                              for index, column in enumerate(alias.columns, 1)]).from_(values)
+        return exp.Subquery(this=select, alias=exp.TableAlias(this=alias.this.copy()))
     if isinstance(node, exp.National):                 # N'...' -> '...'
         return exp.Literal.string(node.this)
     if isinstance(node, exp.CurrentSchema):
