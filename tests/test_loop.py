@@ -143,7 +143,11 @@ def test_a_stop_starts_none_of_the_batch_runs_claimed_ahead(tmp_path):
         while "second" not in loop._running and time.monotonic() < deadline:
             time.sleep(0.01)                            # claimed behind `first`
         assert "second" in loop._running
+        queued = loop._running["second"].future
         loop.request_stop()
+        deadline = time.monotonic() + 30
+        while not queued.done() and time.monotonic() < deadline:
+            time.sleep(0.01)        # the loop thread takes the stop on its next pass
         release.set()
         thread.join(60)
     locks.close()
