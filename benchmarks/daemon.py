@@ -21,6 +21,7 @@ occurrence) pairs seen. Median and p99 are over every run of every round.
 """
 from __future__ import annotations
 
+import importlib.util
 import signal
 import subprocess
 import sys
@@ -48,6 +49,11 @@ def write_config(path: Path, url: str, out: Path, lock_dir: Path) -> Path:
 
 
 def run(context) -> tuple[dict, list[Target]]:
+    if importlib.util.find_spec("apscheduler") is None:
+        note = "daemon: skipped, APScheduler is not installed (pip install -e '.[bench]')"
+        context.report.notes.append(note)
+        print(f"  {note}")
+        return {}, []
     backend = context.mariadb or context.backends[0]
     seconds = context.profile.daemon_seconds
     lateness: dict[str, list[float]] = {WORKER: [], APSCHEDULER: []}
