@@ -23,22 +23,32 @@ class Profile:
     soak_jobs: int                   # daemon runs measured after the warm-up, per backend
     soak_warmup: int                 # runs (jobs) before the first RSS reading
     soak_library_jobs: int           # library-path jobs measured after the warm-up
+    batch_sizes: tuple[int, ...]     # whole-process --once, jobs per config
+    check_sizes: tuple[int, ...]     # whole-process --check, jobs per config
+    batch_rounds: int                # whole-process rounds (batch and --check)
+    big_batch_rounds: int            # rounds for configs of 10,000 jobs or more
+    daemon_seconds: int              # daemon lateness: bursts measured per run
+    daemon_rounds: int               # daemon lateness: interleaved rounds
     throughput_workers: tuple[int, ...] = (1, 4, 16)
     scaling_workers: tuple[int, ...] = (8, 32, 64)
 
 
 FULL = Profile(rounds=5, throughput_seconds=0.6, roundtrip_jobs=1000, roundtrip_repeats=3,
                scaling_jobs_per_worker=8, startup_runs=7, soak_jobs=100_000,
-               soak_warmup=2_000, soak_library_jobs=20_000)
+               soak_warmup=2_000, soak_library_jobs=20_000,
+               batch_sizes=(100, 3000, 30_000), check_sizes=(100, 3000, 30_000),
+               batch_rounds=3, big_batch_rounds=1, daemon_seconds=20, daemon_rounds=2)
 QUICK = Profile(rounds=3, throughput_seconds=0.15, roundtrip_jobs=200, roundtrip_repeats=1,
                 scaling_jobs_per_worker=4, startup_runs=3, soak_jobs=5_000,
-                soak_warmup=500, soak_library_jobs=2_000)
+                soak_warmup=500, soak_library_jobs=2_000,
+                batch_sizes=(100, 3000), check_sizes=(100, 3000),
+                batch_rounds=2, big_batch_rounds=1, daemon_seconds=5, daemon_rounds=1)
 
 
 def make_profile(quick: bool, rounds: int | None) -> Profile:
     profile = QUICK if quick else FULL
     if rounds is not None:
-        profile = replace(profile, rounds=rounds, startup_runs=rounds)
+        profile = replace(profile, rounds=rounds, startup_runs=rounds, batch_rounds=rounds)
     return profile
 
 

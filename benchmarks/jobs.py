@@ -6,6 +6,8 @@ beyond what a job module would: `sqlalchemy.text`.
 """
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -49,3 +51,17 @@ INSERT_ROW = JobKind("insert", "INSERT INTO bench_items (v) VALUES (:v)",
                      "INSERT INTO bench_items (v) VALUES (?)", {"v": 1}, (1,),
                      returns_rows=False, own_selects=0)
 SLEEP = JobKind("sleep", f"SELECT SLEEP({SLEEP_SECONDS})", f"SELECT SLEEP({SLEEP_SECONDS})")
+
+
+def stamp_select(session, out: str, tag: str) -> None:
+    """The daemon-lateness job: append `<tag> <monotonic start time>` to `out` (one
+    O_APPEND write, atomic for a short line), then SELECT 1. The harness reads
+    the start times against the schedule's grid. CLOCK_MONOTONIC is system-wide
+    on Linux, so the times of two processes compare."""
+    started = time.monotonic()
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{tag} {started:.6f}\n".encode())
+    finally:
+        os.close(fd)
+    session.execute(_SELECT_ONE)

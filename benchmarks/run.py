@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import roundtrips, scaling, soak, startup, throughput
+from . import batch, daemon, roundtrips, scaling, soak, startup, throughput
 from .backends import Backend, mariadb_backend, mariadb_problem, sqlite_backend
 from .common import ROOT, Profile, Report, Target, make_profile, print_targets
 
@@ -30,6 +30,9 @@ SECTIONS: dict[str, Section] = {
     "scaling": scaling.run,
     "startup": startup.run,
     "soak": soak.run,
+    "batch": batch.run_batch,
+    "check": batch.run_check,
+    "daemon": daemon.run,
 }
 NEEDS_MARIADB = {"roundtrips", "scaling"}
 
@@ -53,7 +56,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=list(SECTIONS),
                         help=f"run only these sections: {', '.join(SECTIONS)}")
     parser.add_argument("--rounds", type=int, metavar="N",
-                        help="interleaved rounds (throughput, scaling, start-up runs)")
+                        help="interleaved rounds (throughput, scaling, start-up runs, "
+                                          "batch and --check runs)")
     parser.add_argument("--output", type=Path, default=RESULTS_PATH,
                         help=f"where to write the JSON results (default: {RESULTS_PATH})")
     args = parser.parse_args(argv)

@@ -64,10 +64,12 @@ class ServerMonitor:
         return {name: value for name, value in moved.items() if value}
 
     def client_ids(self, user: str) -> set[int]:
-        """Server ids of this user's connections, the monitor's own excluded."""
+        """Server ids of this user's connections to the benchmark's database, the
+        monitor's own excluded (others running tests on the same server as the same
+        user, on databases of their own, are not counted)."""
         rows = self.connection.cursor().execute(
-            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ? AND ID <> ?",
-            user, self.connection_id).fetchall()
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ? AND ID <> ? "
+            "AND DB <=> DATABASE()", user, self.connection_id).fetchall()
         return {int(row[0]) for row in rows}
 
     def variable(self, name: str) -> int:

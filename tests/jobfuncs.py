@@ -602,3 +602,13 @@ def insert_marker(session, value: int) -> None:
 def select_classified(session) -> int:
     """A statement a fault can match ("as classified")."""
     return session.execute(text("SELECT 1 AS classified")).scalar_one()
+
+
+def started_then_wait(session, started: threading.Event, release: threading.Event) -> None:
+    """Say it began, then hold its thread until the test releases it."""
+    started.set()
+    release.wait(60)
+
+
+def note_run(session, ran: list, name: str) -> None:
+    ran.append(name)

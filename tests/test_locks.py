@@ -285,8 +285,9 @@ def test_the_cli_refuses_a_lock_directory_others_can_write_with_78(tmp_path):
 
 
 def test_a_batch_of_ten_thousand_jobs_runs_under_ulimit_1024(tmp_path):
-    """The loop claims a batch run (its host lock) only when a worker is free, so the
-    lock files held open stay bounded whatever the number of jobs."""
+    """The loop claims a batch run (its host lock) only when a worker is free or about
+    to be (one queued per worker), so the lock files held open stay bounded whatever
+    the number of jobs."""
     config = batch_config(tmp_path, private_dir(tmp_path / "locks"), 10_000)
     done = cli(["--once", "-c", str(config), "--log-level", "WARNING"], nofile=1024)
     assert done.returncode == 0, done.stderr[-2000:]

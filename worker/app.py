@@ -130,7 +130,9 @@ def build_runtime(config: Config, functions: Mapping[str, JobFunction], *,
         cluster = previous.cluster if same(lambda c: c.cluster, lambda c: c.database.url,
                                            lambda c: c.extra_codes) \
             else (new(open_cluster(config)) if config.cluster is not None else None)
-        zone = zone_named(config.worker.timezone)
+        # The zone matters to schedules and the cluster's slots, not to a plain batch.
+        zone = zone_named(config.worker.timezone) \
+            if scheduled or cluster is not None else None
         ledger = ClusterLedger(locks, cluster, zone) if cluster is not None \
             else HostLedger(locks)
         scheduler = None

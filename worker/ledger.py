@@ -17,14 +17,16 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import tzinfo
-from typing import Container, Iterable, Protocol
+from typing import TYPE_CHECKING, Container, Iterable, Protocol
 
-from .cluster import Claim, Cluster, nearest_slot
 from .config import JobSpec
 from .locks import HostLocks, JobLock
 from .observe import SKIP_CLAIMED_ELSEWHERE, SKIP_CLUSTER_UNREACHABLE, SKIP_LOCK_HELD
 from .runner import JobResult
 from .scheduler import DueRun, schedule_for
+
+if TYPE_CHECKING:   # worker.cluster is imported only by a config with a cluster section
+    from .cluster import Claim, Cluster
 
 log = logging.getLogger("worker.ledger")
 
@@ -113,6 +115,7 @@ class ClusterLedger(HostLedger):
             return claim, Refusal("taken over by another node", record=False,
                                   kind=SKIP_CLAIMED_ELSEWHERE)
         if run.slot is None:   # a batch run: the occurrence nearest to now
+            from .cluster import nearest_slot
             schedule = schedule_for(run.job, self.zone, cluster.clock.now)
             slot_ms = round(nearest_slot(schedule, cluster.clock.now(),
                                          cluster.settings.batch_slot) * 1000)

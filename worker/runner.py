@@ -17,10 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
-
-from tenacity import (RetryCallState, Retrying, retry_if_exception,
-                      stop_after_attempt, stop_when_event_set, wait_exponential_jitter)
+from typing import TYPE_CHECKING, Callable
 
 from .callables import JobFunction
 from .config import JobSpec, format_duration
@@ -29,6 +26,9 @@ from .deadlines import Deadline, DeadlineExceeded, RunWatch
 from .errors import Diagnosis, Verdict, describe
 from .logs import job_fields
 from .observe import NO_OBSERVER, RunObserver, retry_label
+
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
 
 log = logging.getLogger("worker.runner")
 
@@ -259,6 +259,9 @@ def _retry(job: JobSpec, function: JobFunction, database: Database,
     """Attempts 2..n under tenacity; attempt 1 replays the failure already seen, so
     that tenacity decides, waits and logs for every retry alike. Returns the
     attempt that succeeded; raises the last AttemptFailed."""
+    # Imported here: only a run whose first attempt failed needs tenacity.
+    from tenacity import (Retrying, retry_if_exception, stop_after_attempt,
+                          stop_when_event_set, wait_exponential_jitter)
     policy = job.retry
 
     def should_retry(exc: BaseException) -> bool:

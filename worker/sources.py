@@ -1,7 +1,7 @@
 """Where runs come from, and what is kept of them: the two run sources of the loop.
 
 - `BatchSource` (`--once`): every selected job is due once, now, handed out as
-  workers come free; it keeps every result, in job order, for the summary.
+  workers come free (one queued ahead per worker); it keeps every result, in job order, for the summary.
 - `ScheduleSource` (daemon): the runtime's scheduler says what is due; a run due
   while the job's previous run still goes is skipped (logged once, then as a
   count a minute); it keeps the recent failures and how late runs started,
@@ -29,6 +29,9 @@ OVERLAP_LOG_EVERY = 60.0  # seconds between "runs skipped: still going" lines fo
 
 class RunSource(Protocol):
     exhausted: bool         # nothing more will come: the loop ends when idle
+    # The loop may claim runs ahead of a free thread (one queued per thread); a
+    # stop gives back those that have not begun.
+    claims_ahead: bool
 
     def due(self, runtime, running: Container[str], free_workers: int) -> list[DueRun]: ...
 
@@ -46,6 +49,8 @@ class RunSource(Protocol):
 
 
 class BatchSource:
+    claims_ahead = True
+
     def __init__(self, jobs: list[JobSpec]) -> None:
         self._pending = deque(jobs)
         self._order = [job.name for job in jobs]
@@ -56,7 +61,8 @@ class BatchSource:
         return not self._pending
 
     def due(self, runtime, running: Container[str], free_workers: int) -> list[DueRun]:
-        # Only as many as can start: a run holds its host lock from its claim on.
+        # Only as many as the loop asks for (one per free thread and one queued
+        # behind each): a run holds its host lock from its claim on.
         count = min(free_workers, len(self._pending))
         return [DueRun(self._pending.popleft(), "now", 0.0, 1) for _ in range(count)]
 
@@ -84,6 +90,7 @@ class BatchSource:
 
 class ScheduleSource:
     exhausted = False
+    claims_ahead = False    # due runs are all handed out at once, as they come due
 
     def __init__(self, observer: RunObserver = NO_OBSERVER) -> None:
         """`observer` hears of the runs skipped here (overlap, misfire)."""

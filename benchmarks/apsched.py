@@ -1,0 +1,64 @@
+"""APScheduler 3.11 running the daemon-lateness load (benchmarks/daemon.py): the
+same job function as the worker's config names, on a BackgroundScheduler with a
+ThreadPoolExecutor of THREADS, an IntervalTrigger per job, each run in the
+thread's scoped_session (commit, rollback on error, remove), as a user of
+APScheduler and the hand-written fix would write it. Logs at INFO to stderr, as
+the worker does. Runs until SIGTERM.
+
+    python -m benchmarks.apsched URL JOBS EVERY_SECONDS THREADS OUT
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from datetime import datetime, timedelta
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import create_engine
+from sqlalchemy.orm import scoped_session, sessionmaker
+
+from .jobs import stamp_select
+
+
+def main(argv: list[str]) -> int:
+    url, jobs, every, threads, out = (argv[0], int(argv[1]), float(argv[2]), int(argv[3]),
+                                      argv[4])
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = create_engine(url, pool_size=threads, max_overflow=0)
+    Session = scoped_session(sessionmaker(bind=engine))
+
+    def run(out: str, tag: str) -> None:
+        try:
+            stamp_select(Session, out, tag)
+            Session.commit()
+        except Exception:
+            Session.rollback()
+            raise
+        finally:
+            Session.remove()
+
+    scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(threads)})
+    # The first run of every job now (as the worker's `every`), then every EVERY.
+    start = datetime.now().astimezone() + timedelta(milliseconds=50)
+    for number in range(jobs):
+        scheduler.add_job(run, IntervalTrigger(seconds=every, start_date=start),
+                          kwargs={"out": out, "tag": f"job-{number:02d}"},
+                          id=f"job-{number:02d}",
+                          next_run_time=start)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    scheduler.start()
+    stop.wait()
+    scheduler.shutdown(wait=True)
+    engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

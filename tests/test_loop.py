@@ -1,0 +1,166 @@
+"""The work loop over a large batch: what it holds at once, and what it takes per run.
+
+A batch of 3,000 jobs through the real loop (WorkLoop + BatchSource + HostLedger,
+as `--once` runs them) on a real database: the pool's own events count the
+connections, and the host locks are counted where the ledger takes and gives them
+back (the real flock still happens underneath)."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+from sqlalchemy import event
+
+from tests.batch import run_batch
+from tests.jobfuncs import note_run, select_one, started_then_wait
+from worker.app import Runtime
+from worker.config import Config, DatabaseSettings, JobSpec, RetryPolicy, WorkerSettings
+from worker.db import Database
+from worker.ledger import HostLedger
+from worker.locks import HostLocks, JobLock
+from worker.loop import WorkLoop
+from worker.pool import WorkerPool
+from worker.runner import Outcome
+from worker.sources import BatchSource
+
+JOBS = 3000
+MAX_WORKERS = 4
+
+
+class LockCounter:
+    """How often each job's host lock was taken and given back, and the most held
+    at once."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.taken: Counter[str] = Counter()
+        self.released: Counter[str] = Counter()
+        self.held = self.peak = 0
+        guard = threading.Lock()
+        acquire, release = HostLocks.try_acquire, JobLock.release
+
+        def counting_acquire(locks, job_name):
+            lock = acquire(locks, job_name)
+            if lock is not None:
+                with guard:
+                    self.taken[job_name] += 1
+                    self.held += 1
+                    self.peak = max(self.peak, self.held)
+            return lock
+
+        def counting_release(lock):
+            if lock._fd is not None:
+                with guard:
+                    self.released[lock._job_name] += 1
+                    self.held -= 1
+            release(lock)
+
+        monkeypatch.setattr(HostLocks, "try_acquire", counting_acquire)
+        monkeypatch.setattr(JobLock, "release", counting_release)
+
+
+class ConnectionCounter:
+    """Connections the pool opened, and the most checked out at once."""
+
+    def __init__(self, pool) -> None:
+        self.opened = self.out = self.peak_out = 0
+        guard = threading.Lock()
+
+        def connect(dbapi_connection, record):
+            with guard:
+                self.opened += 1
+
+        def checkout(dbapi_connection, record, proxy):
+            with guard:
+                self.out += 1
+                self.peak_out = max(self.peak_out, self.out)
+
+        def checkin(dbapi_connection, record):
+            with guard:
+                self.out -= 1
+
+        event.listen(pool, "connect", connect)
+        event.listen(pool, "checkout", checkout)
+        event.listen(pool, "checkin", checkin)
+
+
+def test_a_batch_of_3000_jobs_opens_at_most_max_workers_connections_and_takes_each_lock_once(
+        make_database, tmp_path, monkeypatch):
+    database = make_database(pool_size=MAX_WORKERS)
+    connections = ConnectionCounter(database.engine.pool)
+    locks = LockCounter(monkeypatch)
+    jobs = [JobSpec(name=f"job-{n:05d}", call="tests.jobfuncs:select_one",
+                    retry=RetryPolicy(attempts=1)) for n in range(JOBS)]
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir(mode=0o700)
+    with WorkerPool(MAX_WORKERS) as pool:
+        report = run_batch(jobs, {job.name: select_one for job in jobs}, database, pool,
+                           lock_dir=lock_dir)
+
+    assert report.ok and len(report.results) == JOBS
+    assert all(result.ok for result in report.results)
+    # Every job ran in a Session of its own, on one of max_workers pooled connections.
+    assert 1 <= connections.opened <= MAX_WORKERS
+    assert connections.peak_out <= MAX_WORKERS
+    assert connections.out == 0 and database.checked_out() == 0
+    # Each run took its job's host lock once and gave it back once.
+    assert set(locks.taken) == {job.name for job in jobs}
+    assert set(locks.taken.values()) == {1}
+    assert locks.released == locks.taken and locks.held == 0
+    # Claimed ahead of a free thread by at most one run per thread: the locks held
+    # at once stay bounded whatever the batch's size.
+    assert locks.peak <= 2 * MAX_WORKERS
+
+
+def test_a_stop_starts_none_of_the_batch_runs_claimed_ahead(tmp_path):
+    """One worker thread: `first` runs and `second` is claimed behind it. A stop
+    while `first` runs cancels `second` before it begins, as if it had never been
+    claimed: it does not run, its host lock is free again, and the summary lists it
+    as not started."""
+    database = Database(DatabaseSettings(url=f"sqlite:///{tmp_path / 'w.db'}",
+                                         pool_size=1))
+    started, release, ran = threading.Event(), threading.Event(), []
+    jobs = [JobSpec(name="first", call="tests.jobfuncs:started_then_wait",
+                    kwargs={"started": started, "release": release})]
+    jobs += [JobSpec(name=name, call="tests.jobfuncs:note_run",
+                     kwargs={"ran": ran, "name": name}) for name in ("second", "third")]
+    functions = {"first": started_then_wait, "second": note_run, "third": note_run}
+    config = Config(path="<test>", database=database.settings,
+                    worker=WorkerSettings(max_workers=1), retry=RetryPolicy(),
+                    jobs=tuple(jobs))
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir(mode=0o700)
+    locks = HostLocks(lock_dir, database.settings.url)
+    reports = []
+    with WorkerPool(1) as pool:
+        runtime = Runtime(config, functions, tuple(jobs), database, pool, locks, None,
+                          HostLedger(locks))
+        loop = WorkLoop(runtime, BatchSource(list(jobs)))
+        thread = threading.Thread(target=lambda: reports.append(loop.run()))
+        thread.start()
+        assert started.wait(30)
+        deadline = time.monotonic() + 30
+        while "second" not in loop._running and time.monotonic() < deadline:
+            time.sleep(0.01)                            # claimed behind `first`
+        assert "second" in loop._running
+        queued = loop._running["second"].future
+        loop.request_stop()
+        deadline = time.monotonic() + 30
+        while not queued.done() and time.monotonic() < deadline:
+            time.sleep(0.01)        # the loop thread takes the stop on its next pass
+        release.set()
+        thread.join(60)
+    locks.close()
+    database.dispose()
+
+    assert not thread.is_alive() and ran == []
+    results = {result.job: result for result in reports[0].results}
+    assert results["first"].outcome is Outcome.SUCCESS
+    for name in ("second", "third"):
+        assert results[name].outcome is Outcome.CANCELLED
+        assert results[name].error == "not started: the worker was stopping"
+    again = HostLocks(lock_dir, database.settings.url)
+    try:
+        assert again.try_acquire("second") is not None  # given back
+    finally:
+        again.close()
