@@ -28,7 +28,6 @@ mix what a real file holds: the example jobs' functions with kwargs, schedules
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import subprocess
 import sys
