@@ -7,6 +7,7 @@ from sqlalchemy import func, select
 from jobs.commands import DONE, PENDING, Command
 from tests.batch import run_all
 from worker.callables import resolve
+from worker.config import JobSpec, RetryPolicy
 from worker.pool import WorkerPool
 from worker.runner import run_job
 from tests.backends import scenario
@@ -43,13 +44,18 @@ def test_jobs_racing_to_create_the_schema_all_succeed(make_database):
     database = make_database(pool_size=6)
     calls = ["jobs.commands:enqueue_commands", "jobs.commands:process_pending",
              "jobs.commands:purge_processed"] * 2
-    # Ten attempts: on the TDS test server (SQL Server) SQLite behind it lets one job
-    # at a time write after reading, and makes the others deadlock victims (1205), so
-    # the sixth job may need six.
+    # On the TDS test server (SQL Server) SQLite behind it lets one job at a time write
+    # after reading, and makes the others deadlock victims (1205): retried with a
+    # growing, jittered backoff (as a site would configure it), so that the victims
+    # do not collide again in lockstep.
+    def race(name: str, call: str):
+        job = JobSpec(name=name, call=call, retry=RetryPolicy(
+            attempts=20, wait_initial=0.02, wait_max=0.5))
+        return run_job(job, resolve(call), database)
+
     with WorkerPool(6) as pool:
-        results = run_all(pool, [
-            (lambda c=c, n=n: run(database, f"job{n}", c, attempts=10))
-            for n, c in enumerate(calls)])
+        results = run_all(pool, [(lambda c=c, n=n: race(f"job{n}", c))
+                                 for n, c in enumerate(calls)])
     assert [r.error for r in results if not r.ok] == []
     total = sum(counts(database).values())
     assert total == 40                           # two enqueues of the default 20
