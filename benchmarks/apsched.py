@@ -5,7 +5,9 @@ thread's scoped_session (commit, rollback on error, remove), as a user of
 APScheduler and the hand-written fix would write it. Logs at INFO to stderr, as
 the worker does. Runs until SIGTERM.
 
-    python -m benchmarks.apsched URL JOBS EVERY_SECONDS THREADS OUT
+    python -m benchmarks.apsched URL JOBS EVERY_SECONDS THREADS OUT [JOB]
+
+JOB: the name of a function in benchmarks.jobs, `stamp_select` by default.
 """
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import create_engine
 from sqlalchemy.orm import scoped_session, sessionmaker
 
-from .jobs import stamp_select
+from . import jobs as bench_jobs
 
 
 def main(argv: list[str]) -> int:
     url, jobs, every, threads, out = (argv[0], int(argv[1]), float(argv[2]), int(argv[3]),
                                       argv[4])
+    stamp = getattr(bench_jobs, argv[5] if len(argv) > 5 else "stamp_select")
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = create_engine(url, pool_size=threads, max_overflow=0)
@@ -34,7 +37,7 @@ def main(argv: list[str]) -> int:
 
     def run(out: str, tag: str) -> None:
         try:
-            stamp_select(Session, out, tag)
+            stamp(Session, out, tag)
             Session.commit()
         except Exception:
             Session.rollback()

@@ -69,6 +69,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.chdir(ROOT)   # job modules resolve relative to the repo root, as for the CLI
+    _compile_bytecode()
     profile = make_profile(args.quick, args.rounds)
     report = Report(meta=_meta(args, profile))
     selected = args.only or list(SECTIONS)
@@ -89,6 +90,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{len(selected)} section(s) in {report.meta['seconds']}s; "
           f"results written to {_relative(args.output)}")
     return 0
+
+
+def _compile_bytecode() -> None:
+    """Write the bytecode of this checkout's modules, as `pip install` does for an
+    installed package: with PYTHONDONTWRITEBYTECODE set (as on some CI images) every
+    process would otherwise compile the worker's modules from source at start-up,
+    and the hand-written fix has next to none to compile."""
+    import compileall
+    for directory in ("worker", "jobs", "benchmarks"):
+        compileall.compile_dir(ROOT / directory, quiet=2)
+    compileall.compile_file(ROOT / "run_worker.py", quiet=2)
 
 
 def _run_section(name: str, context: Context) -> None:
