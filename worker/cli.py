@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from .app import load_config
-from .logs import command_error
+from .logs import command_error, flush_logs
 from .config import CONFIG_ENV_VAR, DEFAULT_CONFIG_PATH, Config, ConfigError, JobSpec
 from .exitcodes import (EXIT_ALL_SKIPPED, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_JOB_FAILED,
                         EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE)
@@ -180,6 +180,7 @@ def _run(args, path: str, config: Config, functions, selected: list[JobSpec]) ->
     if args.once:
         from .app import run_once
         report = run_once(config, functions, selected)
+        flush_logs()    # the run's log lines before the summary, where both go to one file
         reports.summary(report.results)
         if report.stop_signal == signal.SIGINT:
             # Interrupted from the terminal: 128 + SIGINT, as shells expect.
@@ -207,6 +208,7 @@ def _exit(report, code: int) -> int:
         # A thread cannot be killed; waiting for it would hang cron. Leave now.
         log.error("%d job thread(s) did not end (stuck past a deadline, or after being "
                   "cancelled); exiting without them", report.abandoned)
+        flush_logs()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

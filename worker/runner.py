@@ -24,7 +24,7 @@ from .config import JobSpec, format_duration
 from .db import Database, Session
 from .deadlines import Deadline, DeadlineExceeded, RunWatch
 from .errors import Diagnosis, Verdict, describe
-from .logs import job_fields
+from .logs import flush_logs, job_fields
 from .observe import NO_OBSERVER, RunObserver, retry_label
 
 if TYPE_CHECKING:
@@ -169,6 +169,7 @@ def _end_forked_child(job: JobSpec, attempt: int, error: BaseException | None) -
     log.warning("%s: a process the job forked (pid %d) returned into the worker; it "
                 "exits here with status %d (end a forked child with os._exit())",
                 _tag(job, attempt), os.getpid(), status, extra=_fields(job, attempt))
+    flush_logs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
