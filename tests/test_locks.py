@@ -188,7 +188,7 @@ def test_the_flock_struct_packs_as_the_kernel_reads_it(tmp_path):
     first = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     second = os.open(path, os.O_RDWR)
     try:
-        assert FLOCK.size == 32
+        assert FLOCK.size == 32 or sys.maxsize < 2 ** 32        # x86-64: hhqqi + 4 pad
         offset = lock_offset("job")
         assert 0 < offset < 2 ** 62
         fcntl.fcntl(first, fcntl.F_OFD_SETLK,

@@ -24,8 +24,9 @@ import threading
 import time
 from pathlib import Path
 
-# struct flock on 64-bit Linux: l_type, l_whence (short), l_start, l_len (off_t),
-# l_pid (int), padding to 32 bytes. F_OFD_* exist only on Linux, where this holds.
+# struct flock on Linux: l_type, l_whence (short), l_start, l_len (64-bit off_t),
+# l_pid (int), in native alignment (32 bytes on 64-bit systems, with the padding).
+# F_OFD_* exist only on Linux, the one layout needed.
 FLOCK = struct.Struct("hhqqi4x")
 # The classic fallback goes through fcntl.lockf, which packs the platform's struct.
 LOCKF_OPERATION = {fcntl.F_WRLCK: fcntl.LOCK_EX | fcntl.LOCK_NB, fcntl.F_UNLCK: fcntl.LOCK_UN}
@@ -228,6 +229,7 @@ def _ofd_ranges(fdinfo_lines: list[str], wanted: str) -> list[tuple[int, int]]:
             continue
         ranges.append((start, end))
     return ranges
+
 
 class JobLock:
     """A job's lock, held while it runs; the kernel drops it if the process dies."""
