@@ -5,6 +5,8 @@ the cron wrapper runs the real `run-worker --once` as cron would.
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import shutil
 import subprocess
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from worker.locks import FLOCK, lock_offset
 
 SYSTEMD_DIR = ROOT / "deploy" / "systemd"
 UNITS = ["run-worker.service", "run-worker-batch.service", "run-worker-batch.timer"]
@@ -199,6 +202,21 @@ def test_cron_failure_prints_the_output_for_cron_to_mail(jobs, status, meaning, 
     assert markers(log)[-1][1] == f"exited {status}"
 
 
+def job_lock_held(lock_dir: Path, job: str) -> bool:
+    """Whether some process holds `job`'s host lock: F_OFD_GETLK asks without
+    taking it (the lock file itself exists from the worker's start)."""
+    for path in lock_dir.glob("*.locks"):
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, FLOCK.pack(
+                fcntl.F_WRLCK, os.SEEK_SET, lock_offset(job), 1, 0))
+        finally:
+            os.close(fd)
+        if FLOCK.unpack(answer)[0] != fcntl.F_UNLCK:
+            return True
+    return False
+
+
 def test_overlapping_cron_runs_in_one_log_are_told_apart(tmp_path):
     """A run still holding its job when the next cron run starts: the second exits 75,
     mails nothing, and both runs' lines in the shared log carry their own pid."""
@@ -213,7 +231,7 @@ def test_overlapping_cron_runs_in_one_log_are_told_apart(tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60   # until the first run holds the job's lock
-        while not any(path.is_file() for path in (tmp_path / "locks").rglob("*")):
+        while not job_lock_held(tmp_path / "locks", "slow"):
             assert first.poll() is None, first.communicate()
             assert time.monotonic() < deadline, "the first run never took its lock"
             time.sleep(0.05)

@@ -66,7 +66,7 @@ class HostLedger:
     def claim(self, run: DueRun) -> Ticket | Refusal:
         try:
             lock = self.locks.try_acquire(run.job.name)
-        except OSError as exc:   # a planted link, not a regular file, EMFILE...
+        except OSError as exc:   # the kernel refused the lock call itself (ENOLCK...)
             return Refusal(f"its host lock cannot be taken: {exc}", failed=True)
         if lock is None:
             return Refusal(f"another run of this job holds its host lock (pid "

@@ -1,10 +1,12 @@
 """Host-wide locks, one per job: a job never runs twice at once on one host, even
 across processes (two cron invocations, or a cron run beside the daemon).
 
-A lock is an flock on a file in a directory only this user can write to. The
-directory is checked once, and held open: lock files are opened relative to it,
-never through a symbolic link. Each job's file is opened once and kept open, up to
-a bound well below the open-file limit; a run then costs the two flock calls only.
+All the jobs of one database share one lock file, `<scope>.locks`, in a directory
+only this user can write to. The directory is checked once; the file is opened
+once, relative to it and never through a symbolic link, and kept open. A job's lock
+is a write lock on one byte of that file, at an offset hashed from the job name: an
+open-file-description (OFD) lock on Linux, a classic POSIX record lock elsewhere.
+A run then costs two fcntl calls and nothing else; nothing is written to the file.
 """
 from __future__ import annotations
 
@@ -14,37 +16,35 @@ import hashlib
 import os
 import pwd
 import re
-import resource
 import stat
+import struct
+import sys
 import tempfile
 import threading
-from collections import OrderedDict
+import time
 from pathlib import Path
 
-NAME_MAX = 255               # bytes in one file name (Linux, and most file systems)
-MAX_OPEN_LOCK_FILES = 256    # lock files kept open at most, whatever the fd limit
+# struct flock on Linux: l_type, l_whence (short), l_start, l_len (64-bit off_t),
+# l_pid (int), in native alignment (32 bytes on 64-bit systems, with the padding).
+# F_OFD_* exist only on Linux, the one layout needed.
+FLOCK = struct.Struct("hhqqi4x")
+# The classic fallback goes through fcntl.lockf, which packs the platform's struct.
+LOCKF_OPERATION = {fcntl.F_WRLCK: fcntl.LOCK_EX | fcntl.LOCK_NB, fcntl.F_UNLCK: fcntl.LOCK_UN}
+HOLDER_CACHE_SECONDS = 1.0   # how long one /proc scan answers holder() for
 
 
 class LockDirectoryError(Exception):
-    """The lock directory cannot be trusted or used: nothing may run (exit 78)."""
+    """The lock directory, or the lock file in it, cannot be trusted or used:
+    nothing may run (exit 78)."""
 
-    def __init__(self, directory: Path, problem: str) -> None:
-        super().__init__(f"lock directory {directory} {problem}")
-        self.directory = directory
+    def __init__(self, path: Path, problem: str, *, kind: str = "lock directory") -> None:
+        super().__init__(f"{kind} {path} {problem}")
+        self.path = path
 
 
 def default_lock_dir() -> Path:
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     return Path(base) / f"run-worker-{os.getuid()}"
-
-
-def open_file_budget() -> int:
-    """How many lock files may stay open: a quarter of the soft fd limit, at most
-    MAX_OPEN_LOCK_FILES, so connections, logs and the jobs keep the rest."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft <= 0:
-        return MAX_OPEN_LOCK_FILES
-    return max(1, min(MAX_OPEN_LOCK_FILES, soft // 4))
 
 
 def _user(uid: int) -> str:
@@ -121,151 +121,238 @@ def database_identity(url: str) -> str:
     return without.render_as_string(hide_password=False)
 
 
-def lock_file_name(job_name: str, scope: str) -> str:
-    """`job.scope.lock`; a name too long for the file system keeps a prefix and
-    gains a hash of the whole name, so distinct jobs keep distinct files."""
-    suffix = f".{scope}.lock"
-    name = job_name.encode()
-    if len(name) + len(suffix) > NAME_MAX:
-        digest = hashlib.sha256(name).hexdigest()[:16]
-        keep = NAME_MAX - len(suffix) - len(digest) - 1
-        name = name[:keep] + b"~" + digest.encode()
-    return name.decode(errors="ignore") + suffix
+def lock_offset(job_name: str) -> int:
+    """The byte of the lock file that is `job_name`'s lock: 62 bits of a SHA-256 of
+    the name (positive, and far below the largest off_t). Two names out of 30,000
+    share one with a probability of about 1e-10; they would then take turns."""
+    digest = hashlib.sha256(job_name.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") >> 2
 
 
-def flock_holder(device: int, inode: int) -> int | None:
-    """The pid holding an flock on this file, from /proc/locks (Linux); None if
-    unknown. Read only when a lock was refused, so a run never pays for it."""
-    wanted = f"{os.major(device):02x}:{os.minor(device):02x}:{inode}"
+def open_lock_file(dir_fd: int, path: Path) -> int:
+    """A descriptor on the lock file `path` (created if missing) in the checked
+    directory `dir_fd`: never through a symbolic link, and only a regular file."""
     try:
-        with open("/proc/locks") as table:
-            for line in table:
-                fields = line.split()
-                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted:
-                    pid = int(fields[4])
-                    return pid if pid > 0 else None
-    except (OSError, ValueError):
-        pass
-    return None
+        fd = os.open(path.name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                     | os.O_NONBLOCK, 0o600, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LockDirectoryError(path, "is a symbolic link; refusing to follow it "
+                                     "(remove it)", kind="lock file") from exc
+        raise LockDirectoryError(path, f"cannot be opened: {exc.strerror}",
+                                 kind="lock file") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LockDirectoryError(path, "is not a regular file; refusing it (remove it)",
+                                 kind="lock file")
+    return fd
+
+
+def ofd_locks_work(fd: int) -> bool:
+    """Whether this system has OFD locks: Linux 3.15 or later. Elsewhere Python has
+    no F_OFD_SETLK; an older Linux kernel rejects the command with EINVAL."""
+    if not hasattr(fcntl, "F_OFD_GETLK"):
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_GETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    return True
+
+
+def posix_lock_holder(fd: int, offset: int) -> int | None:
+    """The pid holding a classic POSIX lock on the byte at `offset` (F_GETLK
+    reports it); None if the byte is free, or off Linux, whose struct flock
+    layout FLOCK is."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK,
+                             FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+    except OSError:
+        return None
+    lock_type, _whence, _start, _length, pid = FLOCK.unpack(answer)
+    return pid if lock_type != fcntl.F_UNLCK and pid > 0 else None
+
+
+def ofd_lock_holders(device: int, inode: int, file_name: str) -> list[tuple[int, int, int]]:
+    """(first byte, last byte, pid) of each OFD lock on the file (device, inode)
+    held by a process of this user. /proc/locks shows pid -1 for OFD locks, but
+    /proc/<pid>/fdinfo/<fd> lists the locks held through that fd. Processes come
+    and go while this reads: whatever cannot be read is passed over. Empty off
+    Linux."""
+    wanted = f"{os.major(device):02x}:{os.minor(device):02x}:{inode}"
+    suffixes = (f"/{file_name}", f"/{file_name} (deleted)")
+    uid = os.geteuid()
+    held: list[tuple[int, int, int]] = []
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return held
+    for pid in pids:
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                # The link's name is a cheap filter; the lock lines' dev:ino decide.
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").endswith(suffixes):
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                    lines = info.read().splitlines()
+            except OSError:
+                continue
+            held.extend((start, end, int(pid)) for start, end in _ofd_ranges(lines, wanted))
+    return held
+
+
+def _ofd_ranges(fdinfo_lines: list[str], wanted: str) -> list[tuple[int, int]]:
+    """The byte ranges of the OFD locks on file `wanted` (dev:ino) in an fdinfo,
+    whose lock lines read `lock:\t1: OFDLCK ADVISORY  WRITE -1 fe:00:2146818 7 7`
+    (the kernel merges adjacent ranges of one holder; `EOF` ends an open range)."""
+    ranges = []
+    for line in fdinfo_lines:
+        fields = line.split()
+        if len(fields) < 9 or fields[0] != "lock:" or fields[2] != "OFDLCK" \
+                or "->" in fields or wanted not in fields:
+            continue
+        at = fields.index(wanted)
+        try:
+            start = int(fields[at + 1])
+            end = sys.maxsize if fields[at + 2] == "EOF" else int(fields[at + 2])
+        except (IndexError, ValueError):
+            continue
+        ranges.append((start, end))
+    return ranges
 
 
 class JobLock:
-    """An flock held while a job runs; the kernel drops it if the process dies."""
+    """A job's lock, held while it runs; the kernel drops it if the process dies."""
 
-    def __init__(self, owner: "HostLocks", job_name: str, fd: int) -> None:
+    def __init__(self, owner: "HostLocks", job_name: str, fd: int, offset: int) -> None:
         self._owner = owner
         self._job_name = job_name
         self._fd: int | None = fd
+        self._offset = offset
 
     def release(self) -> None:
         if self._fd is not None:
-            self._owner._release(self._job_name, self._fd)
+            self._owner._release(self._fd, self._offset)
             self._fd = None
 
 
 class HostLocks:
-    """The host locks of one database's jobs. Thread-safe: a lock may be released
-    from the job's thread while the loop takes others."""
+    """The host locks of one database's jobs: one file, one byte-range lock per job.
+    Thread-safe: a lock may be released from the job's thread while the loop takes
+    others (OFD locks belong to the open file description, which all threads share)."""
 
     def __init__(self, directory: str | os.PathLike | None, database_url: str) -> None:
         self.directory = Path(directory) if directory else default_lock_dir()
         # Same job name against another database is another job.
-        self._scope = hashlib.sha256(database_identity(database_url).encode()).hexdigest()[:12]
-        self.max_open = open_file_budget()
-        self._dir_fd: int | None = open_lock_directory(self.directory)
-        self._open: OrderedDict[str, int] = OrderedDict()   # least recently used first
-        self._locked: set[str] = set()
+        scope = hashlib.sha256(database_identity(database_url).encode()).hexdigest()[:12]
+        self.path = self.directory / f"{scope}.locks"
+        dir_fd = open_lock_directory(self.directory)
+        try:
+            self._fd: int | None = open_lock_file(dir_fd, self.path)
+        finally:
+            os.close(dir_fd)      # the one file is open: the directory is not needed again
+        info = os.fstat(self._fd)
+        self._device, self._inode = info.st_dev, info.st_ino
+        # Without OFD locks, classic POSIX record locks: they belong to the process,
+        # which is enough with one descriptor per file per HostLocks; but a second
+        # HostLocks on the same file in this process would not exclude the first, and
+        # closing it would drop the first one's locks. OFD locks have neither problem.
+        self._ofd = ofd_locks_work(self._fd)
+        # Offsets this HostLocks holds: the kernel lets an open file description take
+        # its own lock again, so one process's runs are kept apart here.
+        self._locked_offsets: set[int] = set()
         self._guard = threading.Lock()
+        self.holder_cache_seconds = HOLDER_CACHE_SECONDS
+        self._holders: tuple[float, list[tuple[int, int, int]]] | None = None
+        self._holders_guard = threading.Lock()
 
     def path_for(self, job_name: str) -> Path:
-        return self.directory / lock_file_name(job_name, self._scope)
+        """The file holding `job_name`'s lock: the scope's one lock file."""
+        return self.path
 
     def try_acquire(self, job_name: str) -> JobLock | None:
         """The job's lock, or None when a run of it holds the lock right now (in
-        another process, or in this one). OSError if its file cannot be opened."""
+        another process, or in this one)."""
+        offset = lock_offset(job_name)
         with self._guard:
-            if self._dir_fd is None:
+            if self._fd is None:
                 raise RuntimeError("HostLocks used after close()")
-            if job_name in self._locked:
+            if offset in self._locked_offsets:
                 return None
-            fd = self._open.get(job_name)
-            if fd is None:
-                fd = self._open_file(job_name)
-                self._open[job_name] = fd
-                self._close_unused(keep=job_name)
-            else:
-                self._open.move_to_end(job_name)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not self._set_lock(fcntl.F_WRLCK, offset):
                 return None
-            self._locked.add(job_name)
-        return JobLock(self, job_name, fd)
+            self._locked_offsets.add(offset)
+            return JobLock(self, job_name, self._fd, offset)
 
-    def _open_file(self, job_name: str) -> int:
-        name = lock_file_name(job_name, self._scope)
+    def _set_lock(self, lock_type: int, offset: int) -> bool:
+        """Take (F_WRLCK) or give back (F_UNLCK) the byte at `offset`, without
+        waiting: one fcntl call. False if another open file description (or, in the
+        classic fallback, another process) holds it."""
         try:
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-                         | os.O_NONBLOCK, 0o600, dir_fd=self._dir_fd)
+            if self._ofd:
+                fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK,
+                            FLOCK.pack(lock_type, os.SEEK_SET, offset, 1, 0))
+            else:
+                fcntl.lockf(self._fd, LOCKF_OPERATION[lock_type], 1, offset, os.SEEK_SET)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise OSError(exc.errno, "lock file is a symbolic link; refusing to "
-                              "follow it", str(self.directory / name)) from exc
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
             raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise OSError(errno.EINVAL, "lock file is not a regular file",
-                          str(self.directory / name))
-        return fd
+        return True
 
-    def _close_unused(self, keep: str) -> None:
-        """Close the least recently used unlocked files beyond the budget, but
-        not `keep`'s (about to be locked): a locked file stays open, since closing
-        it would drop its lock."""
-        excess = len(self._open) - self.max_open
-        if excess <= 0:
-            return
-        unused = []
-        for name in self._open:
-            if name not in self._locked and name != keep:
-                unused.append(name)
-                if len(unused) == excess:
-                    break
-        for name in unused:
-            os.close(self._open.pop(name))
-
-    def _release(self, job_name: str, fd: int) -> None:
+    def _release(self, fd: int, offset: int) -> None:
         with self._guard:
-            if self._open.get(job_name) != fd or job_name not in self._locked:
+            if self._fd != fd or offset not in self._locked_offsets:
                 return     # closed meanwhile: the close dropped the lock
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            self._locked.discard(job_name)
+            self._set_lock(fcntl.F_UNLCK, offset)
+            self._locked_offsets.discard(offset)
 
     def holder(self, job_name: str) -> str:
-        """The pid holding the job's lock, as text; '?' when unknown."""
+        """The pid holding the job's lock, as text; '?' when unknown. Called only
+        when a lock was refused, so a run never pays for it."""
+        offset = lock_offset(job_name)
         with self._guard:
-            dir_fd = self._dir_fd
-            if dir_fd is None:
+            if self._fd is None:
                 return "?"
-            try:
-                info = os.stat(lock_file_name(job_name, self._scope), dir_fd=dir_fd,
-                               follow_symlinks=False)
-            except OSError:
-                return "?"
-        pid = flock_holder(info.st_dev, info.st_ino)
-        return str(pid) if pid is not None else "?"
+            if offset in self._locked_offsets:
+                return str(os.getpid())
+            if not self._ofd:
+                pid = posix_lock_holder(self._fd, offset)
+                return str(pid) if pid is not None else "?"
+        for start, end, pid in self._lock_table():
+            if start <= offset <= end:
+                return str(pid)
+        return "?"
+
+    def _lock_table(self) -> list[tuple[int, int, int]]:
+        """The OFD locks on our file, at most holder_cache_seconds old: a batch whose
+        every job is refused reads /proc once a second, not once per job."""
+        with self._holders_guard:
+            now = time.monotonic()
+            if self._holders is None or now - self._holders[0] >= self.holder_cache_seconds:
+                self._holders = (now, ofd_lock_holders(self._device, self._inode,
+                                                        self.path.name))
+            return self._holders[1]
 
     def open_files(self) -> int:
-        """How many lock files are open right now."""
+        """How many lock files are open right now: 1, or 0 after close()."""
         with self._guard:
-            return len(self._open)
+            return 0 if self._fd is None else 1
 
     def close(self) -> None:
+        """Close the lock file, which drops every lock still held through it."""
         with self._guard:
-            for fd in self._open.values():
-                os.close(fd)
-            self._open.clear()
-            self._locked.clear()
-            if self._dir_fd is not None:
-                os.close(self._dir_fd)
-                self._dir_fd = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._locked_offsets.clear()
