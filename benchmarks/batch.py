@@ -31,6 +31,9 @@ from .common import ROOT, Target, interleaved, median, now, print_table, ratio
 
 WORKERS = 4
 WORKER, FIX = "worker", "hand-written fix"
+# The worker at --log-level WARNING (no line per run), for the TARGET_JOBS configs
+# only: what the per-run INFO line costs, measured in the same rounds.
+WORKER_QUIET = "worker, WARNING"
 CHECK, FLOOR = "--check", "import + safe_load"
 TARGET_JOBS, TARGET_BATCH = 3000, 1.2
 TARGET_CHECK_JOBS, TARGET_CHECK = 30_000, 3.0
@@ -51,7 +54,11 @@ def write_config(path: Path, url: str, jobs: int, lock_dir: Path) -> Path:
     return path
 
 
-def run_command(command: Command, allowed=(0,)) -> float:
+def run_command(command: Command, allowed=(0,), cpu: list[float] | None = None) -> float:
+    """Wall seconds from spawn to exit; the child's CPU seconds (user + system)
+    appended to `cpu` if given."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = now()
     if command.log is None:
         completed = subprocess.run(command.argv, cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -63,6 +70,9 @@ def run_command(command: Command, allowed=(0,)) -> float:
                                        stdout=log, stderr=subprocess.STDOUT)
         tail = command.log.read_text(errors="replace")[-2000:]
     elapsed = now() - started
+    if cpu is not None:
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     if completed.returncode not in allowed:
         raise RuntimeError(f"{' '.join(command.argv[:4])} ... exited "
                            f"{completed.returncode}:\n{tail}")
@@ -82,23 +92,38 @@ def run_batch(context) -> tuple[dict, list[Target]]:
                     for command in commands.values():
                         run_command(command)
                 rounds = profile.batch_rounds if jobs < 10_000 else profile.big_batch_rounds
+                cpu: dict[str, list[float]] = {name: [] for name in commands}
                 samples = interleaved(list(commands), rounds,
-                                      lambda name: run_command(commands[name]))
+                                      lambda name: run_command(commands[name],
+                                                               cpu=cpu[name]))
                 rates = {name: jobs / median(values) for name, values in samples.items()}
                 data[f"{backend.name} {jobs}"] = {"jobs": jobs, "samples": samples,
-                                                  "jobs_per_s": rates}
+                                                  "cpu": cpu, "jobs_per_s": rates}
+                quiet = (f"  worker at WARNING {rates[WORKER_QUIET]:7,.0f}/s"
+                         if WORKER_QUIET in rates else "")
                 print(f"  {backend.name:7} {jobs:6,} jobs: worker {rates[WORKER]:7,.0f}/s "
                       f" fix {rates[FIX]:7,.0f}/s  ratio "
-                      f"{ratio(rates[WORKER], rates[FIX]):.2f}x", flush=True)
+                      f"{ratio(rates[WORKER], rates[FIX]):.2f}x{quiet}", flush=True)
     rows = [[key, entry["jobs"], median(entry["samples"][WORKER]),
              median(entry["samples"][FIX]), entry["jobs_per_s"][WORKER],
              entry["jobs_per_s"][FIX],
-             f"{ratio(entry['jobs_per_s'][WORKER], entry['jobs_per_s'][FIX]):.2f}x"]
+             f"{ratio(entry['jobs_per_s'][WORKER], entry['jobs_per_s'][FIX]):.2f}x",
+             median(entry["cpu"][WORKER]), median(entry["cpu"][FIX])]
             for key, entry in data.items()]
     print_table(f"Batch, whole process, {WORKERS} workers, SELECT 1 per job (median of "
-                f"interleaved runs, spawn to exit)",
+                f"interleaved runs, spawn to exit; cpu: the process's user + system "
+                f"seconds)",
                 ["backend jobs", "jobs", "worker s", "fix s", "worker /s", "fix /s",
-                 "worker/fix"], rows)
+                 "worker/fix", "worker cpu s", "fix cpu s"], rows)
+    quiet_rows = [[key, median(entry["samples"][WORKER_QUIET]),
+                   median(entry["samples"][WORKER]),
+                   f"{ratio(entry['jobs_per_s'][WORKER_QUIET], entry['jobs_per_s'][FIX]):.2f}x",
+                   median(entry["cpu"][WORKER_QUIET]), median(entry["cpu"][WORKER])]
+                  for key, entry in data.items() if WORKER_QUIET in entry["samples"]]
+    if quiet_rows:
+        print_table("The per-run log line: the worker at --log-level WARNING (same rounds)",
+                    ["backend jobs", "WARNING s", "INFO s", "WARNING/fix",
+                     "WARNING cpu s", "INFO cpu s"], quiet_rows)
     for key, entry in data.items():
         if entry["jobs"] == TARGET_JOBS and key.startswith("mariadb"):
             rates = entry["jobs_per_s"]
@@ -114,12 +139,17 @@ def run_batch(context) -> tuple[dict, list[Target]]:
 def _batch_commands(directory: Path, backend: Backend, jobs: int) -> dict[str, Command]:
     config = write_config(directory / f"{backend.name}-{jobs}.yaml", backend.url, jobs,
                           directory / "locks")
-    return {
+    commands = {
         WORKER: Command([sys.executable, "run_worker.py", "--once", "-c", str(config)],
                         directory / "worker.log"),
         FIX: Command([sys.executable, "-m", "benchmarks.fixbatch", backend.url, str(jobs),
                       str(WORKERS)], directory / "fix.log"),
     }
+    if jobs == TARGET_JOBS:
+        commands[WORKER_QUIET] = Command([sys.executable, "run_worker.py", "--once", "-c",
+                                          str(config), "--log-level", "WARNING"],
+                                         directory / "worker.log")
+    return commands
 
 
 def run_check(context) -> tuple[dict, list[Target]]:
