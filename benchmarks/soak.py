@@ -5,7 +5,7 @@ memory and connections.
    --once, as a subprocess: 8 jobs `every: 2ms`, max_workers 4, pool_size at its
    default (= max_workers), SELECT 1 jobs, INFO log to a file (runs are counted
    from its "succeeded" lines). VmRSS after the warm-up, along the way and after
-   profile.soak_jobs more runs (100,000), connections
+   profile.soak_jobs more runs (60,000 in the full run), connections
    open (the daemon's fds / sockets, and PROCESSLIST), and the "still checked
    out" figure it logs when SIGTERM stops it, plus its exit code. Targets.
 2. The library path (this module), as before but shorter (profile.soak_library_jobs):
