@@ -139,10 +139,10 @@ def test_a_new_lock_directory_is_private(tmp_path):
 def test_the_lock_file_name_does_not_depend_on_credentials(tmp_path):
     directory = private_dir(tmp_path / "locks")
 
-    def name(url: str, job: str = "job") -> str:
+    def name(url: str) -> str:
         locks = HostLocks(directory, url)
         try:
-            return locks.path_for(job).name
+            return locks.path.name
         finally:
             locks.close()
 
@@ -155,10 +155,10 @@ def test_the_lock_file_name_does_not_depend_on_credentials(tmp_path):
     assert name(URL + "&api_token=a1") == base
     odbc = "mssql+pyodbc:///?odbc_connect=DRIVER%3D%7BX%7D%3BSERVER%3Dh%3BPWD%3D%7Ba%3Bb%7D"
     assert name(odbc) == name(odbc.replace("PWD%3D%7Ba%3Bb%7D", "PWD%3Dz"))
-    # Another database (or user) is another lock file; every job shares its database's.
+    # Another database (or user) is another lock file (every job of one database
+    # shares it: the next test).
     assert name(URL.replace("/app", "/other")) != base
     assert name(URL.replace("worker:", "admin:")) != base
-    assert name(URL, "job2") == base
 
 
 def test_one_private_empty_lock_file_per_database_whatever_the_jobs(tmp_path):
@@ -171,7 +171,7 @@ def test_one_private_empty_lock_file_per_database_whatever_the_jobs(tmp_path):
             held.release()
         assert locks.open_files() == 1
         (only,) = directory.iterdir()
-        assert only == locks.path_for("job-0")
+        assert only == locks.path
         info = only.stat()
         assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
         assert info.st_size == 0                       # nothing is written to it
@@ -329,7 +329,7 @@ def test_a_run_costs_only_its_two_fcntl_calls_from_the_first_run_on(tmp_path):
         hook_done = len(events)
         sys.stdout.write(" ".join(sorted(set(events[:hook_done]))) + "|"
                          + str(events[:hook_done].count("fcntl.fcntl")) + "|"
-                         + str(os.stat(locks.path_for("job-0")).st_size))
+                         + str(os.stat(locks.path).st_size))
         """)
     kinds, calls, size = out.split("|")
     assert kinds == "fcntl.fcntl"
@@ -427,8 +427,8 @@ def test_the_holders_map_names_the_process_holding_each_job(tmp_path, holders):
     holder = holders(directory, URL, ["report", "export"])
     locks = HostLocks(directory, URL)
     try:
-        info = os.stat(locks.path_for("report"))
-        table = ofd_lock_holders(info.st_dev, info.st_ino, locks.path_for("report").name)
+        info = os.stat(locks.path)
+        table = ofd_lock_holders(info.st_dev, info.st_ino, locks.path.name)
         assert covering(table, "report") == covering(table, "export") == [holder.pid]
         assert covering(table, "other") == []
         assert locks.try_acquire("report") is None
@@ -437,9 +437,9 @@ def test_the_holders_map_names_the_process_holding_each_job(tmp_path, holders):
         # Another database's file is another inode: none of these locks are its.
         elsewhere = HostLocks(directory, URL.replace("/app", "/other"))
         try:
-            info = os.stat(elsewhere.path_for("report"))
+            info = os.stat(elsewhere.path)
             assert ofd_lock_holders(info.st_dev, info.st_ino,
-                                    elsewhere.path_for("report").name) == []
+                                    elsewhere.path.name) == []
             assert elsewhere.holder("report") == "?"
         finally:
             elsewhere.close()

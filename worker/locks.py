@@ -276,10 +276,6 @@ class HostLocks:
         self._holders: tuple[float, list[tuple[int, int, int]]] | None = None
         self._holders_guard = threading.Lock()
 
-    def path_for(self, job_name: str) -> Path:
-        """The file holding `job_name`'s lock: the scope's one lock file."""
-        return self.path
-
     def try_acquire(self, job_name: str) -> JobLock | None:
         """The job's lock, or None when a run of it holds the lock right now (in
         another process, or in this one)."""
