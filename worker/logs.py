@@ -53,7 +53,7 @@ class JsonFormatter(logging.Formatter):
 class BatchingHandler(logging.Handler):
     """Writes formatted lines to a stream, many per write.
 
-    Why: a line per run, each its own write, cost a 3,000-job batch a fifth of
+    Why: a line per run, each its own write, cost a 3,000-job batch a quarter of
     its time on SQLite (benchmarks: `--log-level WARNING` against INFO): every
     write lets go of the interpreter lock, and the job thread then waits among
     the others to get it back. So a line is formatted in the thread that logs it
