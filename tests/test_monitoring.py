@@ -286,8 +286,8 @@ from worker.app import load_config, run_once
 config, functions = load_config({str(config)!r})
 report = run_once(config, functions, list(config.jobs))
 assert report.ok
-watched = ["prometheus_client", "http.server", "worker.monitor", "worker.metrics",
-           "worker.hooks", "worker.statuspage"]
+watched = ["prometheus_client", "http.server", "worker.monitoring.monitor", "worker.monitoring.metrics",
+           "worker.monitoring.hooks", "worker.monitoring.statuspage"]
 print(sorted(m for m in watched if m in sys.modules))
 print(sorted(t.name for t in __import__("threading").enumerate()))
 """
@@ -341,7 +341,7 @@ jobs:
 
 
 def test_healthz_is_503_when_the_loop_stops_turning():
-    from worker.monitor import Health
+    from worker.monitoring.monitor import Health
     health = Health(stall_after=0.2)
     assert health.live()[0] is False          # not started yet
     health.tick()
@@ -531,7 +531,7 @@ metrics: {{port: PORT}}
 
 def test_every_classifier_reason_has_a_known_label():
     from worker.errors import MESSAGE_RULES, NATIVE_RULES, SQLSTATE_RULES, Verdict
-    from worker.observe import retry_label
+    from worker.monitoring.observe import retry_label
     rules = [rule for table in (NATIVE_RULES, SQLSTATE_RULES) for codes in table.values()
              for rule in codes.values()]
     rules += [rule for pairs in MESSAGE_RULES.values() for _, rule in pairs]
@@ -594,7 +594,7 @@ def test_misfires_and_overlaps_are_counted_by_the_schedule_source():
     from types import SimpleNamespace
 
     from worker.config import JobSpec
-    from worker.metrics import MetricsObserver
+    from worker.monitoring.metrics import MetricsObserver
     from worker.scheduler import EverySchedule, Scheduler, zone_named
     from worker.sources import ScheduleSource
 

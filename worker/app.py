@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 from .callables import JobFunction, resolve_jobs
 from .config import Config, ConfigError, JobSpec, load
 from .errors import describe
-from .observe import Observers, wants_hooks, wants_monitoring
+from .monitoring.observe import Observers, wants_hooks, wants_monitoring
 
 log = logging.getLogger("worker")
 
@@ -43,7 +43,7 @@ def load_config(path: str) -> tuple[Config, dict[str, JobFunction]]:
             raise ConfigError(problems[0], path=config.path, key="jobs")
     functions = resolve_jobs(config)
     if wants_hooks(config):
-        from .hooks import resolve_hooks
+        from .monitoring.hooks import resolve_hooks
         resolve_hooks(config)      # a hook's typo fails here, as a job's does
     return config, functions
 
@@ -221,7 +221,7 @@ def run_once(config: Config, functions: Mapping[str, JobFunction],
 
     observers, monitoring = Observers(), None
     if wants_monitoring(config):
-        from .monitor import Monitoring
+        from .monitoring.monitor import Monitoring
         monitoring = Monitoring(observers, listen=False)   # --once never listens
         monitoring.apply(config)
     runtime = build_runtime(config, functions, jobs=selected, scheduled=False)
@@ -252,7 +252,7 @@ def run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
     notifier = Notifier()
     observers, monitoring = Observers(), None
     if wants_monitoring(config):
-        from .monitor import Monitoring
+        from .monitoring.monitor import Monitoring
         monitoring = Monitoring(observers, listen=True)
         monitoring.apply(config)       # ListenError: the port is taken (exit 69)
     held = [monitoring]                # a reload may start monitoring later
@@ -281,7 +281,7 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
         monitoring = held[0]
         if monitoring is not None or wants_monitoring(new_config):
             if monitoring is None:
-                from .monitor import Monitoring
+                from .monitoring.monitor import Monitoring
                 monitoring = held[0] = Monitoring(observers, listen=True)
             # A new listener is bound before anything else changes: if it cannot
             # be, the reload is rejected and the old listener stays.

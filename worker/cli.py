@@ -189,7 +189,7 @@ def _run(args, path: str, config: Config, functions, selected: list[JobSpec]) ->
             return _exit(report, EXIT_ALL_SKIPPED)
         return _exit(report, EXIT_OK if report.ok else EXIT_JOB_FAILED)
     from .app import DatabaseUnusable, run_daemon
-    from .observe import ListenError
+    from .monitoring.observe import ListenError
     try:
         report = run_daemon(path, config, functions, args.jobs)
     except ListenError as exc:

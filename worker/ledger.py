@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Container, Iterable, Protocol
 
 from .config import JobSpec
 from .locks import HostLocks, JobLock
-from .observe import SKIP_CLAIMED_ELSEWHERE, SKIP_CLUSTER_UNREACHABLE, SKIP_LOCK_HELD
+from .monitoring.observe import SKIP_CLAIMED_ELSEWHERE, SKIP_CLUSTER_UNREACHABLE, SKIP_LOCK_HELD
 from .runner import JobResult
 from .scheduler import DueRun, schedule_for
 
@@ -43,7 +43,7 @@ class Refusal:
     """A run not to start. `record`: report it as a skipped run (the batch summary
     shows it); otherwise it is someone else's run and only logged. `failed`: it
     could not be claimed at all (a lock file that cannot be opened): the run
-    failed. `kind`: why, as a short label for metrics (worker.observe SKIP_*)."""
+    failed. `kind`: why, as a short label for metrics (monitoring.observe SKIP_*)."""
     reason: str
     record: bool = True
     failed: bool = False

@@ -22,7 +22,7 @@ from .config import format_duration
 from .deadlines import RunWatch
 from .errors import describe
 from .ledger import Refusal, Ticket
-from .observe import NO_OBSERVER, RunObserver
+from .monitoring.observe import NO_OBSERVER, RunObserver
 from .runner import JobResult, Outcome, run_job
 from .scheduler import DueRun
 from .sources import RunSource
@@ -81,7 +81,7 @@ class WorkLoop:
                  cancel_grace: float = CANCEL_GRACE) -> None:
         """`runtime`: a worker.app.Runtime. `reload(current)`: builds the runtime
         that replaces `current` (any exception rejects the reload). `observer`
-        hears what happens (worker.observe); the loop never asks who listens."""
+        hears what happens (monitoring.observe); the loop never asks who listens."""
         self.runtime = runtime
         self.source = source
         self.notifier = notifier or Notifier({})

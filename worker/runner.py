@@ -25,7 +25,7 @@ from .db import Database, Session
 from .deadlines import Deadline, DeadlineExceeded, RunWatch
 from .errors import Diagnosis, Verdict, describe
 from .logs import flush_logs, job_fields
-from .observe import NO_OBSERVER, RunObserver, retry_label
+from .monitoring.observe import NO_OBSERVER, RunObserver, retry_label
 
 if TYPE_CHECKING:
     from tenacity import RetryCallState

@@ -17,7 +17,7 @@ from collections import deque
 from typing import Container, Protocol
 
 from .config import JobSpec
-from .observe import NO_OBSERVER, SKIP_MISFIRE, SKIP_OVERLAP, RunObserver
+from .monitoring.observe import NO_OBSERVER, SKIP_MISFIRE, SKIP_OVERLAP, RunObserver
 from .runner import JobResult, Outcome
 from .scheduler import DueRun
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import ExtraCodes
-from ..observe_config import HookCalls, HooksSettings, MetricsSettings
+from ..monitoring.settings import HookCalls, HooksSettings, MetricsSettings
 from .durations import format_duration
 from .masking import mask_secrets
 

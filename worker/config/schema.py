@@ -16,7 +16,7 @@ from ..errors import ExtraCodes
 from .durations import format_duration, parse_duration
 from .model import (ClusterSettings, Config, ConfigError, DatabaseSettings, JobSpec,
                     RetryPolicy, WorkerSettings, default_of, keys_of)
-from ..observe_config import hooks_settings, job_hooks, metrics_settings
+from ..monitoring.settings import hooks_settings, job_hooks, metrics_settings
 from .urls import UrlProblem, check_url
 from .yamlfile import KeyPath, UnsetVariable, dotted, expand_tree, read_yaml
 

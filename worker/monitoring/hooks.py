@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from .config import Config
+from ..config import Config
 from .observe import NoObserver
-from .observe_config import HOOK_KINDS, HooksSettings
+from .settings import HOOK_KINDS, HooksSettings
 
 log = logging.getLogger("worker.hooks")
 
@@ -39,7 +39,7 @@ def hook_calls(config: Config) -> list[tuple[str, str, object]]:
 
 def resolve_hooks(config: Config) -> dict[str, Callable]:
     """Each hook's function by its `call`; ConfigError on the first that fails."""
-    from .callables import CallableError, check_runs_body, resolve
+    from ..callables import CallableError, check_runs_body, resolve
     functions: dict[str, Callable] = {}
     for kind, call, job in hook_calls(config):
         if call in functions:
@@ -56,7 +56,7 @@ def resolve_hooks(config: Config) -> dict[str, Callable]:
 
 
 def _check_one_argument(function: Callable) -> None:
-    from .callables import CallableError
+    from ..callables import CallableError
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):

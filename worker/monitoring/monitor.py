@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .config import Config, mask_secrets
+from ..config import Config, mask_secrets
 from .observe import ListenError, NoObserver, Observers, wants_hooks
-from .observe_config import MetricsSettings
+from .settings import MetricsSettings
 
 log = logging.getLogger("worker.monitor")
 
@@ -163,7 +163,7 @@ class StatusBoard(NoObserver):
     def _cluster_history(self, runtime):
         if runtime.cluster is None:
             return None, None
-        from .errors import describe
+        from ..errors import describe
         try:
             history = {}
             for job in runtime.config.jobs:
@@ -189,7 +189,7 @@ def _iso(seconds: float) -> str:
 
 
 def _masked(url: str) -> str:
-    from .config import masked_url
+    from ..config import masked_url
     return masked_url(url)
 
 
@@ -286,8 +286,8 @@ class Monitoring:
     def __init__(self, observers: Observers, listen: bool) -> None:
         self.observers = observers
         self.listen = listen
-        self.metrics = None                      # worker.metrics.MetricsObserver
-        self.hooks = None                        # worker.hooks.HookRunner
+        self.metrics = None                      # monitoring.metrics.MetricsObserver
+        self.hooks = None                        # monitoring.hooks.HookRunner
         self.health: Health | None = None
         self.board: StatusBoard | None = None
         self.server: MonitorServer | None = None
@@ -383,7 +383,7 @@ class Change:
     monitoring: Monitoring
     config: Config
     server: MonitorServer | None
-    hooks: object | None                  # worker.hooks.HookRunner
+    hooks: object | None                  # monitoring.hooks.HookRunner
     hook_functions: dict | None
 
     def commit(self) -> None:

@@ -1,5 +1,5 @@
 """The status page at `/`: plain server-rendered HTML from the same data as
-`/status.json` (worker.monitor.StatusBoard.snapshot). No JavaScript, no build
+`/status.json` (monitoring.monitor.StatusBoard.snapshot). No JavaScript, no build
 step; one column on a phone. Read-only: it has no form and no link that acts."""
 from __future__ import annotations
 

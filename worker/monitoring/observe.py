@@ -3,7 +3,7 @@
 The loop (worker.loop), the run sources (worker.sources), the runner
 (worker.runner) and the app (worker.app) report what happens through a
 `RunObserver`; they never know who listens. Metrics, health, the status page
-and the failure hooks are observers (worker.monitor puts them together when the
+and the failure hooks are observers (monitoring.monitor puts them together when the
 config asks for them). With none configured, `NO_OBSERVER` listens to nothing and
 nothing else is imported.
 
