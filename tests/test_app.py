@@ -86,3 +86,75 @@ def test_a_deadline_holds_for_a_run_queued_behind_a_database_reload(db_url, tmp_
     timed_out = daemon.wait_for("job=slow attempt=1/1 timed out", timeout=30)
     assert timed_out - reloaded < 3 + 1 + 3               # blocker, deadline, margin
     assert daemon.stop() == 0
+
+
+TWO_RELOADS_V1 = """\
+- {name: A, call: 'tests.jobfuncs:python_sleep', every: 1h, kwargs: {seconds: 3}}
+- {name: C, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {name: C}}
+"""
+TWO_RELOADS_V2 = TWO_RELOADS_V1 + """\
+- {name: B, call: 'tests.jobfuncs:touch_then_python_sleep', every: 1h,
+   kwargs: {path: '%s', seconds: 8}}
+"""
+
+
+def _second_runtime_running_b(daemons, config, db_url, tmp_path):
+    """v1 runs A (3 s) and C (every second); a SIGHUP adds B (8 s), which starts
+    on the second runtime while A still runs on the first. Returns the daemon."""
+    write_config(config, db_url, TWO_RELOADS_V1)
+    daemon = daemons(config)
+    daemon.wait_for("job=A starting")
+    write_config(config, db_url, TWO_RELOADS_V2 % (tmp_path / "b-started"))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("job=B starting")
+    return daemon
+
+
+@sqlite_only
+def test_a_pool_still_used_by_a_retired_runtime_never_freezes_the_loop(db_url, tmp_path,
+                                                                       daemons):
+    """Issue 19 item 1: a second SIGHUP (max_workers 4 -> 5) while B runs on the
+    second runtime. When A ends, the first runtime is retired: its pool, which B
+    still runs on, must not be shut down (let alone waited for) by the loop. On
+    main the loop froze until B ended (C missed about 5 runs)."""
+    config = tmp_path / "jobs.yaml"
+    daemon = _second_runtime_running_b(daemons, config, db_url, tmp_path)
+    time.sleep(0.5)
+    write_config(config, db_url, TWO_RELOADS_V2 % (tmp_path / "b-started"), max_workers=5)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reloaded", count=2)
+    since = time.time()
+    daemon.wait_for("job=B attempt=1/3 succeeded", timeout=20)
+    time.sleep(1.5)
+    assert daemon.stop() == 0
+    ticks = runs(db_url, "C", after=since)
+    gaps = [later - earlier for earlier, later in zip(ticks, ticks[1:])]
+    assert len(ticks) >= 6 and max(gaps) < 2.5, (gaps, daemon.log)
+    assert "Traceback" not in daemon.log
+
+
+@sqlite_only
+def test_a_host_lock_file_still_used_by_a_retired_runtime_keeps_its_locks(db_url, tmp_path,
+                                                                          daemons):
+    """Issue 19 item 1: a second SIGHUP moves lock_dir while B runs on the second
+    runtime, which holds B's lock in the old directory. When A ends and the first
+    runtime is retired, that lock file stays open until B ends: a --once of B from
+    another process with the old configuration is refused (75). On main the file
+    was closed, the lock dropped, and B ran a second time (exit 0)."""
+    config = tmp_path / "jobs.yaml"
+    daemon = _second_runtime_running_b(daemons, config, db_url, tmp_path)
+    old = tmp_path / "old.yaml"
+    old.write_text(config.read_text())
+    moved = tmp_path / "moved-locks"
+    moved.mkdir(mode=0o700)
+    write_config(config, db_url, TWO_RELOADS_V2 % (tmp_path / "b-started"),
+                 lock_dir=str(moved))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reloaded", count=2)
+    daemon.wait_for("job=A attempt=1/3 succeeded")     # the first runtime is retired
+    time.sleep(0.5)
+    once = daemons(old, "--once", "--job", "B")
+    assert once.wait() == 75, once.log
+    assert "skipped: another run of this job holds its host lock" in once.log
+    daemon.wait_for("job=B attempt=1/3 succeeded", timeout=20)
+    assert daemon.stop() == 0

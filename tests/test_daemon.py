@@ -173,7 +173,7 @@ def test_sighup_with_a_changed_database_gets_a_new_engine(db_url, tmp_path, daem
     daemon.signal(signal.SIGHUP)
     daemon.wait_for("reloaded")
     reloaded_at = time.time()
-    daemon.wait_for("disposed the previous engine")
+    daemon.wait_for("closed the previous engine")
     time.sleep(2.5)
     assert daemon.stop() == 0
     assert len(runs(other_url, "tick")) >= 2                 # the new database is used
@@ -387,3 +387,68 @@ def test_a_job_raising_system_exit_releases_no_lock_of_a_running_job(db_url, tmp
     assert second.wait() == 75, second.log
     assert first.wait() == 1, first.log
     assert len(runs(db_url, "long")) == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_sighup_storm_while_logging_heavily_never_hangs_the_daemon(db_url, tmp_path,
+                                                                     daemons):
+    """Issue 19 item 6: a handler that logged could land while the loop thread held
+    the log handler's lock in `emit`, and wait on it for ever (SIGTERM ignored from
+    then on). SIGHUP every 3 ms for 6 s while jobs every 10 ms log each run; then
+    SIGTERM: the daemon stops, and the reloads were done by the loop."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, "".join(
+        f"- {{name: tick{n}, call: 'tests.jobfuncs:noop', every: 10ms}}\n"
+        for n in range(4)))
+    daemon = daemons(config, "--log-level", "DEBUG")
+    daemon.wait_for("daemon started")
+    storm_ends = time.monotonic() + 6
+    while time.monotonic() < storm_ends and daemon.process.poll() is None:
+        daemon.signal(signal.SIGHUP)
+        time.sleep(0.003)
+    time.sleep(0.5)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0, daemon.log[-3000:]
+    assert daemon.log.count("reloaded ") >= 10
+    assert "received SIGTERM" in daemon.log and "Traceback" not in daemon.log
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_daemon_that_left_a_thread_stuck_in_a_job_exits_1_and_names_it(db_url, tmp_path,
+                                                                         daemons):
+    """Issue 19 item 9: a job stuck in Python past its deadline (and the 5 s grace)
+    is reported timed out and its thread left behind; the stop then ends the
+    process without it: exit 1, naming the job (on main: exit 0)."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: stuck, call: 'tests.jobfuncs:python_sleep', every: 1h, timeout: 1s,
+           retry: {attempts: 1}, kwargs: {seconds: 60}}
+        - {name: tick, call: 'tests.jobfuncs:noop', every: 1s}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("job=stuck attempt=1/1 timed out", timeout=30)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 1, daemon.log
+    assert "job thread(s) did not end" in daemon.log
+    assert "job=stuck; exiting without them" in daemon.log
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_once_does_not_wait_for_a_stuck_thread_a_run_is_queued_behind(db_url, tmp_path,
+                                                                      daemons):
+    """Issue 19 item 10: max_workers 1, `stuck` sleeps 40 s in Python past its 1 s
+    deadline and `after` is queued behind it on the one thread. Once `stuck` is
+    given up on (1 s + 5 s grace), a new thread runs `after`, and --once exits:
+    about 6 s, not 40 (on main it waited for the stuck thread)."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: stuck, call: 'tests.jobfuncs:python_sleep', timeout: 1s,
+           retry: {attempts: 1}, kwargs: {seconds: 40}}
+        - {name: after, call: 'tests.jobfuncs:record_run', kwargs: {name: after}}
+        """, max_workers=1)
+    once = daemons(config, "--once")
+    assert once.wait(timeout=60) == 1, once.log
+    took = time.monotonic() - once.started
+    summary = once.process.stdout.read()
+    rows = {line.split()[0]: line.split()[1] for line in summary.splitlines()[1:-1]}
+    assert rows == {"stuck": "timeout", "after": "success"}, summary
+    assert len(runs(db_url, "after")) == 1
+    assert took < 20, (took, once.log)
+    assert "job=stuck; exiting without them" in once.log

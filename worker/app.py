@@ -24,6 +24,7 @@ from .callables import JobFunction, resolve_jobs
 from .config import Config, ConfigError, JobSpec, load
 from .errors import describe
 from .monitoring.observe import Observers, wants_hooks, wants_monitoring
+from .parts import PartOwner
 
 log = logging.getLogger("worker")
 
@@ -58,7 +59,8 @@ def open_cluster(config: Config):
 
 @dataclass(eq=False)
 class Runtime:
-    """Everything one configuration runs on."""
+    """Everything one configuration runs on. Its parts belong to `owner` (a
+    worker.parts.PartOwner), which closes each once no runtime uses it."""
     config: Config
     functions: Mapping[str, JobFunction]
     jobs: tuple[JobSpec, ...]          # the jobs this process runs (--job selects)
@@ -69,6 +71,7 @@ class Runtime:
     ledger: object                     # worker.ledger.HostLedger or ClusterLedger
     scheduler: object | None = None    # worker.scheduler.Scheduler (daemon)
     _parts: tuple = field(default=(), repr=False)
+    owner: object | None = field(default=None, repr=False)
 
     def start(self, previous: "Runtime | None" = None) -> None:
         """Make sure the database answers and the cluster (if new) has joined; raise
@@ -81,27 +84,22 @@ class Runtime:
             if self.scheduler is not None:
                 self.scheduler.reset(self.jobs)
 
-    def close(self, keep: "Runtime | None" = None, wait: bool = True) -> None:
-        """Close the parts that `keep` (the runtime now in use) does not share."""
-        shared = set(map(id, keep._parts)) if keep is not None else set()
-        if id(self.pool) not in shared:
-            self.pool.shutdown(wait=wait)
-        if self.cluster is not None and id(self.cluster) not in shared:
-            self.cluster.stop()
-        if id(self.locks) not in shared:
-            self.locks.close()
-        if id(self.database) not in shared:
-            self.database.dispose()
-            if keep is not None:
-                log.info("disposed the previous engine for %s", self.database.display_url)
+    def release(self, replaced: bool = False) -> None:
+        """This runtime has no run left and is not current: it lets go of its parts,
+        and the owner closes those no other runtime uses, on its own thread (with
+        `replaced`, saying so: a reload replaced them). Once."""
+        parts, self._parts = self._parts, ()
+        for part in parts:
+            self.owner.release(part, announce=replaced)
 
 
 def build_runtime(config: Config, functions: Mapping[str, JobFunction], *,
-                  jobs: Sequence[JobSpec], scheduled: bool,
+                  jobs: Sequence[JobSpec], scheduled: bool, owner,
                   previous: Runtime | None = None) -> Runtime:
-    """The runtime for `config`. With `previous` (a reload), unchanged parts are
-    taken over from it. Raises whatever building fails with; what it had built by
-    then is closed again."""
+    """The runtime for `config`, its parts used through `owner` (a PartOwner).
+    With `previous` (a reload), unchanged parts are taken over from it (one more
+    user each). Raises whatever building fails with; what it had taken by then is
+    let go of again (and what it had built, closed)."""
     from .db import Database
     from .ledger import ClusterLedger, HostLedger
     from .locks import HostLocks
@@ -112,24 +110,30 @@ def build_runtime(config: Config, functions: Mapping[str, JobFunction], *,
         return previous is not None and all(
             getter(previous.config) == getter(config) for getter in getters)
 
-    built: list = []
+    taken: list = []
 
-    def new(part):
-        built.append(part)
+    def use(part, close, what: str):
+        taken.append(owner.use(part, close, what))
         return part
 
+    def keep(name: str, *getters):
+        """The previous runtime's part if the settings it depends on are equal."""
+        return getattr(previous, name) if same(*getters) else None
+
     try:
-        database = previous.database if same(lambda c: c.database,
-                                             lambda c: c.extra_codes) \
-            else new(Database(config.database, config.extra_codes))
-        pool = previous.pool if same(lambda c: c.worker.max_workers) \
-            else new(WorkerPool(config.worker.max_workers))
-        locks = previous.locks if same(lambda c: c.worker.lock_dir,
-                                       lambda c: c.database.url) \
-            else new(HostLocks(config.worker.lock_dir, config.database.url))
-        cluster = previous.cluster if same(lambda c: c.cluster, lambda c: c.database.url,
-                                           lambda c: c.extra_codes) \
-            else (new(open_cluster(config)) if config.cluster is not None else None)
+        database = keep("database", lambda c: c.database, lambda c: c.extra_codes) \
+            or Database(config.database, config.extra_codes)
+        use(database, database.dispose, f"engine for {database.display_url}")
+        pool = keep("pool", lambda c: c.worker.max_workers) \
+            or WorkerPool(config.worker.max_workers)
+        use(pool, partial(pool.shutdown, wait=False), "job pool")
+        locks = keep("locks", lambda c: c.worker.lock_dir, lambda c: c.database.url) \
+            or HostLocks(config.worker.lock_dir, config.database.url)
+        use(locks, locks.close, f"host lock file {locks.path}")
+        cluster = keep("cluster", lambda c: c.cluster, lambda c: c.database.url,
+                       lambda c: c.extra_codes) or open_cluster(config)
+        if cluster is not None:
+            use(cluster, cluster.stop, "cluster membership and heartbeat")
         # The zone matters to schedules and the cluster's slots, not to a plain batch.
         zone = zone_named(config.worker.timezone) \
             if scheduled or cluster is not None else None
@@ -141,35 +145,22 @@ def build_runtime(config: Config, functions: Mapping[str, JobFunction], *,
             # the epoch grid, so that all nodes agree on the occurrences.
             factory = partial(_schedule, schedule_for,
                               cluster.clock.now if cluster is not None else None)
+            # On the same clock the schedule carries over (a new zone reaches only
+            # the cron jobs: worker.scheduler); a new cluster starts it afresh.
             same_clock = previous is not None and previous.scheduler is not None and \
-                previous.cluster is cluster and same(lambda c: c.worker.timezone)
+                previous.cluster is cluster
             scheduler = Scheduler(jobs, zone, config.worker.misfire_grace_time, factory,
                                   carry_over=previous.scheduler if same_clock else None)
     except BaseException:
-        _close_parts(built)
+        for part in reversed(taken):
+            owner.release(part)
         raise
-    parts = (database, pool, locks) + ((cluster,) if cluster is not None else ())
     return Runtime(config, functions, tuple(jobs), database, pool, locks, cluster,
-                   ledger, scheduler, parts)
+                   ledger, scheduler, tuple(taken), owner)
 
 
 def _schedule(schedule_for, wall_clock, job, zone):
     return schedule_for(job, zone, wall_clock)
-
-
-def _close_parts(parts: list) -> None:
-    for part in reversed(parts):
-        try:
-            if hasattr(part, "shutdown"):
-                part.shutdown(wait=False)
-            elif hasattr(part, "dispose"):
-                part.dispose()
-            elif hasattr(part, "stop"):
-                part.stop()
-            else:
-                part.close()
-        except Exception as exc:  # the build's own error matters more
-            log.debug("closing a part of a failed build: %s", describe(exc))
 
 
 def only_jobs(config: Config, names: Sequence[str] | None) -> tuple[JobSpec, ...]:
@@ -180,37 +171,38 @@ def only_jobs(config: Config, names: Sequence[str] | None) -> tuple[JobSpec, ...
 
 
 def install_signal_handlers(loop, reload: bool) -> None:
-    def stop(signum, _frame):
-        log.info("received %s", signal.Signals(signum).name)
-        loop.request_stop(signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    """A handler only records the signal (a list append: no lock, no log line) and
+    the interpreter wakes the loop through its wakeup fd; the loop thread does the
+    rest (log, stop, reload). A handler that logged could stop for ever on the log
+    handler's lock, held by the code it interrupted on the same thread."""
+    signal.set_wakeup_fd(loop.wakeup_fd, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, loop.signal_received)
+    signal.signal(signal.SIGINT, loop.signal_received)
     # A process a job forks must not run these (a SIGTERM would only ask a loop the
     # child does not run to stop, so the child would never end).
     os.register_at_fork(after_in_child=default_signal_handlers)
     if reload:
-        def hup(signum, _frame):
-            log.info("received SIGHUP: reloading the configuration")
-            loop.request_reload()
-        signal.signal(signal.SIGHUP, hup)
+        signal.signal(signal.SIGHUP, loop.signal_received)
 
 
 def default_signal_handlers() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        signal.set_wakeup_fd(-1)    # the parent's loop is not this process's
+    except ValueError:              # not the main thread: nothing was set here
+        pass
 
 
-def finish(loop, report) -> None:
-    """After the loop: close every runtime, but never wait for a thread stuck in a
-    job (the caller exits the process without it)."""
+def finish(loop) -> None:
+    """After the loop: every runtime lets go of its parts; their owner closes them
+    on its own thread, waited for a bounded time (a thread stuck in a job is never
+    waited for: the caller exits the process without it)."""
     current, *retired = loop.running_runtimes()
     for runtime in retired + [current]:
-        if report.abandoned:
-            runtime.pool.shutdown(wait=False)
-        else:
-            runtime.close(keep=current if runtime is not current else None)
+        runtime.release()
+    current.owner.wait_closed()
 
 
 def run_once(config: Config, functions: Mapping[str, JobFunction],
@@ -224,23 +216,20 @@ def run_once(config: Config, functions: Mapping[str, JobFunction],
         from .monitoring.monitor import Monitoring
         monitoring = Monitoring(observers, listen=False)   # --once never listens
         monitoring.apply(config)
-    runtime = build_runtime(config, functions, jobs=selected, scheduled=False)
+    runtime = build_runtime(config, functions, jobs=selected, scheduled=False,
+                            owner=PartOwner())
     log.info("running %d job(s) once from %s on %s, max_workers %d", len(selected),
              config.path, runtime.database.display_url, config.worker.max_workers)
     if runtime.cluster is not None:
         runtime.cluster.start()
     loop = WorkLoop(runtime, BatchSource(list(selected)), observer=observers)
     install_signal_handlers(loop, reload=False)
-    report = None
     try:
-        report = loop.run()
+        return loop.run()
     finally:
-        if report is None:
-            runtime.close(wait=False)
         if monitoring is not None:     # hooks waited for (bounded), then the textfile
             monitoring.finish(textfile=True)
-    finish(loop, report)
-    return report
+        finish(loop)
 
 
 def run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
@@ -268,7 +257,8 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
     from .loop import WorkLoop
     from .sources import ScheduleSource
 
-    runtime = build_runtime(config, functions, jobs=only_jobs(config, only), scheduled=True)
+    runtime = build_runtime(config, functions, jobs=only_jobs(config, only), scheduled=True,
+                            owner=PartOwner())
     if runtime.scheduler.unscheduled:
         log.info("batch-only jobs (no every/cron; they run only with --once): %s",
                  ", ".join(runtime.scheduler.unscheduled))
@@ -289,11 +279,11 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
         try:
             new = build_runtime(new_config, new_functions,
                                 jobs=only_jobs(new_config, only), scheduled=True,
-                                previous=current)
+                                owner=current.owner, previous=current)
             try:
                 new.start(previous=current)
             except BaseException:
-                new.close(keep=current, wait=False)
+                new.release()       # what it shares with `current` stays open
                 raise
         except BaseException:
             if change is not None:
@@ -310,32 +300,20 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
         held[0].probe_readiness(lambda: loop.runtime)
     install_signal_handlers(loop, reload=True)
     try:
-        try:
-            ready = _wait_for_database(loop, runtime, notifier, observers)
-        except DatabaseUnusable:
-            runtime.close()
-            raise
-        if not ready:
+        if not _wait_for_database(loop, runtime, notifier, observers):
             log.info("stopped while waiting for the database: no job ran")
-            runtime.close()
             return None
         log.info("daemon started: %d scheduled job(s) from %s on %s, max_workers %d",
                  len(runtime.scheduler.jobs), config.path, runtime.database.display_url,
                  config.worker.max_workers)
         notifier.ready(f"running {len(runtime.scheduler.jobs)} scheduled job(s)")
-        report = None
-        try:
-            report = loop.run()
-        finally:
-            if report is None:
-                for each in loop.running_runtimes():
-                    each.close(wait=False)
+        report = loop.run()
         if not report.abandoned:
             log.info("daemon stopped: %d connection(s) still checked out of the pool",
                      loop.runtime.database.checked_out())
-        finish(loop, report)
         return report
     finally:
+        finish(loop)
         notifier.close()
 
 

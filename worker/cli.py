@@ -200,14 +200,17 @@ def _run(args, path: str, config: Config, functions, selected: list[JobSpec]) ->
         return EXIT_UNAVAILABLE
     if report is None:           # stopped before the database answered
         return EXIT_OK
-    return _exit(report, EXIT_OK if not report.cancelled else EXIT_JOB_FAILED)
+    # A thread left stuck in a job is a failure even when the stop cancelled nothing.
+    return _exit(report, EXIT_JOB_FAILED if report.cancelled or report.abandoned
+                 else EXIT_OK)
 
 
 def _exit(report, code: int) -> int:
     if report.abandoned:
         # A thread cannot be killed; waiting for it would hang cron. Leave now.
         log.error("%d job thread(s) did not end (stuck past a deadline, or after being "
-                  "cancelled); exiting without them", report.abandoned)
+                  "cancelled): %s; exiting without them", report.abandoned,
+                  ", ".join(f"job={name}" for name in report.abandoned_jobs))
         flush_logs()
         sys.stdout.flush()
         sys.stderr.flush()

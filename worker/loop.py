@@ -11,9 +11,12 @@ shutdown with cleanup in `finally` (as in huey). It always logs why it stopped.
 from __future__ import annotations
 
 import logging
+import os
 import queue
-import threading
+import select
+import signal
 import time
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
@@ -54,6 +57,7 @@ class LoopReport:
     runs: int = 0                   # runs finished
     cancelled: int = 0              # runs cancelled by the stop
     abandoned: int = 0              # threads still stuck in a job at exit
+    abandoned_jobs: tuple[str, ...] = ()  # the jobs those threads are in
     lateness: tuple[float, ...] = ()  # daemon: how late the last 10,000 runs started (s)
     stop_signal: int | None = None  # the signal that stopped the loop, if one did
 
@@ -61,6 +65,42 @@ class LoopReport:
     def ok(self) -> bool:
         return all(r.ok or r.outcome is Outcome.SKIPPED for r in self.results) \
             and not self.cancelled
+
+
+class Waker:
+    """How the loop thread is woken: a pipe it waits on. Job threads write a byte
+    when a run ends; the interpreter writes the number of a signal to it (the
+    signal wakeup fd). A write takes no lock, so a signal handler could do it too."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Closed only once nothing can write to it any more: a job thread's callback
+        # and an installed signal handler both keep the loop, hence this, alive.
+        weakref.finalize(self, _close_pipe, self.read_fd, self.write_fd)
+
+    def wake(self) -> None:
+        try:
+            os.write(self.write_fd, b"\0")
+        except BlockingIOError:     # the pipe is full: the loop wakes anyway
+            pass
+        except OSError:             # closed at exit: nothing is waiting any more
+            pass
+
+    def wait(self, timeout: float) -> None:
+        """Until a wake, or `timeout` seconds; what woke it is drained."""
+        readable, _, _ = select.select([self.read_fd], [], [], max(0.0, timeout))
+        if readable:
+            try:
+                while os.read(self.read_fd, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+
+
+def _close_pipe(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 @dataclass
@@ -92,14 +132,39 @@ class WorkLoop:
         self._running: dict[str, _Running] = {}
         self._finished: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._retired: list = []          # replaced runtimes with runs still going
-        self._wake = threading.Event()
+        self._waker = Waker()
+        self._signals: list[int] = []     # received, not yet acted on (signal_received)
         self._stop = _StopState()
         self._reload_requested = False
         self._runs = self._cancelled = 0
         self._last_watchdog = 0.0
         self._last_stuck_check = 0.0
 
-    # --- called from signal handlers (main thread) or other threads -----------------
+    # --- signals, and requests from other threads ---------------------------------
+
+    @property
+    def wakeup_fd(self) -> int:
+        """The fd the interpreter writes a signal's number to (signal.set_wakeup_fd)."""
+        return self._waker.write_fd
+
+    def signal_received(self, signum: int, _frame=None) -> None:
+        """The signal handler: records the signal and nothing else (a list append
+        takes no lock); the wakeup fd has already woken the loop, which acts on it
+        (`_take_signals`)."""
+        self._signals.append(signum)
+
+    def _take_signals(self) -> None:
+        """On the loop thread: log and act on the signals received since last time."""
+        if not self._signals:
+            return
+        received, self._signals = self._signals, []
+        for signum in received:
+            if signum == signal.SIGHUP:
+                log.info("received SIGHUP: reloading the configuration")
+                self._reload_requested = True
+            else:
+                log.info("received %s", signal.Signals(signum).name)
+                self.request_stop(signum)
 
     def request_stop(self, signum: int | None = None) -> None:
         if self._stop.requested:
@@ -107,20 +172,21 @@ class WorkLoop:
         else:
             self._stop.signal = signum
         self._stop.requested = True
-        self._wake.set()
+        self._waker.wake()
 
     def request_reload(self) -> None:
         self._reload_requested = True
-        self._wake.set()
+        self._waker.wake()
 
     @property
     def stop_requested(self) -> bool:
+        self._take_signals()
         return self._stop.requested
 
     def pause(self, seconds: float) -> None:
         """Wait, but wake up at once for a signal."""
-        self._wake.wait(seconds)
-        self._wake.clear()
+        self._waker.wait(seconds)
+        self._take_signals()
 
     # --- the loop ----------------------------------------------------------------
 
@@ -131,19 +197,20 @@ class WorkLoop:
         finally:
             abandoned = self._abandon_unfinished()
         log.info("work loop stopped: %s (%d run(s) finished, %d cancelled, %d abandoned)",
-                 reason, self._runs, self._cancelled, abandoned)
+                 reason, self._runs, self._cancelled, len(abandoned))
         return LoopReport(self.source.results(), reason, self._runs, self._cancelled,
-                          abandoned, self.source.lateness(), self._stop.signal)
+                          len(abandoned), tuple(abandoned), self.source.lateness(),
+                          self._stop.signal)
 
-    def _abandon_unfinished(self) -> int:
-        """Runs whose thread is still in the job at exit: reported as cancelled (if not
-        already reported as stuck), so that a summary lists every job."""
+    def _abandon_unfinished(self) -> list[str]:
+        """The jobs whose thread is still in the job at exit: reported as cancelled
+        (if not already reported as stuck), so that a summary lists every job."""
         self._collect()
-        abandoned = 0
+        abandoned = []
         for running in self._running.values():
             if running.future.done():
                 continue
-            abandoned += 1
+            abandoned.append(running.run.job.name)
             if not running.reported:
                 running.reported = True
                 self._record(running.run, JobResult(
@@ -156,6 +223,7 @@ class WorkLoop:
         self.observer.runtime_changed(self.runtime)
         while True:
             self.observer.tick()
+            self._take_signals()
             self._collect()
             if self._stop.requested:
                 reason = self._stopping()
@@ -180,8 +248,7 @@ class WorkLoop:
             timeout = min(timeout, self.notifier.watchdog_interval)
         if any(r.watch.overdue_since is not None for r in self._overdue_candidates()):
             timeout = min(timeout, STUCK_CHECK_EVERY)
-        self._wake.wait(timeout)
-        self._wake.clear()
+        self._waker.wait(timeout)
 
     # --- starting runs -----------------------------------------------------------------
 
@@ -190,12 +257,11 @@ class WorkLoop:
         # Runs a source may hand out: one queued behind each usable thread, so that a
         # thread coming free starts the next run at once instead of waiting for this
         # thread to wake up and claim it (3,000-job batch, 4 workers: the job threads
-        # sat idle 32% of the time, 1% with one run queued). Runs stuck past their
-        # deadline hold a thread each and get nothing queued behind them.
+        # sat idle 32% of the time, 1% with one run queued). A run stuck past its
+        # deadline does not count: the pool put a new thread in its place.
         stuck = sum(r.reported for r in self._running.values()) if self._running else 0
-        usable = runtime.pool.max_workers - stuck
         ahead = QUEUED_PER_THREAD if self.source.claims_ahead else 0
-        free = (1 + ahead) * usable - (len(self._running) - stuck)
+        free = (1 + ahead) * runtime.pool.max_workers - (len(self._running) - stuck)
         for run in self.source.due(runtime, self._running, max(0, free)):
             self._start(run)
         for run in runtime.ledger.recoverable(runtime.jobs, self._running):
@@ -225,7 +291,7 @@ class WorkLoop:
 
     def _finish_signal(self, name: str) -> None:
         self._finished.put(name)
-        self._wake.set()
+        self._waker.wake()
 
     # --- watching runs ------------------------------------------------------------
 
@@ -266,6 +332,7 @@ class WorkLoop:
             if stuck is None or stuck <= self.stuck_grace:
                 continue
             running.reported = True     # stays in _running: no overlapping run
+            running.runtime.pool.abandon(running.future)  # a new thread in its place
             job = running.run.job
             message = (f"still running {stuck:.1f}s past its deadline of "
                        f"{format_duration(job.timeout)}, outside any database "
@@ -342,7 +409,7 @@ class WorkLoop:
                         else "it stops at its next statement",
                         extra={"job": name, "attempt": running.watch.attempt,
                                "attempts": job.retry.attempts})
-        self._wake.set()
+        self._waker.wake()
 
     def running_runtimes(self) -> list:
         """Every runtime still in use: the current one and replaced ones with runs."""
@@ -379,8 +446,8 @@ class WorkLoop:
         self.notifier.ready("running; configuration reloaded")
 
     def _retire_unused(self) -> None:
-        """A replaced runtime is closed once none of its runs is still going; what it
-        shares with the current runtime (an unchanged engine, pool...) stays."""
+        """A replaced runtime lets go of its parts once none of its runs is still
+        going; their owner closes those no other runtime uses, off this thread."""
         if not self._retired:
             return
         keep = []
@@ -388,7 +455,7 @@ class WorkLoop:
             if any(r.runtime is old for r in self._running.values()):
                 keep.append(old)
             else:
-                old.close(keep=self.runtime)
+                old.release(replaced=True)
         self._retired = keep
 
     def _ping_watchdog(self) -> None:
