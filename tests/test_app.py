@@ -158,3 +158,27 @@ def test_a_host_lock_file_still_used_by_a_retired_runtime_keeps_its_locks(db_url
     assert "skipped: another run of this job holds its host lock" in once.log
     daemon.wait_for("job=B attempt=1/3 succeeded", timeout=20)
     assert daemon.stop() == 0
+
+
+@sqlite_only
+def test_a_reload_that_changes_only_the_timezone_keeps_every_jobs_next_run(db_url, tmp_path,
+                                                                           daemons):
+    """Issue 19 item 4: the zone matters to cron jobs only. Two reloads that change
+    only worker.timezone: a daily `every` job keeps its next run (one run, at
+    start; on main it ran again at each reload), and the cron job is still there."""
+    jobs = """\
+        - {name: daily, call: 'tests.jobfuncs:record_run', every: 24h, kwargs: {name: daily}}
+        - {name: nightly, call: 'tests.jobfuncs:noop', cron: '0 3 * * *'}
+        """
+    config = write_config(tmp_path / "jobs.yaml", db_url, jobs, timezone="UTC")
+    daemon = daemons(config)
+    daemon.wait_for("job=daily attempt=1/3 succeeded")
+    for count, zone in enumerate(["Europe/Berlin", "America/New_York"], start=1):
+        write_config(config, db_url, jobs, timezone=zone)
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for("reloaded", count=count)
+        time.sleep(1.5)
+    assert daemon.stop() == 0
+    assert len(runs(db_url, "daily")) == 1, daemon.log
+    assert daemon.log.count("job=daily starting") == 1
+    assert "changed ['nightly']" not in daemon.log and "removed none" in daemon.log

@@ -114,3 +114,26 @@ def test_update_keeps_the_next_run_of_unchanged_jobs():
     due = {r.job.name for r in scheduler.due()}
     assert due == {"b", "c"}             # changed and added jobs start now; a waits
     assert abs(scheduler.seconds_until_next() - 3) < 1e-9
+
+
+def test_a_new_zone_moves_the_cron_jobs_and_keeps_every_jobs_next_run():
+    """Issue 19 item 4: a reload that changes only the zone keeps each `every`
+    job's next run and recomputes the cron jobs' in the new zone."""
+    wall = Clock(datetime(2026, 6, 1, 12, tzinfo=ZoneInfo("UTC")).timestamp())
+    ticks = Clock(5000.0)
+
+    def factory(job, zone):
+        if job.every is not None:
+            return EverySchedule(job.every, ticks)
+        return CronSchedule(job.cron, zone, wall)
+
+    jobs = [JobSpec(name="daily", call="m:f", every=86400.0),
+            JobSpec(name="nightly", call="m:f", cron="0 3 * * *")]
+    utc = Scheduler(jobs, ZoneInfo("UTC"), 60.0, factory)
+    assert [run.job.name for run in utc.due()] == ["daily"]     # due at start
+    ticks.now += 10
+    berlin = Scheduler(jobs, BERLIN, 60.0, factory, carry_over=utc)
+    assert berlin.due() == []                                   # daily not again
+    assert berlin.next_run("daily") == utc.next_run("daily")
+    assert utc.next_run("nightly") == "2026-06-02T03:00:00+00:00"
+    assert berlin.next_run("nightly") == "2026-06-02T03:00:00+02:00"

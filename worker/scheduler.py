@@ -154,6 +154,14 @@ class _Entry:
     coalesced_logged: float = float("-inf")  # when they were last reported
 
 
+def _keeps_next_run(old: _Entry, job: JobSpec, zone: tzinfo) -> bool:
+    """A reloaded job keeps its next run when its schedule is the same; the zone
+    matters to cron jobs only (an `every` job's next run stays where it was)."""
+    if (old.job.every, old.job.cron) != (job.every, job.cron):
+        return False
+    return job.cron is None or getattr(old.schedule, "zone", zone) == zone
+
+
 class Scheduler:
     """Next-run bookkeeping for the scheduled jobs; knows nothing of threads or SQL."""
 
@@ -161,8 +169,9 @@ class Scheduler:
                  schedule_factory: Callable[[JobSpec, tzinfo], Schedule | None] = schedule_for,
                  carry_over: "Scheduler | None" = None):
         """`carry_over`: the scheduler this one replaces (a reload); its jobs whose
-        schedule is unchanged keep their next run. Only valid when both read the
-        same clock in the same zone, which the caller (worker.app) decides."""
+        schedule is unchanged keep their next run (a cron job's only in the same
+        zone). Only valid when both read the same clock, which the caller
+        (worker.app) decides."""
         self.zone = zone
         self.misfire_grace_time = misfire_grace_time
         self._factory = schedule_factory
@@ -179,7 +188,7 @@ class Scheduler:
             if not job.enabled:
                 continue
             old = self._entries.get(job.name)
-            if old is not None and (old.job.every, old.job.cron) == (job.every, job.cron):
+            if old is not None and _keeps_next_run(old, job, self.zone):
                 entries[job.name] = _Entry(job, old.schedule, old.next_due)
                 continue
             schedule = self._factory(job, self.zone)
