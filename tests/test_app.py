@@ -182,3 +182,37 @@ def test_a_reload_that_changes_only_the_timezone_keeps_every_jobs_next_run(db_ur
     assert len(runs(db_url, "daily")) == 1, daemon.log
     assert daemon.log.count("job=daily starting") == 1
     assert "changed ['nightly']" not in daemon.log and "removed none" in daemon.log
+
+
+@sqlite_only
+def test_a_cluster_membership_still_used_by_a_retired_runtime_keeps_its_heartbeat(
+        db_url, tmp_path, daemons):
+    """Issue 19 item 1: B (idempotent, 8 s, lease 3 s) runs on the second runtime
+    when a second SIGHUP changes the cluster section. When A ends and the first
+    runtime is retired, the membership B's claim needs keeps heartbeating until B
+    ends: B runs once and succeeds, never marked abandoned and run again."""
+    runs_url = f"sqlite:///{tmp_path / 'runs.db'}"
+    v1 = """\
+  - {name: A, call: 'tests.jobfuncs:python_sleep', every: 1h, kwargs: {seconds: 3}}
+"""
+    v2 = v1 + f"""\
+  - {{name: B, call: 'tests.jobfuncs:touch_then_python_sleep', every: 1h, idempotent: true,
+     kwargs: {{path: '{tmp_path / "b-started"}', seconds: 8}}}}
+"""
+    # In a cluster `every` sits on the epoch grid: a wide grace runs the last slot.
+    config = cluster_config(tmp_path / "jobs.yaml", db_url, run_table_url=runs_url, jobs=v1,
+                            misfire_grace_time="2h")
+    daemon = daemons(config, env={"NODE": "node-1"})
+    daemon.wait_for("job=A starting")
+    cluster_config(config, db_url, run_table_url=runs_url, jobs=v2, misfire_grace_time="2h")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("job=B starting")
+    config.write_text(config.read_text().replace("heartbeat: 0.5s", "heartbeat: 0.4s"))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reloaded", count=2)
+    daemon.wait_for("job=B attempt=1/3 succeeded", timeout=30)
+    time.sleep(1)
+    assert daemon.stop() == 0
+    rows = run_rows(runs_url, "B")
+    assert [(row.outcome, row.recovered) for row in rows] == [("success", False)], rows
+    assert daemon.log.count("job=B starting") == 1, daemon.log
