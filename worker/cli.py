@@ -29,7 +29,7 @@ modes:
 exit codes:
   0   all jobs succeeded (--once), a clean stop (daemon), or a good --check
   1   a job failed after its retries or timed out (--once), or a stop had to
-      cancel running jobs
+      cancel running jobs, or a thread was left stuck in a job (daemon)
   2   command-line misuse, e.g. an unknown --job name
   69  --check --connect could not open a database connection; or the daemon
       found at start-up that it never can (login refused, ODBC driver not

@@ -77,25 +77,24 @@ class Waker:
         # Closed only once nothing can write to it any more: a job thread's callback
         # and an installed signal handler both keep the loop, hence this, alive.
         weakref.finalize(self, _close_pipe, self.read_fd, self.write_fd)
+        self._poll = select.poll()
+        self._poll.register(self.read_fd, select.POLLIN)
 
     def wake(self) -> None:
         try:
             os.write(self.write_fd, b"\0")
-        except BlockingIOError:     # the pipe is full: the loop wakes anyway
-            pass
-        except OSError:             # closed at exit: nothing is waiting any more
+        except OSError:     # full (the loop wakes anyway), or closed: nobody waits
             pass
 
     def wait(self, timeout: float) -> None:
         """Until a wake, or `timeout` seconds; what woke it is drained."""
-        readable, _, _ = select.select([self.read_fd], [], [], max(0.0, timeout))
-        if readable:
+        # poll, not select: select cannot watch an fd numbered above 1023.
+        if self._poll.poll(max(0.0, timeout) * 1000):
             try:
                 while os.read(self.read_fd, 4096):
                     pass
             except BlockingIOError:
                 pass
-
 
 
 def _close_pipe(*fds: int) -> None:
