@@ -452,3 +452,31 @@ def test_once_does_not_wait_for_a_stuck_thread_a_run_is_queued_behind(db_url, tm
     assert len(runs(db_url, "after")) == 1
     assert took < 20, (took, once.log)
     assert "job=stuck; exiting without them" in once.log
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_stop_with_a_stuck_job_and_a_slow_hook_stays_within_its_bound(db_url, tmp_path,
+                                                                        daemons):
+    """Issue 19 item 10: a stop takes at most shutdown_timeout (1 s) + 5 s for
+    cancelled jobs + the hooks' timeout (2 s) + 2 s to close the parts. Here a job
+    stuck in Python past its 1 s deadline is given up on, its on_failure hook
+    sleeps 30 s, and a 60 s statement runs on; SIGTERM then: exit 1 (the stuck
+    thread) within the bound plus a margin for the loop's turns (13 s)."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: stuck, call: 'tests.jobfuncs:python_sleep', every: 1h, timeout: 1s,
+           retry: {attempts: 1}, kwargs: {seconds: 120}}
+        - {name: endless, call: 'tests.jobfuncs:record_then_long_query', every: 1h,
+           kwargs: {name: endless, seconds: 60}}
+        """, shutdown_timeout="1s")
+    config.write_text(config.read_text() + "hooks:\n  on_failure: tests.jobfuncs:slow_hook\n"
+                      "  timeout: 2s\n")
+    daemon = daemons(config, env={"HOOK_OUT": str(tmp_path / "hooks.out"),
+                                  "HOOK_SLEEP": "30"})
+    daemon.wait_for("job=stuck attempt=1/1 timed out", timeout=30)
+    sent = daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=60) == 1, daemon.log
+    took = time.monotonic() - sent
+    print(f"\nSIGTERM to exit, a stuck job, a 60 s statement and a 30 s hook: {took:.2f}s")
+    assert took < 13, daemon.log
+    assert "slow_hook still running after 2s" in daemon.log, daemon.log
+    assert "job=stuck; exiting without them" in daemon.log
