@@ -5,8 +5,9 @@ and its Session registry, the pool, the host locks and the run ledger (local, or
 the cluster's run table), and for the daemon the scheduler with the right clock
 and alignment. A reload calls it again with the runtime it replaces: parts whose
 settings did not change are taken over, the rest is new; runs in flight finish on
-the runtime they started on, and the loop closes a replaced runtime's own parts
-when its last run ends.
+the runtime they started on. A replaced runtime lets go of its parts when its
+last run ends; their one owner (worker.parts) closes each part nobody uses any
+more, on its own thread.
 
 `run_once` and `run_daemon` compose the two modes from it; `worker.cli` maps what
 they return to exit codes.
@@ -89,7 +90,7 @@ class Runtime:
         and the owner closes those no other runtime uses, on its own thread (with
         `replaced`, saying so: a reload replaced them). Once."""
         parts, self._parts = self._parts, ()
-        for part in parts:
+        for part in reversed(parts):    # the engine last: the others were built on it
             self.owner.release(part, announce=replaced)
 
 
