@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from tests.batch import run_all
 from worker.callables import resolve
@@ -48,3 +49,35 @@ def test_pool_threads_do_not_keep_sessions_between_jobs(database):
         results = run_all(pool, [run_and_look] * 6)
     assert all(r.ok for r in results)
     assert leftovers == [False] * 6
+
+
+def test_a_thread_given_up_on_is_replaced_and_ends_when_it_comes_back():
+    """Issue 19 item 10: one thread, stuck; a task queued behind it runs once the
+    stuck one is abandoned, and the stuck thread, when it returns at last, ends
+    instead of making the pool bigger than max_workers."""
+    release, ran = threading.Event(), threading.Event()
+    with WorkerPool(1, thread_name_prefix="given-up") as pool:
+        stuck = pool.submit(release.wait, 30)
+        queued = pool.submit(ran.set)
+        assert not ran.wait(0.3)                      # behind the stuck thread
+        pool.abandon(stuck)
+        assert ran.wait(10) and queued.done()
+        release.set()
+        assert stuck.result(10) is True
+        deadline = time.monotonic() + 10
+        while len([t for t in threading.enumerate() if t.name.startswith("given-up_")]) > 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        running, peak = [0], [0]
+        lock = threading.Lock()
+
+        def task():
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.02)
+            with lock:
+                running[0] -= 1
+
+        run_all(pool, [task] * 5)
+    assert peak[0] == 1
