@@ -216,3 +216,27 @@ def test_a_cluster_membership_still_used_by_a_retired_runtime_keeps_its_heartbea
     rows = run_rows(runs_url, "B")
     assert [(row.outcome, row.recovered) for row in rows] == [("success", False)], rows
     assert daemon.log.count("job=B starting") == 1, daemon.log
+
+
+@sqlite_only
+def test_a_run_in_flight_when_lock_dir_moves_holds_its_lock_in_the_new_directory_too(
+        db_url, tmp_path, daemons):
+    """A reload moves lock_dir while B runs: B keeps its lock in the old directory
+    and takes it in the new one too, so a --once of B started with the new
+    configuration is refused (75) while B runs (before: it ran B a second time)."""
+    config = tmp_path / "jobs.yaml"
+    daemon = _second_runtime_running_b(daemons, config, db_url, tmp_path)
+    moved = tmp_path / "moved-locks"
+    moved.mkdir(mode=0o700)
+    write_config(config, db_url, TWO_RELOADS_V2 % (tmp_path / "b-started"),
+                 lock_dir=str(moved))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reloaded", count=2)
+    once = daemons(config, "--once", "--job", "B")
+    assert once.wait() == 75, once.log
+    assert "skipped: another run of this job holds its host lock" in once.log
+    daemon.wait_for("job=B attempt=1/3 succeeded", timeout=20)
+    time.sleep(0.5)                     # collected: its lock in the new file given back
+    after = daemons(config, "--once", "--job", "B")
+    assert after.wait() == 0, after.log
+    assert daemon.stop() == 0

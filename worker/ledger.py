@@ -77,6 +77,15 @@ class HostLedger:
         if ticket.lock is not None:
             ticket.lock.release()
 
+    def hold(self, job_name: str):
+        """The job's host lock in this ledger's lock file for a run that goes on
+        under another one (a reload moved lock_dir): the lock, or None when
+        another process holds it there."""
+        try:
+            return self.locks.try_acquire(job_name)
+        except OSError:
+            return None
+
     def recoverable(self, jobs: Iterable[JobSpec],
                     running: Container[str]) -> list[DueRun]:
         return []

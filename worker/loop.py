@@ -18,7 +18,7 @@ import signal
 import time
 import weakref
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .config import format_duration
@@ -48,6 +48,8 @@ class _Running:
     runtime: object                 # the worker.app.Runtime it started on
     ticket: Ticket
     reported: bool = False          # already reported as stuck past its deadline
+    # The job's locks in lock files a reload moved to while it ran: (locks, lock).
+    held: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -313,6 +315,9 @@ class WorkLoop:
             except Exception as exc:  # recording must never stop the loop
                 log.error("job=%s could not record the end of its run: %s", name,
                           describe(exc), extra={"job": name})
+            for locks, lock in running.held:
+                lock.release()
+                self.runtime.owner.release(locks)
             if not running.reported:
                 self._record(running.run, result)
             self._retire_unused()
@@ -436,6 +441,7 @@ class WorkLoop:
         removed = sorted(before.keys() - after.keys())
         changed = sorted(n for n in after.keys() & before.keys() if after[n] != before[n])
         self.runtime = new
+        self._hold_in_new_lock_file(new)
         self.observer.reload("applied")
         self.observer.runtime_changed(new)
         self._retired.append(old)
@@ -443,6 +449,24 @@ class WorkLoop:
         log.info("reloaded %s: added %s, removed %s, changed %s", new.config.path,
                  added or "none", removed or "none", changed or "none")
         self.notifier.ready("running; configuration reloaded")
+
+    def _hold_in_new_lock_file(self, new) -> None:
+        """A reload that moved the lock file: each run in flight keeps its lock in
+        the old one and takes its job's lock in the new one too, so that a --once
+        started with the new configuration sees the run (and the new file stays
+        open while the run holds a lock in it)."""
+        for name, running in self._running.items():
+            if running.runtime.locks.path == new.locks.path or \
+                    any(locks is new.locks for locks, _ in running.held):
+                continue            # the same file: the run's own lock is in it
+            lock = new.ledger.hold(name)
+            if lock is None:
+                log.warning("job=%s another process holds its host lock in the new lock "
+                            "file %s while this run goes on", name, new.locks.path,
+                            extra={"job": name})
+                continue
+            new.owner.share(new.locks)
+            running.held.append((new.locks, lock))
 
     def _retire_unused(self) -> None:
         """A replaced runtime lets go of its parts once none of its runs is still

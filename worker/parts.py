@@ -48,6 +48,13 @@ class PartOwner:
                 entry[2] += 1
         return part
 
+    def share(self, part) -> None:
+        """One more user of a part already in use (a run that holds a lock in it)."""
+        with self._guard:
+            entry = self._users.get(id(part))
+            if entry is not None:
+                entry[2] += 1
+
     def users(self, part) -> int:
         with self._guard:
             entry = self._users.get(id(part))
