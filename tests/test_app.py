@@ -110,6 +110,16 @@ def _second_runtime_running_b(daemons, config, db_url, tmp_path):
     return daemon
 
 
+def _move_lock_dir(daemon, config, db_url, tmp_path) -> None:
+    """The second SIGHUP: the same jobs, lock_dir moved to a new directory."""
+    moved = tmp_path / "moved-locks"
+    moved.mkdir(mode=0o700)
+    write_config(config, db_url, TWO_RELOADS_V2 % (tmp_path / "b-started"),
+                 lock_dir=str(moved))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reloaded", count=2)
+
+
 @sqlite_only
 def test_a_pool_still_used_by_a_retired_runtime_never_freezes_the_loop(db_url, tmp_path,
                                                                        daemons):
@@ -145,12 +155,7 @@ def test_a_host_lock_file_still_used_by_a_retired_runtime_keeps_its_locks(db_url
     daemon = _second_runtime_running_b(daemons, config, db_url, tmp_path)
     old = tmp_path / "old.yaml"
     old.write_text(config.read_text())
-    moved = tmp_path / "moved-locks"
-    moved.mkdir(mode=0o700)
-    write_config(config, db_url, TWO_RELOADS_V2 % (tmp_path / "b-started"),
-                 lock_dir=str(moved))
-    daemon.signal(signal.SIGHUP)
-    daemon.wait_for("reloaded", count=2)
+    _move_lock_dir(daemon, config, db_url, tmp_path)
     daemon.wait_for("job=A attempt=1/3 succeeded")     # the first runtime is retired
     time.sleep(0.5)
     once = daemons(old, "--once", "--job", "B")
@@ -226,12 +231,7 @@ def test_a_run_in_flight_when_lock_dir_moves_holds_its_lock_in_the_new_directory
     configuration is refused (75) while B runs (before: it ran B a second time)."""
     config = tmp_path / "jobs.yaml"
     daemon = _second_runtime_running_b(daemons, config, db_url, tmp_path)
-    moved = tmp_path / "moved-locks"
-    moved.mkdir(mode=0o700)
-    write_config(config, db_url, TWO_RELOADS_V2 % (tmp_path / "b-started"),
-                 lock_dir=str(moved))
-    daemon.signal(signal.SIGHUP)
-    daemon.wait_for("reloaded", count=2)
+    _move_lock_dir(daemon, config, db_url, tmp_path)
     once = daemons(config, "--once", "--job", "B")
     assert once.wait() == 75, once.log
     assert "skipped: another run of this job holds its host lock" in once.log

@@ -205,7 +205,8 @@ def test_two_concurrent_once_runs_of_a_long_job(db_url, tmp_path, daemons):
         - {name: long, call: 'tests.jobfuncs:slow_record', kwargs: {name: long, seconds: 3}}
         """)
     first = daemons(config, "--once")
-    time.sleep(1.0)                                 # the first holds the job's lock
+    first.wait_for("running 1 job(s) once")        # started, on a loaded machine too
+    time.sleep(0.5)                                 # the first holds the job's lock
     second = daemons(config, "--once")
     assert second.wait() == 75
     assert "skipped: another run of this job holds its host lock" in second.log

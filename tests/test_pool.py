@@ -15,24 +15,30 @@ from tests.conftest import spec
 # runs on every backend in tests/test_scenarios.py (story_sixteen_jobs).
 
 
-def test_run_all_returns_results_in_task_order_and_bounds_concurrency():
-    running, peak, lock = [0], [0], threading.Lock()
-    release = threading.Event()
+class Concurrency:
+    """Tasks that count how many of them run at once."""
 
-    def task(n):
+    def __init__(self) -> None:
+        self.running = self.peak = 0
+        self._lock = threading.Lock()
+
+    def task(self, result=None, seconds: float = 0.05):
         def run():
-            with lock:
-                running[0] += 1
-                peak[0] = max(peak[0], running[0])
-            release.wait(0.05)
-            with lock:
-                running[0] -= 1
-            return n
+            with self._lock:
+                self.running += 1
+                self.peak = max(self.peak, self.running)
+            time.sleep(seconds)
+            with self._lock:
+                self.running -= 1
+            return result
         return run
 
+
+def test_run_all_returns_results_in_task_order_and_bounds_concurrency():
+    concurrency = Concurrency()
     with WorkerPool(3) as pool:
-        assert run_all(pool, [task(n) for n in range(10)]) == list(range(10))
-    assert peak[0] == 3
+        assert run_all(pool, [concurrency.task(n) for n in range(10)]) == list(range(10))
+    assert concurrency.peak == 3
 
 
 def test_pool_threads_do_not_keep_sessions_between_jobs(database):
@@ -68,16 +74,6 @@ def test_a_thread_given_up_on_is_replaced_and_ends_when_it_comes_back():
         while len([t for t in threading.enumerate() if t.name.startswith("given-up_")]) > 1:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        running, peak = [0], [0]
-        lock = threading.Lock()
-
-        def task():
-            with lock:
-                running[0] += 1
-                peak[0] = max(peak[0], running[0])
-            time.sleep(0.02)
-            with lock:
-                running[0] -= 1
-
-        run_all(pool, [task] * 5)
-    assert peak[0] == 1
+        concurrency = Concurrency()
+        run_all(pool, [concurrency.task(seconds=0.02) for _ in range(5)])
+    assert concurrency.peak == 1
