@@ -40,6 +40,11 @@ def touch(session, path: str) -> None:
     Path(path).write_text("ran")
 
 
+def write_repr(session, path: str, value) -> None:
+    """Writes repr(value), so a test can tell the type a kwarg arrived with."""
+    Path(path).write_text(repr(value))
+
+
 def needs_two_args(session, a, b) -> None:
     return None
 
