@@ -181,3 +181,33 @@ def test_a_job_that_commits_itself_succeeds_and_is_not_warned_about(database, ca
     assert values(database) == [7]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert database.checked_out() == 0
+
+
+def test_a_job_failing_run_after_run_logs_its_traceback_once_per_streak(tmp_path):
+    """The daemon, a job failing every 0.2 s: one traceback, then one line per
+    failure with the streak's count (it logged a traceback per run before)."""
+    from tests.processes import Daemon
+    config = tmp_path / "jobs.yaml"
+    config.write_text(f'database: {{url: "sqlite:///{tmp_path / "w.db"}"}}\n'
+                      f'worker: {{lock_dir: "{tmp_path / "locks"}"}}\n'
+                      "jobs:\n  - {name: bad, call: 'tests.jobfuncs:fail_with_value_error', "
+                      "every: 0.2s, retry: {attempts: 1}}\n")
+    daemon = Daemon(config, "--log-level", "INFO")
+    try:
+        daemon.wait_for("failed 4 runs in a row")
+    finally:
+        daemon.stop()
+    log = daemon.log
+    assert log.count("Traceback (most recent call last)") == 1, log
+    assert log.count("job=bad attempt=1/1 failed: ") >= 4
+    for count in (2, 3, 4):
+        assert f"job=bad attempt=1/1 failed {count} runs in a row; traceback as logged " \
+               "at the first of them, not repeated" in log
+
+
+def test_a_success_ends_the_streak():
+    from worker.runner import FailureStreaks
+    streaks = FailureStreaks()
+    assert [streaks.failed("a"), streaks.failed("a"), streaks.failed("b")] == [1, 2, 1]
+    streaks.succeeded("a")
+    assert streaks.failed("a") == 1 and streaks.failed("b") == 2

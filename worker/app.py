@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 from .callables import JobFunction, resolve_jobs
 from .config import Config, ConfigError, JobSpec, load
 from .errors import describe
+from .logs import WRITE_AT_ONCE
 from .monitoring.observe import Observers, wants_hooks, wants_monitoring
 
 log = logging.getLogger("worker")
@@ -226,7 +227,8 @@ def run_once(config: Config, functions: Mapping[str, JobFunction],
         monitoring.apply(config)
     runtime = build_runtime(config, functions, jobs=selected, scheduled=False)
     log.info("running %d job(s) once from %s on %s, max_workers %d", len(selected),
-             config.path, runtime.database.display_url, config.worker.max_workers)
+             config.path, runtime.database.display_url, config.worker.max_workers,
+             extra=WRITE_AT_ONCE)
     if runtime.cluster is not None:
         runtime.cluster.start()
     loop = WorkLoop(runtime, BatchSource(list(selected)), observer=observers)
@@ -321,7 +323,7 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
             return None
         log.info("daemon started: %d scheduled job(s) from %s on %s, max_workers %d",
                  len(runtime.scheduler.jobs), config.path, runtime.database.display_url,
-                 config.worker.max_workers)
+                 config.worker.max_workers, extra=WRITE_AT_ONCE)
         notifier.ready(f"running {len(runtime.scheduler.jobs)} scheduled job(s)")
         report = None
         try:

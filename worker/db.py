@@ -268,6 +268,9 @@ def _engine_options(settings: DatabaseSettings) -> dict[str, Any]:
         "pool_recycle": settings.pool_recycle if settings.pool_recycle >= 0 else -1,
         "pool_pre_ping": settings.pool_pre_ping,
         "pool_reset_on_return": None,   # _skip_needless_reset decides instead
+        # An error's text and traceback would show the bind parameters (a card
+        # number in a UNIQUE violation); logs never carry them.
+        "hide_parameters": True,
     }
     if settings.connect_args:
         options["connect_args"] = dict(settings.connect_args)
