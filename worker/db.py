@@ -190,11 +190,29 @@ class DirtyConnection(Exception):
 
 ENDED = "worker_transaction_ended"   # pool-entry info: the Session ended its transaction
 SESSION_RECORD = "worker_pool_record"  # Session.info: its connection's pool-entry info
+HAD_CONNECTION = "worker_had_connection"  # Session.info: it got a connection once
 
 
 def _remember_connection(session, transaction, connection) -> None:
-    """after_begin: which pooled connection this Session's transaction runs on."""
+    """after_begin: which pooled connection this Session's transaction runs on, and
+    that the Session got one (the job's first statement could be sent)."""
     session.info[SESSION_RECORD] = connection.connection.info
+    session.info[HAD_CONNECTION] = True
+
+
+def failed_before_first_statement(session, exc: BaseException) -> bool:
+    """True when `exc` came out of the Session getting its first connection
+    (pool checkout, connect, first-connect initialisation, pre-ping): nothing of
+    the job reached the database."""
+    if session.info.get(HAD_CONNECTION):
+        return False
+    frame = exc.__traceback__
+    while frame is not None:
+        code = frame.tb_frame.f_code
+        if code.co_name == "_connection_for_bind" and "sqlalchemy" in code.co_filename:
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _mark_transaction_ended(session) -> None:

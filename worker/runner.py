@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .callables import JobFunction
 from .config import JobSpec, format_duration
-from .db import Database, Session
+from .db import Database, Session, failed_before_first_statement
 from .deadlines import Deadline, DeadlineExceeded, RunWatch
 from .errors import Diagnosis, Verdict, describe
 from .logs import flush_logs, job_fields
@@ -133,6 +133,15 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
                                                f"passed")
             raise AttemptFailed(exc, timeout, during_commit, timed_out=True) from exc
         diagnosis = database.classify(exc)
+        if diagnosis.verdict is not Verdict.RETRY and not diagnosis.permanent and \
+                failed_before_first_statement(session, exc) and not isinstance(
+                    exc, (Cancelled, AttemptTimedOut, DeadlineExceeded)):
+            # Nothing of the job ran: whatever broke the connection on its way in
+            # (ResourceClosedError in first-connect initialisation through
+            # Microsoft's driver) is a connect failure, retried like one.
+            diagnosis = replace(diagnosis, verdict=Verdict.RETRY, disconnect=True,
+                                reason="failed while connecting, before the job's first "
+                                       f"statement ({diagnosis.reason})")
         if during_commit and diagnosis.disconnect and diagnosis.verdict is Verdict.RETRY:
             # The COMMIT may or may not have reached the server.
             diagnosis = replace(diagnosis, verdict=Verdict.RETRY_IF_IDEMPOTENT,
