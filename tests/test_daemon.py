@@ -387,3 +387,57 @@ def test_a_job_raising_system_exit_releases_no_lock_of_a_running_job(db_url, tmp
     assert second.wait() == 75, second.log
     assert first.wait() == 1, first.log
     assert len(runs(db_url, "long")) == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_waiting_for_the_database_extends_systemds_start_timeout(db_url, tmp_path, daemons):
+    """Type=notify: until READY=1, systemd kills a start that takes longer than
+    TimeoutStartSec= (90 s by default). While the database is down the daemon keeps
+    pushing it out with EXTEND_TIMEOUT_USEC, each time by more than its next wait."""
+    sock_path = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(sock_path))
+    receiver.settimeout(0.2)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    unreachable = MARIADB_URL.replace("Port=3306", f"Port={closed_port}")
+    config = write_config(tmp_path / "jobs.yaml", unreachable, """\
+        - {name: tick, call: 'tests.jobfuncs:noop', every: 1s}
+        """)
+    daemon = daemons(config, env={"NOTIFY_SOCKET": str(sock_path)})
+    daemon.wait_for("not answering", count=3)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    messages = []
+    try:
+        while True:
+            messages.append(receiver.recv(4096).decode())
+    except socket.timeout:
+        pass
+    finally:
+        receiver.close()
+    extensions = [int(m.split("EXTEND_TIMEOUT_USEC=")[1].split()[0]) for m in messages
+                  if "EXTEND_TIMEOUT_USEC=" in m]
+    assert len(extensions) >= 3, messages
+    assert min(extensions) >= 60_000_000
+    assert not any("READY=1" in m for m in messages)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_job_cancelled_in_python_that_then_returns_is_rolled_back(db_url, tmp_path,
+                                                                    daemons):
+    """docs/operations.md's stop example: the job wrote a row, is cancelled while
+    busy in Python (no statement to cancel), then returns without another
+    statement. Nothing is committed and its outcome is `cancelled`."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: busy, call: 'tests.jobfuncs:slow_record', kwargs: {name: busy, seconds: 3}}
+        """, shutdown_timeout="0.5s")
+    worker = daemons(config, "--once", "--log-level", "DEBUG")
+    time.sleep(1.5)                  # the row is written, the job sleeps in Python
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 1
+    summary = worker.process.stdout.read()
+    assert "busy" in summary and "cancelled" in summary, summary
+    assert "returned after being cancelled" in worker.log
+    assert runs(db_url, "busy") == []

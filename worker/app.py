@@ -28,6 +28,8 @@ from .monitoring.observe import Observers, wants_hooks, wants_monitoring
 
 log = logging.getLogger("worker")
 
+CONNECT_ATTEMPT_ALLOWANCE = 60.0   # seconds one connection attempt at start-up may take
+
 
 class DatabaseUnusable(Exception):
     """At start-up, the database refused us in a way waiting cannot fix (a login
@@ -348,6 +350,9 @@ def _wait_for_database(loop, runtime: Runtime, notifier, observers: Observers) -
     observers.runtime_changed(runtime)
     while not loop.stop_requested:
         observers.tick()            # alive while waiting: /healthz 200, /readyz 503
+        # Time for this attempt and the wait after it: "a database that is down at
+        # start is not a failure", so systemd's start timeout must not fire either.
+        notifier.extend_start(CONNECT_ATTEMPT_ALLOWANCE + delay)
         try:
             runtime.start()
             observers.database_ready(True)
