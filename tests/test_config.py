@@ -42,6 +42,13 @@ class Broken:
     no_line: bool = False      # the error must not name a line
 
 
+def bad_cron(case_id: str, expression: str, fragment: str) -> Broken:
+    """A job `b` whose cron expression must be refused (on line 9)."""
+    return Broken(case_id, HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
+                                  f'    cron: "{expression}"  {MARK}\n',
+                  fragment, key="cron", job="b")
+
+
 BROKEN = [
     # --- YAML itself ----------------------------------------------------------
     Broken("yaml-syntax-error",
@@ -136,66 +143,21 @@ BROKEN = [
            HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
                   f"    every: 0  {MARK}\n",
            "must be greater than 0, got 0", key="every", job="b"),
-    Broken("bad-cron",
-           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
-                  f'    cron: "61 * * * *"  {MARK}\n',
-           "not a valid cron expression: '61 * * * *'", key="cron", job="b"),
-    Broken("cron-never-fires-feb-30",
-           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
-                  f'    cron: "0 0 30 2 *"  {MARK}\n',
-           "no fire time within 28 years", key="cron", job="b"),
-    Broken("cron-never-fires-31-april-june",
-           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
-                  f'    cron: "0 0 31 4,6 *"  {MARK}\n',
-           "no fire time within 28 years", key="cron", job="b"),
-    Broken("cron-year-field",
-           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
-                  f'    cron: "* * * * * * 2020"  {MARK}\n',
-           "7 fields; give 5", key="cron", job="b"),
-    Broken("cron-seconds-field",
-           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
-                  f'    cron: "* * * * * *"  {MARK}\n',
-           "6 fields; give 5", key="cron", job="b"),
-    Broken("cron-quartz",
-           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
-                  f'    cron: "0 */5 * * * *"  {MARK}\n',
-           "6 fields; give 5", key="cron", job="b"),
-    Broken("cron-wrapping-range",
-           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
-                  f'    cron: "10-5 * * * *"  {MARK}\n',
-           "the range '10-5' runs backwards", key="cron", job="b"),
-    Broken("cron-step-on-a-number",
-           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
-                  f'    cron: "5/10 * * * *"  {MARK}\n',
-           "a step needs '*' or a range", key="cron", job="b"),
-    Broken("cron-L",
-           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
-                  f'    cron: "0 0 L * *"  {MARK}\n',
-           "'L' is not a number 1-31", key="cron", job="b"),
-    Broken("cron-W",
-           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
-                  f'    cron: "0 0 15W * *"  {MARK}\n',
-           "'15W' is not a number 1-31", key="cron", job="b"),
-    Broken("cron-hash",
-           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
-                  f'    cron: "0 0 * * 5#3"  {MARK}\n',
-           "'5#3' is not a number 0-7 or SUN-SAT", key="cron", job="b"),
-    Broken("cron-question-mark",
-           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
-                  f'    cron: "0 0 ? * MON"  {MARK}\n',
-           "'?' is not a number 1-31", key="cron", job="b"),
-    Broken("cron-H",
-           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
-                  f'    cron: "H * * * *"  {MARK}\n',
-           "'H' is not a number 0-59", key="cron", job="b"),
-    Broken("cron-reboot",
-           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
-                  f'    cron: "@reboot"  {MARK}\n',
-           "unknown '@reboot'", key="cron", job="b"),
-    Broken("cron-empty",
-           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
-                  f'    cron: ""  {MARK}\n',
-           "not a valid cron expression: '': empty", key="cron", job="b"),
+    bad_cron("bad-cron", "61 * * * *", "not a valid cron expression: '61 * * * *'"),
+    bad_cron("cron-never-fires-feb-30", "0 0 30 2 *", "no fire time within 28 years"),
+    bad_cron("cron-never-fires-31-april-june", "0 0 31 4,6 *", "no fire time within 28 years"),
+    bad_cron("cron-year-field", "* * * * * * 2020", "7 fields; give 5"),
+    bad_cron("cron-seconds-field", "* * * * * *", "6 fields; give 5"),
+    bad_cron("cron-quartz", "0 */5 * * * *", "6 fields; give 5"),
+    bad_cron("cron-wrapping-range", "10-5 * * * *", "the range '10-5' runs backwards"),
+    bad_cron("cron-step-on-a-number", "5/10 * * * *", "a step needs '*' or a range"),
+    bad_cron("cron-L", "0 0 L * *", "'L' is not a number 1-31"),
+    bad_cron("cron-W", "0 0 15W * *", "'15W' is not a number 1-31"),
+    bad_cron("cron-hash", "0 0 * * 5#3", "'5#3' is not a number 0-7 or SUN-SAT"),
+    bad_cron("cron-question-mark", "0 0 ? * MON", "'?' is not a number 1-31"),
+    bad_cron("cron-H", "H * * * *", "'H' is not a number 0-59"),
+    bad_cron("cron-reboot", "@reboot", "unknown '@reboot'"),
+    bad_cron("cron-empty", "", "not a valid cron expression: '': empty"),
     Broken("transient-code-double-minus",
            HEAD + f"retry:\n  transient_codes: ['--1205']  {MARK}\n",
            "'--1205' is neither a native error number", key="retry.transient_codes[0]"),
@@ -854,9 +816,13 @@ jobs:
   - name: direct
     call: tests.jobfuncs:write_repr
     kwargs: {{path: "@DIR@/direct.txt", value: "${{WORKER_TEST_PIN}}"}}
+  - name: aliased
+    call: tests.jobfuncs:write_repr
+    kwargs: &aliased {{path: "@DIR@/aliased.txt", value: "${{WORKER_TEST_PIN}}"}}
+  - {{name: alias, call: "tests.jobfuncs:write_repr", kwargs: *aliased}}
 """)
     assert cli.main(["-c", str(path), "--once"]) == 0, capsys.readouterr().err
-    for name in ("merged", "nested", "direct"):
+    for name in ("merged", "nested", "direct", "aliased"):
         assert (tmp_path / f"{name}.txt").read_text() == "'0123'", name
 
 

@@ -114,3 +114,16 @@ def test_update_keeps_the_next_run_of_unchanged_jobs():
     due = {r.job.name for r in scheduler.due()}
     assert due == {"b", "c"}             # changed and added jobs start now; a waits
     assert abs(scheduler.seconds_until_next() - 3) < 1e-9
+
+
+def test_jobs_with_the_same_cron_expression_share_one_parsed_schedule():
+    made = []
+
+    def factory(spec, zone):
+        made.append(spec.name)
+        return CronSchedule(spec.cron, zone)
+    scheduler = Scheduler([job(f"j{n}", cron="0 3 * * *") for n in range(50)] +
+                          [job("other", cron="*/5 * * * *")], BERLIN, 60.0,
+                          schedule_factory=factory)
+    assert made == ["j0", "other"]
+    assert len({id(entry.schedule) for entry in scheduler._entries.values()}) == 2

@@ -68,8 +68,9 @@ class BatchingHandler(logging.Handler):
     it; lines below wait at most FLUSH_AFTER, written by a flusher thread (or
     sooner once FLUSH_BYTES are waiting). What is waiting is written by `flush()`:
     at exit (logging.shutdown), before a summary is printed, before os._exit.
-    A process killed outright (SIGKILL) loses at most FLUSH_AFTER of INFO lines.
-    A child forked by a job drops its copy of the parent's waiting lines."""
+    A process killed outright (SIGKILL, a segfault) loses at most FLUSH_AFTER of
+    INFO lines. A child forked by a job drops its copy of the parent's waiting
+    lines and writes its own at once."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__()
