@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -38,6 +40,11 @@ def syntax_error(session) -> None:
 def touch(session, path: str) -> None:
     """Leaves a file behind, so a test can tell whether the job ran."""
     Path(path).write_text("ran")
+
+
+def write_repr(session, path: str, value) -> None:
+    """Writes repr(value), so a test can tell the type a kwarg arrived with."""
+    Path(path).write_text(repr(value))
 
 
 def needs_two_args(session, a, b) -> None:
@@ -612,3 +619,50 @@ def started_then_wait(session, started: threading.Event, release: threading.Even
 
 def note_run(session, ran: list, name: str) -> None:
     ran.append(name)
+
+
+def insert_card_twice(session, card: str) -> None:
+    """A UNIQUE violation whose bind parameter is a card number: it must never
+    reach the log."""
+    session.execute(text("CREATE TABLE IF NOT EXISTS worker_test_cards (card TEXT PRIMARY KEY)"))
+    session.execute(text("INSERT INTO worker_test_cards (card) VALUES (:card)"), {"card": card})
+    session.execute(text("INSERT INTO worker_test_cards (card) VALUES (:card)"), {"card": card})
+
+
+def _raise_in_thread() -> None:
+    raise RuntimeError("thread failed")
+
+
+def raise_in_threads(session, count: int) -> None:
+    """Threads that end by an exception, all alike: one log line, not `count`."""
+    for _ in range(count):
+        thread = threading.Thread(target=_raise_in_thread, name="helper")
+        thread.start()
+        thread.join()
+
+
+def segfault(session) -> None:
+    """Crashes the process, as a driver's `double free` does."""
+    import ctypes
+    logging.getLogger("tests.jobfuncs").info("about to crash")
+    ctypes.string_at(0)
+
+
+def _child_logs(count: int) -> None:
+    for number in range(count):
+        logging.getLogger("tests.jobfuncs").info("child line %d", number)
+
+
+def fork_child_that_logs(session, count: int, ending: str = "return") -> None:
+    """A multiprocessing child (fork) that logs `count` INFO lines, then ends by
+    returning (multiprocessing's os._exit) or by sys.exit."""
+    import multiprocessing
+    target = _child_logs if ending == "return" else _child_logs_then_exit
+    child = multiprocessing.get_context("fork").Process(target=target, args=(count,))
+    child.start()
+    child.join(60)
+
+
+def _child_logs_then_exit(count: int) -> None:
+    _child_logs(count)
+    sys.exit(0)

@@ -42,6 +42,13 @@ class Broken:
     no_line: bool = False      # the error must not name a line
 
 
+def bad_cron(case_id: str, expression: str, fragment: str) -> Broken:
+    """A job `b` whose cron expression must be refused (on line 9)."""
+    return Broken(case_id, HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
+                                  f'    cron: "{expression}"  {MARK}\n',
+                  fragment, key="cron", job="b")
+
+
 BROKEN = [
     # --- YAML itself ----------------------------------------------------------
     Broken("yaml-syntax-error",
@@ -136,10 +143,30 @@ BROKEN = [
            HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
                   f"    every: 0  {MARK}\n",
            "must be greater than 0, got 0", key="every", job="b"),
-    Broken("bad-cron",
-           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
-                  f'    cron: "61 * * * *"  {MARK}\n',
-           "not a valid cron expression: '61 * * * *'", key="cron", job="b"),
+    bad_cron("bad-cron", "61 * * * *", "not a valid cron expression: '61 * * * *'"),
+    bad_cron("cron-never-fires-feb-30", "0 0 30 2 *", "no fire time within 28 years"),
+    bad_cron("cron-never-fires-31-april-june", "0 0 31 4,6 *", "no fire time within 28 years"),
+    bad_cron("cron-year-field", "* * * * * * 2020", "7 fields; give 5"),
+    bad_cron("cron-seconds-field", "* * * * * *", "6 fields; give 5"),
+    bad_cron("cron-quartz", "0 */5 * * * *", "6 fields; give 5"),
+    bad_cron("cron-wrapping-range", "10-5 * * * *", "the range '10-5' runs backwards"),
+    bad_cron("cron-step-on-a-number", "5/10 * * * *", "a step needs '*' or a range"),
+    bad_cron("cron-L", "0 0 L * *", "'L' is not a number 1-31"),
+    bad_cron("cron-W", "0 0 15W * *", "'15W' is not a number 1-31"),
+    bad_cron("cron-hash", "0 0 * * 5#3", "'5#3' is not a number 0-7 or SUN-SAT"),
+    bad_cron("cron-question-mark", "0 0 ? * MON", "'?' is not a number 1-31"),
+    bad_cron("cron-H", "H * * * *", "'H' is not a number 0-59"),
+    bad_cron("cron-reboot", "@reboot", "unknown '@reboot'"),
+    bad_cron("cron-empty", "", "not a valid cron expression: '': empty"),
+    Broken("transient-code-double-minus",
+           HEAD + f"retry:\n  transient_codes: ['--1205']  {MARK}\n",
+           "'--1205' is neither a native error number", key="retry.transient_codes[0]"),
+    Broken("transient-code-superscript",
+           HEAD + f"retry:\n  permanent_codes: ['\u00b2']  {MARK}\n",
+           "is neither a native error number", key="retry.permanent_codes[0]"),
+    Broken("timezone-a-folder",
+           HEAD + f"worker:\n  timezone: Europe  {MARK}\n",
+           "unknown time zone 'Europe'", key="worker.timezone"),
     Broken("cron-and-every",
            HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n    every: 5m\n"
                   f'    cron: "0 3 * * *"  {MARK}\n',
@@ -768,6 +795,50 @@ jobs:
   - {name: a, call: 'm:f'}
 """, {"PW": "0123", "N": "3"})
     assert dict(config.database.connect_args) == {"password": "0123", "retries": 3}
+
+
+def test_a_quoted_env_reference_stays_a_string_through_a_merge_key(tmp_path, monkeypatch,
+                                                                  capsys):
+    """`"${PIN}"` with PIN=0123 is the string '0123' whether the job writes it or
+    gets it through `<<: *common` (it was the octal integer 83 through the merge)."""
+    monkeypatch.setenv("WORKER_TEST_PIN", "0123")
+    path = write_config(tmp_path, DB + f"""\
+x-common: &common
+  call: tests.jobfuncs:write_repr
+  kwargs: {{path: "@DIR@/merged.txt", value: "${{WORKER_TEST_PIN}}"}}
+x-nested: &nested
+  <<: *common
+  kwargs: {{path: "@DIR@/nested.txt", value: "${{WORKER_TEST_PIN}}"}}
+jobs:
+  - <<: *common
+    name: merged
+  - {{<<: [*nested, *common], name: nested}}
+  - name: direct
+    call: tests.jobfuncs:write_repr
+    kwargs: {{path: "@DIR@/direct.txt", value: "${{WORKER_TEST_PIN}}"}}
+  - name: aliased
+    call: tests.jobfuncs:write_repr
+    kwargs: &aliased {{path: "@DIR@/aliased.txt", value: "${{WORKER_TEST_PIN}}"}}
+  - {{name: alias, call: "tests.jobfuncs:write_repr", kwargs: *aliased}}
+""")
+    assert cli.main(["-c", str(path), "--once"]) == 0, capsys.readouterr().err
+    for name in ("merged", "nested", "direct", "aliased"):
+        assert (tmp_path / f"{name}.txt").read_text() == "'0123'", name
+
+
+def test_a_never_firing_cron_is_refused_at_check_and_at_start_up(tmp_path):
+    """Through the real CLI: `--check` and the daemon's start-up both exit 78 with
+    one line (file:line, job, key) for an expression that never fires; on main
+    `--check` passed it and the daemon died with a croniter traceback (exit 1)."""
+    path = write_config(tmp_path, HEAD + "  - name: leap\n    call: tests.jobfuncs:noop\n"
+                                         '    cron: "0 0 30 2 *"\n')
+    for args in (["--check"], []):
+        done = subprocess.run([sys.executable, str(ROOT / "run_worker.py"), "-c", str(path),
+                               *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert done.returncode == 78, (args, done.stderr)
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert f"{path}:9: job 'leap': key 'cron': not a valid cron expression: " \
+               "'0 0 30 2 *': it has no fire time within 28 years" in done.stderr
 
 
 def test_x_keys_hold_anchors_for_jobs(tmp_path):

@@ -283,32 +283,9 @@ def test_list_and_json_logs(db_url, tmp_path):
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_sigterm_while_waiting_for_the_database_never_reports_ready(db_url, tmp_path,
                                                                     daemons):
-    sock_path = tmp_path / "notify.sock"
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    receiver.bind(str(sock_path))
-    receiver.settimeout(0.2)
     # A server refusing connections may come up later: it is waited for (issue 10
     # item 8), unlike a login refused or a database file that cannot be opened.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    unreachable = MARIADB_URL.replace("Port=3306", f"Port={closed_port}")
-    assert unreachable != MARIADB_URL
-    config = write_config(tmp_path / "jobs.yaml", unreachable, """\
-        - {name: tick, call: 'tests.jobfuncs:noop', every: 1s}
-        """)
-    daemon = daemons(config, env={"NOTIFY_SOCKET": str(sock_path)})
-    daemon.wait_for("not answering")
-    daemon.signal(signal.SIGTERM)
-    assert daemon.wait() == 0
-    messages = []
-    try:
-        while True:
-            messages.append(receiver.recv(4096).decode())
-    except socket.timeout:
-        pass
-    finally:
-        receiver.close()
+    daemon, messages = wait_for_a_database_that_is_down(tmp_path, daemons, 1)
     assert any("STATUS=waiting for the database" in m for m in messages)
     assert not any("READY=1" in m for m in messages)
     assert "daemon started" not in daemon.log
@@ -481,3 +458,66 @@ def test_a_stop_with_a_stuck_job_and_a_slow_hook_stays_within_its_bound(db_url, 
     assert took < 13, daemon.log
     assert "slow_hook still running after 2s" in daemon.log, daemon.log
     assert "job=stuck; exiting without them" in daemon.log
+
+
+def test_waiting_for_the_database_extends_systemds_start_timeout(db_url, tmp_path, daemons):
+    """Type=notify: until READY=1, systemd kills a start that takes longer than
+    TimeoutStartSec= (90 s by default). While the database is down the daemon keeps
+    pushing it out with EXTEND_TIMEOUT_USEC, each time by more than its next wait."""
+    _, messages = wait_for_a_database_that_is_down(tmp_path, daemons, 3)
+    extensions = [int(m.split("EXTEND_TIMEOUT_USEC=")[1].split()[0]) for m in messages
+                  if "EXTEND_TIMEOUT_USEC=" in m]
+    assert len(extensions) >= 3, messages
+    assert min(extensions) >= 60_000_000
+    assert not any("READY=1" in m for m in messages)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_job_cancelled_in_python_that_then_returns_is_rolled_back(db_url, tmp_path,
+                                                                    daemons):
+    """docs/operations.md's stop example: the job wrote a row, is cancelled while
+    busy in Python (no statement to cancel), then returns without another
+    statement. Nothing is committed and its outcome is `cancelled`."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: busy, call: 'tests.jobfuncs:slow_record', kwargs: {name: busy, seconds: 4},
+           every: 1h}
+        """, shutdown_timeout="0.5s")
+    daemon = daemons(config)
+    daemon.wait_for("job=busy starting the run")
+    time.sleep(0.5)                  # the row is written, the job sleeps in Python
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 1        # something had to be cancelled
+    assert "job=busy attempt=1/3 cancelled: the worker is stopping (Cancelled: the " \
+           "worker is stopping; returned after being cancelled)" in daemon.log, daemon.log
+    assert runs(db_url, "busy") == []
+
+
+def wait_for_a_database_that_is_down(tmp_path, daemons, attempts: int):
+    """A daemon under Type=notify whose MariaDB port is closed, stopped (SIGTERM,
+    exit 0) after `attempts` failed connection attempts: (the daemon, the sd_notify
+    messages it sent)."""
+    sock_path = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(sock_path))
+    receiver.settimeout(0.2)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    unreachable = MARIADB_URL.replace("Port=3306", f"Port={closed_port}")
+    assert unreachable != MARIADB_URL
+    config = write_config(tmp_path / "jobs.yaml", unreachable, """\
+        - {name: tick, call: 'tests.jobfuncs:noop', every: 1s}
+        """)
+    daemon = daemons(config, env={"NOTIFY_SOCKET": str(sock_path)})
+    daemon.wait_for("not answering", count=attempts)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    messages = []
+    try:
+        while True:
+            messages.append(receiver.recv(4096).decode())
+    except socket.timeout:
+        pass
+    finally:
+        receiver.close()
+    return daemon, messages

@@ -4,6 +4,7 @@ summary; never twice across a fork."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import subprocess
@@ -152,3 +153,65 @@ def test_the_summary_comes_after_the_runs_log_lines_in_one_file(tmp_path):
     text = (tmp_path / "out").read_text()
     assert text.count("succeeded in") == 2
     assert text.index("work loop stopped") < text.index("2 job(s): 2 succeeded, 0 failed")
+
+
+def run_once(tmp_path, jobs: str, *args: str) -> subprocess.CompletedProcess:
+    config = tmp_path / "jobs.yaml"
+    config.write_text(f'database: {{url: "sqlite:///{tmp_path / "w.db"}"}}\n'
+                      f'worker: {{lock_dir: "{tmp_path / "locks"}"}}\njobs:\n' + jobs)
+    return subprocess.run([sys.executable, str(ROOT / "run_worker.py"), "--once", "-c",
+                           str(config), "--log-level", "INFO", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_bind_parameters_are_never_printed(tmp_path, fmt):
+    """A UNIQUE violation: the error line and the INFO traceback (text, and the
+    JSON `traceback` field) show the SQL but not the card number bound to it."""
+    done = run_once(tmp_path, "  - {name: cards, call: 'tests.jobfuncs:insert_card_twice', "
+                              "kwargs: {card: '4111-1111-1111-1111'}}\n", "--log-format", fmt)
+    assert done.returncode == 1
+    assert "UNIQUE constraint failed" in done.stderr and "Traceback" in done.stderr
+    assert "INSERT INTO worker_test_cards" in done.stderr
+    assert "4111" not in done.stderr + done.stdout
+
+
+def test_every_stderr_line_is_json_and_thread_exceptions_are_throttled(tmp_path):
+    """Five helper threads of a job die alike: one JSON line (with its traceback),
+    not five plain-text tracebacks."""
+    done = run_once(tmp_path, "  - {name: threads, call: 'tests.jobfuncs:raise_in_threads', "
+                              "kwargs: {count: 5}}\n", "--log-format", "json")
+    assert done.returncode == 0, done.stderr
+    entries = [json.loads(line) for line in done.stderr.splitlines()]
+    uncaught = [e for e in entries if e["message"].startswith("uncaught exception")]
+    assert len(uncaught) == 1, done.stderr
+    assert uncaught[0]["message"] == "uncaught exception in helper: RuntimeError"
+    assert "RuntimeError: thread failed" in uncaught[0]["traceback"]
+
+
+def test_the_throttle_counts_what_it_left_out():
+    now = [0.0]
+    throttle = logs.ErrorThrottle(clock=lambda: now[0])
+    kind = ("helper", RuntimeError, "x.py:1")
+    assert throttle.admit(kind) == 0
+    assert [throttle.admit(kind) for _ in range(3)] == [None] * 3
+    assert throttle.admit(("other", RuntimeError, "x.py:1")) == 0
+    now[0] = logs.THROTTLE_SECONDS
+    assert throttle.admit(kind) == 3
+    assert throttle.admit(kind) is None
+
+
+def test_a_segfaulting_job_still_leaves_the_start_up_line(tmp_path):
+    """What a crash loses: INFO lines of the last FLUSH_AFTER (the job's own
+    'about to crash', logged just before), never the start-up line."""
+    done = run_once(tmp_path, "  - {name: crash, call: 'tests.jobfuncs:segfault'}\n")
+    assert done.returncode == -11, done.stderr
+    assert "running 1 job(s) once from" in done.stderr
+
+
+@pytest.mark.parametrize("ending", ["return", "exit"])
+def test_a_forked_childs_own_lines_are_written(tmp_path, ending):
+    done = run_once(tmp_path, "  - {name: forks, call: 'tests.jobfuncs:fork_child_that_logs', "
+                              f"kwargs: {{count: 3, ending: {ending}}}}}\n")
+    assert done.returncode == 0, done.stderr
+    assert [f"child line {n}" in done.stderr for n in range(3)] == [True] * 3, done.stderr

@@ -181,3 +181,62 @@ def test_a_job_that_commits_itself_succeeds_and_is_not_warned_about(database, ca
     assert values(database) == [7]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert database.checked_out() == 0
+
+
+def test_a_job_failing_run_after_run_logs_its_traceback_once_per_streak(tmp_path):
+    """The daemon, a job failing every 0.2 s: one traceback, then one line per
+    failure with the streak's count (it logged a traceback per run before)."""
+    from tests.processes import Daemon
+    config = tmp_path / "jobs.yaml"
+    config.write_text(f'database: {{url: "sqlite:///{tmp_path / "w.db"}"}}\n'
+                      f'worker: {{lock_dir: "{tmp_path / "locks"}"}}\n'
+                      "jobs:\n  - {name: bad, call: 'tests.jobfuncs:fail_with_value_error', "
+                      "every: 0.2s, retry: {attempts: 1}}\n")
+    daemon = Daemon(config, "--log-level", "INFO")
+    try:
+        daemon.wait_for("failed 4 runs in a row")
+    finally:
+        daemon.stop()
+    log = daemon.log
+    assert log.count("Traceback (most recent call last)") == 1, log
+    assert log.count("job=bad attempt=1/1 failed: ") >= 4
+    for count in (2, 3, 4):
+        assert f"job=bad attempt=1/1 failed {count} runs in a row; traceback as logged " \
+               "at the first of them, not repeated" in log
+
+
+def test_a_success_ends_the_streak():
+    from worker.runner import FailureStreaks
+    streaks = FailureStreaks()
+    assert [streaks.failed("a"), streaks.failed("a"), streaks.failed("b")] == [1, 2, 1]
+    streaks.succeeded("a")
+    assert streaks.failed("a") == 1 and streaks.failed("b") == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_connection_cut_in_first_connect_initialisation_is_retried(tds_server, tmp_path):
+    """Through Microsoft's driver, the server goes away while SQLAlchemy initialises
+    the dialect on the first connection (after login, before the job's first
+    statement): a connect failure, retried. It was `ResourceClosedError: This
+    Connection is closed` or a driver error, 'not a database error; not retried'."""
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    # the version query of the dialect's initialize(), on the pool's first connection
+    tds_server.set_faults('- match: "serverproperty(\'productversion\')"\n  times: 1\n'
+                          '  disconnect: true\n')
+    config = tmp_path / "jobs.yaml"
+    config.write_text(f'database: {{url: "{tds_server.url("msodbc")}"}}\n'
+                      f'worker: {{lock_dir: "{tmp_path / "locks"}"}}\n'
+                      "retry: {attempts: 3, wait_initial: 0.05s, wait_max: 0.05s}\n"
+                      "jobs:\n  - {name: sel, call: 'tests.jobfuncs:select_one'}\n")
+    try:
+        done = subprocess.run([sys.executable, str(ROOT / "run_worker.py"), "--once", "-c",
+                               str(config)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=90)
+    finally:
+        tds_server.set_faults("[]\n")
+    assert done.returncode == 0, done.stderr
+    assert "failed while connecting, before the job's first statement" in done.stderr, \
+        done.stderr
+    assert "ResourceClosedError" in done.stderr and "attempt=2/3 succeeded" in done.stderr

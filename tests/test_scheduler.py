@@ -137,3 +137,16 @@ def test_a_new_zone_moves_the_cron_jobs_and_keeps_every_jobs_next_run():
     assert berlin.next_run("daily") == utc.next_run("daily")
     assert utc.next_run("nightly") == "2026-06-02T03:00:00+00:00"
     assert berlin.next_run("nightly") == "2026-06-02T03:00:00+02:00"
+
+
+def test_jobs_with_the_same_cron_expression_share_one_parsed_schedule():
+    made = []
+
+    def factory(spec, zone):
+        made.append(spec.name)
+        return CronSchedule(spec.cron, zone)
+    scheduler = Scheduler([job(f"j{n}", cron="0 3 * * *") for n in range(50)] +
+                          [job("other", cron="*/5 * * * *")], BERLIN, 60.0,
+                          schedule_factory=factory)
+    assert made == ["j0", "other"]
+    assert len({id(entry.schedule) for entry in scheduler._entries.values()}) == 2

@@ -24,10 +24,13 @@ from typing import Mapping, Sequence
 from .callables import JobFunction, resolve_jobs
 from .config import Config, ConfigError, JobSpec, load
 from .errors import describe
+from .logs import WRITE_AT_ONCE
 from .monitoring.observe import Observers, wants_hooks, wants_monitoring
 from .parts import PartOwner
 
 log = logging.getLogger("worker")
+
+CONNECT_ATTEMPT_ALLOWANCE = 60.0   # seconds one connection attempt at start-up may take
 
 
 class DatabaseUnusable(Exception):
@@ -220,7 +223,8 @@ def run_once(config: Config, functions: Mapping[str, JobFunction],
     runtime = build_runtime(config, functions, jobs=selected, scheduled=False,
                             owner=PartOwner())
     log.info("running %d job(s) once from %s on %s, max_workers %d", len(selected),
-             config.path, runtime.database.display_url, config.worker.max_workers)
+             config.path, runtime.database.display_url, config.worker.max_workers,
+             extra=WRITE_AT_ONCE)
     if runtime.cluster is not None:
         runtime.cluster.start()
     loop = WorkLoop(runtime, BatchSource(list(selected)), observer=observers)
@@ -306,7 +310,7 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
             return None
         log.info("daemon started: %d scheduled job(s) from %s on %s, max_workers %d",
                  len(runtime.scheduler.jobs), config.path, runtime.database.display_url,
-                 config.worker.max_workers)
+                 config.worker.max_workers, extra=WRITE_AT_ONCE)
         notifier.ready(f"running {len(runtime.scheduler.jobs)} scheduled job(s)")
         report = loop.run()
         if not report.abandoned:
@@ -325,6 +329,9 @@ def _wait_for_database(loop, runtime: Runtime, notifier, observers: Observers) -
     observers.runtime_changed(runtime)
     while not loop.stop_requested:
         observers.tick()            # alive while waiting: /healthz 200, /readyz 503
+        # Time for this attempt and the wait after it: "a database that is down at
+        # start is not a failure", so systemd's start timeout must not fire either.
+        notifier.extend_start(CONNECT_ATTEMPT_ALLOWANCE + delay)
         try:
             runtime.start()
             observers.database_ready(True)

@@ -190,11 +190,29 @@ class DirtyConnection(Exception):
 
 ENDED = "worker_transaction_ended"   # pool-entry info: the Session ended its transaction
 SESSION_RECORD = "worker_pool_record"  # Session.info: its connection's pool-entry info
+HAD_CONNECTION = "worker_had_connection"  # Session.info: it got a connection once
 
 
 def _remember_connection(session, transaction, connection) -> None:
-    """after_begin: which pooled connection this Session's transaction runs on."""
+    """after_begin: which pooled connection this Session's transaction runs on, and
+    that the Session got one (the job's first statement could be sent)."""
     session.info[SESSION_RECORD] = connection.connection.info
+    session.info[HAD_CONNECTION] = True
+
+
+def failed_before_first_statement(session, exc: BaseException) -> bool:
+    """True when `exc` came out of the Session getting its first connection
+    (pool checkout, connect, first-connect initialisation, pre-ping): nothing of
+    the job reached the database."""
+    if session.info.get(HAD_CONNECTION):
+        return False
+    frame = exc.__traceback__
+    while frame is not None:
+        code = frame.tb_frame.f_code
+        if code.co_name == "_connection_for_bind" and "sqlalchemy" in code.co_filename:
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _mark_transaction_ended(session) -> None:
@@ -268,6 +286,9 @@ def _engine_options(settings: DatabaseSettings) -> dict[str, Any]:
         "pool_recycle": settings.pool_recycle if settings.pool_recycle >= 0 else -1,
         "pool_pre_ping": settings.pool_pre_ping,
         "pool_reset_on_return": None,   # _skip_needless_reset decides instead
+        # An error's text and traceback would show the bind parameters (a card
+        # number in a UNIQUE violation); logs never carry them.
+        "hide_parameters": True,
     }
     if settings.connect_args:
         options["connect_args"] = dict(settings.connect_args)

@@ -3,8 +3,12 @@ journald and log shippers. The JSON formatter takes `job`, `attempt` and
 `attempts` from the structured fields a log call passes with `extra=`, never from
 the message text. Whatever is printed passes through the secret masking.
 
-Lines are written in batches (BatchingHandler): warnings and errors at once,
-INFO and DEBUG lines at most FLUSH_AFTER seconds later."""
+Lines are written in batches (BatchingHandler): warnings and errors at once, and
+lines logged with `extra=WRITE_AT_ONCE` (the start-up line); other INFO and DEBUG
+lines at most FLUSH_AFTER seconds later. An exception that ends a thread, or the
+process, is logged through the same handler (JSON in json mode), and the same one
+repeated is written at most once per THROTTLE_SECONDS with the count of those
+left out."""
 from __future__ import annotations
 
 import json
@@ -21,6 +25,8 @@ from .config import mask_secrets
 STRUCTURED_FIELDS = ("job", "attempt", "attempts")
 FLUSH_AFTER = 0.1            # seconds an INFO or DEBUG line may wait to be written
 FLUSH_BYTES = 64 * 1024      # written at once when this much is waiting
+THROTTLE_SECONDS = 10.0     # one line per kind of uncaught exception this often
+WRITE_AT_ONCE = {"write_at_once": True}   # extra= of an INFO line that must not wait
 TEXT_FORMAT = "%(asctime)s %(levelname)s pid=%(process)d [%(threadName)s] %(name)s: %(message)s"
 
 
@@ -62,8 +68,9 @@ class BatchingHandler(logging.Handler):
     it; lines below wait at most FLUSH_AFTER, written by a flusher thread (or
     sooner once FLUSH_BYTES are waiting). What is waiting is written by `flush()`:
     at exit (logging.shutdown), before a summary is printed, before os._exit.
-    A process killed outright (SIGKILL) loses at most FLUSH_AFTER of INFO lines.
-    A child forked by a job drops its copy of the parent's waiting lines."""
+    A process killed outright (SIGKILL, a segfault) loses at most FLUSH_AFTER of
+    INFO lines. A child forked by a job drops its copy of the parent's waiting
+    lines and writes its own at once."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__()
@@ -74,6 +81,7 @@ class BatchingHandler(logging.Handler):
         self._writing = threading.Lock()    # one write at a time, in buffer order
         self._flusher: threading.Thread | None = None
         self._closed = False
+        self._direct = False     # a forked child writes each line at once
         os.register_at_fork(after_in_child=_fork_hook(self, BatchingHandler._forget))
 
     def handle(self, record: logging.LogRecord):
@@ -94,7 +102,8 @@ class BatchingHandler(logging.Handler):
             self._lines.append(line)
             self._size += len(line)
             urgent = (record.levelno >= logging.WARNING or self._size >= FLUSH_BYTES
-                      or self._closed)
+                      or self._closed or self._direct
+                      or getattr(record, "write_at_once", False))
             if not urgent and len(self._lines) == 1:
                 self._wake_flusher()
         if urgent:
@@ -142,8 +151,11 @@ class BatchingHandler(logging.Handler):
 
     def _forget(self) -> None:
         """In a forked child: the waiting lines are the parent's to write, and the
-        flusher thread did not come along."""
+        flusher thread did not come along. The child's own lines are written at
+        once: a child leaves by os._exit (multiprocessing does), which runs no
+        flush, so a batched line would be lost."""
         self._lines, self._size, self._flusher = [], 0, None
+        self._direct = True
         self._waiting = threading.Condition(threading.Lock())
         self._writing = threading.Lock()
 
@@ -176,15 +188,56 @@ def setup_logging(level: str, fmt: str = "text", stream: TextIO | None = None) -
     root.handlers[:] = [handler]
     root.setLevel(level)
     if fmt == "json":
-        # Every line on stderr is JSON: Python's warnings and an uncaught exception's
-        # traceback too, not only our own log calls.
+        # Every line on stderr is JSON: Python's warnings too, not only our own calls.
         logging.captureWarnings(True)
-        sys.excepthook = _log_uncaught
+    # An uncaught exception, in the main thread or another (the cluster heartbeat's),
+    # goes through the log: JSON in json mode, and throttled when it repeats.
+    throttle = ErrorThrottle()
+    sys.excepthook = lambda kind, value, tb: _log_uncaught(throttle, kind, value, tb, None)
+    threading.excepthook = lambda args: _log_uncaught(
+        throttle, args.exc_type, args.exc_value, args.exc_traceback, args.thread)
 
 
-def _log_uncaught(kind, value, traceback) -> None:
-    logging.getLogger("worker").critical("uncaught exception: %s", kind.__name__,
-                                         exc_info=(kind, value, traceback))
+class ErrorThrottle:
+    """At most one line per kind per THROTTLE_SECONDS; counts the ones left out."""
+
+    def __init__(self, clock=None) -> None:
+        import time
+        self._clock = clock or time.monotonic
+        self._lock = threading.Lock()
+        self._kinds: dict[tuple, list] = {}     # kind -> [last written, left out since]
+
+    def admit(self, kind: tuple) -> int | None:
+        """None: leave this one out; else the number left out before it."""
+        now = self._clock()
+        with self._lock:
+            seen = self._kinds.get(kind)
+            if seen is not None and now - seen[0] < THROTTLE_SECONDS:
+                seen[1] += 1
+                return None
+            left_out = seen[1] if seen is not None else 0
+            self._kinds[kind] = [now, 0]
+            return left_out
+
+
+def _log_uncaught(throttle: ErrorThrottle, kind, value, traceback, thread) -> None:
+    if kind is SystemExit:
+        return      # threading's own rule: a thread ending by SystemExit says nothing
+    where = ""
+    frame = traceback
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    if frame is not None:
+        where = f"{frame.tb_frame.f_code.co_filename}:{frame.tb_lineno}"
+    name = thread.name if thread is not None else "main thread"
+    left_out = throttle.admit((name.rstrip("0123456789"), kind, where))
+    if left_out is None:
+        return
+    repeated = (f" ({left_out} more like it in the last {THROTTLE_SECONDS:g}s not shown)"
+                if left_out else "")
+    logging.getLogger("worker").critical(
+        "uncaught exception in %s: %s%s", name, kind.__name__, repeated,
+        exc_info=(kind, value, traceback))
 
 
 def json_chosen() -> bool:

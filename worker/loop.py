@@ -26,7 +26,7 @@ from .deadlines import RunWatch
 from .errors import describe
 from .ledger import Refusal, Ticket
 from .monitoring.observe import NO_OBSERVER, RunObserver
-from .runner import JobResult, Outcome, run_job
+from .runner import FailureStreaks, JobResult, Outcome, run_job
 from .scheduler import DueRun
 from .sources import RunSource
 from .systemd import Notifier
@@ -135,6 +135,7 @@ class WorkLoop:
         self._retired: list = []          # replaced runtimes with runs still going
         self._waker = Waker()
         self._signals: list[int] = []     # received, not yet acted on (signal_received)
+        self._streaks = FailureStreaks()    # kept across reloads, like the job names
         self._stop = _StopState()
         self._reload_requested = False
         self._runs = self._cancelled = 0
@@ -286,7 +287,7 @@ class WorkLoop:
         watch = RunWatch()
         future = runtime.pool.submit(run_job, run.job, runtime.functions[name],
                                      runtime.database, watch=watch,
-                                     observer=self.observer)
+                                     observer=self.observer, streaks=self._streaks)
         self._running[name] = _Running(run, future, watch, runtime, ticket)
         future.add_done_callback(lambda _, name=name: self._finish_signal(name))
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .callables import JobFunction
 from .config import JobSpec, format_duration
-from .db import Database, Session
+from .db import Database, Session, failed_before_first_statement
 from .deadlines import Deadline, DeadlineExceeded, RunWatch
 from .errors import Diagnosis, Verdict, describe
 from .logs import flush_logs, job_fields
@@ -133,6 +133,15 @@ def _run_in_session(job: JobSpec, function: JobFunction, database: Database,
                                                f"passed")
             raise AttemptFailed(exc, timeout, during_commit, timed_out=True) from exc
         diagnosis = database.classify(exc)
+        if diagnosis.verdict is not Verdict.RETRY and not diagnosis.permanent and \
+                failed_before_first_statement(session, exc) and not isinstance(
+                    exc, (Cancelled, AttemptTimedOut, DeadlineExceeded)):
+            # Nothing of the job ran: whatever broke the connection on its way in
+            # (ResourceClosedError in first-connect initialisation through
+            # Microsoft's driver) is a connect failure, retried like one.
+            diagnosis = replace(diagnosis, verdict=Verdict.RETRY, disconnect=True,
+                                reason="failed while connecting, before the job's first "
+                                       f"statement ({diagnosis.reason})")
         if during_commit and diagnosis.disconnect and diagnosis.verdict is Verdict.RETRY:
             # The COMMIT may or may not have reached the server.
             diagnosis = replace(diagnosis, verdict=Verdict.RETRY_IF_IDEMPOTENT,
@@ -211,18 +220,44 @@ def _invalidate(session, job: JobSpec, attempt: int) -> None:
                     _tag(job, attempt), describe(exc), extra=_fields(job, attempt))
 
 
+class FailureStreaks:
+    """How many runs of each job have failed in a row, so that a job failing every
+    few seconds logs its traceback once per streak, not once per run (a job
+    failing every 8 s logged 1,271 lines in 2 minutes)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def failed(self, job: str) -> int:
+        """This failure's place in the job's streak (1: the first)."""
+        with self._lock:
+            self._counts[job] = count = self._counts.get(job, 0) + 1
+            return count
+
+    def succeeded(self, job: str) -> None:
+        with self._lock:
+            self._counts.pop(job, None)
+
+
 def run_job(job: JobSpec, function: JobFunction, database: Database, *,
             sleep: Callable[[float], None] = time.sleep,
             watch: RunWatch | None = None,
-            observer: RunObserver = NO_OBSERVER) -> JobResult:
+            observer: RunObserver = NO_OBSERVER,
+            streaks: FailureStreaks | None = None) -> JobResult:
     """Run a job with its retry policy; never raises for the job's own errors.
-    `observer` hears of each retry (attempt_retried)."""
+    `observer` hears of each retry (attempt_retried); `streaks` (the daemon's, kept
+    across runs) decides whether a failure's traceback is logged again."""
     watch = watch or RunWatch()
     watch.thread = threading.get_ident()
     watch.tracker = database.statements
     previous = Session.enter_job(database.registry)
     try:
-        return _run_job(job, function, database, sleep, watch, observer)
+        result = _run_job(job, function, database, sleep, watch, observer,
+                          streaks or FailureStreaks())
+        if result.outcome is Outcome.SUCCESS and streaks is not None:
+            streaks.succeeded(job.name)
+        return result
     finally:
         Session.leave_job(previous)
         database.statements.forget(watch.thread)
@@ -230,7 +265,7 @@ def run_job(job: JobSpec, function: JobFunction, database: Database, *,
 
 def _run_job(job: JobSpec, function: JobFunction, database: Database,
              sleep: Callable[[float], None], watch: RunWatch,
-             observer: RunObserver) -> JobResult:
+             observer: RunObserver, streaks: FailureStreaks) -> JobResult:
     started = watch.started = time.monotonic()
     # The first attempt runs straight away; the retry machinery (tenacity) is only
     # built when it fails with something worth retrying: most jobs never need it.
@@ -243,11 +278,11 @@ def _run_job(job: JobSpec, function: JobFunction, database: Database,
     except AttemptFailed as failure:
         if job.retry.attempts == 1 or not failure.should_retry(job) or \
                 watch.cancelled.is_set():
-            return _failed(job, 1, failure, started, watch)
+            return _failed(job, 1, failure, started, watch, streaks)
         try:
             attempt = _retry(job, function, database, sleep, watch, failure, observer)
         except AttemptFailed as last:
-            return _failed(job, watch.attempt, last, started, watch)
+            return _failed(job, watch.attempt, last, started, watch, streaks)
     duration = time.monotonic() - started
     log.info("job=%s attempt=%d/%d succeeded in %.3fs", job.name, attempt,
              job.retry.attempts, duration, extra=_fields(job, attempt))
@@ -313,7 +348,7 @@ def _retry(job: JobSpec, function: JobFunction, database: Database,
 
 
 def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
-            watch: RunWatch) -> JobResult:
+            watch: RunWatch, streaks: FailureStreaks) -> JobResult:
     """The result, and the log line, for a run whose last attempt failed."""
     duration = time.monotonic() - started
     diagnosis = failure.diagnosis
@@ -335,7 +370,13 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
         why = "not retried"
     log.error("%s failed: %s (%s): %s; %s", _tag(job, attempt), diagnosis.reason,
               diagnosis.codes, failure, why, extra=_fields(job, attempt))
-    # Once, at INFO: where in the job's code it failed (file and line).
-    log.info("%s traceback of the last attempt", _tag(job, attempt),
-             exc_info=failure.error, extra=_fields(job, attempt))
+    # At INFO, once per streak of failed runs: where in the job's code it failed.
+    streak = streaks.failed(job.name)
+    if streak == 1:
+        log.info("%s traceback of the last attempt", _tag(job, attempt),
+                 exc_info=failure.error, extra=_fields(job, attempt))
+    else:
+        log.info("%s failed %d runs in a row; traceback as logged at the first of "
+                 "them, not repeated", _tag(job, attempt), streak,
+                 extra=_fields(job, attempt))
     return JobResult(job.name, Outcome.FAILED, attempt, duration, str(failure))

@@ -2,8 +2,7 @@
 
 `every` schedules count on the monotonic clock, so a wall-clock jump does not
 stall or rush them. `cron` schedules follow the wall clock in the configured
-time zone (croniter), with one rule croniter lacks: a wall-clock time repeated
-when clocks go back runs once, not twice, unless the hour field is `*`.
+time zone, with cron(8)'s syntax and day rule and the DST rules in worker.cron.
 
 After a stall (a suspended machine, a clock jump, a busy pool) the runs missed
 are coalesced into one when the latest of them is within misfire_grace_time, and
@@ -65,57 +64,37 @@ class EverySchedule:
 
 
 class CronSchedule:
-    """A cron expression in a time zone, on the wall clock (epoch seconds)."""
+    """A cron expression in a time zone, on the wall clock (epoch seconds); the
+    syntax, day rule and DST rules are worker.cron's. The expression is parsed
+    once, here."""
 
     def __init__(self, expression: str, zone: tzinfo, clock: Callable[[], float] = time.time):
+        from .cron import CronTimes, parse
         self.expression = expression
         self.zone = zone
         self.now = clock
-        fields = expression.split()
-        self._hourly = expression.startswith("@hourly") or (len(fields) >= 2 and fields[1] == "*")
-
-    def _iterator(self, after: float):
-        from croniter import croniter
-        return croniter(self.expression, datetime.fromtimestamp(after, self.zone))
+        self._times = CronTimes(parse(expression), zone)
 
     def first(self, now: float) -> float:
         return self.next_after(now, now)
 
     def next_after(self, instant: float, previous: float) -> float:
-        iterator = self._iterator(instant)
-        while True:
-            fire = iterator.get_next(datetime)
-            if self._hourly or not _repeated_wall_time(fire):
-                return fire.timestamp()
+        return self._times.next_after(instant)
 
     def previous_at_or_before(self, instant: float) -> float:
-        fire = self._iterator(instant + 1e-6).get_prev(datetime)
-        while not self._hourly and _repeated_wall_time(fire):
-            fire = self._iterator(fire.timestamp()).get_prev(datetime)
-        return fire.timestamp()
+        return self._times.previous_at_or_before(instant)
 
     def latest_at_or_before(self, instant: float, due: float) -> tuple[float, int]:
         latest, count = due, 1
-        iterator = self._iterator(due)
         while count < MAX_MISSED_COUNTED:
-            fire = iterator.get_next(datetime)
-            if not self._hourly and _repeated_wall_time(fire):
-                continue
-            if fire.timestamp() > instant:
+            fire = self._times.next_after(latest)
+            if fire > instant:
                 return latest, count
-            latest, count = fire.timestamp(), count + 1
+            latest, count = fire, count + 1
         return self.previous_at_or_before(instant), count   # too many to count
 
     def describe(self, instant: float) -> str:
         return datetime.fromtimestamp(instant, self.zone).isoformat(timespec="seconds")
-
-
-def _repeated_wall_time(moment: datetime) -> bool:
-    """True for the second occurrence of a wall-clock time when clocks go back."""
-    wall = moment.replace(tzinfo=None)
-    first = wall.replace(tzinfo=moment.tzinfo, fold=0)
-    return first.utcoffset() != moment.utcoffset() and \
-        wall.replace(tzinfo=moment.tzinfo, fold=1).utcoffset() == moment.utcoffset()
 
 
 Schedule = EverySchedule | CronSchedule
@@ -184,6 +163,9 @@ class Scheduler:
         """Take a new job list (reload): unchanged schedules keep their next run."""
         entries: dict[str, _Entry] = {}
         self.unscheduled = []
+        # Schedules hold no per-job state: jobs with the same `every`/`cron` share
+        # one, so that each cron expression is parsed once (10,000 jobs, one parse).
+        shared: dict[tuple, Schedule | None] = {}
         for job in jobs:
             if not job.enabled:
                 continue
@@ -191,7 +173,10 @@ class Scheduler:
             if old is not None and _keeps_next_run(old, job, self.zone):
                 entries[job.name] = _Entry(job, old.schedule, old.next_due)
                 continue
-            schedule = self._factory(job, self.zone)
+            key = (job.every, job.cron)
+            if key not in shared:
+                shared[key] = self._factory(job, self.zone)
+            schedule = shared[key]
             if schedule is None:
                 self.unscheduled.append(job.name)
                 continue
@@ -275,7 +260,7 @@ def local_zone() -> tzinfo:
         if name:
             try:
                 return ZoneInfo(name)
-            except (ZoneInfoNotFoundError, ValueError):
+            except (ZoneInfoNotFoundError, ValueError, OSError):   # OSError: TZ=Europe
                 continue
     return datetime.now().astimezone().tzinfo or timezone.utc
 

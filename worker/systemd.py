@@ -43,6 +43,12 @@ class Notifier:
     def status(self, status: str) -> None:
         self.send(STATUS=status)
 
+    def extend_start(self, seconds: float) -> None:
+        """Before READY: push systemd's start timeout (TimeoutStartSec=, 90 s by
+        default) to `seconds` from now, so that a daemon waiting for its database
+        is not killed as a failed start (EXTEND_TIMEOUT_USEC, systemd 236+)."""
+        self.send(EXTEND_TIMEOUT_USEC=str(int(seconds * 1_000_000)))
+
     def reloading(self) -> None:
         # Type=notify-reload wants the monotonic time with RELOADING=1.
         self.send(RELOADING="1", MONOTONIC_USEC=str(time.clock_gettime_ns(

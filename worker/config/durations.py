@@ -29,7 +29,7 @@ def parse_duration(value: Any) -> float:
             matched = True
             while pos < len(text) and text[pos] == " ":
                 pos += 1
-        if matched and pos == len(text):
+        if matched and pos == len(text) and math.isfinite(total):
             return total
     raise ValueError(f"not a duration: {value!r} (use seconds, or a number with "
                      "ms, s, m, h or d, e.g. '30s', '5m', '1h30m', '7d')")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import replace
+from datetime import date
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -121,6 +122,9 @@ EXTRA_CODE_KEYS = ("transient_codes", "permanent_codes")  # top-level retry sect
 _SQLSTATE_CODE = re.compile(r"[0-9A-Z]{5}")
 
 
+_NATIVE_CODE = re.compile(r"-?[0-9]+")   # ASCII digits: str.isdigit() also takes '²'
+
+
 def _extra_codes(raw: Any, check: _Checker) -> ExtraCodes:
     if not isinstance(raw, dict):
         return ExtraCodes()
@@ -135,7 +139,7 @@ def _extra_codes(raw: Any, check: _Checker) -> ExtraCodes:
         for index, value in enumerate(values):
             if isinstance(value, int) and not isinstance(value, bool):
                 codes.add(value)
-            elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            elif isinstance(value, str) and _NATIVE_CODE.fullmatch(value.strip()):
                 codes.add(int(value))
             elif isinstance(value, str) and _SQLSTATE_CODE.fullmatch(value.strip()):
                 codes.add(value.strip())
@@ -183,7 +187,7 @@ _JOB_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
 def _job(raw: Any, index: int, defaults: RetryPolicy, check: _Checker,
-         cron_is_valid: Callable[[str], bool]) -> JobSpec:
+         cron_problem: Callable[[str], str | None]) -> JobSpec:
     at: KeyPath = ("jobs", index)
     if not isinstance(raw, dict):
         raise check.fail(f"each job must be a mapping with at least 'name' and 'call', "
@@ -224,11 +228,14 @@ def _job(raw: Any, index: int, defaults: RetryPolicy, check: _Checker,
     if raw.get("every") is not None:
         every = check.duration(raw["every"], at + ("every",), name)
     if raw.get("cron") is not None:
-        cron = check.string(raw["cron"], at + ("cron",), name).strip()
-        if not cron_is_valid(cron):
-            raise check.fail(f"not a valid cron expression: {cron!r} (e.g. '*/5 * * * *': "
-                             "minute hour day-of-month month day-of-week; or @hourly, "
-                             "@daily, @weekly, @monthly)",
+        cron = raw["cron"] if isinstance(raw["cron"], str) else \
+            check.string(raw["cron"], at + ("cron",), name)
+        cron = cron.strip()
+        problem = cron_problem(cron)
+        if problem is not None:
+            raise check.fail(f"not a valid cron expression: {cron!r}: {problem} (e.g. "
+                             "'*/5 * * * *': minute hour day-of-month month day-of-week; "
+                             "or @hourly, @daily, @weekly, @monthly, @yearly)",
                              at + ("cron",), name)
     retry = _retry_policy(raw.get("retry"), at + ("retry",), defaults, check, name)
     enabled = check.boolean(_given_or_default(raw, JobSpec, "enabled"),
@@ -241,17 +248,21 @@ def _job(raw: Any, index: int, defaults: RetryPolicy, check: _Checker,
                    hooks=job_hooks(raw.get("hooks"), at, check, name))
 
 
-def _cron_checker() -> Callable[[str], bool]:
-    """cron_is_valid(expression), asked of croniter once per distinct expression
-    (a file of many jobs repeats a few schedules)."""
-    verdicts: dict[str, bool] = {}
+def _cron_checker() -> Callable[[str], str | None]:
+    """cron_problem(expression): why it is refused, or None; each distinct
+    expression parsed once (a file of many jobs repeats a few schedules)."""
+    verdicts: dict[str, str | None] = {}
 
-    def cron_is_valid(expression: str) -> bool:
+    def cron_problem(expression: str) -> str | None:
         if expression not in verdicts:
-            from croniter import croniter  # imported only when a config uses cron
-            verdicts[expression] = bool(croniter.is_valid(expression))
+            from ..cron import CronSyntaxError, parse
+            try:
+                parse(expression).check_fires(date.today())
+                verdicts[expression] = None
+            except CronSyntaxError as exc:
+                verdicts[expression] = str(exc)
         return verdicts[expression]
-    return cron_is_valid
+    return cron_problem
 
 
 def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> Config:
@@ -294,9 +305,9 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> C
         raise check.fail("'jobs' must be a non-empty list of jobs", ("jobs",))
     jobs: list[JobSpec] = []
     seen: dict[str, int] = {}
-    cron_is_valid = _cron_checker()
+    cron_problem = _cron_checker()
     for index, raw in enumerate(jobs_raw):
-        spec = _job(raw, index, retry, check, cron_is_valid)
+        spec = _job(raw, index, retry, check, cron_problem)
         if spec.name in seen:
             raise check.fail(f"duplicate job name (first defined at line "
                              f"{seen[spec.name]})", ("jobs", index, "name"), spec.name)
@@ -352,7 +363,7 @@ def _worker(raw: dict, max_workers: int, check: _Checker) -> WorkerSettings:
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
         try:
             ZoneInfo(zone)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):   # OSError: 'Europe' is a folder
             raise check.fail(f"unknown time zone {zone!r} (use an IANA name such as "
                              f"'Europe/Berlin' or 'UTC')", at + ("timezone",)) from None
     lock_dir = raw.get("lock_dir")

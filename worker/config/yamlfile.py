@@ -158,12 +158,16 @@ def _index_lines(root: yaml.Node, document: YamlDocument, path: Path) -> None:
                 job = next((v.value for k, v in node.value if k.value == "name"
                             and v.id == "scalar"), None)
             seen: set = set()
-            for key_node, value_node in node.value:
+            merged = _merged_pairs(node)
+            merged_keys = {id(key_node) for key_node, _ in merged}
+            for key_node, value_node in [p for p in node.value if not _is_merge(p[0])] + merged:
                 if key_node.id != "scalar":
                     raise ConfigError("invalid YAML: a key must be a single value, not "
                                       "a list or a mapping", path=path,
                                       line=key_node.start_mark.line + 1)
                 key = key_node.value
+                if key in seen and id(key_node) in merged_keys:
+                    continue   # a merged key that the mapping sets itself
                 if key in seen:
                     where = at[2:] if job is not None else at
                     raise ConfigError(f"duplicate key {key!r} in the same mapping",
@@ -177,7 +181,7 @@ def _index_lines(root: yaml.Node, document: YamlDocument, path: Path) -> None:
                         quoted.add(key_at)   # quoted: `${VAR}` stays a string
                 else:
                     below.append((value_node, key_at, job))
-            visited += 2 * len(node.value)
+            visited += 2 * (len(node.value) + len(merged))
         else:
             for index, item in enumerate(node.value):
                 item_at = at + (index,)
@@ -194,6 +198,30 @@ def _index_lines(root: yaml.Node, document: YamlDocument, path: Path) -> None:
 
 
 _QUOTES = ("'", '"')
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _is_merge(key_node: yaml.Node) -> bool:
+    return key_node.tag == _MERGE_TAG or (key_node.id == "scalar" and key_node.value == "<<"
+                                          and key_node.style is None)
+
+
+def _merged_pairs(node: yaml.MappingNode, depth: int = 0) -> list:
+    """The (key, value) nodes a mapping's merge keys (`<<: *common`) bring in,
+    first source first, as YAML's constructor will merge them, so that the
+    merged values are indexed (lines, quoting) at the path they end up at."""
+    pairs: list = []
+    if depth > MAX_DEPTH:
+        return pairs
+    for key_node, value_node in node.value:
+        if not _is_merge(key_node):
+            continue
+        sources = value_node.value if value_node.id == "sequence" else [value_node]
+        for source in sources:
+            if source.id == "mapping":
+                pairs.extend(p for p in source.value if not _is_merge(p[0]))
+                pairs.extend(_merged_pairs(source, depth + 1))
+    return pairs
 
 
 def _children(node: yaml.Node) -> list:

@@ -186,10 +186,11 @@ def _interval(job) -> float | None:
     if job.every is not None:
         return job.every
     if job.cron is not None:
-        from croniter import croniter
-        times = croniter(job.cron, time.time())
-        first = times.get_next(float)
-        return times.get_next(float) - first
+        from ..cron import CronTimes, parse
+        from ..scheduler import local_zone
+        times = CronTimes(parse(job.cron), local_zone())
+        first = times.next_after(time.time())
+        return times.next_after(first) - first
     return None
 
 
