@@ -267,3 +267,43 @@ def test_every_log_line_of_a_cron_run_carries_its_pid(tmp_path):
     for line in log_lines:
         match = re.match(LOG_LINE.pattern + r"pid=(\d+) ", line)
         assert match and int(match.group(1)) in pids, line
+
+
+# --- Prometheus alert rules -----------------------------------------------------------
+
+RULES_DIR = ROOT / "deploy" / "prometheus"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (Debian package `prometheus`; "
+                             "scripts/setup-monitoring-tests.sh installs it)")
+
+
+@needs_promtool
+def test_alert_rules_pass_their_promtool_tests():
+    """Each false page of issue 22 (a removed job, a disabled job, a fresh restart, a
+    cron textfile read as a stalled loop, a daemon's old failure read as a cron
+    failure) is a case in run-worker.rules.test.yml, beside the true pages."""
+    checked = subprocess.run([PROMTOOL, "check", "rules", "run-worker.rules.yml"],
+                             cwd=RULES_DIR, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run([PROMTOOL, "test", "rules", "run-worker.rules.test.yml"],
+                            cwd=RULES_DIR, capture_output=True, text=True, timeout=60)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "SUCCESS" in tested.stdout
+
+
+@needs_promtool
+def test_promtool_rule_tests_would_notice_a_false_page(tmp_path):
+    """The documented rule of before (no job_enabled, interval on disabled jobs) fails
+    the test file: the cases really tell a false page from none."""
+    rules = (RULES_DIR / "run-worker.rules.yml").read_text()
+    old = rules.replace("> 3 * run_worker_job_interval_seconds",
+                        "> 3 * run_worker_job_interval_seconds or on (instance, job, "
+                        "job_name) (run_worker_job_enabled == 0)")
+    assert old != rules
+    (tmp_path / "run-worker.rules.yml").write_text(old)
+    shutil.copy(RULES_DIR / "run-worker.rules.test.yml", tmp_path)
+    tested = subprocess.run([PROMTOOL, "test", "rules", "run-worker.rules.test.yml"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert tested.returncode == 1
+    assert "nightly-export" in tested.stdout + tested.stderr

@@ -604,7 +604,13 @@ def test_misfires_and_overlaps_are_counted_by_the_schedule_source():
                           lambda spec, zone: EverySchedule(spec.every, lambda: now[0]))
     metrics = MetricsObserver()
     source = ScheduleSource(metrics)
-    runtime = SimpleNamespace(scheduler=scheduler)
+    runtime = SimpleNamespace(
+        scheduler=scheduler, jobs=(report,), cluster=None,
+        config=SimpleNamespace(jobs=(report,), database=SimpleNamespace(
+            pool_size=1, max_overflow=0)),
+        database=SimpleNamespace(checked_out=lambda: 0),
+        pool=SimpleNamespace(max_workers=1))
+    metrics.runtime_changed(runtime)     # the job's series exist from here on
     assert [r.job.name for r in source.due(runtime, set(), 4)] == ["report"]
     now[0] += 150                        # the +100 run is 50 s late: over the grace
     assert source.due(runtime, set(), 4) == []
@@ -614,3 +620,160 @@ def test_misfires_and_overlaps_are_counted_by_the_schedule_source():
     skipped = "run_worker_runs_skipped_total"
     assert value(samples, skipped, job_name="report", reason="misfire") == 1
     assert value(samples, skipped, job_name="report", reason="overlap") == 1
+
+
+# --- metrics follow the job list; running and stuck runs (issue 22) ------------------------
+
+def job_names_in(samples: dict) -> set:
+    return {dict(key[1])["job_name"] for key in samples
+            if key != "families" and "job_name" in dict(key[1])}
+
+
+def test_reload_drops_removed_jobs_and_a_disabled_job_has_no_interval(tmp_path, daemons):
+    body = f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+metrics: {{port: 0}}
+jobs:
+  - {{name: heartbeat, call: "tests.jobfuncs:select_one", every: 1s}}
+  - {{name: orders, call: "tests.jobfuncs:select_one", every: 1h}}
+  - {{name: nightly-export, call: "tests.jobfuncs:select_one", every: 1h, enabled: false}}
+"""
+    config = write_config(tmp_path / "jobs.yaml", body)
+    daemon = daemons(config)
+    port = listening_port(daemon)
+    daemon.wait_for("job=heartbeat attempt=1/5 succeeded")
+    samples = scrape(port)
+    assert job_names_in(samples) == {"heartbeat", "orders", "nightly-export"}
+    assert value(samples, "run_worker_job_enabled", job_name="nightly-export") == 0
+    assert value(samples, "run_worker_job_enabled", job_name="orders") == 1
+    interval = "run_worker_job_interval_seconds"
+    assert (interval, (("job_name", "nightly-export"),)) not in samples
+    assert value(samples, interval, job_name="orders") == 3600
+
+    # heartbeat removed, orders renamed, nightly-export enabled, orders2 disabled
+    config.write_text(body.replace(
+        '  - {name: heartbeat, call: "tests.jobfuncs:select_one", every: 1s}\n', "")
+        .replace("name: orders,", "name: orders2, enabled: false,")
+        .replace("every: 1h, enabled: false}", "every: 1h}"))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reloaded")
+    samples = scrape(port)
+    assert job_names_in(samples) == {"orders2", "nightly-export"}
+    assert value(samples, "run_worker_job_enabled", job_name="orders2") == 0
+    assert (interval, (("job_name", "orders2"),)) not in samples
+    assert value(samples, interval, job_name="nightly-export") == 3600
+    assert value(samples, "run_worker_job_enabled", job_name="nightly-export") == 1
+    assert daemon.stop() == 0
+
+
+def test_a_stuck_run_is_running_and_stuck_until_its_thread_returns(tmp_path, daemons):
+    """A job asleep in Python (nothing to cancel) past its 1 s deadline: running 1
+    from its start, stuck 1 once the loop gives up on it (deadline + 5 s), both 0
+    when its thread returns, and its duration the real one (about 9 s, not 6)."""
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+metrics: {{port: 0}}
+jobs:
+  - {{name: slow, call: "tests.jobfuncs:python_sleep", every: 1h, timeout: 1s,
+     retry: {{attempts: 1}}, kwargs: {{seconds: 9}}}}
+""")
+    daemon = daemons(config)
+    port = listening_port(daemon)
+    daemon.wait_for("job=slow starting")
+    samples = scrape(port)
+    assert value(samples, "run_worker_job_running", job_name="slow") == 1
+    started = value(samples, "run_worker_job_run_started_timestamp_seconds", job_name="slow")
+    assert abs(started - time.time()) < 5
+    assert value(samples, "run_worker_job_stuck", job_name="slow") == 0
+
+    daemon.wait_for("its thread is left to finish", timeout=15)
+    samples = scrape(port)
+    assert value(samples, "run_worker_job_stuck", job_name="slow") == 1
+    assert value(samples, "run_worker_job_running", job_name="slow") == 1
+    assert value(samples, "run_worker_runs_total", job_name="slow", outcome="timeout") == 1
+    assert value(samples, "run_worker_run_duration_seconds_count", job_name="slow") == 0
+    status, body = get(port, "/status.json")
+    import json
+    job = json.loads(body)["jobs"][0]
+    assert job["running_since"] and job["stuck"]
+    assert json.loads(body)["worker"]["running"] == 1
+
+    samples = wait_until(lambda: (lambda s: s if value(
+        s, "run_worker_job_running", job_name="slow") == 0 else None)(scrape(port)),
+        15, "the stuck thread returned")
+    assert value(samples, "run_worker_job_stuck", job_name="slow") == 0
+    assert value(samples, "run_worker_job_run_started_timestamp_seconds", job_name="slow") == 0
+    assert value(samples, "run_worker_run_duration_seconds_count", job_name="slow") == 1
+    assert value(samples, "run_worker_run_duration_seconds_sum", job_name="slow") >= 8.5
+    assert daemon.stop() == 0
+
+
+# --- the textfile of --once merges (issue 22) --------------------------------------------
+
+def test_once_job_a_keeps_the_other_jobs_series_in_the_textfile(tmp_path):
+    prom = tmp_path / "run_worker.prom"
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+metrics: {{textfile: "{prom}"}}
+jobs:
+  - {{name: heartbeat2, call: "tests.jobfuncs:select_one", every: 1m}}
+  - {{name: broken-sql, call: "tests.jobfuncs:syntax_error", retry: {{attempts: 1}}}}
+  - {{name: gone, call: "tests.jobfuncs:select_one"}}
+""")
+    assert run_cli(config, "--once").returncode == 1
+    first = samples_of(prom.read_text())
+    runs = "run_worker_runs_total"
+    assert value(first, runs, job_name="broken-sql", outcome="failed") == 1
+    succeeded = value(first, "run_worker_last_success_timestamp_seconds",
+                      job_name="heartbeat2")
+    assert succeeded > 0
+    # A cron run has no loop and no `every`: nothing a daemon's rule would read.
+    assert "run_worker_loop_last_tick_timestamp_seconds" not in first["families"]
+    assert "run_worker_job_interval_seconds" not in first["families"]
+
+    config.write_text(config.read_text().replace(
+        '  - {name: gone, call: "tests.jobfuncs:select_one"}\n', ""))
+    done = run_cli(config, "--once", "--job", "heartbeat2")
+    assert done.returncode == 0, done.stderr
+    second = samples_of(prom.read_text())
+    assert value(second, runs, job_name="broken-sql", outcome="failed") == 1   # kept
+    assert value(second, runs, job_name="heartbeat2", outcome="success") == 1  # replaced
+    assert value(second, "run_worker_last_success_timestamp_seconds",
+                 job_name="heartbeat2") >= succeeded
+    assert job_names_in(second) == {"heartbeat2", "broken-sql"}          # gone is gone
+
+    done = run_cli(config, "--once", "--job", "broken-sql")
+    assert done.returncode == 1
+    third = samples_of(prom.read_text())
+    # broken-sql failed again: its last success is still "never", heartbeat2's kept.
+    assert value(third, runs, job_name="broken-sql", outcome="failed") == 1
+    assert value(third, "run_worker_last_success_timestamp_seconds",
+                 job_name="heartbeat2") == value(second, "run_worker_last_success_"
+                                                 "timestamp_seconds", job_name="heartbeat2")
+
+
+def test_a_once_run_that_skipped_everything_leaves_the_textfile_as_it_was(tmp_path):
+    prom = tmp_path / "run_worker.prom"
+    release = tmp_path / "release"
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+metrics: {{textfile: "{prom}"}}
+jobs:
+  - {{name: holder, call: "tests.jobfuncs:wait_for_file", kwargs: {{path: "{release}"}}}}
+""")
+    prom.write_text("# an earlier run's file\n")
+    os.utime(prom, (1_000_000, 1_000_000))
+    first = subprocess.Popen([sys.executable, str(ROOT / "run_worker.py"), "-c",
+                              str(config), "--once"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        wait_until(lambda: run_cli(config, "--once").returncode == 75, 20,
+                   "the second run skipped (75)")
+        assert prom.stat().st_mtime == 1_000_000     # not rewritten: its age tells
+        assert prom.read_text() == "# an earlier run's file\n"
+    finally:
+        release.touch()
+        first.communicate(timeout=30)
+    assert first.returncode == 0
+    assert prom.stat().st_mtime > 1_000_000

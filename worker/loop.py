@@ -243,6 +243,7 @@ class WorkLoop:
                 continue
             del self._running[name]
             result = _result_of(running)
+            self.observer.run_returned(running.run, result)
             try:
                 running.runtime.ledger.finish(running.ticket, result)
             except Exception as exc:  # recording must never stop the loop
@@ -266,6 +267,7 @@ class WorkLoop:
             if stuck is None or stuck <= self.stuck_grace:
                 continue
             running.reported = True     # stays in _running: no overlapping run
+            self.observer.run_stuck(running.run)
             job = running.run.job
             message = (f"still running {stuck:.1f}s past its deadline of "
                        f"{format_duration(job.timeout)}, outside any database "

@@ -90,6 +90,7 @@ class StatusBoard(NoObserver):
         self.started = time.time()
         self._recent: dict[str, deque] = {}
         self._running: dict[str, float] = {}     # job -> when its run started
+        self._stuck: set[str] = set()            # jobs whose run is stuck past its deadline
         # The loop thread writes, HTTP threads read: a deque must not change while
         # it is being copied.
         self._lock = threading.Lock()
@@ -105,13 +106,22 @@ class StatusBoard(NoObserver):
         record = RunRecord(time.time(), result.outcome.value, result.duration,
                            result.attempts, one_line(result.error))
         with self._lock:
-            self._running.pop(result.job, None)
             self._recent.setdefault(result.job, deque(maxlen=RECENT_RUNS)).appendleft(record)
 
-    def _own_runs(self) -> tuple[dict[str, list], dict[str, float]]:
+    def run_stuck(self, run) -> None:
+        with self._lock:
+            self._stuck.add(run.job.name)
+
+    def run_returned(self, run, result) -> None:
+        # Running until its thread returns: a stuck run still holds a thread.
+        with self._lock:
+            self._running.pop(run.job.name, None)
+            self._stuck.discard(run.job.name)
+
+    def _own_runs(self) -> tuple[dict[str, list], dict[str, float], set[str]]:
         with self._lock:
             return ({name: list(runs) for name, runs in self._recent.items()},
-                    dict(self._running))
+                    dict(self._running), set(self._stuck))
 
     def snapshot(self, health: Health | None = None) -> dict:
         runtime = self.runtime
@@ -119,7 +129,7 @@ class StatusBoard(NoObserver):
             return {"worker": {"state": "starting"}, "jobs": [], "cluster": None}
         config = runtime.config
         history, history_error = self._cluster_history(runtime)
-        own, running = self._own_runs()
+        own, running, stuck = self._own_runs()
         jobs = []
         scheduled = {job.name for job in runtime.scheduler.jobs} \
             if runtime.scheduler is not None else set()
@@ -134,6 +144,7 @@ class StatusBoard(NoObserver):
                 "next_run": runtime.scheduler.next_run(job.name)
                 if job.name in scheduled else None,
                 "running_since": _iso(running_since) if running_since else None,
+                "stuck": job.name in stuck,
                 "last": _run_json(recent[0]) if recent else None,
                 "recent": [_run_json(r) for r in recent or ()],
             })
@@ -358,8 +369,12 @@ class Monitoring:
         if textfile and self.metrics is not None and self.settings is not None \
                 and self.settings.textfile:
             try:
-                self.metrics.write_textfile(self.settings.textfile)
-                log.info("metrics written to %s", self.settings.textfile)
+                if self.metrics.write_textfile(self.settings.textfile):
+                    log.info("metrics written to %s", self.settings.textfile)
+                else:
+                    log.info("metrics textfile %s left as it was: no run finished "
+                             "(each found its previous run still going)",
+                             self.settings.textfile)
             except OSError as exc:
                 log.error("cannot write the metrics textfile %s: %s",
                           self.settings.textfile, exc)
