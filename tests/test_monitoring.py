@@ -195,11 +195,14 @@ jobs:
 
     assert get(port, "/healthz")[0] == 200
     assert get(port, "/readyz")[0] == 200
-    # Stopping while `blocked` still runs: /healthz turns 503 at once.
+    # Stopping while `blocked` still runs: /readyz turns 503 at once; /healthz stays
+    # 200 while the daemon drains (a failing liveness probe would kill it mid-stop).
     daemon.signal(signal.SIGTERM)
     daemon.wait_for("stopping: no new runs")
-    status, body = get(port, "/healthz")
+    status, body = get(port, "/readyz")
     assert (status, body.strip()) == (503, "stopping")
+    status, body = get(port, "/healthz")
+    assert (status, body.strip()) == (200, "ok")
     release.touch()
     assert daemon.wait() == 0
 
@@ -287,7 +290,8 @@ config, functions = load_config({str(config)!r})
 report = run_once(config, functions, list(config.jobs))
 assert report.ok
 watched = ["prometheus_client", "http.server", "worker.monitoring.monitor", "worker.monitoring.metrics",
-           "worker.monitoring.hooks", "worker.monitoring.statuspage"]
+           "worker.monitoring.hooks", "worker.monitoring.statuspage",
+           "worker.monitoring.listener"]
 print(sorted(m for m in watched if m in sys.modules))
 print(sorted(t.name for t in __import__("threading").enumerate()))
 """
@@ -777,3 +781,97 @@ jobs:
         first.communicate(timeout=30)
     assert first.returncode == 0
     assert prom.stat().st_mtime > 1_000_000
+
+
+# --- the listener: HEAD, and no client can starve it (issue 22) --------------------------
+
+def raw_request(port: int, request: bytes, timeout: float = 5) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_head_is_answered_like_get_without_a_body(tmp_path, daemons):
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+metrics: {{port: 0}}
+jobs: [{{name: ok, call: "tests.jobfuncs:select_one", every: 1h}}]
+""")
+    daemon = daemons(config)
+    port = listening_port(daemon)
+    wait_until(lambda: get(port, "/readyz")[0] == 200, 10, "ready")
+    for path in ("/healthz", "/readyz", "/metrics", "/"):
+        head = raw_request(port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        got = raw_request(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head_lines, _, head_body = head.partition(b"\r\n\r\n")
+        get_lines, _, get_body = got.partition(b"\r\n\r\n")
+        assert head_lines.startswith(b"HTTP/1.1 200 "), (path, head_lines)
+        assert head_body == b""
+        assert get_body and get_lines.split(b"\r\n")[0] == head_lines.split(b"\r\n")[0]
+        length = [l for l in head_lines.split(b"\r\n") if l.startswith(b"Content-Length")]
+        assert length and int(length[0].split(b":")[1]) > 0
+    refused = raw_request(port, b"DELETE / HTTP/1.1\r\n\r\n")
+    assert refused.startswith(b"HTTP/1.1 405 ") and b"Allow: GET, HEAD" in refused
+    assert daemon.stop() == 0
+
+
+def threads_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_idle_connections_cannot_starve_the_listener(tmp_path, daemons):
+    """300 idle connections held (and 50 reset half-way through a request): /metrics
+    is still answered within 2 s, the process keeps fewer than 100 threads and
+    descriptors stay bounded, an idle connection is closed after the read timeout,
+    and with --log-format json every line on stderr is JSON, a few at most about
+    the listener."""
+    import json
+    import struct
+    from worker.monitoring.listener import READ_TIMEOUT
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+metrics: {{port: 0}}
+jobs: [{{name: ok, call: "tests.jobfuncs:select_one", every: 1s}}]
+""")
+    daemon = daemons(config, "--log-format", "json")
+    daemon.wait_for('monitoring on http://')
+    line = [l for l in daemon.log.splitlines() if "monitoring on http://" in l][0]
+    port = int(line.split("monitoring on http://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+    wait_until(lambda: get(port, "/healthz")[0] == 200, 10, "listening")
+    pid = daemon.process.pid
+    idle = []
+    try:
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")     # never finished
+            idle.append(sock)
+        for _ in range(50):                               # reset half-way
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"GET /met")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        started = time.monotonic()
+        status, body = get(port, "/metrics", timeout=10)
+        answered_in = time.monotonic() - started
+        assert status == 200 and "run_worker_runs_total" in body
+        assert answered_in < 2, answered_in
+        assert threads_of(pid) < 100, threads_of(pid)
+        assert len(os.listdir(f"/proc/{pid}/fd")) < 150
+        # The daemon's jobs still open their database.
+        count = daemon.log.count('succeeded in')
+        daemon.wait_for('succeeded in', count=count + 1, timeout=10)
+        # Idle connections are closed by the server after its read timeout.
+        newest = idle[-1]
+        newest.settimeout(READ_TIMEOUT + 10)
+        assert newest.recv(100) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+    assert daemon.stop() == 0
+    lines = daemon.log.splitlines()
+    for entry in lines:
+        json.loads(entry)                        # every line JSON, no raw traceback
+    listener_lines = [l for l in lines if "monitoring listener" in l]
+    assert len(listener_lines) <= 3, listener_lines

@@ -17,7 +17,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..config import Config, mask_secrets
 from .observe import ListenError, NoObserver, Observers, wants_hooks
@@ -33,8 +32,9 @@ ERROR_SHOWN = 200          # characters of a run's error shown on the page
 # --- health ---------------------------------------------------------------------
 
 class Health(NoObserver):
-    """/healthz: the loop turns and the process is not stopping. /readyz: the job
-    database answered last time it was asked."""
+    """/healthz: the loop turns (draining after a stop signal included). /readyz:
+    the job database answered last time it was asked and the process is not
+    stopping."""
 
     def __init__(self, stall_after: float) -> None:
         self.stall_after = stall_after
@@ -52,13 +52,20 @@ class Health(NoObserver):
         self.ready = ready
 
     def live(self) -> tuple[bool, str]:
-        if self.is_stopping:
-            return False, "stopping"
+        # Draining after SIGTERM is alive: a liveness probe failing then would have
+        # the process killed in the middle of its graceful stop. Only readiness fails.
         if self.last_tick is None:
             return False, "the work loop has not started"
         since = time.monotonic() - self.last_tick
         if since > self.stall_after:
             return False, f"the work loop has not turned for {since:.0f}s"
+        return True, "ok"
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.is_stopping:
+            return False, "stopping"
+        if not self.ready:
+            return False, "the job database is not answering"
         return True, "ok"
 
 
@@ -215,77 +222,51 @@ def _version() -> str:
 # --- the HTTP listener --------------------------------------------------------------
 
 class MonitorServer:
-    """/metrics, /healthz, /readyz, / and /status.json on one address; read-only.
-    Bound at construction (ListenError), served from a thread of its own."""
+    """/metrics, /healthz, /readyz, / and /status.json on one address; read-only
+    (GET and HEAD). Bound at construction (ListenError), served by a Listener
+    (monitoring.listener) from threads of its own."""
 
     def __init__(self, settings: MetricsSettings, monitoring: "Monitoring") -> None:
+        from .listener import Listener
         self.settings = settings
-        handler = type("Handler", (_Handler,), {"monitoring": monitoring})
+        self.monitoring = monitoring
         try:
-            self._server = ThreadingHTTPServer((settings.address, settings.port), handler)
+            self._listener = Listener(settings.address, settings.port, self.respond)
         except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ListenError(f"cannot listen on {settings.address}:{settings.port} for "
-                              f"metrics: {exc.strerror or exc}") from None
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="monitor-http", daemon=True)
+                              f"metrics: {why}") from None
+        self.port = self._listener.port
 
     def start(self) -> None:
-        self._thread.start()
+        self._listener.start()
         log.info("monitoring on http://%s:%d/ (/metrics, /healthz, /readyz, /status.json)",
                  self.settings.address, self.port)
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
+        self._listener.close()
 
-
-class _Handler(BaseHTTPRequestHandler):
-    monitoring: "Monitoring"
-    server_version = "run-worker"
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        path = self.path.split("?", 1)[0]
+    def respond(self, method: str, path: str) -> tuple[int, str, bytes]:
+        """(status, content type, body) of a GET; a HEAD gets the same headers."""
         monitoring = self.monitoring
+        plain = "text/plain; charset=utf-8"
         if path == "/metrics" and monitoring.metrics is not None:
             from prometheus_client import CONTENT_TYPE_LATEST
-            self._send(200, monitoring.metrics.exposition(), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
+            return 200, CONTENT_TYPE_LATEST, monitoring.metrics.exposition()
+        if path == "/healthz":
             live, why = monitoring.health.live()
-            self._send(200 if live else 503, (why + "\n").encode())
-        elif path == "/readyz":
-            ready = monitoring.health.ready and not monitoring.health.is_stopping
-            self._send(200 if ready else 503, b"ok\n" if ready else
-                       b"the job database is not answering\n" if not monitoring.health.ready
-                       else b"stopping\n")
-        elif path == "/status.json":
+            return 200 if live else 503, plain, (why + "\n").encode()
+        if path == "/readyz":
+            ready, why = monitoring.health.readiness()
+            return 200 if ready else 503, plain, (why + "\n").encode()
+        if path == "/status.json":
             data = monitoring.board.snapshot(monitoring.health)
-            self._send(200, json.dumps(data, indent=1).encode(), "application/json")
-        elif path == "/":
+            return 200, "application/json", json.dumps(data, indent=1).encode()
+        if path == "/":
             from .statuspage import render
             data = monitoring.board.snapshot(monitoring.health)
-            self._send(200, render(data).encode(), "text/html; charset=utf-8")
-        else:
-            self._send(404, b"not found\n")
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._send(405, b"")
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD   # read-only
-
-    def _send(self, status: int, body: bytes,
-              content_type: str = "text/plain; charset=utf-8") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002
-        log.debug("%s %s", self.address_string(), format % args)
+            return 200, "text/html; charset=utf-8", render(data).encode()
+        return 404, plain, b"not found\n"
 
 
 # --- putting it together --------------------------------------------------------------
