@@ -196,9 +196,14 @@ def test_cron_failure_prints_the_output_for_cron_to_mail(jobs, status, meaning, 
     assert done.returncode == status
     first, *rest = done.stdout.splitlines()
     assert first == f"run-worker exited {status} ({meaning}); its output (also in {log}):"
-    body = "\n".join(rest)
-    assert body.strip(), "the run's own output must follow"
-    assert body in log.read_text()                            # the same lines, logged too
+    assert rest, "the run's own output must follow"
+    logged = log.read_text().splitlines()
+    assert all(line in logged for line in rest)               # the same lines, logged too
+    if status == 1:
+        # The summary first, before the log and its traceback (issue 22).
+        assert rest[0].startswith("job ") and "outcome" in rest[0], rest[:3]
+        assert rest[2] == "1 job(s): 0 succeeded, 1 failed"
+        assert any("Traceback" in line for line in rest[3:])
     assert markers(log)[-1][1] == f"exited {status}"
 
 
