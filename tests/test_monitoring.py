@@ -396,10 +396,13 @@ jobs:
     page = dom.stdout
     for fragment in ("run-worker status", "nightly-report", "sync-orders", "purge-sessions",
                      "every 2s", "cron '0 3 * * *'", "never ran", "success", "failed",
-                     "mysql://app:***@db.example/prod", "recent runs"):
+                     "mysql://app:***@db.example/prod", "recent runs",
+                     "3 jobs: 1 failing", "last success", " ago)", "(in "):
         assert fragment in page, fragment
     assert "s3cr3t" not in page
     assert "<script" not in page.lower()
+    # Failures first, whatever the config's order.
+    assert page.index('id="job-sync-orders"') < page.index('id="job-nightly-report"')
     status, body = get(port, "/status.json")
     import json
     data = json.loads(body)
@@ -414,8 +417,8 @@ jobs:
     assert refused.value.code == 405
 
     shot = tmp_path / "status-page.png"
-    done = chromium(tmp_path, f"--screenshot={shot}", "--window-size=900,760",
-                    f"http://127.0.0.1:{port}/")
+    done = chromium(tmp_path, f"--screenshot={shot}", "--window-size=900,900",
+                    f"http://127.0.0.1:{port}/?open=sync-orders")
     assert done.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size < 200_000
     if os.environ.get("WORKER_SAVE_SCREENSHOT"):      # refreshes the one docs/ shows
@@ -909,3 +912,53 @@ jobs:
     docs = (ROOT / "docs" / "monitoring.md").read_text()
     assert f"costs {per_job}" in docs or f"has {per_job} series" in docs
     assert daemon.stop() == 0
+
+
+def test_status_page_in_cluster_mode_marks_stuck_and_disabled_jobs(tmp_path, daemons):
+    """Cluster mode (history from the run table): the recent-runs table has as many
+    cells per row as headers (the node had slid under "error"), a running row says
+    "started", a stuck run is marked and comes first, a disabled job is marked
+    disabled, and a panel opened by its link stays open (the link is in the URL the
+    page refreshes to, no script)."""
+    import re
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+worker: {{lock_dir: "{tmp_path}/locks"}}
+cluster: {{url: "sqlite:///{tmp_path / 'runs.db'}", node: node-a}}
+metrics: {{port: 0}}
+jobs:
+  - {{name: heartbeat, call: "tests.jobfuncs:select_one", every: 2s}}
+  - {{name: slow-report, call: "tests.jobfuncs:python_sleep", every: 4s, timeout: 1s,
+     retry: {{attempts: 1}}, kwargs: {{seconds: 30}}}}
+  - {{name: nightly-export, call: "tests.jobfuncs:select_one", cron: "0 3 * * *",
+     enabled: false}}
+""")
+    daemon = daemons(config)
+    port = listening_port(daemon)
+    daemon.wait_for("its thread is left to finish", timeout=20)
+    daemon.wait_for("job=heartbeat attempt=1/5 succeeded", count=2)
+    dom = chromium(tmp_path, "--dump-dom",
+                   f"http://127.0.0.1:{port}/?open=heartbeat,slow-report")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    page = dom.stdout
+    assert "3 jobs: 1 stuck, 1 disabled" in page
+    sections = re.findall(r'<section class="job (\w+)" id="job-([\w-]+)"', page)
+    assert sections == [("stuck", "slow-report"), ("ok", "heartbeat"),
+                        ("disabled", "nightly-export")], sections
+    assert "past its deadline; its thread has not returned" in page
+    assert re.search(r'nightly-export <span class="badge"[^>]*>disabled</span>', page)
+    tables = re.findall(r"<table>(.*?)</table>", page, re.S)
+    assert len(tables) == 2                                # both opened panels
+    for table in tables:
+        headers = re.findall(r"<th>(.*?)</th>", table)
+        assert headers == ["when", "outcome", "duration", "attempts", "node", "error"]
+        for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]:
+            cells = re.findall(r"<td>(.*?)</td>", row, re.S)
+            assert len(cells) == len(headers), row
+            assert cells[4] == "node-a"
+            assert cells[0].startswith("started " if cells[1] == "running" else "ended ")
+    assert re.search(r"<td>started [^<]*<span", tables[0])   # slow-report's running row
+    # The links keep the other opened panel and close (or open) their own.
+    assert 'href="?open=slow-report#job-heartbeat">hide recent runs' in page
+    assert "<script" not in page.lower()
+    assert daemon.stop() in (0, 1)

@@ -30,7 +30,7 @@ MAX_HEADER_BYTES = 16384  # request line and headers
 ANSWER_THREADS = 4        # threads that build answers (a scrape, the status page)
 ERROR_LOG_EVERY = 60.0    # seconds between two log lines about the same kind of error
 
-# (status, content type, body) for (method, path)
+# (status, content type, body) for (method, target): target is the path and query
 Responder = Callable[[str, str], "tuple[int, str, bytes]"]
 
 
@@ -141,7 +141,7 @@ class Listener:
                     self._answers, self.respond, method, path)
             except Exception as exc:  # an answer that fails is a 500, logged
                 self._errors.warning("answer", "answering %s %s failed: %s", method,
-                                     path, f"{type(exc).__name__}: {exc}")
+                                     path.split("?", 1)[0], f"{type(exc).__name__}: {exc}")
                 answer = _plain(500, "internal error")
             await self._write(writer, *answer, head_only=method == "HEAD")
             clean = True
@@ -169,12 +169,12 @@ class Listener:
 
 
 def _request_line(head: bytes) -> tuple[str | None, str]:
-    """(method, path) from "GET /metrics?x HTTP/1.1"; (None, "") when it is not one."""
+    """(method, target) from "GET /?open=a HTTP/1.1"; (None, "") when it is not one."""
     first = head.split(b"\r\n", 1)[0].decode("latin-1")
     parts = first.split()
     if len(parts) != 3 or not parts[2].startswith("HTTP/"):
         return None, ""
-    return parts[0], parts[1].split("?", 1)[0]
+    return parts[0], parts[1]
 
 
 def _plain(status: int, text: str) -> tuple[int, str, bytes]:

@@ -98,6 +98,7 @@ class StatusBoard(NoObserver):
         self._recent: dict[str, deque] = {}
         self._running: dict[str, float] = {}     # job -> when its run started
         self._stuck: set[str] = set()            # jobs whose run is stuck past its deadline
+        self._last_success: dict[str, float] = {}   # job -> when it last succeeded
         # The loop thread writes, HTTP threads read: a deque must not change while
         # it is being copied.
         self._lock = threading.Lock()
@@ -114,6 +115,8 @@ class StatusBoard(NoObserver):
                            result.attempts, one_line(result.error))
         with self._lock:
             self._recent.setdefault(result.job, deque(maxlen=RECENT_RUNS)).appendleft(record)
+            if result.ok:
+                self._last_success[result.job] = record.finished
 
     def run_stuck(self, run) -> None:
         with self._lock:
@@ -125,10 +128,11 @@ class StatusBoard(NoObserver):
             self._running.pop(run.job.name, None)
             self._stuck.discard(run.job.name)
 
-    def _own_runs(self) -> tuple[dict[str, list], dict[str, float], set[str]]:
+    def _own_runs(self) -> tuple[dict[str, list], dict[str, float], set[str],
+                                 dict[str, float]]:
         with self._lock:
             return ({name: list(runs) for name, runs in self._recent.items()},
-                    dict(self._running), set(self._stuck))
+                    dict(self._running), set(self._stuck), dict(self._last_success))
 
     def snapshot(self, health: Health | None = None) -> dict:
         runtime = self.runtime
@@ -136,7 +140,7 @@ class StatusBoard(NoObserver):
             return {"worker": {"state": "starting"}, "jobs": [], "cluster": None}
         config = runtime.config
         history, history_error = self._cluster_history(runtime)
-        own, running, stuck = self._own_runs()
+        own, running, stuck, succeeded = self._own_runs()
         jobs = []
         scheduled = {job.name for job in runtime.scheduler.jobs} \
             if runtime.scheduler is not None else set()
@@ -144,6 +148,8 @@ class StatusBoard(NoObserver):
             recent = history.get(job.name) if history is not None else \
                 own.get(job.name, [])
             running_since = running.get(job.name)
+            success = max([r.finished for r in recent or () if r.outcome == "success"]
+                          + [succeeded.get(job.name, 0)])
             jobs.append({
                 "name": job.name,
                 "schedule": job.schedule,
@@ -153,6 +159,7 @@ class StatusBoard(NoObserver):
                 "running_since": _iso(running_since) if running_since else None,
                 "stuck": job.name in stuck,
                 "last": _run_json(recent[0]) if recent else None,
+                "last_success": _iso(success) if success else None,
                 "recent": [_run_json(r) for r in recent or ()],
             })
         settings = config.database
@@ -246,9 +253,11 @@ class MonitorServer:
     def close(self) -> None:
         self._listener.close()
 
-    def respond(self, method: str, path: str) -> tuple[int, str, bytes]:
+    def respond(self, method: str, target: str) -> tuple[int, str, bytes]:
         """(status, content type, body) of a GET; a HEAD gets the same headers."""
+        from urllib.parse import parse_qs, urlsplit
         monitoring = self.monitoring
+        path, query = urlsplit(target).path, parse_qs(urlsplit(target).query)
         plain = "text/plain; charset=utf-8"
         if path == "/metrics" and monitoring.metrics is not None:
             from prometheus_client import CONTENT_TYPE_LATEST
@@ -265,7 +274,10 @@ class MonitorServer:
         if path == "/":
             from .statuspage import render
             data = monitoring.board.snapshot(monitoring.health)
-            return 200, "text/html; charset=utf-8", render(data).encode()
+            # ?open=a,b: the jobs whose recent runs are shown (a link, not a script,
+            # so that the page's refresh keeps them open)
+            shown = {name for value in query.get("open", ()) for name in value.split(",")}
+            return 200, "text/html; charset=utf-8", render(data, shown).encode()
         return 404, plain, b"not found\n"
 
 
