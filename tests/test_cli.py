@@ -329,3 +329,35 @@ def test_a_jobs_error_quoting_a_password_is_masked_in_the_summary(tmp_path):
     assert result.returncode == 1
     assert "s3cr3t-pw" not in result.stdout + result.stderr
     assert "mysql://app:***@db.example/prod" in result.stdout
+
+
+def test_skipped_ok_turns_75_into_0_with_a_log_line(tmp_path):
+    """Kubernetes cannot count 75 as success: --skipped-ok makes an all-skipped
+    --once exit 0 and says so; without it the same run exits 75."""
+    release = tmp_path / "release"
+    config = write_config(tmp_path, f"""\
+        - name: holder
+          call: tests.jobfuncs:wait_for_file
+          kwargs: {{path: "{release}"}}
+        """)
+    first = subprocess.Popen([sys.executable, str(ROOT / "run_worker.py"), "-c", str(config),
+                              "--once"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            plain = worker("-c", str(config), "--once")
+            if plain.returncode == 75 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert plain.returncode == 75, plain.stderr
+        done = worker("-c", str(config), "--once", "--skipped-ok")
+        assert done.returncode == 0, done.stderr
+        assert "exit 0, not 75 (--skipped-ok)" in done.stderr
+        assert "holder  skipped" in done.stdout
+    finally:
+        release.touch()
+        first.communicate(timeout=30)
+    assert first.returncode == 0
+    misuse = worker("-c", str(config), "--skipped-ok")
+    assert misuse.returncode == 2 and "--skipped-ok goes with --once" in misuse.stderr

@@ -312,3 +312,125 @@ def test_promtool_rule_tests_would_notice_a_false_page(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert tested.returncode == 1
     assert "nightly-export" in tested.stdout + tested.stderr
+
+
+# --- Kubernetes -------------------------------------------------------------------------
+
+KUBE_DIR = ROOT / "deploy" / "kubernetes"
+
+
+def kubernetes_validate(*paths: Path) -> subprocess.CompletedProcess:
+    pytest.importorskip("kubernetes_validate", reason="the test extra installs it")
+    return subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict",
+                           *map(str, paths)], capture_output=True, text=True, timeout=120)
+
+
+def manifest(name: str) -> dict:
+    import yaml
+    return yaml.safe_load((KUBE_DIR / name).read_text())
+
+
+def test_kubernetes_manifests_validate_strictly():
+    files = sorted(KUBE_DIR.glob("*.yaml"))
+    assert {f.name for f in files} >= {"deployment.yaml", "cronjob.yaml", "configmap.yaml"}
+    done = kubernetes_validate(*files)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("passed for resource") == len(files)
+
+
+def test_kubernetes_validate_would_notice_a_misspelt_field(tmp_path):
+    bad = tmp_path / "deployment.yaml"
+    bad.write_text((KUBE_DIR / "deployment.yaml").read_text()
+                   .replace("readOnlyRootFilesystem", "readOnlyRootFileSystem"))
+    assert kubernetes_validate(bad).returncode != 0
+
+
+def test_the_deployment_probes_the_listener_and_runs_locked_down():
+    deployment = manifest("deployment.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert deployment["spec"]["replicas"] > 1
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in container["ports"]
+    assert not {"--once", "--check"} & set(container["args"])          # the daemon
+    env = {e["name"]: e for e in container["env"]}
+    assert env["WORKER_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == \
+        manifest("secret.example.yaml")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    # The grace period covers the worker's own shutdown_timeout.
+    import yaml
+    jobs = yaml.safe_load(manifest("configmap.yaml")["data"]["jobs.yaml"])
+    assert pod["terminationGracePeriodSeconds"] > 30
+    assert jobs["worker"]["shutdown_timeout"] == "30s"
+    assert jobs["metrics"]["address"] == "0.0.0.0" and "cluster" in jobs
+
+
+def test_the_cronjob_forbids_overlap_and_counts_skipped_as_success():
+    cronjob = manifest("cronjob.yaml")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert {"--once", "--skipped-ok"} <= set(container["args"])
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_configmaps_job_list_passes_check(tmp_path):
+    config = tmp_path / "jobs.yaml"
+    config.write_text(manifest("configmap.yaml")["data"]["jobs.yaml"])
+    done = subprocess.run([sys.executable, str(ROOT / "run_worker.py"), "-c", str(config),
+                           "--check"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ,
+                               "WORKER_DATABASE_URL": f"sqlite:///{tmp_path / 'k.db'}"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK: 3 jobs" in done.stdout
+
+
+# --- the image's health check, run as the image runs it ------------------------------------
+
+def dockerfile_healthcheck() -> list[str]:
+    import json
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    line = next(l for l in text.splitlines() if l.startswith("HEALTHCHECK "))
+    return json.loads(line.split(" CMD ", 1)[1])
+
+
+def test_the_image_exposes_the_listener_and_installs_the_metrics_extra():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "\nEXPOSE 9464\n" in text
+    assert 'c["options.extras_require"]["metrics"]' in text
+    command = dockerfile_healthcheck()
+    assert command[:2] == ["python3", "-c"]                # no curl in the image
+
+
+def test_the_dockerfile_health_check_follows_healthz(tmp_path, daemons):
+    """The HEALTHCHECK's own command (python3 -c ...), against a real daemon: 0 while
+    /healthz is 200, non-zero when nothing answers; a no-op when turned off."""
+    config = tmp_path / "jobs.yaml"
+    config.write_text(f"""
+database: {{url: "sqlite:///{tmp_path / 'h.db'}"}}
+worker: {{lock_dir: "{tmp_path / 'locks'}"}}
+metrics: {{port: 0}}
+jobs: [{{name: ok, call: "tests.jobfuncs:select_one", every: 1h}}]
+""")
+    daemon = daemons(config)
+    daemon.wait_for("monitoring on http://")
+    port = re.search(r"monitoring on http://[\d.]+:(\d+)/", daemon.log).group(1)
+    command = [sys.executable] + dockerfile_healthcheck()[1:]
+
+    def check(url: str | None) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "WORKER_HEALTHCHECK_URL"}
+        if url is not None:
+            env["WORKER_HEALTHCHECK_URL"] = url
+        return subprocess.run(command, env=env, capture_output=True, timeout=30).returncode
+
+    deadline = time.monotonic() + 10
+    while check(f"http://127.0.0.1:{port}/healthz") != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert check(f"http://127.0.0.1:{port}/healthz") == 0
+    assert daemon.stop() == 0
+    assert check(f"http://127.0.0.1:{port}/healthz") != 0   # nothing answers
+    assert check("") == 0                                      # turned off
