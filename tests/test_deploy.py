@@ -434,3 +434,70 @@ jobs: [{{name: ok, call: "tests.jobfuncs:select_one", every: 1h}}]
     assert daemon.stop() == 0
     assert check(f"http://127.0.0.1:{port}/healthz") != 0   # nothing answers
     assert check("") == 0                                      # turned off
+
+
+# --- the Grafana dashboard ----------------------------------------------------------------
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "run-worker.json"
+SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "info": ("_info",),
+            "histogram": ("_bucket", "_sum", "_count", "_created")}
+
+
+def dashboard_exprs() -> list[str]:
+    import json
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"] and dashboard["panels"]
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert all(exprs)
+    return exprs
+
+
+def exported_names(tmp_path: Path, daemons) -> set[str]:
+    """Every sample name a daemon in cluster mode can export, from its /metrics."""
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    config = tmp_path / "jobs.yaml"
+    config.write_text(f"""
+database: {{url: "sqlite:///{tmp_path / 'g.db'}"}}
+worker: {{lock_dir: "{tmp_path / 'locks'}"}}
+cluster: {{url: "sqlite:///{tmp_path / 'runs.db'}", node: g}}
+metrics: {{port: 0}}
+jobs: [{{name: ok, call: "tests.jobfuncs:select_one", every: 1s}}]
+""")
+    daemon = daemons(config)
+    daemon.wait_for("job=ok attempt=1/5 succeeded")
+    port = re.search(r"monitoring on http://[\d.]+:(\d+)/", daemon.log).group(1)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    assert daemon.stop() == 0
+    return {family.name + suffix
+            for family in text_string_to_metric_families(body.decode())
+            for suffix in SUFFIXES[family.type]}
+
+
+def test_the_grafana_dashboard_uses_only_exported_metrics(tmp_path, daemons):
+    used = {name for expr in dashboard_exprs()
+            for name in re.findall(r"\brun_worker_\w+", expr)}
+    exported = exported_names(tmp_path, daemons)
+    assert used and used <= exported, used - exported
+    for wanted in ("run_worker_runs_total", "run_worker_run_duration_seconds_bucket",
+                   "run_worker_start_lateness_seconds_bucket", "run_worker_job_stuck",
+                   "run_worker_db_connections_checked_out"):
+        assert wanted in used, wanted
+
+
+@needs_promtool
+def test_the_grafana_dashboards_queries_are_promql(tmp_path):
+    """promtool parses each query (Grafana's variables replaced), as a recording rule."""
+    import json
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{index}",
+         "expr": expr.replace("$__rate_interval", "5m").replace("$instance", ".*")
+             .replace("$job_name", ".*")}
+        for index, expr in enumerate(dashboard_exprs())]}]}
+    path = tmp_path / "dashboard.rules.yml"
+    path.write_text(json.dumps(rules))
+    checked = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True,
+                             text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
