@@ -712,6 +712,10 @@ jobs:
     assert value(samples, "run_worker_job_run_started_timestamp_seconds", job_name="slow") == 0
     assert value(samples, "run_worker_run_duration_seconds_count", job_name="slow") == 1
     assert value(samples, "run_worker_run_duration_seconds_sum", job_name="slow") >= 8.5
+    daemon.wait_for("reported stuck before")
+    # One ERROR for one timed-out run: the loop's; the thread's late return is a warning.
+    assert [l for l in daemon.log.splitlines() if " ERROR " in l and "job=slow" in l] == \
+        [l for l in daemon.log.splitlines() if "its thread is left to finish" in l]
     assert daemon.stop() == 0
 
 

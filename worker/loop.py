@@ -267,6 +267,7 @@ class WorkLoop:
             if stuck is None or stuck <= self.stuck_grace:
                 continue
             running.reported = True     # stays in _running: no overlapping run
+            running.watch.given_up = True   # its thread's own end is no news then
             self.observer.run_stuck(running.run)
             job = running.run.job
             message = (f"still running {stuck:.1f}s past its deadline of "
