@@ -742,6 +742,9 @@ jobs:
     assert "run_worker_loop_last_tick_timestamp_seconds" not in first["families"]
     assert "run_worker_job_interval_seconds" not in first["families"]
 
+    # A file of before, where cron runs wrote a job interval: not kept.
+    prom.write_text(prom.read_text() + "# TYPE run_worker_job_interval_seconds gauge\n"
+                    'run_worker_job_interval_seconds{job_name="broken-sql"} 60.0\n')
     config.write_text(config.read_text().replace(
         '  - {name: gone, call: "tests.jobfuncs:select_one"}\n', ""))
     done = run_cli(config, "--once", "--job", "heartbeat2")
@@ -752,6 +755,7 @@ jobs:
     assert value(second, "run_worker_last_success_timestamp_seconds",
                  job_name="heartbeat2") >= succeeded
     assert job_names_in(second) == {"heartbeat2", "broken-sql"}          # gone is gone
+    assert "run_worker_job_interval_seconds" not in second["families"]
 
     done = run_cli(config, "--once", "--job", "broken-sql")
     assert done.returncode == 1

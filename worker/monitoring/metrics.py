@@ -260,6 +260,8 @@ class _Merged:
         kept: dict[str, list] = {}
         earlier: dict[tuple, float] = {}
         for family in self.previous:
+            if family.name in DAEMON_ONLY:    # an older version's file may have them
+                continue
             for sample in family.samples:
                 job = sample.labels.get("job_name")
                 if job in self.theirs:
