@@ -95,6 +95,11 @@ class Listener:
             server.close()
             for writer in list(self._reading):
                 writer.transport.abort()
+            # Connections still open end here, not as "destroyed but pending" later.
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
         finally:
             self._ready.set()
             loop.close()
