@@ -970,3 +970,25 @@ jobs:
     assert 'href="?open=slow-report#job-heartbeat">hide recent runs' in page
     assert "<script" not in page.lower()
     assert daemon.stop() in (0, 1)
+
+
+def test_once_with_a_stuck_run_writes_it_stuck_and_timed_out(tmp_path):
+    """--once gives up on a run stuck past its deadline (+5 s) and exits without its
+    thread: the textfile says timeout and stuck, not a clean state."""
+    prom = tmp_path / "run_worker.prom"
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+metrics: {{textfile: "{prom}"}}
+jobs:
+  - {{name: slow, call: "tests.jobfuncs:python_sleep", timeout: 1s, retry: {{attempts: 1}},
+     kwargs: {{seconds: 60}}}}
+  - {{name: ok, call: "tests.jobfuncs:select_one"}}
+""")
+    done = run_cli(config, "--once", timeout=40)
+    assert done.returncode == 1, done.stderr
+    samples = samples_of(prom.read_text())
+    assert value(samples, "run_worker_runs_total", job_name="slow", outcome="timeout") == 1
+    assert value(samples, "run_worker_job_stuck", job_name="slow") == 1
+    assert value(samples, "run_worker_job_running", job_name="slow") == 1
+    assert value(samples, "run_worker_job_stuck", job_name="ok") == 0
+    assert value(samples, "run_worker_runs_total", job_name="ok", outcome="success") == 1
