@@ -883,7 +883,8 @@ jobs: [{{name: ok, call: "tests.jobfuncs:select_one", every: 1s}}]
     assert daemon.stop() == 0
     lines = daemon.log.splitlines()
     for entry in lines:
-        json.loads(entry)                        # every line JSON, no raw traceback
+        assert entry.startswith("{"), lines      # every line JSON, no raw traceback
+        json.loads(entry)
     listener_lines = [l for l in lines if "monitoring listener" in l]
     assert len(listener_lines) <= 3, listener_lines
 

@@ -86,6 +86,7 @@ class Listener:
 
     def _run(self) -> None:
         loop = self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
         loop.set_exception_handler(self._loop_error)
         try:
             server = loop.run_until_complete(asyncio.start_server(
@@ -99,7 +100,10 @@ class Listener:
             tasks = asyncio.all_tasks(loop)
             for task in tasks:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            if tasks:
+                loop.run_until_complete(asyncio.wait(tasks))
+        except Exception:  # to the log (JSON in json mode), not a raw thread traceback
+            log.exception("monitoring listener stopped")
         finally:
             self._ready.set()
             loop.close()
