@@ -334,30 +334,27 @@ def test_a_jobs_error_quoting_a_password_is_masked_in_the_summary(tmp_path):
 def test_skipped_ok_turns_75_into_0_with_a_log_line(tmp_path):
     """Kubernetes cannot count 75 as success: --skipped-ok makes an all-skipped
     --once exit 0 and says so; without it the same run exits 75."""
-    release = tmp_path / "release"
+    running = tmp_path / "running"
     config = write_config(tmp_path, f"""\
         - name: holder
-          call: tests.jobfuncs:wait_for_file
-          kwargs: {{path: "{release}"}}
+          call: tests.jobfuncs:touch_then_python_sleep
+          kwargs: {{path: "{running}", seconds: 8}}
         """)
     first = subprocess.Popen([sys.executable, str(ROOT / "run_worker.py"), "-c", str(config),
                               "--once"], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            plain = worker("-c", str(config), "--once")
-            if plain.returncode == 75 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while not running.exists() and time.monotonic() < deadline:   # it holds the job
+            time.sleep(0.05)
+        plain = worker("-c", str(config), "--once")
         assert plain.returncode == 75, plain.stderr
         done = worker("-c", str(config), "--once", "--skipped-ok")
         assert done.returncode == 0, done.stderr
         assert "exit 0, not 75 (--skipped-ok)" in done.stderr
         assert "holder  skipped" in done.stdout
     finally:
-        release.touch()
-        first.communicate(timeout=30)
+        first.communicate(timeout=60)
     assert first.returncode == 0
     misuse = worker("-c", str(config), "--skipped-ok")
     assert misuse.returncode == 2 and "--skipped-ok goes with --once" in misuse.stderr

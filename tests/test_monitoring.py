@@ -769,12 +769,13 @@ jobs:
 
 def test_a_once_run_that_skipped_everything_leaves_the_textfile_as_it_was(tmp_path):
     prom = tmp_path / "run_worker.prom"
-    release = tmp_path / "release"
+    running = tmp_path / "running"
     config = write_config(tmp_path / "jobs.yaml", f"""
 database: {{url: "{sqlite_db(tmp_path)}"}}
 metrics: {{textfile: "{prom}"}}
 jobs:
-  - {{name: holder, call: "tests.jobfuncs:wait_for_file", kwargs: {{path: "{release}"}}}}
+  - {{name: holder, call: "tests.jobfuncs:touch_then_python_sleep",
+     kwargs: {{path: "{running}", seconds: 8}}}}
 """)
     prom.write_text("# an earlier run's file\n")
     os.utime(prom, (1_000_000, 1_000_000))
@@ -782,14 +783,12 @@ jobs:
                               str(config), "--once"], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.5)
-        wait_until(lambda: run_cli(config, "--once").returncode == 75, 20,
-                   "the second run skipped (75)")
+        wait_until(running.exists, 30, "the first run holds the job")
+        assert run_cli(config, "--once").returncode == 75
         assert prom.stat().st_mtime == 1_000_000     # not rewritten: its age tells
         assert prom.read_text() == "# an earlier run's file\n"
     finally:
-        release.touch()
-        first.communicate(timeout=30)
+        first.communicate(timeout=60)
     assert first.returncode == 0
     assert prom.stat().st_mtime > 1_000_000
 
