@@ -35,7 +35,7 @@ font-weight:600}
 .summary{font-size:16px;font-weight:600;margin:10px 0;padding:8px 12px;border-radius:6px}
 .summary.good{background:#dafbe1;color:#1a7f37}
 .summary.bad{background:#ffebe9;color:#cf222e}
-.warn{color:#cf222e}
+.grid b.warn{color:#cf222e}
 section.failing,section.stuck{border-left:4px solid #cf222e}
 section.disabled{opacity:.75}
 table{border-collapse:collapse;width:100%;font-size:12px}
