@@ -93,20 +93,23 @@ RUN set -eux; \
     rm -rf /var/lib/apt/lists/*
 
 # An unprivileged user, and a directory it may write to (the example job list's
-# SQLite file goes there; see WORKER_DATABASE_URL below).
+# SQLite file goes there; see WORKER_DATABASE_URL below). Its uid is fixed (10001)
+# so that Kubernetes' runAsNonRoot can check it (deploy/kubernetes/).
 RUN set -eux; \
-    groupadd --system worker; \
-    useradd --system --gid worker --create-home --home-dir /home/worker \
+    groupadd --system --gid 10001 worker; \
+    useradd --system --uid 10001 --gid worker --create-home --home-dir /home/worker \
         --shell /usr/sbin/nologin worker; \
     mkdir -p /data; \
     chown worker:worker /data
 
 WORKDIR /app
 # The dependencies first, in their own layer, so that a change to the source
-# does not download them again; they are read from setup.cfg, the one list.
+# does not download them again; they are read from setup.cfg, the one list: the
+# core and the `metrics` extra (prometheus-client: /metrics, the health endpoints
+# and the status page of a `metrics:` section).
 COPY setup.cfg /app/
 RUN set -eux; \
-    python3 -c 'import configparser; c = configparser.ConfigParser(); c.read("setup.cfg"); print(c["options"]["install_requires"])' \
+    python3 -c 'import configparser; c = configparser.ConfigParser(); c.read("setup.cfg"); print(c["options"]["install_requires"]); print(c["options.extras_require"]["metrics"])' \
         > /tmp/requirements.txt; \
     pip install -r /tmp/requirements.txt "setuptools>=64" wheel; \
     rm /tmp/requirements.txt
@@ -121,6 +124,16 @@ ENV WORKER_DATABASE_URL=sqlite:////data/worker.db
 
 USER worker
 STOPSIGNAL SIGTERM
+# The monitoring listener's default port (a `metrics:` section; address 0.0.0.0 to
+# be reached from outside the container).
+EXPOSE 9464
+# /healthz of that listener, with the image's Python (no curl here). Only the docker
+# image format keeps a HEALTHCHECK (buildah and podman build OCI by default: use
+# --format docker). A container without a listener (a `--once` batch, a config
+# without `metrics:`) should be run with --no-healthcheck, or with
+# WORKER_HEALTHCHECK_URL set empty, which turns the check into a no-op.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python3", "-c", "import os, sys, urllib.request; url = os.environ.get('WORKER_HEALTHCHECK_URL', 'http://127.0.0.1:9464/healthz'); sys.exit(0 if not url or urllib.request.urlopen(url, timeout=4).status == 200 else 1)"]
 # Job modules are imported relative to the working directory (/app), and the
 # default job list is /app/config/jobs.yaml (override with -c or WORKER_CONFIG).
 ENTRYPOINT ["run-worker"]

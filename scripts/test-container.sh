@@ -208,7 +208,8 @@ declare -A build_seconds
 for driver in "${DRIVERS[@]}"; do
     started=$(now)
     log="$LOGS/build-$driver.log"
-    if ! bh bud --isolation chroot --layers --network host --pull=never \
+    # --format docker: the OCI format has no HEALTHCHECK and buildah would drop it.
+    if ! bh bud --isolation chroot --layers --network host --pull=never --format docker \
             --build-arg BASE_IMAGE="$BASE" --build-arg ODBC_DRIVER="$driver" \
             -f Dockerfile -t "$IMAGE:$driver" . > "$log" 2>&1 </dev/null; then
         tail -30 "$log" >&2
@@ -328,6 +329,17 @@ for arg in (config.get("Entrypoint") or []) + (config.get("Cmd") or []):
     [ "$user" = worker ] || fail "$image: USER is '$user', expected worker"
     [ "$stopsignal" = SIGTERM ] || fail "$image: STOPSIGNAL is '$stopsignal'"
     [ ${#default_command[@]} -gt 0 ] || fail "$image: no ENTRYPOINT/CMD"
+    mapfile -t docker_config < <(python3 -c '
+import json, sys
+config = json.load(open(sys.argv[1]))["Docker"]["config"]
+print(" ".join(sorted(config.get("ExposedPorts") or {})))
+print(json.dumps((config.get("Healthcheck") or {}).get("Test")))' "$WORK/inspect.json")
+    say "docker format: exposed ${docker_config[0]}, health check ${docker_config[1]}"
+    [ "${docker_config[0]}" = 9464/tcp ] || fail "$image: EXPOSE is '${docker_config[0]}', expected 9464/tcp"
+    case "${docker_config[1]}" in
+        '["CMD", "python3", "-c", '*) ;;
+        *) fail "$image: no Python HEALTHCHECK in the image config (built in the docker format?)" ;;
+    esac
 
     ctr="$(bh from --pull=never "$image")"
     CONTAINERS+=("$ctr")
@@ -360,6 +372,11 @@ for arg in (config.get("Entrypoint") or []) + (config.get("Cmd") or []):
         fail "$image holds files it must not (above), or the listing did not finish"
     fi
     say "no compiler, no apt lists, no .git/.venv/databases/caches in the image"
+
+    # The metrics extra: a `metrics:` section passes --check (it exits 78 without it).
+    run_printing "$ctr" -- sh -c 'printf "database: {url: \"sqlite:////data/m.db\"}\nmetrics: {port: 9464}\njobs: [{name: a, call: \"jobs.commands:purge_processed\"}]\n" > /tmp/metrics.yaml && run-worker -c /tmp/metrics.yaml --check'
+    [ "$rc" -eq 0 ] || { show "$WORK/out" "$WORK/err"; fail "$image: a metrics section does not pass --check (the metrics extra?)"; }
+    say "a metrics: section passes --check (prometheus-client installed)"
 
     run_printing "$ctr" -- odbcinst -q -d
     grep -qxF "[$odbc_name]" "$WORK/out" || fail "$image: ODBC driver '$odbc_name' not registered"

@@ -329,3 +329,32 @@ def test_a_jobs_error_quoting_a_password_is_masked_in_the_summary(tmp_path):
     assert result.returncode == 1
     assert "s3cr3t-pw" not in result.stdout + result.stderr
     assert "mysql://app:***@db.example/prod" in result.stdout
+
+
+def test_skipped_ok_turns_75_into_0_with_a_log_line(tmp_path):
+    """Kubernetes cannot count 75 as success: --skipped-ok makes an all-skipped
+    --once exit 0 and says so; without it the same run exits 75."""
+    running = tmp_path / "running"
+    config = write_config(tmp_path, f"""\
+        - name: holder
+          call: tests.jobfuncs:touch_then_python_sleep
+          kwargs: {{path: "{running}", seconds: 8}}
+        """)
+    first = subprocess.Popen([sys.executable, str(ROOT / "run_worker.py"), "-c", str(config),
+                              "--once"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not running.exists() and time.monotonic() < deadline:   # it holds the job
+            time.sleep(0.05)
+        plain = worker("-c", str(config), "--once")
+        assert plain.returncode == 75, plain.stderr
+        done = worker("-c", str(config), "--once", "--skipped-ok")
+        assert done.returncode == 0, done.stderr
+        assert "exit 0, not 75 (--skipped-ok)" in done.stderr
+        assert "holder  skipped" in done.stdout
+    finally:
+        first.communicate(timeout=60)
+    assert first.returncode == 0
+    misuse = worker("-c", str(config), "--skipped-ok")
+    assert misuse.returncode == 2 and "--skipped-ok goes with --once" in misuse.stderr

@@ -196,9 +196,14 @@ def test_cron_failure_prints_the_output_for_cron_to_mail(jobs, status, meaning, 
     assert done.returncode == status
     first, *rest = done.stdout.splitlines()
     assert first == f"run-worker exited {status} ({meaning}); its output (also in {log}):"
-    body = "\n".join(rest)
-    assert body.strip(), "the run's own output must follow"
-    assert body in log.read_text()                            # the same lines, logged too
+    assert rest, "the run's own output must follow"
+    logged = log.read_text().splitlines()
+    assert all(line in logged for line in rest)               # the same lines, logged too
+    if status == 1:
+        # The summary first, before the log and its traceback (issue 22).
+        assert rest[0].startswith("job ") and "outcome" in rest[0], rest[:3]
+        assert rest[2] == "1 job(s): 0 succeeded, 1 failed"
+        assert any("Traceback" in line for line in rest[3:])
     assert markers(log)[-1][1] == f"exited {status}"
 
 
@@ -267,3 +272,232 @@ def test_every_log_line_of_a_cron_run_carries_its_pid(tmp_path):
     for line in log_lines:
         match = re.match(LOG_LINE.pattern + r"pid=(\d+) ", line)
         assert match and int(match.group(1)) in pids, line
+
+
+# --- Prometheus alert rules -----------------------------------------------------------
+
+RULES_DIR = ROOT / "deploy" / "prometheus"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (Debian package `prometheus`; "
+                             "scripts/setup-monitoring-tests.sh installs it)")
+
+
+@needs_promtool
+def test_alert_rules_pass_their_promtool_tests():
+    """Each false page of issue 22 (a removed job, a disabled job, a fresh restart, a
+    cron textfile read as a stalled loop, a daemon's old failure read as a cron
+    failure) is a case in run-worker.rules.test.yml, beside the true pages."""
+    checked = subprocess.run([PROMTOOL, "check", "rules", "run-worker.rules.yml"],
+                             cwd=RULES_DIR, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run([PROMTOOL, "test", "rules", "run-worker.rules.test.yml"],
+                            cwd=RULES_DIR, capture_output=True, text=True, timeout=60)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "SUCCESS" in tested.stdout
+
+
+@needs_promtool
+def test_promtool_rule_tests_would_notice_a_false_page(tmp_path):
+    """The documented rule of before (no job_enabled, interval on disabled jobs) fails
+    the test file: the cases really tell a false page from none."""
+    rules = (RULES_DIR / "run-worker.rules.yml").read_text()
+    old = rules.replace("> 3 * run_worker_job_interval_seconds",
+                        "> 3 * run_worker_job_interval_seconds or on (instance, job, "
+                        "job_name) (run_worker_job_enabled == 0)")
+    assert old != rules
+    (tmp_path / "run-worker.rules.yml").write_text(old)
+    shutil.copy(RULES_DIR / "run-worker.rules.test.yml", tmp_path)
+    tested = subprocess.run([PROMTOOL, "test", "rules", "run-worker.rules.test.yml"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert tested.returncode == 1
+    assert "nightly-export" in tested.stdout + tested.stderr
+
+
+# --- Kubernetes -------------------------------------------------------------------------
+
+KUBE_DIR = ROOT / "deploy" / "kubernetes"
+
+
+def kubernetes_validate(*paths: Path) -> subprocess.CompletedProcess:
+    pytest.importorskip("kubernetes_validate", reason="the test extra installs it")
+    return subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict",
+                           *map(str, paths)], capture_output=True, text=True, timeout=120)
+
+
+def manifest(name: str) -> dict:
+    import yaml
+    return yaml.safe_load((KUBE_DIR / name).read_text())
+
+
+def test_kubernetes_manifests_validate_strictly():
+    files = sorted(KUBE_DIR.glob("*.yaml"))
+    assert {f.name for f in files} >= {"deployment.yaml", "cronjob.yaml", "configmap.yaml"}
+    done = kubernetes_validate(*files)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("passed for resource") == len(files)
+
+
+def test_kubernetes_validate_would_notice_a_misspelt_field(tmp_path):
+    bad = tmp_path / "deployment.yaml"
+    bad.write_text((KUBE_DIR / "deployment.yaml").read_text()
+                   .replace("readOnlyRootFilesystem", "readOnlyRootFileSystem"))
+    assert kubernetes_validate(bad).returncode != 0
+
+
+def test_the_deployment_probes_the_listener_and_runs_locked_down():
+    deployment = manifest("deployment.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert deployment["spec"]["replicas"] > 1
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in container["ports"]
+    assert not {"--once", "--check"} & set(container["args"])          # the daemon
+    env = {e["name"]: e for e in container["env"]}
+    assert env["WORKER_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == \
+        manifest("secret.example.yaml")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    # The grace period covers the worker's own shutdown_timeout.
+    import yaml
+    jobs = yaml.safe_load(manifest("configmap.yaml")["data"]["jobs.yaml"])
+    assert pod["terminationGracePeriodSeconds"] > 30
+    assert jobs["worker"]["shutdown_timeout"] == "30s"
+    assert jobs["metrics"]["address"] == "0.0.0.0" and "cluster" in jobs
+
+
+def test_the_cronjob_forbids_overlap_and_counts_skipped_as_success():
+    cronjob = manifest("cronjob.yaml")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert {"--once", "--skipped-ok"} <= set(container["args"])
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_configmaps_job_list_passes_check(tmp_path):
+    config = tmp_path / "jobs.yaml"
+    config.write_text(manifest("configmap.yaml")["data"]["jobs.yaml"])
+    done = subprocess.run([sys.executable, str(ROOT / "run_worker.py"), "-c", str(config),
+                           "--check"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ,
+                               "WORKER_DATABASE_URL": f"sqlite:///{tmp_path / 'k.db'}"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK: 3 jobs" in done.stdout
+
+
+# --- the image's health check, run as the image runs it ------------------------------------
+
+def dockerfile_healthcheck() -> list[str]:
+    import json
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    line = next(l for l in text.splitlines() if l.startswith("HEALTHCHECK "))
+    return json.loads(line.split(" CMD ", 1)[1])
+
+
+def test_the_image_exposes_the_listener_and_installs_the_metrics_extra():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "\nEXPOSE 9464\n" in text
+    assert 'c["options.extras_require"]["metrics"]' in text
+    command = dockerfile_healthcheck()
+    assert command[:2] == ["python3", "-c"]                # no curl in the image
+
+
+def test_the_dockerfile_health_check_follows_healthz(tmp_path, daemons):
+    """The HEALTHCHECK's own command (python3 -c ...), against a real daemon: 0 while
+    /healthz is 200, non-zero when nothing answers; a no-op when turned off."""
+    config = tmp_path / "jobs.yaml"
+    config.write_text(f"""
+database: {{url: "sqlite:///{tmp_path / 'h.db'}"}}
+worker: {{lock_dir: "{tmp_path / 'locks'}"}}
+metrics: {{port: 0}}
+jobs: [{{name: ok, call: "tests.jobfuncs:select_one", every: 1h}}]
+""")
+    daemon = daemons(config)
+    daemon.wait_for("monitoring on http://")
+    port = re.search(r"monitoring on http://[\d.]+:(\d+)/", daemon.log).group(1)
+    command = [sys.executable] + dockerfile_healthcheck()[1:]
+
+    def check(url: str | None) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "WORKER_HEALTHCHECK_URL"}
+        if url is not None:
+            env["WORKER_HEALTHCHECK_URL"] = url
+        return subprocess.run(command, env=env, capture_output=True, timeout=30).returncode
+
+    deadline = time.monotonic() + 10
+    while check(f"http://127.0.0.1:{port}/healthz") != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert check(f"http://127.0.0.1:{port}/healthz") == 0
+    assert daemon.stop() == 0
+    assert check(f"http://127.0.0.1:{port}/healthz") != 0   # nothing answers
+    assert check("") == 0                                      # turned off
+
+
+# --- the Grafana dashboard ----------------------------------------------------------------
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "run-worker.json"
+SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "info": ("_info",),
+            "histogram": ("_bucket", "_sum", "_count", "_created")}
+
+
+def dashboard_exprs() -> list[str]:
+    import json
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"] and dashboard["panels"]
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert all(exprs)
+    return exprs
+
+
+def exported_names(tmp_path: Path, daemons) -> set[str]:
+    """Every sample name a daemon in cluster mode can export, from its /metrics."""
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    config = tmp_path / "jobs.yaml"
+    config.write_text(f"""
+database: {{url: "sqlite:///{tmp_path / 'g.db'}"}}
+worker: {{lock_dir: "{tmp_path / 'locks'}"}}
+cluster: {{url: "sqlite:///{tmp_path / 'runs.db'}", node: g}}
+metrics: {{port: 0}}
+jobs: [{{name: ok, call: "tests.jobfuncs:select_one", every: 1s}}]
+""")
+    daemon = daemons(config)
+    daemon.wait_for("job=ok attempt=1/5 succeeded")
+    port = re.search(r"monitoring on http://[\d.]+:(\d+)/", daemon.log).group(1)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    assert daemon.stop() == 0
+    return {family.name + suffix
+            for family in text_string_to_metric_families(body.decode())
+            for suffix in SUFFIXES[family.type]}
+
+
+def test_the_grafana_dashboard_uses_only_exported_metrics(tmp_path, daemons):
+    used = {name for expr in dashboard_exprs()
+            for name in re.findall(r"\brun_worker_\w+", expr)}
+    exported = exported_names(tmp_path, daemons)
+    assert used and used <= exported, used - exported
+    for wanted in ("run_worker_runs_total", "run_worker_run_duration_seconds_bucket",
+                   "run_worker_start_lateness_seconds_bucket", "run_worker_job_stuck",
+                   "run_worker_db_connections_checked_out"):
+        assert wanted in used, wanted
+
+
+@needs_promtool
+def test_the_grafana_dashboards_queries_are_promql(tmp_path):
+    """promtool parses each query (Grafana's variables replaced), as a recording rule."""
+    import json
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{index}",
+         "expr": expr.replace("$__rate_interval", "5m").replace("$instance", ".*")
+             .replace("$job_name", ".*")}
+        for index, expr in enumerate(dashboard_exprs())]}]}
+    path = tmp_path / "dashboard.rules.yml"
+    path.write_text(json.dumps(rules))
+    checked = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True,
+                             text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -195,11 +195,14 @@ jobs:
 
     assert get(port, "/healthz")[0] == 200
     assert get(port, "/readyz")[0] == 200
-    # Stopping while `blocked` still runs: /healthz turns 503 at once.
+    # Stopping while `blocked` still runs: /readyz turns 503 at once; /healthz stays
+    # 200 while the daemon drains (a failing liveness probe would kill it mid-stop).
     daemon.signal(signal.SIGTERM)
     daemon.wait_for("stopping: no new runs")
-    status, body = get(port, "/healthz")
+    status, body = get(port, "/readyz")
     assert (status, body.strip()) == (503, "stopping")
+    status, body = get(port, "/healthz")
+    assert (status, body.strip()) == (200, "ok")
     release.touch()
     assert daemon.wait() == 0
 
@@ -287,7 +290,8 @@ config, functions = load_config({str(config)!r})
 report = run_once(config, functions, list(config.jobs))
 assert report.ok
 watched = ["prometheus_client", "http.server", "worker.monitoring.monitor", "worker.monitoring.metrics",
-           "worker.monitoring.hooks", "worker.monitoring.statuspage"]
+           "worker.monitoring.hooks", "worker.monitoring.statuspage",
+           "worker.monitoring.listener"]
 print(sorted(m for m in watched if m in sys.modules))
 print(sorted(t.name for t in __import__("threading").enumerate()))
 """
@@ -392,10 +396,13 @@ jobs:
     page = dom.stdout
     for fragment in ("run-worker status", "nightly-report", "sync-orders", "purge-sessions",
                      "every 2s", "cron '0 3 * * *'", "never ran", "success", "failed",
-                     "mysql://app:***@db.example/prod", "recent runs"):
+                     "mysql://app:***@db.example/prod", "recent runs",
+                     "3 jobs: 1 failing", "last success", " ago)", "(in "):
         assert fragment in page, fragment
     assert "s3cr3t" not in page
     assert "<script" not in page.lower()
+    # Failures first, whatever the config's order.
+    assert page.index('id="job-sync-orders"') < page.index('id="job-nightly-report"')
     status, body = get(port, "/status.json")
     import json
     data = json.loads(body)
@@ -410,8 +417,8 @@ jobs:
     assert refused.value.code == 405
 
     shot = tmp_path / "status-page.png"
-    done = chromium(tmp_path, f"--screenshot={shot}", "--window-size=900,760",
-                    f"http://127.0.0.1:{port}/")
+    done = chromium(tmp_path, f"--screenshot={shot}", "--window-size=900,900",
+                    f"http://127.0.0.1:{port}/?open=sync-orders")
     assert done.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size < 200_000
     if os.environ.get("WORKER_SAVE_SCREENSHOT"):      # refreshes the one docs/ shows
@@ -604,7 +611,13 @@ def test_misfires_and_overlaps_are_counted_by_the_schedule_source():
                           lambda spec, zone: EverySchedule(spec.every, lambda: now[0]))
     metrics = MetricsObserver()
     source = ScheduleSource(metrics)
-    runtime = SimpleNamespace(scheduler=scheduler)
+    runtime = SimpleNamespace(
+        scheduler=scheduler, jobs=(report,), cluster=None,
+        config=SimpleNamespace(jobs=(report,), database=SimpleNamespace(
+            pool_size=1, max_overflow=0)),
+        database=SimpleNamespace(checked_out=lambda: 0),
+        pool=SimpleNamespace(max_workers=1))
+    metrics.runtime_changed(runtime)     # the job's series exist from here on
     assert [r.job.name for r in source.due(runtime, set(), 4)] == ["report"]
     now[0] += 150                        # the +100 run is 50 s late: over the grace
     assert source.due(runtime, set(), 4) == []
@@ -614,3 +627,368 @@ def test_misfires_and_overlaps_are_counted_by_the_schedule_source():
     skipped = "run_worker_runs_skipped_total"
     assert value(samples, skipped, job_name="report", reason="misfire") == 1
     assert value(samples, skipped, job_name="report", reason="overlap") == 1
+
+
+# --- metrics follow the job list; running and stuck runs (issue 22) ------------------------
+
+def job_names_in(samples: dict) -> set:
+    return {dict(key[1])["job_name"] for key in samples
+            if key != "families" and "job_name" in dict(key[1])}
+
+
+def test_reload_drops_removed_jobs_and_a_disabled_job_has_no_interval(tmp_path, daemons):
+    body = f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+metrics: {{port: 0}}
+jobs:
+  - {{name: heartbeat, call: "tests.jobfuncs:select_one", every: 1s}}
+  - {{name: orders, call: "tests.jobfuncs:select_one", every: 1h}}
+  - {{name: nightly-export, call: "tests.jobfuncs:select_one", every: 1h, enabled: false}}
+"""
+    config = write_config(tmp_path / "jobs.yaml", body)
+    daemon = daemons(config)
+    port = listening_port(daemon)
+    daemon.wait_for("job=heartbeat attempt=1/5 succeeded")
+    samples = scrape(port)
+    assert job_names_in(samples) == {"heartbeat", "orders", "nightly-export"}
+    assert value(samples, "run_worker_job_enabled", job_name="nightly-export") == 0
+    assert value(samples, "run_worker_job_enabled", job_name="orders") == 1
+    interval = "run_worker_job_interval_seconds"
+    assert (interval, (("job_name", "nightly-export"),)) not in samples
+    assert value(samples, interval, job_name="orders") == 3600
+
+    # heartbeat removed, orders renamed, nightly-export enabled, orders2 disabled
+    config.write_text(body.replace(
+        '  - {name: heartbeat, call: "tests.jobfuncs:select_one", every: 1s}\n', "")
+        .replace("name: orders,", "name: orders2, enabled: false,")
+        .replace("every: 1h, enabled: false}", "every: 1h}"))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reloaded")
+    samples = scrape(port)
+    assert job_names_in(samples) == {"orders2", "nightly-export"}
+    assert value(samples, "run_worker_job_enabled", job_name="orders2") == 0
+    assert (interval, (("job_name", "orders2"),)) not in samples
+    assert value(samples, interval, job_name="nightly-export") == 3600
+    assert value(samples, "run_worker_job_enabled", job_name="nightly-export") == 1
+    assert daemon.stop() == 0
+
+
+def test_a_stuck_run_is_running_and_stuck_until_its_thread_returns(tmp_path, daemons):
+    """A job asleep in Python (nothing to cancel) past its 1 s deadline: running 1
+    from its start, stuck 1 once the loop gives up on it (deadline + 5 s), both 0
+    when its thread returns, and its duration the real one (about 12 s, not 6)."""
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+metrics: {{port: 0}}
+jobs:
+  - {{name: slow, call: "tests.jobfuncs:python_sleep", every: 1h, timeout: 1s,
+     retry: {{attempts: 1}}, kwargs: {{seconds: 12}}}}
+""")
+    daemon = daemons(config)
+    port = listening_port(daemon)
+    daemon.wait_for("job=slow starting")
+    samples = scrape(port)
+    assert value(samples, "run_worker_job_running", job_name="slow") == 1
+    started = value(samples, "run_worker_job_run_started_timestamp_seconds", job_name="slow")
+    assert abs(started - time.time()) < 5
+    assert value(samples, "run_worker_job_stuck", job_name="slow") == 0
+
+    daemon.wait_for("its thread is left to finish", timeout=15)
+    samples = scrape(port)
+    assert value(samples, "run_worker_job_stuck", job_name="slow") == 1
+    assert value(samples, "run_worker_job_running", job_name="slow") == 1
+    assert value(samples, "run_worker_runs_total", job_name="slow", outcome="timeout") == 1
+    assert value(samples, "run_worker_run_duration_seconds_count", job_name="slow") == 0
+    status, body = get(port, "/status.json")
+    import json
+    job = json.loads(body)["jobs"][0]
+    assert job["running_since"] and job["stuck"]
+    assert json.loads(body)["worker"]["running"] == 1
+
+    samples = wait_until(lambda: (lambda s: s if value(
+        s, "run_worker_job_running", job_name="slow") == 0 else None)(scrape(port)),
+        20, "the stuck thread returned")
+    assert value(samples, "run_worker_job_stuck", job_name="slow") == 0
+    assert value(samples, "run_worker_job_run_started_timestamp_seconds", job_name="slow") == 0
+    assert value(samples, "run_worker_run_duration_seconds_count", job_name="slow") == 1
+    assert value(samples, "run_worker_run_duration_seconds_sum", job_name="slow") >= 11.5
+    daemon.wait_for("reported stuck before")
+    # One ERROR for one timed-out run: the loop's; the thread's late return is a warning.
+    assert [l for l in daemon.log.splitlines() if " ERROR " in l and "job=slow" in l] == \
+        [l for l in daemon.log.splitlines() if "its thread is left to finish" in l]
+    assert daemon.stop() == 0
+
+
+# --- the textfile of --once merges (issue 22) --------------------------------------------
+
+def test_once_job_a_keeps_the_other_jobs_series_in_the_textfile(tmp_path):
+    prom = tmp_path / "run_worker.prom"
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+metrics: {{textfile: "{prom}"}}
+jobs:
+  - {{name: heartbeat2, call: "tests.jobfuncs:select_one", every: 1m}}
+  - {{name: broken-sql, call: "tests.jobfuncs:syntax_error", retry: {{attempts: 1}}}}
+  - {{name: gone, call: "tests.jobfuncs:select_one"}}
+""")
+    assert run_cli(config, "--once").returncode == 1
+    first = samples_of(prom.read_text())
+    runs = "run_worker_runs_total"
+    assert value(first, runs, job_name="broken-sql", outcome="failed") == 1
+    succeeded = value(first, "run_worker_last_success_timestamp_seconds",
+                      job_name="heartbeat2")
+    assert succeeded > 0
+    # A cron run has no loop and no `every`: nothing a daemon's rule would read.
+    assert "run_worker_loop_last_tick_timestamp_seconds" not in first["families"]
+    assert "run_worker_job_interval_seconds" not in first["families"]
+
+    # A file of before, where cron runs wrote a job interval: not kept.
+    prom.write_text(prom.read_text() + "# TYPE run_worker_job_interval_seconds gauge\n"
+                    'run_worker_job_interval_seconds{job_name="broken-sql"} 60.0\n')
+    config.write_text(config.read_text().replace(
+        '  - {name: gone, call: "tests.jobfuncs:select_one"}\n', ""))
+    done = run_cli(config, "--once", "--job", "heartbeat2")
+    assert done.returncode == 0, done.stderr
+    second = samples_of(prom.read_text())
+    assert value(second, runs, job_name="broken-sql", outcome="failed") == 1   # kept
+    assert value(second, runs, job_name="heartbeat2", outcome="success") == 1  # replaced
+    assert value(second, "run_worker_last_success_timestamp_seconds",
+                 job_name="heartbeat2") >= succeeded
+    assert job_names_in(second) == {"heartbeat2", "broken-sql"}          # gone is gone
+    assert "run_worker_job_interval_seconds" not in second["families"]
+
+    done = run_cli(config, "--once", "--job", "broken-sql")
+    assert done.returncode == 1
+    third = samples_of(prom.read_text())
+    # broken-sql failed again: its last success is still "never", heartbeat2's kept.
+    assert value(third, runs, job_name="broken-sql", outcome="failed") == 1
+    assert value(third, "run_worker_last_success_timestamp_seconds",
+                 job_name="heartbeat2") == value(second, "run_worker_last_success_"
+                                                 "timestamp_seconds", job_name="heartbeat2")
+
+
+def test_a_once_run_that_skipped_everything_leaves_the_textfile_as_it_was(tmp_path):
+    prom = tmp_path / "run_worker.prom"
+    running = tmp_path / "running"
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+metrics: {{textfile: "{prom}"}}
+jobs:
+  - {{name: holder, call: "tests.jobfuncs:touch_then_python_sleep",
+     kwargs: {{path: "{running}", seconds: 8}}}}
+""")
+    prom.write_text("# an earlier run's file\n")
+    os.utime(prom, (1_000_000, 1_000_000))
+    first = subprocess.Popen([sys.executable, str(ROOT / "run_worker.py"), "-c",
+                              str(config), "--once"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(running.exists, 30, "the first run holds the job")
+        assert run_cli(config, "--once").returncode == 75
+        assert prom.stat().st_mtime == 1_000_000     # not rewritten: its age tells
+        assert prom.read_text() == "# an earlier run's file\n"
+    finally:
+        first.communicate(timeout=60)
+    assert first.returncode == 0
+    assert prom.stat().st_mtime > 1_000_000
+
+
+# --- the listener: HEAD, and no client can starve it (issue 22) --------------------------
+
+def raw_request(port: int, request: bytes, timeout: float = 5) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_head_is_answered_like_get_without_a_body(tmp_path, daemons):
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+metrics: {{port: 0}}
+jobs: [{{name: ok, call: "tests.jobfuncs:select_one", every: 1h}}]
+""")
+    daemon = daemons(config)
+    port = listening_port(daemon)
+    wait_until(lambda: get(port, "/readyz")[0] == 200, 10, "ready")
+    for path in ("/healthz", "/readyz", "/metrics", "/"):
+        head = raw_request(port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        got = raw_request(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head_lines, _, head_body = head.partition(b"\r\n\r\n")
+        get_lines, _, get_body = got.partition(b"\r\n\r\n")
+        assert head_lines.startswith(b"HTTP/1.1 200 "), (path, head_lines)
+        assert head_body == b""
+        assert get_body and get_lines.split(b"\r\n")[0] == head_lines.split(b"\r\n")[0]
+        length = [l for l in head_lines.split(b"\r\n") if l.startswith(b"Content-Length")]
+        assert length and int(length[0].split(b":")[1]) > 0
+    refused = raw_request(port, b"DELETE / HTTP/1.1\r\n\r\n")
+    assert refused.startswith(b"HTTP/1.1 405 ") and b"Allow: GET, HEAD" in refused
+    assert daemon.stop() == 0
+
+
+def threads_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_idle_connections_cannot_starve_the_listener(tmp_path, daemons):
+    """300 idle connections held (and 50 reset half-way through a request): /metrics
+    is still answered within 2 s, the process keeps fewer than 100 threads and
+    descriptors stay bounded, an idle connection is closed after the read timeout,
+    and with --log-format json every line on stderr is JSON, a few at most about
+    the listener."""
+    import json
+    import struct
+    from worker.monitoring.listener import READ_TIMEOUT
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+metrics: {{port: 0}}
+jobs: [{{name: ok, call: "tests.jobfuncs:select_one", every: 1s}}]
+""")
+    daemon = daemons(config, "--log-format", "json")
+    daemon.wait_for('monitoring on http://')
+    line = [l for l in daemon.log.splitlines() if "monitoring on http://" in l][0]
+    port = int(line.split("monitoring on http://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+    wait_until(lambda: get(port, "/healthz")[0] == 200, 10, "listening")
+    pid = daemon.process.pid
+    idle = []
+    try:
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")     # never finished
+            idle.append(sock)
+        for _ in range(50):                               # reset half-way
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"GET /met")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        started = time.monotonic()
+        status, body = get(port, "/metrics", timeout=10)
+        answered_in = time.monotonic() - started
+        assert status == 200 and "run_worker_runs_total" in body
+        assert answered_in < 2, answered_in
+        assert threads_of(pid) < 100, threads_of(pid)
+        assert len(os.listdir(f"/proc/{pid}/fd")) < 150
+        # The daemon's jobs still open their database.
+        count = daemon.log.count('succeeded in')
+        daemon.wait_for('succeeded in', count=count + 1, timeout=10)
+        # Idle connections are closed by the server after its read timeout.
+        newest = idle[-1]
+        newest.settimeout(READ_TIMEOUT + 10)
+        assert newest.recv(100) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+    assert daemon.stop() == 0
+    lines = daemon.log.splitlines()
+    for entry in lines:
+        assert entry.startswith("{"), lines      # every line JSON, no raw traceback
+        json.loads(entry)
+    listener_lines = [l for l in lines if "monitoring listener" in l]
+    assert len(listener_lines) <= 3, listener_lines
+
+
+def series_per_job(body: str) -> dict:
+    counts: dict = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            job = line.split('job_name="', 1)[1].split('"', 1)[0] if 'job_name="' in line \
+                else None
+            counts[job] = counts.get(job, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("env, per_job, own", [({}, 55, 17),
+                                               ({"PROMETHEUS_DISABLE_CREATED_SERIES":
+                                                 "true"}, 44, 12)])
+def test_a_job_costs_the_series_docs_monitoring_says(tmp_path, daemons, env, per_job, own):
+    """docs/monitoring.md, "What a job costs": 55 series a job and 17 of the process's
+    own; 44 and 12 without the `_created` series."""
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+metrics: {{port: 0}}
+jobs:
+  - {{name: a, call: "tests.jobfuncs:select_one", every: 1h}}
+  - {{name: b, call: "tests.jobfuncs:select_one", every: 1h}}
+""")
+    daemon = daemons(config, env=env)
+    port = listening_port(daemon)
+    daemon.wait_for("job=b attempt=1/5 succeeded")
+    status, body = get(port, "/metrics")
+    assert series_per_job(body) == {"a": per_job, "b": per_job, None: own}
+    assert ("_created" in body) is not bool(env)
+    docs = (ROOT / "docs" / "monitoring.md").read_text()
+    assert f"costs {per_job}" in docs or f"has {per_job} series" in docs
+    assert daemon.stop() == 0
+
+
+def test_status_page_in_cluster_mode_marks_stuck_and_disabled_jobs(tmp_path, daemons):
+    """Cluster mode (history from the run table): the recent-runs table has as many
+    cells per row as headers (the node had slid under "error"), a running row says
+    "started", a stuck run is marked and comes first, a disabled job is marked
+    disabled, and a panel opened by its link stays open (the link is in the URL the
+    page refreshes to, no script)."""
+    import re
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+worker: {{lock_dir: "{tmp_path}/locks"}}
+cluster: {{url: "sqlite:///{tmp_path / 'runs.db'}", node: node-a}}
+metrics: {{port: 0}}
+jobs:
+  - {{name: heartbeat, call: "tests.jobfuncs:select_one", every: 2s}}
+  - {{name: slow-report, call: "tests.jobfuncs:python_sleep", every: 4s, timeout: 1s,
+     retry: {{attempts: 1}}, kwargs: {{seconds: 30}}}}
+  - {{name: nightly-export, call: "tests.jobfuncs:select_one", cron: "0 3 * * *",
+     enabled: false}}
+""")
+    daemon = daemons(config)
+    port = listening_port(daemon)
+    daemon.wait_for("its thread is left to finish", timeout=20)
+    daemon.wait_for("job=heartbeat attempt=1/5 succeeded", count=2)
+    dom = chromium(tmp_path, "--dump-dom",
+                   f"http://127.0.0.1:{port}/?open=heartbeat,slow-report")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    page = dom.stdout
+    assert "3 jobs: 1 stuck, 1 disabled" in page
+    sections = re.findall(r'<section class="job (\w+)" id="job-([\w-]+)"', page)
+    assert sections == [("stuck", "slow-report"), ("ok", "heartbeat"),
+                        ("disabled", "nightly-export")], sections
+    assert "past its deadline; its thread has not returned" in page
+    assert re.search(r'nightly-export <span class="badge"[^>]*>disabled</span>', page)
+    tables = re.findall(r"<table>(.*?)</table>", page, re.S)
+    assert len(tables) == 2                                # both opened panels
+    for table in tables:
+        headers = re.findall(r"<th>(.*?)</th>", table)
+        assert headers == ["when", "outcome", "duration", "attempts", "node", "error"]
+        for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]:
+            cells = re.findall(r"<td>(.*?)</td>", row, re.S)
+            assert len(cells) == len(headers), row
+            assert cells[4] == "node-a"
+            assert cells[0].startswith("started " if cells[1] == "running" else "ended ")
+    assert re.search(r"<td>started [^<]*<span", tables[0])   # slow-report's running row
+    # The links keep the other opened panel and close (or open) their own.
+    assert 'href="?open=slow-report#job-heartbeat">hide recent runs' in page
+    assert "<script" not in page.lower()
+    assert daemon.stop() in (0, 1)
+
+
+def test_once_with_a_stuck_run_writes_it_stuck_and_timed_out(tmp_path):
+    """--once gives up on a run stuck past its deadline (+5 s) and exits without its
+    thread: the textfile says timeout and stuck, not a clean state."""
+    prom = tmp_path / "run_worker.prom"
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+metrics: {{textfile: "{prom}"}}
+jobs:
+  - {{name: slow, call: "tests.jobfuncs:python_sleep", timeout: 1s, retry: {{attempts: 1}},
+     kwargs: {{seconds: 60}}}}
+  - {{name: ok, call: "tests.jobfuncs:select_one"}}
+""")
+    done = run_cli(config, "--once", timeout=40)
+    assert done.returncode == 1, done.stderr
+    samples = samples_of(prom.read_text())
+    assert value(samples, "run_worker_runs_total", job_name="slow", outcome="timeout") == 1
+    assert value(samples, "run_worker_job_stuck", job_name="slow") == 1
+    assert value(samples, "run_worker_job_running", job_name="slow") == 1
+    assert value(samples, "run_worker_job_stuck", job_name="ok") == 0
+    assert value(samples, "run_worker_runs_total", job_name="ok", outcome="success") == 1

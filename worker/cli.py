@@ -36,6 +36,7 @@ exit codes:
       installed, database file cannot be opened), or cannot listen on the
       metrics address (port in use)
   75  --once: every selected job was skipped, still running from an earlier run
+      (0 with --skipped-ok)
   78  invalid configuration: nothing ran
   130 --once: interrupted by SIGINT (Ctrl-C); running jobs were stopped
 """
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "runs even when it is 'enabled: false'")
     parser.add_argument("--connect", action="store_true",
                         help="with --check: also open one database connection")
+    parser.add_argument("--skipped-ok", action="store_true",
+                        help="with --once: exit 0, not 75, when every selected job was "
+                             "skipped because its previous run still holds it (a log "
+                             "line says so); for schedulers that cannot count 75 as "
+                             "success, such as a Kubernetes CronJob")
     parser.add_argument("--log-level", metavar="LEVEL", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
                         help="DEBUG, INFO (default), WARNING, ERROR or CRITICAL")
@@ -131,6 +137,8 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.connect and not args.check:
         parser.error("--connect goes with --check")
+    if args.skipped_ok and not args.once:
+        parser.error("--skipped-ok goes with --once")
     setup_logging(args.log_level, args.log_format)
     # Job modules are imported by name ("jobs.commands:..."), relative to where
     # the worker is started, as with `python -m`.
@@ -186,6 +194,10 @@ def _run(args, path: str, config: Config, functions, selected: list[JobSpec]) ->
             # Interrupted from the terminal: 128 + SIGINT, as shells expect.
             return _exit(report, EXIT_INTERRUPTED)
         if report.results and all(r.outcome.value == "skipped" for r in report.results):
+            if args.skipped_ok:
+                log.info("every selected job was skipped, its previous run still going: "
+                         "exit 0, not %d (--skipped-ok)", EXIT_ALL_SKIPPED)
+                return _exit(report, EXIT_OK)
             return _exit(report, EXIT_ALL_SKIPPED)
         return _exit(report, EXIT_OK if report.ok else EXIT_JOB_FAILED)
     from .app import DatabaseUnusable, run_daemon

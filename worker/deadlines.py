@@ -204,6 +204,7 @@ class RunWatch:
     thread: int | None = None            # the pool thread running the job
     tracker: StatementTracker | None = None   # its engine's tracker, once started
     overdue_since: float | None = None   # the current attempt passed its deadline then
+    given_up: bool = False               # the loop reported it stuck (timed out) already
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> bool:

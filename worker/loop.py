@@ -311,6 +311,7 @@ class WorkLoop:
                 continue
             del self._running[name]
             result = _result_of(running)
+            self.observer.run_returned(running.run, result)
             try:
                 running.runtime.ledger.finish(running.ticket, result)
             except Exception as exc:  # recording must never stop the loop
@@ -338,6 +339,8 @@ class WorkLoop:
                 continue
             running.reported = True     # stays in _running: no overlapping run
             running.runtime.pool.abandon(running.future)  # a new thread in its place
+            running.watch.given_up = True   # its thread's own end is no news then
+            self.observer.run_stuck(running.run)
             job = running.run.job
             message = (f"still running {stuck:.1f}s past its deadline of "
                        f"{format_duration(job.timeout)}, outside any database "

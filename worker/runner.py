@@ -357,10 +357,13 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
                   extra=_fields(job, attempt))
         return JobResult(job.name, Outcome.CANCELLED, attempt, duration, str(failure))
     if failure.timed_out:
-        log.error("%s timed out: %s: %s; %s", _tag(job, attempt), diagnosis.reason,
-                  failure, "no attempts left" if failure.should_retry(job)
-                  else "not retried (set retry.on_timeout to retry)",
-                  extra=_fields(job, attempt))
+        # Reported at ERROR once: by the loop when it gave up on a stuck run, else here.
+        log.log(logging.WARNING if watch.given_up else logging.ERROR,
+                "%s timed out: %s: %s; %s%s", _tag(job, attempt), diagnosis.reason,
+                failure, "no attempts left" if failure.should_retry(job)
+                else "not retried (set retry.on_timeout to retry)",
+                f"; its thread returned {duration:.1f}s after the run started (reported "
+                f"stuck before)" if watch.given_up else "", extra=_fields(job, attempt))
         return JobResult(job.name, Outcome.TIMEOUT, attempt, duration, str(failure))
     if failure.should_retry(job):
         why = "no attempts left"

@@ -17,7 +17,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..config import Config, mask_secrets
 from .observe import ListenError, NoObserver, Observers, wants_hooks
@@ -33,8 +32,9 @@ ERROR_SHOWN = 200          # characters of a run's error shown on the page
 # --- health ---------------------------------------------------------------------
 
 class Health(NoObserver):
-    """/healthz: the loop turns and the process is not stopping. /readyz: the job
-    database answered last time it was asked."""
+    """/healthz: the loop turns (draining after a stop signal included). /readyz:
+    the job database answered last time it was asked and the process is not
+    stopping."""
 
     def __init__(self, stall_after: float) -> None:
         self.stall_after = stall_after
@@ -52,13 +52,20 @@ class Health(NoObserver):
         self.ready = ready
 
     def live(self) -> tuple[bool, str]:
-        if self.is_stopping:
-            return False, "stopping"
+        # Draining after SIGTERM is alive: a liveness probe failing then would have
+        # the process killed in the middle of its graceful stop. Only readiness fails.
         if self.last_tick is None:
             return False, "the work loop has not started"
         since = time.monotonic() - self.last_tick
         if since > self.stall_after:
             return False, f"the work loop has not turned for {since:.0f}s"
+        return True, "ok"
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.is_stopping:
+            return False, "stopping"
+        if not self.ready:
+            return False, "the job database is not answering"
         return True, "ok"
 
 
@@ -90,6 +97,8 @@ class StatusBoard(NoObserver):
         self.started = time.time()
         self._recent: dict[str, deque] = {}
         self._running: dict[str, float] = {}     # job -> when its run started
+        self._stuck: set[str] = set()            # jobs whose run is stuck past its deadline
+        self._last_success: dict[str, float] = {}   # job -> when it last succeeded
         # The loop thread writes, HTTP threads read: a deque must not change while
         # it is being copied.
         self._lock = threading.Lock()
@@ -105,13 +114,25 @@ class StatusBoard(NoObserver):
         record = RunRecord(time.time(), result.outcome.value, result.duration,
                            result.attempts, one_line(result.error))
         with self._lock:
-            self._running.pop(result.job, None)
             self._recent.setdefault(result.job, deque(maxlen=RECENT_RUNS)).appendleft(record)
+            if result.ok:
+                self._last_success[result.job] = record.finished
 
-    def _own_runs(self) -> tuple[dict[str, list], dict[str, float]]:
+    def run_stuck(self, run) -> None:
+        with self._lock:
+            self._stuck.add(run.job.name)
+
+    def run_returned(self, run, result) -> None:
+        # Running until its thread returns: a stuck run still holds a thread.
+        with self._lock:
+            self._running.pop(run.job.name, None)
+            self._stuck.discard(run.job.name)
+
+    def _own_runs(self) -> tuple[dict[str, list], dict[str, float], set[str],
+                                 dict[str, float]]:
         with self._lock:
             return ({name: list(runs) for name, runs in self._recent.items()},
-                    dict(self._running))
+                    dict(self._running), set(self._stuck), dict(self._last_success))
 
     def snapshot(self, health: Health | None = None) -> dict:
         runtime = self.runtime
@@ -119,7 +140,7 @@ class StatusBoard(NoObserver):
             return {"worker": {"state": "starting"}, "jobs": [], "cluster": None}
         config = runtime.config
         history, history_error = self._cluster_history(runtime)
-        own, running = self._own_runs()
+        own, running, stuck, succeeded = self._own_runs()
         jobs = []
         scheduled = {job.name for job in runtime.scheduler.jobs} \
             if runtime.scheduler is not None else set()
@@ -127,6 +148,8 @@ class StatusBoard(NoObserver):
             recent = history.get(job.name) if history is not None else \
                 own.get(job.name, [])
             running_since = running.get(job.name)
+            success = max([r.finished for r in recent or () if r.outcome == "success"]
+                          + [succeeded.get(job.name, 0)])
             jobs.append({
                 "name": job.name,
                 "schedule": job.schedule,
@@ -134,7 +157,9 @@ class StatusBoard(NoObserver):
                 "next_run": runtime.scheduler.next_run(job.name)
                 if job.name in scheduled else None,
                 "running_since": _iso(running_since) if running_since else None,
+                "stuck": job.name in stuck,
                 "last": _run_json(recent[0]) if recent else None,
+                "last_success": _iso(success) if success else None,
                 "recent": [_run_json(r) for r in recent or ()],
             })
         settings = config.database
@@ -204,77 +229,56 @@ def _version() -> str:
 # --- the HTTP listener --------------------------------------------------------------
 
 class MonitorServer:
-    """/metrics, /healthz, /readyz, / and /status.json on one address; read-only.
-    Bound at construction (ListenError), served from a thread of its own."""
+    """/metrics, /healthz, /readyz, / and /status.json on one address; read-only
+    (GET and HEAD). Bound at construction (ListenError), served by a Listener
+    (monitoring.listener) from threads of its own."""
 
     def __init__(self, settings: MetricsSettings, monitoring: "Monitoring") -> None:
+        from .listener import Listener
         self.settings = settings
-        handler = type("Handler", (_Handler,), {"monitoring": monitoring})
+        self.monitoring = monitoring
         try:
-            self._server = ThreadingHTTPServer((settings.address, settings.port), handler)
+            self._listener = Listener(settings.address, settings.port, self.respond)
         except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ListenError(f"cannot listen on {settings.address}:{settings.port} for "
-                              f"metrics: {exc.strerror or exc}") from None
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="monitor-http", daemon=True)
+                              f"metrics: {why}") from None
+        self.port = self._listener.port
 
     def start(self) -> None:
-        self._thread.start()
+        self._listener.start()
         log.info("monitoring on http://%s:%d/ (/metrics, /healthz, /readyz, /status.json)",
                  self.settings.address, self.port)
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
+        self._listener.close()
 
-
-class _Handler(BaseHTTPRequestHandler):
-    monitoring: "Monitoring"
-    server_version = "run-worker"
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        path = self.path.split("?", 1)[0]
+    def respond(self, method: str, target: str) -> tuple[int, str, bytes]:
+        """(status, content type, body) of a GET; a HEAD gets the same headers."""
+        from urllib.parse import parse_qs, urlsplit
         monitoring = self.monitoring
+        path, query = urlsplit(target).path, parse_qs(urlsplit(target).query)
+        plain = "text/plain; charset=utf-8"
         if path == "/metrics" and monitoring.metrics is not None:
             from prometheus_client import CONTENT_TYPE_LATEST
-            self._send(200, monitoring.metrics.exposition(), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
+            return 200, CONTENT_TYPE_LATEST, monitoring.metrics.exposition()
+        if path == "/healthz":
             live, why = monitoring.health.live()
-            self._send(200 if live else 503, (why + "\n").encode())
-        elif path == "/readyz":
-            ready = monitoring.health.ready and not monitoring.health.is_stopping
-            self._send(200 if ready else 503, b"ok\n" if ready else
-                       b"the job database is not answering\n" if not monitoring.health.ready
-                       else b"stopping\n")
-        elif path == "/status.json":
+            return 200 if live else 503, plain, (why + "\n").encode()
+        if path == "/readyz":
+            ready, why = monitoring.health.readiness()
+            return 200 if ready else 503, plain, (why + "\n").encode()
+        if path == "/status.json":
             data = monitoring.board.snapshot(monitoring.health)
-            self._send(200, json.dumps(data, indent=1).encode(), "application/json")
-        elif path == "/":
+            return 200, "application/json", json.dumps(data, indent=1).encode()
+        if path == "/":
             from .statuspage import render
             data = monitoring.board.snapshot(monitoring.health)
-            self._send(200, render(data).encode(), "text/html; charset=utf-8")
-        else:
-            self._send(404, b"not found\n")
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._send(405, b"")
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD   # read-only
-
-    def _send(self, status: int, body: bytes,
-              content_type: str = "text/plain; charset=utf-8") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002
-        log.debug("%s %s", self.address_string(), format % args)
+            # ?open=a,b: the jobs whose recent runs are shown (a link, not a script,
+            # so that the page's refresh keeps them open)
+            shown = {name for value in query.get("open", ()) for name in value.split(",")}
+            return 200, "text/html; charset=utf-8", render(data, shown).encode()
+        return 404, plain, b"not found\n"
 
 
 # --- putting it together --------------------------------------------------------------
@@ -358,8 +362,12 @@ class Monitoring:
         if textfile and self.metrics is not None and self.settings is not None \
                 and self.settings.textfile:
             try:
-                self.metrics.write_textfile(self.settings.textfile)
-                log.info("metrics written to %s", self.settings.textfile)
+                if self.metrics.write_textfile(self.settings.textfile):
+                    log.info("metrics written to %s", self.settings.textfile)
+                else:
+                    log.info("metrics textfile %s left as it was: no run finished "
+                             "(each found its previous run still going)",
+                             self.settings.textfile)
             except OSError as exc:
                 log.error("cannot write the metrics textfile %s: %s",
                           self.settings.textfile, exc)

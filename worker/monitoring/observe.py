@@ -40,7 +40,18 @@ class RunObserver(Protocol):
         """`run` (a DueRun) was claimed and handed to a worker thread."""
 
     def run_finished(self, run, result) -> None:
-        """A run ended (JobResult; never SKIPPED). Its Session is gone by now."""
+        """A run ended (JobResult; never SKIPPED). Its Session is gone by now, except
+        for a run reported stuck (run_stuck came first): its thread may still be in
+        the job."""
+
+    def run_stuck(self, run) -> None:
+        """`run` is past its deadline and its thread has not returned: the loop gave
+        up waiting (run_finished with a timeout follows at once)."""
+
+    def run_returned(self, run, result) -> None:
+        """The thread of a started run has returned (or the run was withdrawn before
+        it began): `run` no longer holds a thread. `result` is what the thread
+        returned, its duration the real one (a stuck run's included)."""
 
     def run_skipped(self, job, reason: str) -> None:
         """A run due for `job` (a JobSpec) was not started; reason: SKIP_*."""
@@ -71,6 +82,12 @@ class NoObserver:
         pass
 
     def run_finished(self, run, result) -> None:
+        pass
+
+    def run_stuck(self, run) -> None:
+        pass
+
+    def run_returned(self, run, result) -> None:
         pass
 
     def run_skipped(self, job, reason: str) -> None:
@@ -120,6 +137,12 @@ class Observers:
 
     def run_finished(self, run, result) -> None:
         self._each("run_finished", run, result)
+
+    def run_stuck(self, run) -> None:
+        self._each("run_stuck", run)
+
+    def run_returned(self, run, result) -> None:
+        self._each("run_returned", run, result)
 
     def run_skipped(self, job, reason: str) -> None:
         self._each("run_skipped", job, reason)

@@ -3,6 +3,8 @@
 step; one column on a phone. Read-only: it has no form and no link that acts."""
 from __future__ import annotations
 
+import time
+from datetime import datetime
 from html import escape
 
 OUTCOME_COLOURS = {"success": "#1a7f37", "failed": "#cf222e", "timeout": "#bc4c00",
@@ -28,7 +30,14 @@ font-weight:600}
 .runs{margin-top:6px;line-height:0}
 .runs i{display:inline-block;width:12px;height:12px;margin:0 2px 2px 0;border-radius:2px}
 .err{font:12px ui-monospace,monospace;color:#cf222e;word-break:break-word;margin-top:4px}
-details{margin-top:6px;font-size:13px}
+.toggle{display:inline-block;margin-top:6px;font-size:13px}
+.rel{color:#57606a;white-space:nowrap}
+.summary{font-size:16px;font-weight:600;margin:10px 0;padding:8px 12px;border-radius:6px}
+.summary.good{background:#dafbe1;color:#1a7f37}
+.summary.bad{background:#ffebe9;color:#cf222e}
+.grid b.warn{color:#cf222e}
+section.failing,section.stuck{border-left:4px solid #cf222e}
+section.disabled{opacity:.75}
 table{border-collapse:collapse;width:100%;font-size:12px}
 td,th{border-bottom:1px solid #eaeef2;padding:2px 6px 2px 0;text-align:left;
 vertical-align:top}
@@ -37,11 +46,14 @@ footer{font-size:12px;color:#57606a;padding:0 12px 12px}
 """
 
 
-def _badge(outcome: str | None) -> str:
-    if not outcome:
+FAILING = ("failed", "timeout", "abandoned")
+
+
+def _badge(label: str | None, colour: str | None = None) -> str:
+    if not label:
         return '<span class="badge" style="background:#8c959f">never ran</span>'
-    colour = OUTCOME_COLOURS.get(outcome, "#57606a")
-    return f'<span class="badge" style="background:{colour}">{escape(outcome)}</span>'
+    colour = colour or OUTCOME_COLOURS.get(label, "#57606a")
+    return f'<span class="badge" style="background:{colour}">{escape(label)}</span>'
 
 
 def _when(iso: str | None) -> str | None:
@@ -49,50 +61,136 @@ def _when(iso: str | None) -> str | None:
     return iso.replace("T", " ", 1) if iso else iso
 
 
+def _ago(iso: str | None, now: float) -> str:
+    """How long before (or after) now: "12s ago", "in 3m", "2h ago", "5d ago"."""
+    if not iso:
+        return ""
+    seconds = now - datetime.fromisoformat(iso).timestamp()
+    size = abs(seconds)
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if size >= length:
+            amount = f"{int(size // length)}{unit}"
+            break
+    else:
+        amount = f"{int(size)}s"
+    return f"{amount} ago" if seconds >= 0 else f"in {amount}"
+
+
+def _time(iso: str | None, now: float, empty: str = "-") -> str:
+    """Absolute and relative: "2026-12-06 02:47:36+00:00 (12s ago)", escaped."""
+    if not iso:
+        return escape(empty)
+    return f'{escape(_when(iso))} <span class="rel">({_ago(iso, now)})</span>'
+
+
 def _field(name: str, value) -> str:
     shown = "-" if value is None or value == "" else escape(str(value))
-    return f"<div><b>{escape(name)}</b>{shown}</div>"
+    return _field_html(name, shown)
 
 
-def _job(job: dict) -> str:
+def _field_html(name: str, html: str) -> str:
+    return f"<div><b>{escape(name)}</b>{html}</div>"
+
+
+def state_of(job: dict) -> str:
+    """What a job is, for its badge and the page's order: stuck, failing, running,
+    disabled, ok or never."""
     last = job["last"]
-    outcome = "running" if job["running_since"] else (last["outcome"] if last else None)
+    outcome = last["outcome"] if last else None
+    if job.get("stuck"):
+        return "stuck"
+    if not job["enabled"]:
+        return "disabled"
+    if outcome in FAILING:
+        return "failing"
+    if job["running_since"]:
+        return "running"
+    return "ok" if outcome else "never"
+
+
+ORDER = {"stuck": 0, "failing": 1, "running": 2, "ok": 3, "never": 4, "disabled": 5}
+STATE_BADGES = {"stuck": ("stuck", "#cf222e"), "disabled": ("disabled", "#8c959f"),
+                "running": ("running", OUTCOME_COLOURS["running"])}
+
+
+def _job(job: dict, now: float, cluster: bool, shown: set[str]) -> str:
+    last = job["last"]
+    state = state_of(job)
+    badge = _badge(*STATE_BADGES[state]) if state in STATE_BADGES \
+        else _badge(last["outcome"] if last else None)
+    last_run = "-"
+    if last:
+        verb = "started" if last["outcome"] == "running" else "ended"
+        last_run = f'{escape(last["outcome"])}, {verb} {_time(last["finished"], now)}'
     fields = [
         _field("schedule", job["schedule"] or "no schedule (--once only)"),
-        _field("next run", _when(job["next_run"]) or
-               ("disabled" if not job["enabled"] else "-")),
-        _field("last run", _when(last["finished"]) if last else None),
+        _field_html("next run", _time(job["next_run"], now) if job["next_run"] else
+                    ("disabled" if not job["enabled"] else "-")),
+        _field_html("last run", last_run),
+        _field_html("last success", _time(job.get("last_success"), now, "never")),
         _field("duration", f'{last["duration"]:.3f}s' if last else None),
         _field("attempts", last["attempts"] if last else None),
     ]
     if job["running_since"]:
-        fields.append(_field("running since", _when(job["running_since"])))
+        fields.append(_field_html("running since", _time(job["running_since"], now)
+                                  + (" <b class=warn>past its deadline; its thread "
+                                     "has not returned</b>" if job.get("stuck") else "")))
     squares = "".join(
         f'<i style="background:{OUTCOME_COLOURS.get(r["outcome"], "#57606a")}" '
         f'title="{escape(r["finished"])}: {escape(r["outcome"])}"></i>'
         for r in reversed(job["recent"]))
-    rows = "".join(
-        f'<tr><td>{escape(_when(r["finished"]))}</td><td>{escape(r["outcome"])}</td>'
-        f'<td>{r["duration"]:.3f}s</td><td>{r["attempts"]}</td>'
-        + (f'<td>{escape(r["node"])}</td>' if r["node"] else "")
-        + f'<td>{escape(r["error"] or "")}</td></tr>' for r in job["recent"])
     error = f'<div class="err">{escape(last["error"])}</div>' \
         if last and last["error"] else ""
-    recent = (f'<div class="runs" aria-label="recent runs, oldest first">{squares}</div>'
-              f'<details><summary>recent runs ({len(job["recent"])})</summary>'
-              f'<div class="wrap"><table><tr><th>ended</th><th>outcome</th><th>duration'
-              f'</th><th>attempts</th><th>error</th></tr>{rows}</table></div></details>'
-              if job["recent"] else "")
-    return (f'<section class="job" id="job-{escape(job["name"])}"><h2>'
-            f'{escape(job["name"])} {_badge(outcome)}</h2>'
+    recent = ""
+    if job["recent"]:
+        name = job["name"]
+        is_open = name in shown
+        others = sorted(shown - {name}) if is_open else sorted(shown | {name})
+        link = (f'<a class="toggle" href="?open={escape(",".join(others))}#job-'
+                f'{escape(name)}">{"hide" if is_open else "show"} recent runs '
+                f'({len(job["recent"])})</a>')
+        recent = f'<div class="runs" aria-label="recent runs, oldest first">{squares}</div>' \
+            + link
+        if is_open:
+            recent += _recent_table(job["recent"], now, cluster)
+    return (f'<section class="job {state}" id="job-{escape(job["name"])}"><h2>'
+            f'{escape(job["name"])} {badge}</h2>'
             f'<div class="grid">{"".join(fields)}</div>{error}{recent}</section>')
 
 
-def render(data: dict) -> str:
+def _recent_table(runs: list, now: float, cluster: bool) -> str:
+    head = ["when", "outcome", "duration", "attempts"] + (["node"] if cluster else []) \
+        + ["error"]
+    rows = []
+    for r in runs:
+        verb = "started" if r["outcome"] == "running" else "ended"
+        cells = [f'{verb} {_time(r["finished"], now)}', escape(r["outcome"]),
+                 f'{r["duration"]:.3f}s', str(r["attempts"])]
+        if cluster:
+            cells.append(escape(r["node"] or ""))
+        cells.append(escape(r["error"] or ""))
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return (f'<div class="wrap"><table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>'
+            f'{"".join(rows)}</table></div>')
+
+
+def summary_line(jobs: list) -> tuple[str, bool]:
+    """"5 jobs: 1 failing, 1 stuck, 1 disabled" and whether anything is wrong."""
+    states = [state_of(job) for job in jobs]
+    parts = [f"{states.count(state)} {state}" for state in
+             ("failing", "stuck", "running", "disabled") if state in states]
+    return (f"{len(jobs)} job{'s' if len(jobs) != 1 else ''}: "
+            + (", ".join(parts) if parts else "all fine")), \
+        any(state in ("failing", "stuck") for state in states)
+
+
+def render(data: dict, shown: set[str] | frozenset = frozenset()) -> str:
+    """The page; `shown`: the jobs whose recent-runs table is open (?open=a,b)."""
     worker = data["worker"]
     if "pid" not in worker:
         body = "<main><section>The worker is starting.</section></main>"
         return _page(body, "starting")
+    now = time.time()
     state = "live" if worker.get("live", True) else f'not live: {worker.get("live_reason")}'
     ready = "database answering" if worker.get("database_ready") \
         else "database NOT answering"
@@ -103,7 +201,7 @@ def render(data: dict) -> str:
         _field("connections", f'{worker["connections_checked_out"]} checked out of '
                               f'{worker["pool_size"]}'),
         _field("version", worker["version"]),
-        _field("started", _when(worker["started"])),
+        _field_html("started", _time(worker["started"], now)),
     ]
     cluster = data.get("cluster")
     cluster_html = ""
@@ -115,10 +213,13 @@ def render(data: dict) -> str:
                         f'{_field("nodes seen", ", ".join(cluster["nodes"]))}'
                         f'{_field("run table", "reachable" if cluster["healthy"] else "out of reach")}'
                         f'</div>{note}</section>')
-    jobs = "".join(_job(job) for job in data["jobs"])
-    body = (f'<main><section><h2>Worker</h2><div class="grid">{"".join(pool)}</div>'
-            f'</section>{cluster_html}{jobs}</main>')
-    return _page(body, f"{state}; {ready}; pid {worker['pid']}")
+    ordered = sorted(data["jobs"], key=lambda job: ORDER[state_of(job)])  # stable
+    line, wrong = summary_line(data["jobs"])
+    jobs = "".join(_job(job, now, bool(cluster), set(shown)) for job in ordered)
+    body = (f'<main><p class="summary {"bad" if wrong else "good"}">{escape(line)}</p>'
+            f'{jobs}<section><h2>Worker</h2><div class="grid">{"".join(pool)}</div>'
+            f'</section>{cluster_html}</main>')
+    return _page(body, f"{line}; {state}; {ready}; pid {worker['pid']}")
 
 
 def _page(body: str, subtitle: str) -> str:
