@@ -612,3 +612,17 @@ def started_then_wait(session, started: threading.Event, release: threading.Even
 
 def note_run(session, ran: list, name: str) -> None:
     ran.append(name)
+
+
+def lock_sqlite_file(session, path: str, seconds: float, after: float = 0.0) -> None:
+    """After `after` seconds, holds an exclusive lock on the SQLite file at `path`
+    for `seconds` (another program locking the cluster's run table)."""
+    import sqlite3
+    time.sleep(after)
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.execute("BEGIN EXCLUSIVE")
+        time.sleep(seconds)
+        connection.execute("ROLLBACK")
+    finally:
+        connection.close()

@@ -21,12 +21,13 @@ LEASE, HEARTBEAT = 3.0, 0.5
 
 
 def cluster_config(path: Path, url: str, jobs: str, run_table_url: str | None = None,
-                   misfire_grace_time: str = "1m") -> Path:
+                   misfire_grace_time: str = "1m", max_workers: int = 4,
+                   extra: str = "") -> Path:
     path.write_text(f"""\
-database:
+{extra}database:
   url: "{url}"
 worker:
-  max_workers: 4
+  max_workers: {max_workers}
   shutdown_timeout: 10s
   misfire_grace_time: {misfire_grace_time}
   lock_dir: "{path.parent}/locks-${{NODE}}"   # each node plays another host
@@ -384,13 +385,15 @@ def test_names_the_run_table_cannot_tell_apart_or_hold_are_problems():
 @pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
 def test_a_claim_error_of_one_job_does_not_stop_the_others(run_table_url, db_url):
     """A name too long for the column (MariaDB refuses it: strict mode) fails that
-    job's claim; the node stays healthy and other jobs' claims go on."""
-    from worker.cluster import JOB_NAME_MAX
+    job's claim (an error, not another node's run); the node stays healthy and
+    other jobs' claims go on."""
+    from worker.cluster import JOB_NAME_MAX, ClaimError
     cluster = node(run_table_url, "n1", lease=60, heartbeat=20)
     cluster.start()
     try:
         assert cluster.healthy is True
-        assert cluster.claim("x" * (JOB_NAME_MAX + 50), 1000) is None
+        with pytest.raises(ClaimError, match="Data too long"):
+            cluster.claim("x" * (JOB_NAME_MAX + 50), 1000)
         assert cluster.healthy is True
         assert cluster.claim("report", 1000) is not None
         assert cluster.abandoned_runs(["report"]) == []    # still looking, too
@@ -457,3 +460,391 @@ def test_heartbeats_keep_only_the_runs_this_node_knows_alive(run_table_url):
         cluster.finish(known, "success", 1, None)
     finally:
         cluster.stop()
+
+
+# --- lifecycle: outcomes never dropped, claims that fail, a heartbeat that survives ------
+
+def batch_slot_ms(now: float | None = None) -> int:
+    """The slot a `--once` run of a job without schedule claims (batch_slot: 1h)."""
+    return round((now or time.time()) / 3600) * 3600 * 1000
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_once_whose_outcome_cannot_be_written_says_so_and_exits_1(db_url, run_table_url,
+                                                                  tmp_path, daemons):
+    """Issue 19 item 2: a program holds the run table's SQLite file for 6 s (twice the
+    lease) while `second` ends: its outcome cannot be written within its lease. The
+    process says so on stderr and in the summary, exits 1, and leaves the row
+    'running' and no longer heartbeated, so that a peer marks it abandoned."""
+    runs_file = run_table_url.removeprefix("sqlite:///")
+    config = cluster_config(tmp_path / "jobs.yaml", db_url, run_table_url=run_table_url,
+                            jobs=f"""\
+  - {{name: holder, call: 'tests.jobfuncs:lock_sqlite_file',
+     kwargs: {{path: "{runs_file}", seconds: 6, after: 0.3}}}}
+  - {{name: second, call: 'tests.jobfuncs:slow_record', kwargs: {{name: second, seconds: 1}}}}
+""")
+    once = daemons(config, "--once", env={"NODE": "host-a"})
+    assert once.wait(60) == 1
+    summary = once.process.stdout.read()
+    assert "not written to the run table: second" in summary, summary
+    assert "job=second could not record its outcome (success) within its lease" in once.log
+    assert "the end of 1 run(s) could not be written" in once.log
+    (second,) = run_rows(run_table_url, "second")
+    assert second.outcome == "running"
+    assert run_rows(run_table_url, "holder")[0].outcome == "success"
+    peer = node(run_table_url, "peer", lease=LEASE, heartbeat=HEARTBEAT)
+    try:
+        peer.beat()
+        assert run_rows(run_table_url, "second")[0].outcome == "abandoned"
+    finally:
+        peer.stop()
+
+
+def test_once_stopped_by_sigterm_releases_runs_claimed_ahead(db_url, run_table_url,
+                                                             tmp_path, daemons):
+    """Issue 19 item 3: one thread, `first` running and `second` claimed ahead of it;
+    SIGTERM. `second` never started: its row is deleted (not written 'cancelled'), so
+    another host's `--once` runs it."""
+    marker = tmp_path / "first-runs"
+    config = cluster_config(tmp_path / "jobs.yaml", db_url, run_table_url=run_table_url,
+                            max_workers=1, jobs=f"""\
+  - {{name: first, call: 'tests.jobfuncs:touch_then_python_sleep',
+     kwargs: {{path: "{marker}", seconds: 2}}}}
+  - {{name: second, call: 'tests.jobfuncs:record_run', kwargs: {{name: second}}}}
+  - {{name: third, call: 'tests.jobfuncs:record_run', kwargs: {{name: third}}}}
+""")
+    once = daemons(config, "--once", env={"NODE": "host-a"})
+    deadline = time.monotonic() + 20
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run_rows(run_table_url, "second")[0].outcome == "running"   # claimed ahead
+    once.signal(signal.SIGTERM)
+    assert once.wait() == 1                          # runs were not started
+    assert run_rows(run_table_url, "first")[0].outcome == "success"
+    assert run_rows(run_table_url, "second") == []   # released, as if never claimed
+    assert run_rows(run_table_url, "third") == []
+    other = daemons(config, "--once", "--job", "second", env={"NODE": "host-b"})
+    assert other.wait() == 0
+    assert [row.node for row in run_rows(run_table_url, "second")] == ["host-b"]
+    assert len(runs(db_url, "second")) == 1
+
+
+def refuse_claims_of(url: str, job: str) -> None:
+    """A trigger that makes the database refuse every claim of `job` with an error
+    of its own (neither a duplicate key nor anything retryable)."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            if engine.dialect.name == "postgresql":
+                connection.execute(text(
+                    "CREATE OR REPLACE FUNCTION worker_test_refuse() RETURNS trigger AS $$ "
+                    f"BEGIN IF NEW.job = '{job}' THEN RAISE EXCEPTION 'claims of {job} "
+                    "refused'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql"))
+                connection.execute(text(
+                    "CREATE TRIGGER worker_test_refuse BEFORE INSERT ON worker_runs "
+                    "FOR EACH ROW EXECUTE FUNCTION worker_test_refuse()"))
+            else:
+                connection.execute(text(
+                    "CREATE TRIGGER worker_test_refuse BEFORE INSERT ON worker_runs FOR "
+                    f"EACH ROW BEGIN IF NEW.job = '{job}' THEN SIGNAL SQLSTATE '45000' "
+                    f"SET MESSAGE_TEXT = 'claims of {job} refused'; END IF; END"))
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["mariadb", "postgresql"], indirect=True)
+def test_once_claim_failing_on_a_database_error_is_that_jobs_failure(db_url, run_table_url,
+                                                                    tmp_path, daemons):
+    """Issue 19 item 7: the run table refuses `refused`'s claim with an error. That
+    is the job's failure (log, summary, exit 1), not "claimed by node ?"; the other
+    job runs."""
+    node(run_table_url, "setup", lease=LEASE, heartbeat=HEARTBEAT).database.dispose()
+    refuse_claims_of(run_table_url, "refused")
+    config = cluster_config(tmp_path / "jobs.yaml", db_url, run_table_url=run_table_url,
+                            jobs="""\
+  - {name: refused, call: 'tests.jobfuncs:record_run', kwargs: {name: refused}}
+  - {name: fine, call: 'tests.jobfuncs:record_run', kwargs: {name: fine}}
+""")
+    once = daemons(config, "--once", env={"NODE": "host-a"})
+    assert once.wait() == 1
+    lines = {line.split()[0]: line for line in once.process.stdout.read().splitlines()}
+    assert lines["refused"].split()[1] == "failed"
+    assert "its run could not be claimed" in lines["refused"]
+    assert "claims of refused refused" in lines["refused"]
+    assert lines["fine"].split()[1] == "success"
+    assert "job=refused failed: its run could not be claimed" in once.log
+    assert "claimed by node" not in once.log
+    assert runs(db_url, "refused") == []
+
+
+def test_once_with_the_run_table_out_of_reach_exits_69_with_a_summary(db_url, tmp_path,
+                                                                    daemons):
+    """Issue 19 item 8: one error line, every job failed in the summary, exit 69, no
+    traceback."""
+    config = cluster_config(tmp_path / "jobs.yaml", db_url,
+                            run_table_url=f"sqlite:///{tmp_path}/no-such-dir/runs.db",
+                            jobs="""\
+  - {name: a, call: 'tests.jobfuncs:record_run', kwargs: {name: a}}
+  - {name: b, call: 'tests.jobfuncs:record_run', kwargs: {name: b}}
+""")
+    once = daemons(config, "--once", env={"NODE": "host-a"})
+    assert once.wait() == 69
+    summary = once.process.stdout.read().splitlines()
+    assert [line.split()[:2] for line in summary[1:3]] == [["a", "failed"], ["b", "failed"]]
+    assert summary[-1] == "2 job(s): 0 succeeded, 2 failed"
+    assert len([line for line in once.log.splitlines()
+                if "cannot use the cluster's run table" in line]) == 1, once.log
+    assert "Traceback" not in once.log
+    assert runs(db_url, "a") == []
+
+
+def hold_claim_lock(url: str, job: str, slot_ms: int):
+    """Another node's transaction, left open, holding the lock of the occurrence's
+    row (SQLite: of the whole file). Returns a function that ends it."""
+    engine = create_engine(url)
+    connection = engine.connect()
+    if engine.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN EXCLUSIVE")
+    else:
+        connection.begin()
+    connection.execute(text(
+        "INSERT INTO worker_runs (job, slot_ms, node, started_ms, heartbeat_ms, outcome, "
+        "attempts, recovered) VALUES (:job, :slot, 'other', 0, 0, 'running', 0, 0)"),
+        {"job": job, "slot": slot_ms})
+
+    def release():
+        connection.rollback()
+        connection.close()
+        engine.dispose()
+    return release
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "mariadb", "postgresql"], indirect=True)
+def test_a_claim_behind_another_nodes_lock_fails_within_the_lease(run_table_url):
+    """Issue 19 (what 3): statements on the run table carry their own lock timeouts:
+    a claim waiting for another node's uncommitted claim of the same occurrence
+    fails (ClaimError) well within the lease instead of waiting (for ever on
+    PostgreSQL, 50 s x 3 attempts on MariaDB, 5 s on SQLite)."""
+    import threading
+    from worker.cluster import ClaimError
+    lease = 2 * LEASE                # its statement timeout: 1 s
+    cluster = node(run_table_url, "n1", lease=lease, heartbeat=HEARTBEAT)
+    release = hold_claim_lock(run_table_url, "report", 1000)
+    outcome: list = []
+
+    def claim():
+        started = time.monotonic()
+        try:
+            outcome.append(cluster.claim("report", 1000))
+        except ClaimError as exc:
+            outcome.append(exc)
+        outcome.append(time.monotonic() - started)
+    thread = threading.Thread(target=claim, daemon=True)
+    try:
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive(), "the claim still waits after 20 s"
+    finally:
+        release()
+        thread.join(60)
+        cluster.stop()
+    error, waited = outcome
+    assert isinstance(error, ClaimError), error
+    assert waited < lease, waited
+
+
+@pytest.mark.parametrize("backend", ["sqlserver"], indirect=True)
+def test_a_claim_on_sql_server_never_waits_unbounded(run_table_url, request):
+    """SQL Server waits for ever by default: the run table's connections set
+    LOCK_TIMEOUT and a query timeout, so a claim whose statement the server holds
+    (the TDS test server's delay fault) is cut (an ATTENTION) within the lease. (The
+    held INSERT may have been applied: the claim then finds its own row.)"""
+    from worker.cluster import ClaimError
+    server = request.getfixturevalue("tds_run_table_server")
+    cluster = node(run_table_url, "n1", lease=2 * LEASE, heartbeat=HEARTBEAT)
+    attentions = server.stats()["attentions"]
+    server.set_faults('- {match: "insert into worker_runs", delay: 30s, times: 1}\n')
+    try:
+        started = time.monotonic()
+        try:
+            cluster.claim("report", 1000)
+        except ClaimError:
+            pass
+        waited = time.monotonic() - started
+    finally:
+        server.set_faults("[]\n")
+        cluster.stop()
+    assert server.stats()["attentions"] > attentions     # the query timeout fired
+    assert waited < 2 * LEASE, waited
+
+
+def test_the_heartbeat_survives_a_pool_timeout_and_the_node_stops_claiming(run_table_url):
+    """Issue 19 item 5: every connection of the cluster's small pool is taken, so
+    the heartbeat meets a pool TimeoutError (no DBAPIError): the thread lives on, the
+    node says it is not ready and claims nothing (a claim there is an error, not an
+    exception out of the loop), then resumes once a heartbeat succeeds again."""
+    from types import SimpleNamespace
+    from worker.cluster import ClaimError
+    from worker.monitoring.monitor import Health
+    cluster = node(run_table_url, "n1", lease=2, heartbeat=0.2)
+    cluster.start()
+    held = []
+    try:
+        assert cluster.healthy
+        held = [cluster.database.engine.connect() for _ in range(4)]   # the whole pool
+        deadline = time.monotonic() + 10
+        while cluster.healthy and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not cluster.healthy
+        assert "TimeoutError" in cluster.readiness_problem()
+        assert cluster._thread.is_alive()
+        health = Health(stall_after=60)           # what /readyz answers
+        health.database_ready(True)
+        health.runtime_changed(SimpleNamespace(cluster=cluster))
+        assert "cluster heartbeat failed" in health.not_ready()
+        with pytest.raises(ClaimError):
+            cluster.claim("report", 1000)
+        for connection in held:
+            connection.close()
+        held = []
+        deadline = time.monotonic() + 10
+        while not cluster.healthy and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cluster.healthy and health.not_ready() is None
+        assert cluster.claim("report", 1000) is not None
+    finally:
+        for connection in held:
+            connection.close()
+        cluster.stop()
+
+
+def test_a_heartbeat_stuck_past_the_lease_makes_the_node_not_ready(run_table_url):
+    """A heartbeat that neither fails nor succeeds (its thread gone, or stuck) is
+    seen: after a lease without success the node is not healthy."""
+    cluster = node(run_table_url, "n1", lease=1, heartbeat=0.2)
+    cluster.start()
+    try:
+        cluster._stop.set()               # the heartbeat thread ends: no more beats
+        cluster._thread.join(5)
+        assert cluster.healthy            # within the lease still
+        time.sleep(1.3)
+        assert not cluster.healthy
+        assert "has not succeeded for" in cluster.readiness_problem()
+    finally:
+        cluster.stop()
+
+
+def test_status_page_reads_the_run_table_once_per_request(run_table_url, tmp_path):
+    """Issue 19 item 5: one run-table query per status request, whatever the number
+    of jobs; each job still shows its own newest runs."""
+    from sqlalchemy import event
+    from worker.app import build_runtime, load_config
+    from worker.monitoring.monitor import StatusBoard
+    config_path = cluster_config(tmp_path / "jobs.yaml", f"sqlite:///{tmp_path}/jobs.db",
+                                 run_table_url=run_table_url, jobs="".join(
+        f"  - {{name: job{n}, call: 'tests.jobfuncs:select_one'}}\n" for n in range(5)))
+    os.environ["NODE"] = "status"
+    try:
+        config, functions = load_config(str(config_path))
+    finally:
+        del os.environ["NODE"]
+    runtime = build_runtime(config, functions, jobs=config.jobs, scheduled=False)
+    try:
+        runtime.cluster.ensure_schema()
+        for slot in range(3):
+            for n in (1, 3):
+                claim = runtime.cluster.claim(f"job{n}", 1000 * (slot + 1))
+                runtime.cluster.finish(claim, "success", 1, None)
+        statements: list[str] = []
+        event.listen(runtime.cluster.database.engine, "before_cursor_execute",
+                     lambda *args: statements.append(args[2]))
+        board = StatusBoard()
+        board.runtime_changed(runtime)
+        jobs = {job["name"]: job for job in board.snapshot()["jobs"]}
+        assert len([s for s in statements if "worker_runs" in s]) == 1, statements
+        assert [len(jobs[f"job{n}"]["recent"]) for n in range(5)] == [0, 3, 0, 3, 0]
+    finally:
+        runtime.close()
+
+
+def proxied_node(proxy, name: str, lease: float, heartbeat: float):
+    url = MARIADB_URL.replace("Port=3306", f"Port={proxy.port}")
+    return node(url, name, lease=lease, heartbeat=heartbeat)
+
+
+def wait_for(condition, timeout: float = 15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_an_outcome_cut_off_mid_finish_is_written_when_the_database_returns(run_table_url):
+    """The database drops every connection as the run ends, and comes back within
+    the lease: the outcome is written then, and nothing is reported lost."""
+    proxy = TcpProxy(3306)
+    cluster = proxied_node(proxy, "n1", lease=6, heartbeat=0.3)
+    try:
+        cluster.start()
+        claim = cluster.claim("report", 1000)
+        proxy.cut()
+        cluster.finish(claim, "success", 1, None)
+        assert run_rows(run_table_url, "report")[0].outcome == "running"
+        time.sleep(1)
+        proxy.restore()
+        assert wait_for(lambda: run_rows(run_table_url, "report")[0].outcome == "success")
+        assert cluster.lost_outcomes == []
+    finally:
+        cluster.stop()
+        proxy.close()
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_an_outcome_not_written_within_its_lease_is_reported_while_the_database_is_down(
+        run_table_url, caplog):
+    """The database stays away past the lease: the outcome is given up when the lease
+    runs out (said at once, not when the database returns), never written late, and
+    the row is left to be marked abandoned."""
+    proxy = TcpProxy(3306)
+    cluster = proxied_node(proxy, "n1", lease=2, heartbeat=0.2)
+    try:
+        cluster.start()
+        claim = cluster.claim("report", 1000)
+        proxy.cut()
+        cluster.finish(claim, "success", 1, None)
+        assert wait_for(lambda: cluster.lost_outcomes == ["report"], timeout=10)
+        assert "job=report could not record its outcome (success) within its lease" \
+            in caplog.text
+        proxy.restore()
+        assert wait_for(lambda: cluster.healthy)
+        cluster.beat()          # its housekeeping judges its own row like any other
+        (row,) = run_rows(run_table_url, "report")
+        assert row.outcome == "abandoned" and row.node == "n1"
+        assert cluster.lost_outcomes == ["report"]
+    finally:
+        cluster.stop()
+        proxy.close()
+
+
+def test_releasing_a_recovered_run_leaves_it_abandoned(run_table_url):
+    """A recovered run that is given back unstarted goes back to `abandoned` (to be
+    offered again), not deleted: deleting it would forget the run that was lost."""
+    dead = node(run_table_url, "dead", lease=1, heartbeat=0.2)
+    survivor = node(run_table_url, "survivor", lease=1, heartbeat=0.2)
+    try:
+        assert dead.claim("report", 1000) is not None
+        time.sleep(1.3)
+        survivor.beat()
+        (candidate,) = survivor.abandoned_runs(["report"])
+        claim = survivor.reclaim(candidate)
+        assert claim is not None and run_rows(run_table_url, "report")[0].outcome == "running"
+        survivor.release(claim)
+        (row,) = run_rows(run_table_url, "report")
+        assert row.outcome == "abandoned"
+        assert survivor.abandoned_runs(["report"])
+    finally:
+        dead.stop()
+        survivor.stop()

@@ -48,12 +48,14 @@ def load_config(path: str) -> tuple[Config, dict[str, JobFunction]]:
     return config, functions
 
 
-def open_cluster(config: Config):
-    """The cluster's run table for this config (not joined yet); None without one."""
+def open_cluster(config: Config, lost_outcomes: list[str] | None = None):
+    """The cluster's run table for this config (not joined yet); None without one.
+    `lost_outcomes`: the process's list of jobs whose run's end could not be written."""
     if config.cluster is None:
         return None
     from .cluster import Cluster
-    return Cluster(config.cluster, config.database.url, config.extra_codes)
+    return Cluster(config.cluster, config.database.url, config.extra_codes,
+                   lost_outcomes)
 
 
 @dataclass(eq=False)
@@ -98,7 +100,8 @@ class Runtime:
 
 def build_runtime(config: Config, functions: Mapping[str, JobFunction], *,
                   jobs: Sequence[JobSpec], scheduled: bool,
-                  previous: Runtime | None = None) -> Runtime:
+                  previous: Runtime | None = None,
+                  lost_outcomes: list[str] | None = None) -> Runtime:
     """The runtime for `config`. With `previous` (a reload), unchanged parts are
     taken over from it. Raises whatever building fails with; what it had built by
     then is closed again."""
@@ -129,7 +132,8 @@ def build_runtime(config: Config, functions: Mapping[str, JobFunction], *,
             else new(HostLocks(config.worker.lock_dir, config.database.url))
         cluster = previous.cluster if same(lambda c: c.cluster, lambda c: c.database.url,
                                            lambda c: c.extra_codes) \
-            else (new(open_cluster(config)) if config.cluster is not None else None)
+            else (new(open_cluster(config, lost_outcomes))
+                  if config.cluster is not None else None)
         # The zone matters to schedules and the cluster's slots, not to a plain batch.
         zone = zone_named(config.worker.timezone) \
             if scheduled or cluster is not None else None
@@ -224,11 +228,16 @@ def run_once(config: Config, functions: Mapping[str, JobFunction],
         from .monitoring.monitor import Monitoring
         monitoring = Monitoring(observers, listen=False)   # --once never listens
         monitoring.apply(config)
-    runtime = build_runtime(config, functions, jobs=selected, scheduled=False)
+    lost_outcomes: list[str] = []
+    runtime = build_runtime(config, functions, jobs=selected, scheduled=False,
+                            lost_outcomes=lost_outcomes)
     log.info("running %d job(s) once from %s on %s, max_workers %d", len(selected),
              config.path, runtime.database.display_url, config.worker.max_workers)
     if runtime.cluster is not None:
-        runtime.cluster.start()
+        try:
+            runtime.cluster.start()
+        except Exception as exc:  # of any kind: no job can be claimed
+            return _run_table_unusable(runtime, selected, observers, monitoring, exc)
     loop = WorkLoop(runtime, BatchSource(list(selected)), observer=observers)
     install_signal_handlers(loop, reload=False)
     report = None
@@ -240,7 +249,36 @@ def run_once(config: Config, functions: Mapping[str, JobFunction],
         if monitoring is not None:     # hooks waited for (bounded), then the textfile
             monitoring.finish(textfile=True)
     finish(loop, report)
-    return report
+    return _with_lost(report, lost_outcomes)
+
+
+def _with_lost(report, lost_outcomes: list[str]):
+    """The report, with the jobs whose run's end could not be written (known once
+    every runtime is closed: the last writes are retried at close)."""
+    from dataclasses import replace
+    return replace(report, unwritten=tuple(lost_outcomes)) if lost_outcomes else report
+
+
+def _run_table_unusable(runtime: Runtime, selected: Sequence[JobSpec], observers,
+                        monitoring, exc: BaseException):
+    """Cluster `--once` whose run table cannot be used at start: one error line,
+    every job failed (summary, metrics), exit 69 (worker.cli)."""
+    from .loop import LoopReport
+    from .runner import JobResult, Outcome
+    from .scheduler import DueRun
+    why = f"cannot use the cluster's run table at {runtime.cluster.database.display_url}: " \
+          f"{describe(exc)}"
+    log.error("%s; no job ran", why)
+    results = tuple(JobResult(job.name, Outcome.FAILED, 0, 0.0,
+                              "not run: the cluster's run table cannot be used")
+                    for job in selected)
+    observers.runtime_changed(runtime)
+    for job, result in zip(selected, results):
+        observers.run_finished(DueRun(job, "now", 0.0, 1), result)
+    runtime.close(wait=False)
+    if monitoring is not None:
+        monitoring.finish(textfile=True)
+    return LoopReport(results, "the cluster's run table cannot be used", unavailable=why)
 
 
 def run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
@@ -268,7 +306,9 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
     from .loop import WorkLoop
     from .sources import ScheduleSource
 
-    runtime = build_runtime(config, functions, jobs=only_jobs(config, only), scheduled=True)
+    lost_outcomes: list[str] = []
+    runtime = build_runtime(config, functions, jobs=only_jobs(config, only), scheduled=True,
+                            lost_outcomes=lost_outcomes)
     if runtime.scheduler.unscheduled:
         log.info("batch-only jobs (no every/cron; they run only with --once): %s",
                  ", ".join(runtime.scheduler.unscheduled))
@@ -289,7 +329,7 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
         try:
             new = build_runtime(new_config, new_functions,
                                 jobs=only_jobs(new_config, only), scheduled=True,
-                                previous=current)
+                                previous=current, lost_outcomes=lost_outcomes)
             try:
                 new.start(previous=current)
             except BaseException:
@@ -334,7 +374,7 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
             log.info("daemon stopped: %d connection(s) still checked out of the pool",
                      loop.runtime.database.checked_out())
         finish(loop, report)
-        return report
+        return _with_lost(report, lost_outcomes)
     finally:
         notifier.close()
 
