@@ -626,7 +626,6 @@ def test_a_claim_behind_another_nodes_lock_fails_within_the_lease(run_table_url)
     fails (ClaimError) well within the lease instead of waiting (for ever on
     PostgreSQL, 50 s x 3 attempts on MariaDB, 5 s on SQLite)."""
     import threading
-    from worker.cluster import ClaimError
     lease = 2 * LEASE                # its statement timeout: 1 s
     cluster = node(run_table_url, "n1", lease=lease, heartbeat=HEARTBEAT)
     release = hold_claim_lock(run_table_url, "report", 1000)
@@ -636,7 +635,7 @@ def test_a_claim_behind_another_nodes_lock_fails_within_the_lease(run_table_url)
         started = time.monotonic()
         try:
             outcome.append(cluster.claim("report", 1000))
-        except ClaimError as exc:
+        except Exception as exc:  # collected: ClaimError expected
             outcome.append(exc)
         outcome.append(time.monotonic() - started)
     thread = threading.Thread(target=claim, daemon=True)
@@ -648,6 +647,7 @@ def test_a_claim_behind_another_nodes_lock_fails_within_the_lease(run_table_url)
         release()
         thread.join(60)
         cluster.stop()
+    from worker.cluster import ClaimError
     error, waited = outcome
     assert isinstance(error, ClaimError), error
     assert waited < lease, waited
@@ -659,7 +659,6 @@ def test_a_claim_on_sql_server_never_waits_unbounded(run_table_url, request):
     LOCK_TIMEOUT and a query timeout, so a claim whose statement the server holds
     (the TDS test server's delay fault) is cut (an ATTENTION) within the lease. (The
     held INSERT may have been applied: the claim then finds its own row.)"""
-    from worker.cluster import ClaimError
     server = request.getfixturevalue("tds_run_table_server")
     cluster = node(run_table_url, "n1", lease=2 * LEASE, heartbeat=HEARTBEAT)
     attentions = server.stats()["attentions"]
@@ -668,7 +667,7 @@ def test_a_claim_on_sql_server_never_waits_unbounded(run_table_url, request):
         started = time.monotonic()
         try:
             cluster.claim("report", 1000)
-        except ClaimError:
+        except Exception:  # a ClaimError, or the claim went through: both in time
             pass
         waited = time.monotonic() - started
     finally:
@@ -684,7 +683,6 @@ def test_the_heartbeat_survives_a_pool_timeout_and_the_node_stops_claiming(run_t
     node says it is not ready and claims nothing (a claim there is an error, not an
     exception out of the loop), then resumes once a heartbeat succeeds again."""
     from types import SimpleNamespace
-    from worker.cluster import ClaimError
     from worker.monitoring.monitor import Health
     cluster = node(run_table_url, "n1", lease=2, heartbeat=0.2)
     cluster.start()
@@ -695,9 +693,10 @@ def test_the_heartbeat_survives_a_pool_timeout_and_the_node_stops_claiming(run_t
         deadline = time.monotonic() + 10
         while cluster.healthy and time.monotonic() < deadline:
             time.sleep(0.1)
+        assert cluster._thread.is_alive()
         assert not cluster.healthy
         assert "TimeoutError" in cluster.readiness_problem()
-        assert cluster._thread.is_alive()
+        from worker.cluster import ClaimError
         health = Health(stall_after=60)           # what /readyz answers
         health.database_ready(True)
         health.runtime_changed(SimpleNamespace(cluster=cluster))
