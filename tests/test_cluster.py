@@ -733,6 +733,8 @@ def test_a_heartbeat_stuck_past_the_lease_makes_the_node_not_ready(run_table_url
         cluster.stop()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "mariadb", "postgresql", "sqlserver"],
+                         indirect=True)
 def test_status_page_reads_the_run_table_once_per_request(run_table_url, tmp_path):
     """Issue 19 item 5: one run-table query per status request, whatever the number
     of jobs; each job still shows its own newest runs."""
@@ -847,3 +849,59 @@ def test_releasing_a_recovered_run_leaves_it_abandoned(run_table_url):
     finally:
         dead.stop()
         survivor.stop()
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_readyz_is_503_while_the_cluster_heartbeat_fails(db_url, run_table_url, tmp_path,
+                                                         daemons):
+    """Issue 19 item 5: the jobs' database answers, the run table does not (cut by a
+    proxy): /readyz says why with 503, and 200 again once a heartbeat succeeds; the
+    log says it once each way."""
+    from tests.test_monitoring import get, listening_port, wait_until
+    proxy = TcpProxy(3306)
+    try:
+        cut_url = MARIADB_URL.replace("Port=3306", f"Port={proxy.port}")
+        config = cluster_config(tmp_path / "jobs.yaml", db_url, run_table_url=cut_url,
+                                extra="metrics: {port: 0}\n", jobs="""\
+  - {name: tick, call: 'tests.jobfuncs:select_one', every: 1s}
+""")
+        daemon = daemons(config, env={"NODE": "cut"})
+        port = listening_port(daemon)
+        wait_until(lambda: get(port, "/readyz")[0] == 200, 20, "/readyz 200 at start")
+        proxy.cut()
+        status, body = wait_until(lambda: (lambda answer: answer[0] == 503 and answer)(
+            get(port, "/readyz")), 15, "/readyz 503 while the run table is cut off")
+        assert "cluster heartbeat" in body
+        time.sleep(2)
+        proxy.restore()
+        wait_until(lambda: get(port, "/readyz")[0] == 200, 15, "/readyz 200 once back")
+        assert daemon.stop() in (0, 1)
+    finally:
+        proxy.close()
+    assert daemon.log.count("this node stops claiming runs and is not ready") == 1
+    assert daemon.log.count("cluster heartbeat works again") == 1
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_an_outcome_whose_commit_answer_was_lost_is_known_as_written(run_table_url,
+                                                                     caplog):
+    """The outcome's COMMIT is applied and its answer lost: the retry changes
+    nothing, and the worker recognises its own write instead of reporting a run
+    "already marked abandoned"."""
+    caplog.set_level("INFO", logger="worker.cluster")
+    proxy = TcpProxy(3306)
+    cluster = proxied_node(proxy, "n1", lease=6, heartbeat=0.3)
+    try:
+        cluster.start()
+        claim = cluster.claim("report", 1000)
+        proxy.lose_answer_to(b"COMMIT")
+        cluster.finish(claim, "success", 1, None)
+        assert proxy.answers_lost == 1
+        assert run_rows(run_table_url, "report")[0].outcome == "success"
+        cluster.stop()            # the retry, at the latest
+        assert cluster.lost_outcomes == [] and cluster._unsettled == []
+        assert "already marked abandoned" not in caplog.text
+        assert "job=report: outcome recorded after 1 failed attempt(s)" in caplog.text
+    finally:
+        cluster.stop()
+        proxy.close()

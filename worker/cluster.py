@@ -459,7 +459,8 @@ class Cluster:
                             max(0.0, unsettled.deadline - time.monotonic()),
                             extra={"job": claim.job})
             return False
-        if result.rowcount == 0:
+        if result.rowcount == 0 and not (unsettled.failures and self._already_written(
+                unsettled)):
             log.warning("job=%s finished a run that the cluster had already marked "
                         "abandoned (this node missed its lease); could not %s",
                         claim.job, _what(values), extra={"job": claim.job})
@@ -468,6 +469,20 @@ class Cluster:
                      "run released" if values is None else "outcome recorded",
                      unsettled.failures, extra={"job": claim.job})
         return True
+
+    def _already_written(self, unsettled: _Unsettled) -> bool:
+        """After a failed try: did it reach the database after all (its COMMIT
+        applied, the answer lost)? Then the retry finds nothing left to change."""
+        try:
+            with self.database.engine.connect() as connection:
+                row = connection.execute(select(runs.c.node, runs.c.outcome).where(
+                    runs.c.id == unsettled.claim.id)).first()
+        except Exception:  # of any kind: unknown, reported as not written by us
+            return False
+        if unsettled.values is None:
+            return row is None or (row.node == self.node and row.outcome == ABANDONED)
+        return row is not None and row.node == self.node and \
+            row.outcome == unsettled.values["outcome"]
 
     def _end_statement(self, unsettled: _Unsettled, mine):
         if unsettled.values is not None:
