@@ -210,6 +210,110 @@ def limit_statements(engine, dialect: str, seconds: float) -> None:
         event.listen(engine, "checkout", on_checkout)
 
 
+class RunEnds:
+    """How the ends of this node's runs reach the run table: a run's outcome, or
+    (values None) the release of a run claimed ahead and never started. Written at
+    once if the database lets it, else retried (`retry`: by the heartbeat thread,
+    and by the cluster's stop) until the row's lease runs out; then given up: said
+    in the log and added to `lost` (the process exits non-zero), the row left
+    'running' to be marked abandoned like a dead node's."""
+
+    def __init__(self, database: Database, node: str, clock: DbClock, lease: float,
+                 lost: list[str]) -> None:
+        self.database = database
+        self.node = node
+        self.clock = clock
+        self.lease = lease
+        self.lost = lost
+        self._unsettled: list[_Unsettled] = []
+        self._lock = threading.Lock()
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._unsettled)
+
+    def settle(self, claim: Claim, values: dict | None, deadline: float) -> None:
+        unsettled = _Unsettled(claim, values, deadline)
+        if not self._write(unsettled):
+            with self._lock:
+                self._unsettled.append(unsettled)
+
+    def retry(self) -> bool:
+        """Retry every unwritten end once; one whose lease ran out is given up (and
+        reported). True while some are left."""
+        with self._lock:
+            unsettled, self._unsettled = self._unsettled, []
+        left = []
+        for each in unsettled:
+            if time.monotonic() >= each.deadline:
+                self._give_up(each)
+            elif not self._write(each):
+                left.append(each)
+        with self._lock:
+            self._unsettled[:0] = left
+            return bool(self._unsettled)
+
+    def _write(self, unsettled: _Unsettled) -> bool:
+        """One try; True when nothing is left to do for it."""
+        claim, values = unsettled.claim, unsettled.values
+        mine = and_(runs.c.id == claim.id, runs.c.node == self.node,
+                    runs.c.outcome == RUNNING)
+        try:
+            with self.database.engine.begin() as connection:
+                result = connection.execute(self._statement(unsettled, mine))
+        except Exception as exc:  # of any kind: retried until the lease runs out
+            unsettled.failures += 1
+            unsettled.error = describe(exc)
+            if unsettled.failures == 1:
+                log.warning("job=%s could not %s yet (%s); retrying for %.1fs (until its "
+                            "lease runs out)", claim.job, _what(values), describe(exc),
+                            max(0.0, unsettled.deadline - time.monotonic()),
+                            extra={"job": claim.job})
+            return False
+        if result.rowcount == 0 and not (unsettled.failures and self._already_written(
+                unsettled)):
+            log.warning("job=%s finished a run that the cluster had already marked "
+                        "abandoned (this node missed its lease); could not %s",
+                        claim.job, _what(values), extra={"job": claim.job})
+        elif unsettled.failures:
+            log.info("job=%s: %s after %d failed attempt(s)", claim.job,
+                     "run released" if values is None else "outcome recorded",
+                     unsettled.failures, extra={"job": claim.job})
+        return True
+
+    def _already_written(self, unsettled: _Unsettled) -> bool:
+        """After a failed try: did it reach the database after all (its COMMIT
+        applied, the answer lost)? Then the retry finds nothing left to change."""
+        try:
+            with self.database.engine.connect() as connection:
+                row = connection.execute(select(runs.c.node, runs.c.outcome).where(
+                    runs.c.id == unsettled.claim.id)).first()
+        except Exception:  # of any kind: unknown, reported as not written by us
+            return False
+        if unsettled.values is None:
+            return row is None or (row.node == self.node and row.outcome == ABANDONED)
+        return row is not None and row.node == self.node and \
+            row.outcome == unsettled.values["outcome"]
+
+    def _statement(self, unsettled: _Unsettled, mine):
+        if unsettled.values is not None:
+            return update(runs).where(mine).values(**unsettled.values)
+        if unsettled.claim.recovered:
+            # A recovered run given back stays a lost run, to be offered again.
+            return update(runs).where(mine).values(
+                outcome=ABANDONED, ended_ms=self.clock.now_ms(),
+                error=f"node {self.node} took it over and gave it back unstarted")
+        return delete(runs).where(mine)
+
+    def _give_up(self, unsettled: _Unsettled) -> None:
+        claim = unsettled.claim
+        self.lost.append(claim.job)
+        log.error("job=%s could not %s within its lease (%gs: %s); its row stays "
+                  "'running' and will be marked abandoned (and run again if the job is "
+                  "idempotent)", claim.job, _what(unsettled.values), self.lease,
+                  unsettled.error, extra={"job": claim.job})
+
+
 class Cluster:
     def __init__(self, settings: ClusterSettings, database_url: str,
                  extra_codes=None, lost_outcomes: list[str] | None = None) -> None:
@@ -228,8 +332,8 @@ class Cluster:
                          self.statement_timeout)
         self.clock = DbClock(self.database.dialect)
         self.lease_ms = int(settings.lease * 1000)
-        self.lost_outcomes = lost_outcomes if lost_outcomes is not None else []
-        self._unsettled: list[_Unsettled] = []
+        self.ends = RunEnds(self.database, self.node, self.clock, settings.lease,
+                            lost_outcomes if lost_outcomes is not None else [])
         # Claims this node runs: id -> when (monotonic) its row was last heartbeated.
         self._running: dict[int, float] = {}
         self._last_beat_ok: float | None = None   # monotonic; None: not joined
@@ -262,9 +366,13 @@ class Cluster:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        while self._settle_unsettled():
+        while self.ends.retry():
             time.sleep(min(0.2, self.settings.heartbeat))
         self.database.dispose()
+
+    @property
+    def lost_outcomes(self) -> list[str]:
+        return self.ends.lost
 
     # --- health -------------------------------------------------------------------
 
@@ -437,85 +545,7 @@ class Cluster:
         # The row is heartbeated no more: its lease runs from its last heartbeat.
         with self._lock:
             beaten = self._running.pop(claim.id, time.monotonic())
-        unsettled = _Unsettled(claim, values, beaten + self.settings.lease)
-        if not self._write_end(unsettled):
-            with self._lock:
-                self._unsettled.append(unsettled)
-
-    def _write_end(self, unsettled: _Unsettled) -> bool:
-        """One try; True when nothing is left to do for it."""
-        claim, values = unsettled.claim, unsettled.values
-        mine = and_(runs.c.id == claim.id, runs.c.node == self.node,
-                    runs.c.outcome == RUNNING)
-        try:
-            with self.database.engine.begin() as connection:
-                result = connection.execute(self._end_statement(unsettled, mine))
-        except Exception as exc:  # of any kind: retried until the lease runs out
-            unsettled.failures += 1
-            unsettled.error = describe(exc)
-            if unsettled.failures == 1:
-                log.warning("job=%s could not %s yet (%s); retrying for %.1fs (until its "
-                            "lease runs out)", claim.job, _what(values), describe(exc),
-                            max(0.0, unsettled.deadline - time.monotonic()),
-                            extra={"job": claim.job})
-            return False
-        if result.rowcount == 0 and not (unsettled.failures and self._already_written(
-                unsettled)):
-            log.warning("job=%s finished a run that the cluster had already marked "
-                        "abandoned (this node missed its lease); could not %s",
-                        claim.job, _what(values), extra={"job": claim.job})
-        elif unsettled.failures:
-            log.info("job=%s: %s after %d failed attempt(s)", claim.job,
-                     "run released" if values is None else "outcome recorded",
-                     unsettled.failures, extra={"job": claim.job})
-        return True
-
-    def _already_written(self, unsettled: _Unsettled) -> bool:
-        """After a failed try: did it reach the database after all (its COMMIT
-        applied, the answer lost)? Then the retry finds nothing left to change."""
-        try:
-            with self.database.engine.connect() as connection:
-                row = connection.execute(select(runs.c.node, runs.c.outcome).where(
-                    runs.c.id == unsettled.claim.id)).first()
-        except Exception:  # of any kind: unknown, reported as not written by us
-            return False
-        if unsettled.values is None:
-            return row is None or (row.node == self.node and row.outcome == ABANDONED)
-        return row is not None and row.node == self.node and \
-            row.outcome == unsettled.values["outcome"]
-
-    def _end_statement(self, unsettled: _Unsettled, mine):
-        if unsettled.values is not None:
-            return update(runs).where(mine).values(**unsettled.values)
-        if unsettled.claim.recovered:
-            # A recovered run given back stays a lost run, to be offered again.
-            return update(runs).where(mine).values(
-                outcome=ABANDONED, ended_ms=self.clock.now_ms(),
-                error=f"node {self.node} took it over and gave it back unstarted")
-        return delete(runs).where(mine)
-
-    def _settle_unsettled(self) -> bool:
-        """Retry every unwritten end once; one whose lease ran out is given up (and
-        reported). True while some are left."""
-        with self._lock:
-            unsettled, self._unsettled = self._unsettled, []
-        left = []
-        for each in unsettled:
-            if time.monotonic() >= each.deadline:
-                self._give_up(each)
-            elif not self._write_end(each):
-                left.append(each)
-        with self._lock:
-            self._unsettled[:0] = left
-            return bool(self._unsettled)
-
-    def _give_up(self, unsettled: _Unsettled) -> None:
-        claim = unsettled.claim
-        self.lost_outcomes.append(claim.job)
-        log.error("job=%s could not %s within its lease (%gs: %s); its row stays "
-                  "'running' and will be marked abandoned (and run again if the job is "
-                  "idempotent)", claim.job, _what(unsettled.values), self.settings.lease,
-                  unsettled.error, extra={"job": claim.job})
+        self.ends.settle(claim, values, beaten + self.settings.lease)
 
     def abandoned_runs(self, idempotent_jobs: Iterable[str]) -> list[Claim]:
         """Abandoned runs of these (idempotent) jobs, oldest first: candidates to run
@@ -580,7 +610,7 @@ class Cluster:
             self.check_health()
             # Tried even so: an end whose lease ran out is reported now, not when
             # the database is back.
-            self._settle_unsettled()
+            self.ends.retry()
             return
         with self._lock:
             for claim_id in running_ids:
@@ -588,7 +618,7 @@ class Cluster:
                     self._running[claim_id] = started
         self._last_beat_ok, self._beat_error = started, None
         self.check_health()
-        self._settle_unsettled()
+        self.ends.retry()
         try:
             self._mark_abandoned()
             self._prune()
