@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -774,6 +775,23 @@ def proxied_node(proxy, name: str, lease: float, heartbeat: float):
     return node(url, name, lease=lease, heartbeat=heartbeat)
 
 
+@contextmanager
+def a_run_ending_while_cut_off(lease: float, heartbeat: float):
+    """A node reaching MariaDB through a proxy: its run of `report` ends while the
+    proxy has cut every connection. Yields (proxy, cluster)."""
+    proxy = TcpProxy(3306)
+    cluster = proxied_node(proxy, "n1", lease=lease, heartbeat=heartbeat)
+    try:
+        cluster.start()
+        claim = cluster.claim("report", 1000)
+        proxy.cut()
+        cluster.finish(claim, "success", 1, None)
+        yield proxy, cluster
+    finally:
+        cluster.stop()
+        proxy.close()
+
+
 def wait_for(condition, timeout: float = 15):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -787,21 +805,12 @@ def wait_for(condition, timeout: float = 15):
 def test_an_outcome_cut_off_mid_finish_is_written_when_the_database_returns(run_table_url):
     """The database drops every connection as the run ends, and comes back within
     the lease: the outcome is written then, and nothing is reported lost."""
-    proxy = TcpProxy(3306)
-    cluster = proxied_node(proxy, "n1", lease=6, heartbeat=0.3)
-    try:
-        cluster.start()
-        claim = cluster.claim("report", 1000)
-        proxy.cut()
-        cluster.finish(claim, "success", 1, None)
+    with a_run_ending_while_cut_off(lease=6, heartbeat=0.3) as (proxy, cluster):
         assert run_rows(run_table_url, "report")[0].outcome == "running"
         time.sleep(1)
         proxy.restore()
         assert wait_for(lambda: run_rows(run_table_url, "report")[0].outcome == "success")
         assert cluster.lost_outcomes == []
-    finally:
-        cluster.stop()
-        proxy.close()
 
 
 @pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
@@ -810,13 +819,7 @@ def test_an_outcome_not_written_within_its_lease_is_reported_while_the_database_
     """The database stays away past the lease: the outcome is given up when the lease
     runs out (said at once, not when the database returns), never written late, and
     the row is left to be marked abandoned."""
-    proxy = TcpProxy(3306)
-    cluster = proxied_node(proxy, "n1", lease=2, heartbeat=0.2)
-    try:
-        cluster.start()
-        claim = cluster.claim("report", 1000)
-        proxy.cut()
-        cluster.finish(claim, "success", 1, None)
+    with a_run_ending_while_cut_off(lease=2, heartbeat=0.2) as (proxy, cluster):
         assert wait_for(lambda: cluster.lost_outcomes == ["report"], timeout=10)
         assert "job=report could not record its outcome (success) within its lease" \
             in caplog.text
@@ -826,9 +829,6 @@ def test_an_outcome_not_written_within_its_lease_is_reported_while_the_database_
         (row,) = run_rows(run_table_url, "report")
         assert row.outcome == "abandoned" and row.node == "n1"
         assert cluster.lost_outcomes == ["report"]
-    finally:
-        cluster.stop()
-        proxy.close()
 
 
 def test_releasing_a_recovered_run_leaves_it_abandoned(run_table_url):
