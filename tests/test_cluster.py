@@ -583,9 +583,10 @@ def test_once_with_the_run_table_out_of_reach_exits_69_with_a_summary(db_url, tm
                                                                     daemons):
     """Issue 19 item 8: one error line, every job failed in the summary, exit 69, no
     traceback."""
+    prom = tmp_path / "run_worker.prom"
     config = cluster_config(tmp_path / "jobs.yaml", db_url,
                             run_table_url=f"sqlite:///{tmp_path}/no-such-dir/runs.db",
-                            jobs="""\
+                            extra=f'metrics: {{textfile: "{prom}"}}\n', jobs="""\
   - {name: a, call: 'tests.jobfuncs:record_run', kwargs: {name: a}}
   - {name: b, call: 'tests.jobfuncs:record_run', kwargs: {name: b}}
 """)
@@ -598,6 +599,9 @@ def test_once_with_the_run_table_out_of_reach_exits_69_with_a_summary(db_url, tm
                 if "cannot use the cluster's run table" in line]) == 1, once.log
     assert "Traceback" not in once.log
     assert runs(db_url, "a") == []
+    from tests.test_monitoring import samples_of, value
+    samples = samples_of(prom.read_text())          # the textfile says it too
+    assert value(samples, "run_worker_runs_total", job_name="b", outcome="failed") == 1
 
 
 def hold_claim_lock(url: str, job: str, slot_ms: int):
@@ -906,3 +910,25 @@ def test_an_outcome_whose_commit_answer_was_lost_is_known_as_written(run_table_u
     finally:
         cluster.stop()
         proxy.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_daemon_whose_outcome_could_not_be_written_exits_1_at_its_stop(
+        db_url, run_table_url, tmp_path, daemons):
+    """Issue 19 item 2, the daemon: an outcome lost to a run table locked past the
+    lease makes the daemon exit 1 at its stop (not 0), saying which job."""
+    runs_file = run_table_url.removeprefix("sqlite:///")
+    config = cluster_config(tmp_path / "jobs.yaml", db_url, run_table_url=run_table_url,
+                            misfire_grace_time="2h", jobs=f"""\
+  - {{name: holder, call: 'tests.jobfuncs:lock_sqlite_file', every: 1h,
+     kwargs: {{path: "{runs_file}", seconds: 6, after: 0.3}}}}
+  - {{name: second, call: 'tests.jobfuncs:slow_record', every: 1h,
+     kwargs: {{name: second, seconds: 1}}}}
+""")
+    daemon = daemons(config, env={"NODE": "host-a"})
+    daemon.wait_for("job=second could not record its outcome (success) within its lease",
+                    timeout=30)
+    daemon.wait_for("job=holder attempt=1/3 succeeded", timeout=30)
+    assert daemon.stop() == 1
+    assert "the end of 1 run(s) could not be written to the cluster's run table within " \
+           "its lease (jobs: second)" in daemon.log
