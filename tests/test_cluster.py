@@ -932,3 +932,31 @@ def test_a_daemon_whose_outcome_could_not_be_written_exits_1_at_its_stop(
     assert daemon.stop() == 1
     assert "the end of 1 run(s) could not be written to the cluster's run table within " \
            "its lease (jobs: second)" in daemon.log
+
+
+def test_pruning_a_long_backlog_goes_in_batches_and_keeps_recent_rows(run_table_url):
+    """Rows older than keep_history are deleted in batches of PRUNE_BATCH (each
+    statement stays within the run table's statement timeout); recent rows and
+    running rows stay."""
+    from worker.cluster import PRUNE_BATCH, Cluster
+    from worker.config import ClusterSettings
+    cluster = Cluster(ClusterSettings(url=run_table_url, node="n1", lease=60,
+                                      heartbeat=20, keep_history=3600), run_table_url)
+    cluster.ensure_schema()
+    old = [{"job": "report", "slot": slot, "outcome": "success"}
+           for slot in range(2 * PRUNE_BATCH + 7)]
+    engine = create_engine(run_table_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO worker_runs (job, slot_ms, node, started_ms, heartbeat_ms, "
+                "outcome, attempts, recovered) VALUES (:job, :slot, 'gone', 0, 0, "
+                ":outcome, 1, 0)"), old)
+        recent = cluster.claim("report", 10_000_000)
+        cluster.finish(recent, "success", 1, None)
+        cluster.beat()
+        (row,) = run_rows(run_table_url, "report")
+        assert row.slot_ms == 10_000_000
+    finally:
+        engine.dispose()
+        cluster.stop()

@@ -36,6 +36,7 @@ log = logging.getLogger("worker.cluster")
 # 1: the first run table. 2: lease_ms, each row's own lease (nodes may differ).
 SCHEMA_VERSION = 2
 RUNNING, ABANDONED = "running", "abandoned"
+PRUNE_BATCH = 500    # old rows deleted per statement
 
 metadata = MetaData()
 runs = Table(
@@ -654,9 +655,17 @@ class Cluster:
             return
         self._last_prune = time.monotonic()
         cutoff = self.clock.now_ms() - int(self.settings.keep_history * 1000)
-        with self.database.engine.begin() as connection:
-            deleted = connection.execute(delete(runs).where(
-                runs.c.outcome != RUNNING, runs.c.heartbeat_ms < cutoff)).rowcount
+        old = and_(runs.c.outcome != RUNNING, runs.c.heartbeat_ms < cutoff)
+        deleted, batch = 0, PRUNE_BATCH
+        # In batches: each statement stays well within the statement timeout
+        # however long the backlog (a node that was down for weeks).
+        while batch == PRUNE_BATCH:
+            with self.database.engine.begin() as connection:
+                ids = connection.execute(select(runs.c.id).where(old)
+                                         .limit(PRUNE_BATCH)).scalars().all()
+                if ids:
+                    connection.execute(delete(runs).where(runs.c.id.in_(ids)))
+            deleted, batch = deleted + len(ids), len(ids)
         if deleted:
             log.info("pruned %d run(s) older than %gs from the run table", deleted,
                      self.settings.keep_history)
