@@ -963,3 +963,41 @@ def test_pruning_a_long_backlog_goes_in_batches_and_keeps_recent_rows(run_table_
     finally:
         engine.dispose()
         cluster.stop()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_sigterm_while_the_run_table_is_locked_reports_the_release_it_could_not_write(
+        db_url, run_table_url, tmp_path, daemons):
+    """Hostile: SIGTERM to cluster `--once` while another program holds the run table
+    locked past the lease. The run claimed ahead cannot be released: said on stderr
+    (exit 1), and its row is left to be marked abandoned, not silently kept."""
+    import sqlite3
+    marker = tmp_path / "first-runs"
+    config = cluster_config(tmp_path / "jobs.yaml", db_url, run_table_url=run_table_url,
+                            max_workers=1, jobs=f"""\
+  - {{name: first, call: 'tests.jobfuncs:touch_then_python_sleep',
+     kwargs: {{path: "{marker}", seconds: 1}}}}
+  - {{name: second, call: 'tests.jobfuncs:record_run', kwargs: {{name: second}}}}
+""")
+    once = daemons(config, "--once", env={"NODE": "host-a"})
+    deadline = time.monotonic() + 20
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    holder = sqlite3.connect(run_table_url.removeprefix("sqlite:///"), timeout=5,
+                             isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        once.signal(signal.SIGTERM)
+        time.sleep(LEASE + 2)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert once.wait() == 1
+    assert "job=second could not release its run claimed ahead within its lease" in once.log
+    assert "could not be written to the cluster's run table" in once.log
+    peer = node(run_table_url, "peer", lease=LEASE, heartbeat=HEARTBEAT)
+    try:
+        peer.beat()
+        assert run_rows(run_table_url, "second")[0].outcome == "abandoned"
+    finally:
+        peer.stop()
