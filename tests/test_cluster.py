@@ -1001,3 +1001,26 @@ def test_sigterm_while_the_run_table_is_locked_reports_the_release_it_could_not_
         assert run_rows(run_table_url, "second")[0].outcome == "abandoned"
     finally:
         peer.stop()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "mariadb", "postgresql"], indirect=True)
+def test_run_table_connections_carry_their_statement_and_lock_timeouts(run_table_url):
+    """What each backend's session says its limits are, on a connection of the run
+    table's pool: a sixth of the lease (here 12 s: 2 s)."""
+    cluster = node(run_table_url, "n1", lease=12, heartbeat=HEARTBEAT)
+    try:
+        with cluster.database.engine.connect() as connection:
+            dialect = connection.dialect.name
+            if dialect == "sqlite":
+                limits = connection.exec_driver_sql("PRAGMA busy_timeout").one()
+                assert tuple(limits) == (2000,)
+            elif dialect == "postgresql":
+                limits = [connection.exec_driver_sql(f"SHOW {name}").scalar()
+                          for name in ("lock_timeout", "statement_timeout")]
+                assert limits == ["2s", "2s"]
+            else:
+                limits = connection.exec_driver_sql(
+                    "SELECT @@innodb_lock_wait_timeout, @@max_statement_time").one()
+                assert (int(limits[0]), float(limits[1])) == (2, 2.0)
+    finally:
+        cluster.stop()
