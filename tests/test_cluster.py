@@ -55,6 +55,15 @@ def run_rows(url: str, job: str) -> list:
         engine.dispose()
 
 
+def wait_for(condition, timeout: float = 15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 @pytest.fixture
 def run_table_url(db_url, backend, tmp_path, request):
     """A server: the run table sits beside the jobs' tables. SQLite: in a file of its
@@ -516,9 +525,7 @@ def test_once_stopped_by_sigterm_releases_runs_claimed_ahead(db_url, run_table_u
   - {{name: third, call: 'tests.jobfuncs:record_run', kwargs: {{name: third}}}}
 """)
     once = daemons(config, "--once", env={"NODE": "host-a"})
-    deadline = time.monotonic() + 20
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert wait_for(marker.exists, timeout=20)
     assert run_rows(run_table_url, "second")[0].outcome == "running"   # claimed ahead
     once.signal(signal.SIGTERM)
     assert once.wait() == 1                          # runs were not started
@@ -799,15 +806,6 @@ def a_run_ending_while_cut_off(lease: float, heartbeat: float):
         proxy.close()
 
 
-def wait_for(condition, timeout: float = 15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
 def test_an_outcome_cut_off_mid_finish_is_written_when_the_database_returns(run_table_url):
     """The database drops every connection as the run ends, and comes back within
@@ -980,9 +978,7 @@ def test_sigterm_while_the_run_table_is_locked_reports_the_release_it_could_not_
   - {{name: second, call: 'tests.jobfuncs:record_run', kwargs: {{name: second}}}}
 """)
     once = daemons(config, "--once", env={"NODE": "host-a"})
-    deadline = time.monotonic() + 20
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert wait_for(marker.exists, timeout=20)
     holder = sqlite3.connect(run_table_url.removeprefix("sqlite:///"), timeout=5,
                              isolation_level=None)
     try:
