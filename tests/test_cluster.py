@@ -583,7 +583,9 @@ def test_once_claim_failing_on_a_database_error_is_that_jobs_failure(db_url, run
     assert lines["fine"].split()[1] == "success"
     assert "job=refused failed: its run could not be claimed" in once.log
     assert "claimed by node" not in once.log
-    assert runs(db_url, "refused") == []
+    assert lines["refused"].split()[2] == "0"                # never started: 0 attempts
+    assert "job=refused attempt" not in once.log
+    assert "job=fine attempt=1/3 succeeded" in once.log
 
 
 def test_once_with_the_run_table_out_of_reach_exits_69_with_a_summary(db_url, tmp_path,
