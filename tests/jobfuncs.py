@@ -626,3 +626,10 @@ def lock_sqlite_file(session, path: str, seconds: float, after: float = 0.0) -> 
         connection.execute("ROLLBACK")
     finally:
         connection.close()
+
+
+def record_then_wait_for_file(session, name: str, path: str, timeout: float = 60) -> None:
+    """Records the run, then holds it (uncommitted) until the test creates `path`:
+    a run that is surely still going when the test kills its worker."""
+    record_run(session, name)
+    wait_for_file(session, path, timeout)
