@@ -666,3 +666,24 @@ def fork_child_that_logs(session, count: int, ending: str = "return") -> None:
 def _child_logs_then_exit(count: int) -> None:
     _child_logs(count)
     sys.exit(0)
+
+
+def lock_sqlite_file(session, path: str, seconds: float, after: float = 0.0) -> None:
+    """After `after` seconds, holds an exclusive lock on the SQLite file at `path`
+    for `seconds` (another program locking the cluster's run table)."""
+    import sqlite3
+    time.sleep(after)
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.execute("BEGIN EXCLUSIVE")
+        time.sleep(seconds)
+        connection.execute("ROLLBACK")
+    finally:
+        connection.close()
+
+
+def record_then_wait_for_file(session, name: str, path: str, timeout: float = 60) -> None:
+    """Records the run, then holds it (uncommitted) until the test creates `path`:
+    a run that is surely still going when the test kills its worker."""
+    record_run(session, name)
+    wait_for_file(session, path, timeout)

@@ -26,7 +26,7 @@ from .config import Config, ConfigError, JobSpec, load
 from .errors import describe
 from .logs import WRITE_AT_ONCE
 from .monitoring.observe import Observers, wants_hooks, wants_monitoring
-from .parts import PartOwner
+from .parts import CLOSE_TIMEOUT, PartOwner
 
 log = logging.getLogger("worker")
 
@@ -53,12 +53,14 @@ def load_config(path: str) -> tuple[Config, dict[str, JobFunction]]:
     return config, functions
 
 
-def open_cluster(config: Config):
-    """The cluster's run table for this config (not joined yet); None without one."""
+def open_cluster(config: Config, lost_outcomes: list[str] | None = None):
+    """The cluster's run table for this config (not joined yet); None without one.
+    `lost_outcomes`: the process's list of jobs whose run's end could not be written."""
     if config.cluster is None:
         return None
     from .cluster import Cluster
-    return Cluster(config.cluster, config.database.url, config.extra_codes)
+    return Cluster(config.cluster, config.database.url, config.extra_codes,
+                   lost_outcomes)
 
 
 @dataclass(eq=False)
@@ -99,11 +101,13 @@ class Runtime:
 
 def build_runtime(config: Config, functions: Mapping[str, JobFunction], *,
                   jobs: Sequence[JobSpec], scheduled: bool, owner,
-                  previous: Runtime | None = None) -> Runtime:
+                  previous: Runtime | None = None,
+                  lost_outcomes: list[str] | None = None) -> Runtime:
     """The runtime for `config`, its parts used through `owner` (a PartOwner).
     With `previous` (a reload), unchanged parts are taken over from it (one more
     user each). Raises whatever building fails with; what it had taken by then is
-    let go of again (and what it had built, closed)."""
+    let go of again (and what it had built, closed). `lost_outcomes`: the
+    process's list of jobs whose run's end could not be written (cluster)."""
     from .db import Database
     from .ledger import ClusterLedger, HostLedger
     from .locks import HostLocks
@@ -135,7 +139,7 @@ def build_runtime(config: Config, functions: Mapping[str, JobFunction], *,
             or HostLocks(config.worker.lock_dir, config.database.url)
         use(locks, locks.close, f"host lock file {locks.path}")
         cluster = keep("cluster", lambda c: c.cluster, lambda c: c.database.url,
-                       lambda c: c.extra_codes) or open_cluster(config)
+                       lambda c: c.extra_codes) or open_cluster(config, lost_outcomes)
         if cluster is not None:
             use(cluster, cluster.stop, "cluster membership and heartbeat")
         # The zone matters to schedules and the cluster's slots, not to a plain batch.
@@ -204,9 +208,14 @@ def finish(loop) -> None:
     on its own thread, waited for a bounded time (a thread stuck in a job is never
     waited for: the caller exits the process without it)."""
     current, *retired = loop.running_runtimes()
-    for runtime in retired + [current]:
+    runtimes = retired + [current]
+    for runtime in runtimes:
         runtime.release()
-    current.owner.wait_closed()
+    # A cluster's stop retries the ends of runs not written yet until their lease
+    # runs out (an outcome is never dropped silently): wait for that too.
+    lease = max((r.config.cluster.lease for r in runtimes if r.cluster is not None),
+                default=0.0)
+    current.owner.wait_closed(CLOSE_TIMEOUT + lease)
 
 
 def run_once(config: Config, functions: Mapping[str, JobFunction],
@@ -220,21 +229,56 @@ def run_once(config: Config, functions: Mapping[str, JobFunction],
         from .monitoring.monitor import Monitoring
         monitoring = Monitoring(observers, listen=False)   # --once never listens
         monitoring.apply(config)
+    lost_outcomes: list[str] = []
     runtime = build_runtime(config, functions, jobs=selected, scheduled=False,
-                            owner=PartOwner())
+                            owner=PartOwner(), lost_outcomes=lost_outcomes)
     log.info("running %d job(s) once from %s on %s, max_workers %d", len(selected),
              config.path, runtime.database.display_url, config.worker.max_workers,
              extra=WRITE_AT_ONCE)
     if runtime.cluster is not None:
-        runtime.cluster.start()
+        try:
+            runtime.cluster.start()
+        except Exception as exc:  # of any kind: no job can be claimed
+            return _run_table_unusable(runtime, selected, observers, monitoring, exc)
     loop = WorkLoop(runtime, BatchSource(list(selected)), observer=observers)
     install_signal_handlers(loop, reload=False)
     try:
-        return loop.run()
+        report = loop.run()
     finally:
         if monitoring is not None:     # hooks waited for (bounded), then the textfile
             monitoring.finish(textfile=True)
         finish(loop)
+    return _with_lost(report, lost_outcomes)
+
+
+def _with_lost(report, lost_outcomes: list[str]):
+    """The report, with the jobs whose run's end could not be written (known once
+    every runtime is closed: the last writes are retried at close)."""
+    from dataclasses import replace
+    return replace(report, unwritten=tuple(lost_outcomes)) if lost_outcomes else report
+
+
+def _run_table_unusable(runtime: Runtime, selected: Sequence[JobSpec], observers,
+                        monitoring, exc: BaseException):
+    """Cluster `--once` whose run table cannot be used at start: one error line,
+    every job failed (summary, metrics), exit 69 (worker.cli)."""
+    from .loop import LoopReport
+    from .runner import JobResult, Outcome
+    from .scheduler import DueRun
+    why = f"cannot use the cluster's run table at {runtime.cluster.database.display_url}: " \
+          f"{describe(exc)}"
+    log.error("%s; no job ran", why)
+    results = tuple(JobResult(job.name, Outcome.FAILED, 0, 0.0,
+                              "not run: the cluster's run table cannot be used")
+                    for job in selected)
+    observers.runtime_changed(runtime)
+    for job, result in zip(selected, results):
+        observers.run_finished(DueRun(job, "now", 0.0, 1), result)
+    runtime.release()
+    runtime.owner.wait_closed()
+    if monitoring is not None:
+        monitoring.finish(textfile=True)
+    return LoopReport(results, "the cluster's run table cannot be used", unavailable=why)
 
 
 def run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
@@ -262,8 +306,9 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
     from .loop import WorkLoop
     from .sources import ScheduleSource
 
+    lost_outcomes: list[str] = []
     runtime = build_runtime(config, functions, jobs=only_jobs(config, only), scheduled=True,
-                            owner=PartOwner())
+                            owner=PartOwner(), lost_outcomes=lost_outcomes)
     if runtime.scheduler.unscheduled:
         log.info("batch-only jobs (no every/cron; they run only with --once): %s",
                  ", ".join(runtime.scheduler.unscheduled))
@@ -284,7 +329,8 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
         try:
             new = build_runtime(new_config, new_functions,
                                 jobs=only_jobs(new_config, only), scheduled=True,
-                                owner=current.owner, previous=current)
+                                owner=current.owner, previous=current,
+                                lost_outcomes=lost_outcomes)
             try:
                 new.start(previous=current)
             except BaseException:
@@ -316,10 +362,10 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
         if not report.abandoned:
             log.info("daemon stopped: %d connection(s) still checked out of the pool",
                      loop.runtime.database.checked_out())
-        return report
     finally:
         finish(loop)
         notifier.close()
+    return _with_lost(report, lost_outcomes)
 
 
 def _wait_for_database(loop, runtime: Runtime, notifier, observers: Observers) -> bool:

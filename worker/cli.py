@@ -29,12 +29,15 @@ modes:
 exit codes:
   0   all jobs succeeded (--once), a clean stop (daemon), or a good --check
   1   a job failed after its retries or timed out (--once), or a stop had to
-      cancel running jobs, or a thread was left stuck in a job (daemon)
+      cancel running jobs, or a thread was left stuck in a job (daemon);
+      cluster: a run could not be claimed (database error), or a run's end
+      could not be written to the run table within its lease
   2   command-line misuse, e.g. an unknown --job name
   69  --check --connect could not open a database connection; or the daemon
       found at start-up that it never can (login refused, ODBC driver not
       installed, database file cannot be opened), or cannot listen on the
-      metrics address (port in use)
+      metrics address (port in use); cluster --once: the run table cannot be
+      used at start (every job reported failed)
   75  --once: every selected job was skipped, still running from an earlier run
       (0 with --skipped-ok)
   78  invalid configuration: nothing ran
@@ -189,10 +192,15 @@ def _run(args, path: str, config: Config, functions, selected: list[JobSpec]) ->
         from .app import run_once
         report = run_once(config, functions, selected)
         flush_logs()    # the run's log lines before the summary, where both go to one file
-        reports.summary(report.results)
+        reports.summary(report.results, report.unwritten)
+        if report.unavailable is not None:
+            return _exit(report, EXIT_UNAVAILABLE)
         if report.stop_signal == signal.SIGINT:
             # Interrupted from the terminal: 128 + SIGINT, as shells expect.
             return _exit(report, EXIT_INTERRUPTED)
+        _say_unwritten(report)
+        if report.unwritten:
+            return _exit(report, EXIT_JOB_FAILED)
         if report.results and all(r.outcome.value == "skipped" for r in report.results):
             if args.skipped_ok:
                 log.info("every selected job was skipped, its previous run still going: "
@@ -212,9 +220,18 @@ def _run(args, path: str, config: Config, functions, selected: list[JobSpec]) ->
         return EXIT_UNAVAILABLE
     if report is None:           # stopped before the database answered
         return EXIT_OK
+    _say_unwritten(report)
     # A thread left stuck in a job is a failure even when the stop cancelled nothing.
     return _exit(report, EXIT_JOB_FAILED if report.cancelled or report.abandoned
-                 else EXIT_OK)
+                 or report.unwritten else EXIT_OK)
+
+
+def _say_unwritten(report) -> None:
+    if report.unwritten:
+        command_error(f"error: the end of {len(report.unwritten)} run(s) could not be "
+                      f"written to the cluster's run table within its lease (jobs: "
+                      f"{', '.join(sorted(set(report.unwritten)))}); their rows stay "
+                      f"'running' until marked abandoned")
 
 
 def _exit(report, code: int) -> int:

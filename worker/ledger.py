@@ -8,8 +8,8 @@ ledgers:
   in the cluster's run table (so a run claimed is a run started); abandoned runs of
   idempotent jobs are offered again.
 
-The work loop only calls `claim`, `finish` and `recoverable`; it never asks which
-ledger it has.
+The work loop only calls `claim`, `finish`, `release` and `recoverable`; it never
+asks which ledger it has.
 """
 from __future__ import annotations
 
@@ -55,6 +55,8 @@ class Ledger(Protocol):
 
     def finish(self, ticket: Ticket, result: JobResult) -> None: ...
 
+    def release(self, ticket: Ticket) -> None: ...
+
     def recoverable(self, jobs: Iterable[JobSpec],
                     running: Container[str]) -> list[DueRun]: ...
 
@@ -73,7 +75,7 @@ class HostLedger:
                            f"{self.locks.holder(run.job.name)})")
         return Ticket(lock)
 
-    def finish(self, ticket: Ticket, result: JobResult) -> None:
+    def finish(self, ticket: Ticket, result: JobResult | None) -> None:
         if ticket.lock is not None:
             ticket.lock.release()
 
@@ -86,6 +88,10 @@ class HostLedger:
         except OSError:
             return None
 
+    def release(self, ticket: Ticket) -> None:
+        """A run claimed and never started (a stop withdrew it): given back."""
+        self.finish(ticket, None)
+
     def recoverable(self, jobs: Iterable[JobSpec],
                     running: Container[str]) -> list[DueRun]:
         return []
@@ -96,7 +102,6 @@ class ClusterLedger(HostLedger):
         super().__init__(locks)
         self.cluster = cluster
         self.zone = zone
-        self._was_healthy = True
         self._last_recovery = 0.0
 
     def claim(self, run: DueRun) -> Ticket | Refusal:
@@ -106,7 +111,12 @@ class ClusterLedger(HostLedger):
         ticket = super().claim(run)
         if isinstance(ticket, Refusal):
             return ticket
-        claim, refusal = self._claim_row(run)
+        from .cluster import ClaimError
+        try:
+            claim, refusal = self._claim_row(run)
+        except ClaimError as exc:   # the job's failure, not another node's run
+            claim, refusal = None, Refusal(f"its run could not be claimed: the run table "
+                                           f"answered with an error: {exc}", failed=True)
         if claim is None:
             super().finish(ticket, None)
             return refusal
@@ -139,11 +149,16 @@ class ClusterLedger(HostLedger):
         return claim, Refusal("claimed by another node", record=False,
                               kind=SKIP_CLAIMED_ELSEWHERE)
 
-    def finish(self, ticket: Ticket, result: JobResult) -> None:
+    def finish(self, ticket: Ticket, result: JobResult | None) -> None:
         super().finish(ticket, result)
-        if ticket.claim is not None:
+        if ticket.claim is not None and result is not None:
             self.cluster.finish(ticket.claim, result.outcome.value, result.attempts,
                                 result.error)
+
+    def release(self, ticket: Ticket) -> None:
+        super().finish(ticket, None)
+        if ticket.claim is not None:
+            self.cluster.release(ticket.claim)
 
     def recoverable(self, jobs: Iterable[JobSpec],
                     running: Container[str]) -> list[DueRun]:
@@ -165,13 +180,7 @@ class ClusterLedger(HostLedger):
         return runs
 
     def _healthy(self) -> bool:
-        healthy = self.cluster.healthy
-        if healthy != self._was_healthy:
-            self._was_healthy = healthy
-            if not healthy:
-                log.warning("cluster: the run table is out of reach; claiming no runs "
-                            "until a heartbeat succeeds")
-        return healthy
+        return self.cluster.check_health()
 
 
 def _wall(seconds: float) -> str:

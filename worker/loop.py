@@ -62,11 +62,13 @@ class LoopReport:
     abandoned_jobs: tuple[str, ...] = ()  # the jobs those threads are in
     lateness: tuple[float, ...] = ()  # daemon: how late the last 10,000 runs started (s)
     stop_signal: int | None = None  # the signal that stopped the loop, if one did
+    unwritten: tuple[str, ...] = ()  # cluster: jobs whose run's end could not be written
+    unavailable: str | None = None  # cluster --once: why the run table could not be used
 
     @property
     def ok(self) -> bool:
         return all(r.ok or r.outcome is Outcome.SKIPPED for r in self.results) \
-            and not self.cancelled
+            and not self.cancelled and not self.unwritten and self.unavailable is None
 
 
 class Waker:
@@ -313,7 +315,10 @@ class WorkLoop:
             result = _result_of(running)
             self.observer.run_returned(running.run, result)
             try:
-                running.runtime.ledger.finish(running.ticket, result)
+                if running.future.cancelled():   # claimed ahead, never started
+                    running.runtime.ledger.release(running.ticket)
+                else:
+                    running.runtime.ledger.finish(running.ticket, result)
             except Exception as exc:  # recording must never stop the loop
                 log.error("job=%s could not record the end of its run: %s", name,
                           describe(exc), extra={"job": name})
@@ -397,8 +402,9 @@ class WorkLoop:
     def _withdraw_queued(self) -> None:
         """A stop starts nothing new: runs claimed ahead of a free thread that have
         not begun are cancelled at once (collected as "not started: the worker was
-        stopping", like the runs never handed out; their host locks given back), as
-        they would have been had they not been claimed ahead."""
+        stopping", like the runs never handed out; their claims released: host lock
+        given back, run-table row deleted), as they would have been had they not
+        been claimed ahead."""
         for running in self._running.values():
             running.future.cancel()
 

@@ -126,7 +126,8 @@ def history(config: Config, job_name: str, usage) -> int:
     return EXIT_OK
 
 
-def summary(results: Sequence) -> None:
+def summary(results: Sequence, unwritten: Sequence[str] = ()) -> None:
+    """`unwritten`: cluster: jobs whose run's end the run table never received."""
     width = max([len(r.job) for r in results] + [3])
     print(f"{'job':<{width}}  {'outcome':<9} attempts  duration  error")
     for r in results:
@@ -136,3 +137,6 @@ def summary(results: Sequence) -> None:
     skipped = sum(1 for r in results if r.outcome.value == "skipped")
     print(f"{len(results)} job(s): {len(results) - failed - skipped} succeeded, "
           f"{failed} failed" + (f", {skipped} skipped" if skipped else ""))
+    if unwritten:
+        print(f"not written to the run table: {', '.join(sorted(set(unwritten)))} (their "
+              f"rows stay 'running' until marked abandoned)")

@@ -33,14 +33,19 @@ ERROR_SHOWN = 200          # characters of a run's error shown on the page
 
 class Health(NoObserver):
     """/healthz: the loop turns (draining after a stop signal included). /readyz:
-    the job database answered last time it was asked and the process is not
-    stopping."""
+    the job database answered last time it was asked, the process is not stopping,
+    and the runtime has no reason of its own not to be ready (a cluster node whose
+    heartbeat failed)."""
 
     def __init__(self, stall_after: float) -> None:
         self.stall_after = stall_after
         self.last_tick: float | None = None
         self.is_stopping = False
         self.ready = False
+        self.runtime = None
+
+    def runtime_changed(self, runtime) -> None:
+        self.runtime = runtime
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()
@@ -50,6 +55,15 @@ class Health(NoObserver):
 
     def database_ready(self, ready: bool) -> None:
         self.ready = ready
+
+    def not_ready(self) -> str | None:
+        """Why /readyz is 503, or None."""
+        if self.is_stopping:
+            return "stopping"
+        if not self.ready:
+            return "the job database is not answering"
+        cluster = getattr(self.runtime, "cluster", None)
+        return cluster.readiness_problem() if cluster is not None else None
 
     def live(self) -> tuple[bool, str]:
         # Draining after SIGTERM is alive: a liveness probe failing then would have
@@ -62,11 +76,8 @@ class Health(NoObserver):
         return True, "ok"
 
     def readiness(self) -> tuple[bool, str]:
-        if self.is_stopping:
-            return False, "stopping"
-        if not self.ready:
-            return False, "the job database is not answering"
-        return True, "ok"
+        why = self.not_ready()
+        return why is None, why or "ok"
 
 
 # --- the status page's data -----------------------------------------------------
@@ -190,15 +201,13 @@ class StatusBoard(NoObserver):
             return None, None
         from ..errors import describe
         try:
-            history = {}
-            for job in runtime.config.jobs:
-                history[job.name] = [
-                    RunRecord(row.ended_ms / 1000 if row.ended_ms else row.started_ms / 1000,
-                              row.outcome, ((row.ended_ms or row.heartbeat_ms)
-                                            - row.started_ms) / 1000,
-                              row.attempts, one_line(row.error), row.node)
-                    for row in runtime.cluster.history(job.name, RECENT_RUNS)]
-            return history, None
+            recent = runtime.cluster.recent_runs(runtime.config.job_names(), RECENT_RUNS)
+            return {job: [RunRecord(row.ended_ms / 1000 if row.ended_ms
+                                    else row.started_ms / 1000,
+                                    row.outcome, ((row.ended_ms or row.heartbeat_ms)
+                                                  - row.started_ms) / 1000,
+                                    row.attempts, one_line(row.error), row.node)
+                          for row in rows] for job, rows in recent.items()}, None
         except Exception as exc:  # the run table out of reach: show this node's own
             return None, one_line(describe(exc))
 
