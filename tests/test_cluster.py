@@ -763,6 +763,7 @@ def test_status_page_reads_the_run_table_once_per_request(run_table_url, tmp_pat
     from sqlalchemy import event
     from worker.app import build_runtime, load_config
     from worker.monitoring.monitor import StatusBoard
+    from worker.parts import PartOwner
     config_path = cluster_config(tmp_path / "jobs.yaml", f"sqlite:///{tmp_path}/jobs.db",
                                  run_table_url=run_table_url, jobs="".join(
         f"  - {{name: job{n}, call: 'tests.jobfuncs:select_one'}}\n" for n in range(5)))
@@ -771,7 +772,8 @@ def test_status_page_reads_the_run_table_once_per_request(run_table_url, tmp_pat
         config, functions = load_config(str(config_path))
     finally:
         del os.environ["NODE"]
-    runtime = build_runtime(config, functions, jobs=config.jobs, scheduled=False)
+    runtime = build_runtime(config, functions, jobs=config.jobs, scheduled=False,
+                            owner=PartOwner())
     try:
         runtime.cluster.ensure_schema()
         for slot in range(3):
@@ -787,7 +789,8 @@ def test_status_page_reads_the_run_table_once_per_request(run_table_url, tmp_pat
         assert len([s for s in statements if "worker_runs" in s]) == 1, statements
         assert [len(jobs[f"job{n}"]["recent"]) for n in range(5)] == [0, 3, 0, 3, 0]
     finally:
-        runtime.close()
+        runtime.release()
+        runtime.owner.wait_closed()
 
 
 def proxied_node(proxy, name: str, lease: float, heartbeat: float):
