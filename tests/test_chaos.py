@@ -236,3 +236,13 @@ def test_the_command_line_refuses_what_it_does_not_know(argv):
     result = subprocess.run([sys.executable, "-m", "tests.chaos", *argv], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_an_excluded_job_kind_is_neither_in_the_job_list_nor_added():
+    from tests.chaos.events import initial_plan
+    assert "stuck" in {job.mode for job in initial_plan().jobs}
+    events = generate(9, 2, 900, "mariadb", frozenset({"job:stuck", "job:fail"}))
+    plans = [initial_plan(frozenset({"job:stuck", "job:fail"}))] + \
+        [e.plan for e in events if e.plan is not None]
+    assert [e for e in events if e.mutation == "add"]
+    assert not {job.mode for plan in plans for job in plan.jobs} & {"stuck", "fail"}

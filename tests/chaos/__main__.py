@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .events import KINDS, MUTATIONS
+from .events import JOB_MODES, KINDS, MUTATIONS
 
 
 def parse(argv: list[str] | None = None):
@@ -21,7 +21,7 @@ def parse(argv: list[str] | None = None):
                         "when more than 1)")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=1)
-    kinds = list(KINDS) + [f"reload:{m}" for m in MUTATIONS]
+    kinds = list(KINDS) + [f"reload:{m}" for m in MUTATIONS] + [f"job:{m}" for m in JOB_MODES]
     parser.add_argument("--exclude", default="", metavar="KINDS",
                         help=f"comma-separated event kinds never to draw: {', '.join(kinds)}")
     parser.add_argument("--keep", action="store_true",

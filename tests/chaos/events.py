@@ -10,8 +10,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, replace
 
-# Event kinds. A reload is "reload:<mutation>"; --exclude takes either form.
+# Event kinds. A reload is "reload:<mutation>"; --exclude takes either form, and
+# "job:<mode>" leaves the jobs of that kind out of the job list.
 KINDS = ("reload", "term", "kill", "pause", "outage", "lock", "once")
+JOB_MODES = ("fail", "timeout", "stuck")
 MUTATIONS = ("add", "remove", "rename", "disable", "every", "timezone", "max_workers",
              "lock_dir", "cluster", "metrics")
 EVERY_CHOICES = (2, 3, 4, 5)
@@ -51,8 +53,11 @@ class Plan:
         return next((job for job in self.jobs if job.name == name), None)
 
 
-def initial_plan() -> Plan:
-    return Plan(0, (
+def initial_plan(exclude: frozenset[str] = frozenset()) -> Plan:
+    """The job list every run starts with: idempotent and non-idempotent jobs, short
+    schedules, jobs that sleep past their interval, fail, time out in a statement,
+    and get stuck in Python past their timeout (less those excluded as job:<mode>)."""
+    plan = Plan(0, (
         JobPlan("tick", "tick", 2, True, "ok", 0.1),
         JobPlan("ledger", "ledger", 3, False, "ok", 0.2),
         JobPlan("slow", "slow", 4, False, "ok", 5.0),
@@ -60,6 +65,8 @@ def initial_plan() -> Plan:
         JobPlan("deadline", "deadline", 5, False, "timeout", 3.0, timeout=1.0),
         JobPlan("stuck", "stuck", 7, False, "stuck", 9.0, timeout=1.0),
     ))
+    return replace(plan, jobs=tuple(job for job in plan.jobs
+                                    if f"job:{job.mode}" not in exclude))
 
 
 @dataclass(frozen=True)
@@ -113,9 +120,10 @@ def generate(seed: int, nodes: int, seconds: float, backend: str = "sqlite",
     mutations = [m for m in MUTATIONS if not excluded(f"reload:{m}", skip)]
     if not mutations and "reload" in kinds:
         kinds.remove("reload")
+    modes = tuple(m for m in ("ok",) + JOB_MODES if f"job:{m}" not in skip)
     weights = {"reload": 5, "term": 1, "kill": 1, "pause": 1, "outage": 1, "lock": 1,
                "once": 1}
-    plan = initial_plan()
+    plan = initial_plan(exclude)
     events: list[Event] = []
     at = rng.uniform(4.0, 6.0)     # let every node start first
     end = seconds - 3.0            # and settle before the end
@@ -124,7 +132,7 @@ def generate(seed: int, nodes: int, seconds: float, backend: str = "sqlite",
         node = rng.randrange(nodes)
         if kind == "reload":
             mutation = rng.choice(mutations)
-            plan = mutate(plan, mutation, rng)
+            plan = mutate(plan, mutation, rng, modes)
             events.append(Event(round(at, 3), kind, node, mutation=mutation, plan=plan))
         elif kind in ("pause", "outage", "lock"):
             events.append(Event(round(at, 3), kind, node,
@@ -140,13 +148,16 @@ def generate(seed: int, nodes: int, seconds: float, backend: str = "sqlite",
     return events
 
 
-def mutate(plan: Plan, mutation: str, rng: random.Random) -> Plan:
-    """The plan after one random change of this kind (a new version)."""
+def mutate(plan: Plan, mutation: str, rng: random.Random,
+           modes: tuple[str, ...] = ("ok",) + JOB_MODES) -> Plan:
+    """The plan after one random change of this kind (a new version); an added job
+    is of one of `modes`."""
     jobs = list(plan.jobs)
     version = plan.version + 1
     if mutation == "add":
+        mode = rng.choice(("ok", "fail"))
         jobs.append(JobPlan(f"extra{version}", f"extra{version}", rng.choice(EVERY_CHOICES),
-                            rng.random() < 0.5, rng.choice(("ok", "fail")),
+                            rng.random() < 0.5, mode if mode in modes else "ok",
                             round(rng.uniform(0.1, 1.5), 2)))
     elif mutation == "remove" and len(jobs) > 3:
         jobs.pop(rng.randrange(len(jobs)))

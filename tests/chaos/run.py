@@ -61,7 +61,7 @@ class ChaosRun:
         self.out = out
         self.events = generate(settings.seed, settings.nodes, settings.seconds,
                                settings.backend, settings.exclude)
-        self.plan: Plan = initial_plan()
+        self.plan: Plan = initial_plan(settings.exclude)
         self.workdir = Path(tempfile.mkdtemp(prefix="chaos-", dir=ROOT / "tests" / "chaos"))
         self.history = History(settings.seed, settings.backend, settings.nodes, time.time())
         self.timers = _Timers()
