@@ -219,7 +219,7 @@ def test_the_report_names_the_seed_the_invariant_and_the_events_before_it():
     out = io.StringIO()
     assert report(planted, invariants.check(planted), "python -m tests.chaos ...", out) == 1
     text = out.getvalue()
-    assert "no double run: 1 violation(s)" in text
+    assert "no double run: 1 violation(s) (2 committed runs of non-idempotent jobs)" in text
     assert "VIOLATION (seed 7) no double run" in text
     assert events[0].describe() in text
     assert text.rstrip().endswith("repeat with: python -m tests.chaos ...")

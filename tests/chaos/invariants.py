@@ -252,12 +252,7 @@ def lost_runs(history: History) -> list[Violation]:
     job (name and schedule unchanged) are at most the skips it logged for the job."""
     if history.cluster:
         return _lost_in_cluster(history)
-    out = []
-    for proc in history.procs:
-        if proc.kind == "daemon" and proc.term_at is not None and proc.kill_at is None \
-                and _stop_line(proc) is not None:
-            out.extend(_lost_on_one_node(proc))
-    return out
+    return [v for proc in _judged_processes(history) for v in _lost_on_one_node(proc)]
 
 
 def _accounted_counts(proc: Proc) -> dict[str, int]:
@@ -312,12 +307,11 @@ def _lost_on_one_node(proc: Proc) -> list[Violation]:
     return out
 
 
-def _lost_in_cluster(history: History) -> list[Violation]:
-    rows = {(r.job, r.slot_ms) for r in history.run_rows}
+def _judged_slots(history: History) -> dict[tuple[str, int], Proc]:
+    """(job, slot_ms) -> a daemon that had it scheduled and could claim it."""
     by_node: dict[str, list[RunRow]] = {}
     for row in history.run_rows:
         by_node.setdefault(row.node, []).append(row)
-    accounted = _accounted_slots(history)
     lease = max([p.lease + p.heartbeat for proc in history.procs
                  for _, p in proc.versions] or [0.0])
     blocked = [(start - 2, end + lease + 3, node) for node, start, end in history.outages]
@@ -345,6 +339,13 @@ def _lost_in_cluster(history: History) -> list[Violation]:
                             and not _busy(by_node.get(proc.node, []), job, slot):
                         judged.setdefault((job, slot * 1000), proc)
                     slot += every
+    return judged
+
+
+def _lost_in_cluster(history: History) -> list[Violation]:
+    rows = {(r.job, r.slot_ms) for r in history.run_rows}
+    accounted = _accounted_slots(history)
+    judged = _judged_slots(history)
     out = []
     for (job, slot_ms), proc in sorted(judged.items()):
         if (job, slot_ms) in rows or (job, slot_ms) in accounted:
@@ -542,6 +543,27 @@ INVARIANTS = (
 
 def check(history: History) -> dict[str, list[Violation]]:
     return {name: sorted(fn(history), key=lambda v: v.at) for name, fn in INVARIANTS}
+
+
+def _judged_processes(history: History) -> list[Proc]:
+    return [proc for proc in history.procs if proc.kind == "daemon" and proc.term_at
+            is not None and proc.kill_at is None and _stop_line(proc) is not None]
+
+
+def scope(history: History) -> dict[str, str]:
+    """What each check looked at, for its line in the report (a check that judged
+    nothing proves nothing)."""
+    lost = (f"{len(_judged_slots(history))} occurrences judged" if history.cluster else
+            f"{len(_judged_processes(history))} processes judged")
+    return {
+        "no double run": f"{sum(not e.idempotent for e in history.executions)} committed "
+                         f"runs of non-idempotent jobs",
+        "no lost run": lost,
+        "stops in time": f"{sum(p.term_at is not None for p in history.procs)} SIGTERMs",
+        "exit codes": f"{sum(p.returncode is not None for p in history.procs)} exits",
+        "threads and files do not grow": f"{len(history.procs)} processes",
+        "stderr is JSON": f"{sum(len(p.lines) for p in history.procs)} lines",
+    }
 
 
 # --- helpers -----------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TextIO
 
-from .invariants import SUMMARY, History, Violation
+from .invariants import SUMMARY, History, Violation, scope
 
 EVENTS_SHOWN = 8       # events before a violation that are printed with it
 
@@ -15,9 +15,10 @@ def report(history: History, results: dict[str, list[Violation]], command: str,
     """Print the result; the exit code: 0 without violations, else 1."""
     total = sum(len(v) for v in results.values())
     runs = runs_started(history)
+    looked_at = scope(history)
     for name, violations in results.items():
-        print(f"{name}: {'ok' if not violations else f'{len(violations)} violation(s)'}",
-              file=out)
+        verdict = "ok" if not violations else f"{len(violations)} violation(s)"
+        print(f"{name}: {verdict} ({looked_at[name]})", file=out)
     for violation in (v for vs in results.values() for v in vs):
         print(f"\nVIOLATION (seed {history.seed}) {violation.invariant}: "
               f"{violation.message}", file=out)
