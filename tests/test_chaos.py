@@ -192,6 +192,8 @@ def test_exit_codes_must_match_what_the_stop_line_and_the_summary_say():
                 stdout="1 job(s): 0 succeeded, 0 failed, 1 skipped\n")
     assert "expected 75" in invariants.exit_codes(history(procs=[once]))[0].message
     assert invariants.exit_codes(history(procs=[replace(once, returncode=75)])) == []
+    nothing = replace(once, stdout="0 job(s): 0 succeeded, 0 failed\n")   # none enabled
+    assert invariants.exit_codes(history(procs=[nothing])) == []
 
 
 def test_threads_or_files_that_grow_are_reported():
