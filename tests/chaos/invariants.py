@@ -15,7 +15,7 @@ from datetime import datetime
 
 from .events import Event, Plan
 
-SLACK = 1.5            # seconds: a loop turn, buffered log lines, two cores shared
+SLACK = 2.5            # seconds: a late loop turn on two busy cores, buffered log lines
 STOP_GRACE = 5.0       # worker.loop.CANCEL_GRACE: what a cancelled job gets
 STOP_SLACK = 2.0       # one loop turn, a driver answering a cancel
 SETTLE = 10.0          # resources are counted from 10 s after a process's start
