@@ -194,6 +194,15 @@ def test_exit_codes_must_match_what_the_stop_line_and_the_summary_say():
     assert invariants.exit_codes(history(procs=[replace(once, returncode=75)])) == []
     nothing = replace(once, stdout="0 job(s): 0 succeeded, 0 failed\n")   # none enabled
     assert invariants.exit_codes(history(procs=[nothing])) == []
+    # SIGTERM after its loop stopped ends it by the signal; before, it must not.
+    nothing.lines = [line(T0 + 1, "work loop stopped: every job ran once (0 run(s) "
+                                  "finished, 0 cancelled, 0 abandoned)")]
+    nothing.returncode, nothing.term_at = -15, T0 + 1.5
+    assert invariants.exit_codes(history(procs=[nothing])) == []
+    nothing.term_at = T0 + 0.5
+    assert "expected 0" in invariants.exit_codes(history(procs=[nothing]))[0].message
+    nothing.returncode = 0
+    assert invariants.exit_codes(history(procs=[nothing])) == []
 
 
 def test_threads_or_files_that_grow_are_reported():

@@ -458,7 +458,8 @@ def exit_codes(history: History) -> list[Violation]:
     """Daemon: SIGKILL -> -9; SIGTERM -> 1 when its stop line counts a cancelled or
     abandoned run, else 0 (before it was ready: 0, or -15 when the signal came before
     its handlers); never an exit of its own. --once: 75 when every job was skipped,
-    1 when one failed, else 0, with its summary printed."""
+    1 when one failed, else 0, with its summary printed (or -15 for a SIGTERM that
+    came after its loop had stopped)."""
     out = []
     for proc in history.procs:
         if proc.returncode is None:
@@ -484,6 +485,10 @@ def exit_codes(history: History) -> list[Violation]:
                 total, failed = int(summary.group(1)), int(summary.group(3))
                 skipped = int(summary.group(4) or 0)
                 expected = {75} if total and skipped == total else {1} if failed else {0}
+                stopped = _first(proc, "work loop stopped:")
+                if proc.term_at is not None and stopped is not None and \
+                        stopped <= proc.term_at:
+                    expected.add(-15)   # the work was over: SIGTERM met the exit itself
         if code not in expected:
             why = (f"expected {' or '.join(map(str, sorted(expected)))}" if expected
                    else "it was not asked to stop" if proc.kind == "daemon"
