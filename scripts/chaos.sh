@@ -16,9 +16,14 @@ cd "$(dirname "$0")/.."
 
 seconds=${CHAOS_SECONDS:-60}
 seed=${CHAOS_SEED:-$(( 16#$(git rev-parse --short=7 HEAD 2>/dev/null || echo 1) ))}
-# job:stuck: a daemon that abandons a stuck thread exits 0 (issue 19, item 9);
-# reload:timezone: a timezone-only reload re-runs every `every:` job (item 4).
-exclude=${CHAOS_EXCLUDE-job:stuck,reload:timezone}
+# Defects known and still open (issue 19), and the events that meet them:
+# job:stuck         a daemon that abandons a stuck thread exits 0 (item 9);
+# reload:timezone   a timezone-only reload re-runs every `every:` job (item 4);
+# once              cluster --once with the run table out of reach at start: a
+#                   traceback and exit 1, no summary (item 8);
+# pause             SIGTERM (or a pending SIGHUP) that lands while the resumed loop
+#                   logs: the handler blocks on the log lock for ever (item 6).
+exclude=${CHAOS_EXCLUDE-job:stuck,reload:timezone,once,pause}
 status=0
 for setup in ${CHAOS_BACKENDS:-sqlite:1 mariadb:2 postgresql:2 sqlserver:2}; do
     backend=${setup%%:*}
