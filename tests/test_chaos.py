@@ -257,3 +257,26 @@ def test_an_excluded_job_kind_is_neither_in_the_job_list_nor_added():
         [e.plan for e in events if e.plan is not None]
     assert [e for e in events if e.mutation == "add"]
     assert not {job.mode for plan in plans for job in plan.jobs} & {"stuck", "fail"}
+
+
+def test_every_plan_renders_to_a_config_the_worker_accepts(tmp_path):
+    import yaml
+
+    from tests.chaos.events import initial_plan
+    from tests.chaos.nodes import render
+    from worker.config import load
+    plans = [initial_plan()] + [e.plan for e in generate(21, 2, 240, "mariadb")
+                                if e.plan is not None]
+    for cluster in (False, True):
+        for plan in plans:
+            data = render(plan, backend="sqlite", url=f"sqlite:///{tmp_path / 'c.db'}",
+                          lock_dir=tmp_path / "locks", host="n2", node="n2-3",
+                          cluster=cluster)
+            path = tmp_path / f"v{plan.version}.yaml"
+            path.write_text(yaml.safe_dump(data))
+            config = load(path)
+            assert config.worker.lock_dir == str(tmp_path / "locks" / plan.lock)
+            assert [job.name for job in config.jobs] == [job.name for job in plan.jobs]
+            assert (config.cluster is not None) == cluster
+            if cluster:
+                assert config.cluster.node == "n2-3"

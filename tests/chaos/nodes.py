@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 import yaml
 
@@ -25,8 +26,10 @@ from .events import Plan
 from .invariants import Execution, Proc, RunRow
 
 ROOT = Path(__file__).resolve().parents[2]
-CONNECT_ARGS = {"sqlite": {"timeout": 10}, "mariadb": {"timeout": 5},
-                "postgresql": {"connect_timeout": 5}, "sqlserver": {"timeout": 5}}
+# The driver's login timeout per backend: a node must not wait long on a cut proxy.
+CONNECT_ARGS = MappingProxyType({"sqlite": ("timeout", 10), "mariadb": ("timeout", 5),
+                                 "postgresql": ("connect_timeout", 5),
+                                 "sqlserver": ("timeout", 5)})
 
 
 def render(plan: Plan, *, backend: str, url: str, lock_dir: Path, host: str, node: str,
@@ -34,7 +37,7 @@ def render(plan: Plan, *, backend: str, url: str, lock_dir: Path, host: str, nod
     """One node's YAML (as data) for a plan: its own lock_dir and node name."""
     config = {
         "database": {"url": url, "pool_size": plan.max_workers + plan.pool_extra,
-                     "connect_args": CONNECT_ARGS[backend]},
+                     "connect_args": dict([CONNECT_ARGS[backend]])},
         "worker": {"max_workers": plan.max_workers, "timezone": plan.timezone,
                    "shutdown_timeout": plan.shutdown_timeout,
                    "misfire_grace_time": plan.misfire_grace_time,
