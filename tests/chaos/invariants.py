@@ -123,6 +123,11 @@ class Violation:
 
 
 # --- the log lines the checks read ------------------------------------------------
+# A change to one of these messages in worker/ must change its pattern here too: a
+# line no longer recognised shows up as a violation (a stop line missing, runs
+# missing), never as a silent pass. Also read: "daemon started:", "reloaded ",
+# "reload rejected", "received SIGHUP", "cluster heartbeat failed", "cluster heartbeat
+# works again", "cluster: the run table is out of reach", "work loop stopped:".
 
 START = re.compile(r"^job=(\S+) starting the run due at (\S+) \(([\d.]+)s late"
                    r"(?:, (\d+) missed runs coalesced)?\)")
