@@ -25,7 +25,8 @@ def parse(argv: list[str] | None = None):
     parser.add_argument("--exclude", default="", metavar="KINDS",
                         help=f"comma-separated event kinds never to draw: {', '.join(kinds)}")
     parser.add_argument("--keep", action="store_true",
-                        help="keep the processes' logs and configs even without a violation")
+                        help="keep the processes' logs and configs even without a "
+                             "violation, and the recorded history (history.pickle)")
     args = parser.parse_args(argv)
     exclude = frozenset(k.strip() for k in args.exclude.split(",") if k.strip())
     unknown = exclude - set(kinds)

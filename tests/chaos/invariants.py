@@ -250,8 +250,8 @@ def _schedule_stretches(proc: Proc, job: str):
 def lost_runs(history: History) -> list[Violation]:
     """Cluster: each occurrence (job, slot) on the epoch grid that came due while some
     daemon had the job scheduled and could claim it (up for a while, not paused,
-    its database reachable, the run table not locked, no reload or stop around it,
-    its previous run of the job over) has a row in the run table, or is accounted for:
+    its database reachable, the run table not locked, not stopping, its previous
+    run of the job over) has a row in the run table, or is accounted for:
     coalesced into a later run, misfired, or refused with its log line. One node: in
     each process stopped by SIGTERM, the occurrences missing between its runs of a
     job (name and schedule unchanged) are at most the skips it logged for the job."""
@@ -317,9 +317,9 @@ def _judged_slots(history: History) -> dict[tuple[str, int], Proc]:
     by_node: dict[str, list[RunRow]] = {}
     for row in history.run_rows:
         by_node.setdefault(row.node, []).append(row)
-    lease = max([p.lease + p.heartbeat for proc in history.procs
-                 for _, p in proc.versions] or [0.0])
-    blocked = [(start - 2, end + lease + 3, node) for node, start, end in history.outages]
+    # After an outage a node claims again once a heartbeat succeeds.
+    beat = max([p.heartbeat for proc in history.procs for _, p in proc.versions] or [0.0])
+    blocked = [(start - 2, end + beat + 3, node) for node, start, end in history.outages]
     blocked += [(start - 2, end + 3, None) for start, end in history.locks]
     judged: dict[tuple[str, int], Proc] = {}
     for proc in history.procs:
@@ -371,15 +371,14 @@ def _busy(rows: list[RunRow], job: str, slot: float) -> bool:
 
 
 def _unsettled(proc: Proc) -> list[tuple[float, float]]:
-    """Stretches in which a node may rightly not claim: around a reload, while its
-    heartbeat failed, and from its stop on."""
+    """Stretches in which a node may rightly not claim: while its heartbeat failed,
+    and from its stop on. (A reload is not one: runs it delays start late or are
+    coalesced or misfired with their line; a changed schedule starts a new stretch.)"""
     out = []
     failing_since = None
     for entry in proc.entries():
         message = entry["message"]
-        if message.startswith(("reloaded ", "reload rejected", "received SIGHUP")):
-            out.append((entry["t"] - 2, entry["t"] + 2))
-        elif message.startswith(("cluster heartbeat failed", "cluster: the run table is "
+        if message.startswith(("cluster heartbeat failed", "cluster: the run table is "
                                  "out of reach")):
             failing_since = failing_since or entry["t"] - 2
         elif message.startswith("cluster heartbeat works again") and failing_since:

@@ -117,6 +117,10 @@ class ChaosRun:
             for process in self.processes:
                 process.finish_record()
                 self.history.procs.append(process.record)
+            if self.settings.keep:
+                # Everything the checks read, to check a kept run again.
+                import pickle
+                (self.workdir / "history.pickle").write_bytes(pickle.dumps(self.history))
             results = invariants.check(self.history)
             violations = report(self.history, results, self.settings.command, self.out)
         finally:
