@@ -6,7 +6,8 @@
 #   FreeTDS (tdsodbc), and a MariaDB server when none is installed;
 # - MariaDB started if it is not answering, and a test user and database;
 # - a virtual environment in .venv with the project and its test extra;
-# - pytest, against SQLite and against MariaDB through pyodbc.
+# - pytest, against SQLite and against MariaDB through pyodbc;
+# - the chaos run, about 60 s per backend (scripts/chaos.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,4 +60,11 @@ bash scripts/setup-sqlserver.sh
 bash scripts/setup-monitoring-tests.sh
 bash scripts/test-container.sh  # the Dockerfile built with buildah and its images run (docs/docker.md)
 
-exec .venv/bin/python -m pytest "$@"
+status=0
+.venv/bin/python -m pytest "$@" || status=$?
+# The chaos run, about 60 s per backend (scripts/chaos.sh), when the whole suite
+# runs (no pytest arguments) or CHAOS=1; CHAOS=0 leaves it out.
+if [ "${CHAOS:-$([ $# -eq 0 ] && echo 1 || echo 0)}" = 1 ]; then
+    bash scripts/chaos.sh || status=1
+fi
+exit $status

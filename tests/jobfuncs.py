@@ -687,3 +687,33 @@ def record_then_wait_for_file(session, name: str, path: str, timeout: float = 60
     a run that is surely still going when the test kills its worker."""
     record_run(session, name)
     wait_for_file(session, path, timeout)
+
+
+def chaos_job(session, name: str, host: str, node: str, lock: str, idem: bool,
+              seconds: float = 0.0, mode: str = "ok", cluster: bool = False) -> None:
+    """A chaos run's job (tests/chaos): does its work, then writes one row per
+    execution into chaos_runs, committed with the run, so that the checker sees
+    every run whose effect was committed: which job (its configured name), on which
+    host and lock directory, in which process, and in cluster mode for which slot
+    (this node's newest row of the job in the run table: the one it claimed)."""
+    started = time.time()
+    if mode == "timeout" and _dialect(session) != "sqlite":
+        sleep_query(session, seconds)
+    else:
+        time.sleep(seconds)
+    if mode == "fail":
+        raise ValueError("chaos: this job fails by design")
+    slot = None
+    if cluster:
+        # Read last, just before the commit: a transaction that read the run table
+        # holds a share lock on it (PostgreSQL, MariaDB's metadata lock) while the
+        # job sleeps, and would make a chaos "lock the run table" wait for the job.
+        slot = session.execute(text(
+            "SELECT slot_ms FROM worker_runs WHERE job = :j AND node = :n AND started_ms = "
+            "(SELECT MAX(started_ms) FROM worker_runs WHERE job = :j AND node = :n)"),
+            {"j": name, "n": node}).scalar()
+    session.execute(text(
+        "INSERT INTO chaos_runs (job, host, node, lock_tag, idempotent, pid, slot_ms, "
+        "started, ended) VALUES (:job, :host, :node, :lock, :idem, :pid, :slot, :s, :e)"),
+        {"job": name, "host": host, "node": node, "lock": lock, "idem": int(idem),
+         "pid": os.getpid(), "slot": slot, "s": started, "e": time.time()})

@@ -992,3 +992,48 @@ jobs:
     assert value(samples, "run_worker_job_running", job_name="slow") == 1
     assert value(samples, "run_worker_job_stuck", job_name="ok") == 0
     assert value(samples, "run_worker_runs_total", job_name="ok", outcome="success") == 1
+
+
+def test_the_readiness_probe_survives_a_reload_that_drops_the_metrics_section(tmp_path):
+    """A reload that removes the `metrics` section while the probe pings the database
+    used to kill the probe thread (AttributeError on the Health it had just found
+    set; a plain-text traceback on a JSON stderr, found by the chaos run, seed 202 on
+    PostgreSQL): once the section came back, /readyz was never probed again."""
+    from types import SimpleNamespace
+
+    from sqlalchemy import event
+
+    from worker.config import load
+    from worker.db import Database
+    from worker.monitoring import monitor
+    from worker.monitoring.observe import Observers
+    jobs = "jobs:\n  - {name: a, call: 'tests.jobfuncs:noop', every: 1s}\n"
+    url = sqlite_db(tmp_path)
+    with_metrics = load(write_config(tmp_path / "on.yaml", f"database: {{url: '{url}'}}\n"
+                                     f"metrics: {{port: 0}}\n{jobs}"))
+    without = load(write_config(tmp_path / "off.yaml", f"database: {{url: '{url}'}}\n{jobs}"))
+    monitoring = monitor.Monitoring(Observers(), listen=True)
+    monitoring.apply(with_metrics)
+    database = Database(with_metrics.database)
+    reloads = []
+
+    def reload_during_the_ping(*_):
+        if not reloads:           # the reload lands between the probe's two looks
+            reloads.append(time.monotonic())
+            monitoring.apply(without)
+    event.listen(database.engine, "before_cursor_execute", reload_during_the_ping)
+    try:
+        monitoring.probe_readiness(lambda: SimpleNamespace(config=with_metrics,
+                                                           database=database))
+        deadline = time.monotonic() + 10 * monitor.READY_PROBE_EVERY
+        while not reloads and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reloads and monitoring.health is None
+        time.sleep(0.5)       # the probe finishes its turn without the section
+        monitoring.apply(with_metrics)          # then the section comes back
+        while not monitoring.health.ready and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert monitoring.health.ready, "the probe thread died in the reload"
+    finally:
+        monitoring.close()
+        database.dispose()

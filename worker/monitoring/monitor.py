@@ -344,7 +344,10 @@ class Monitoring:
         def probe() -> None:
             while not self._probe_stop.wait(READY_PROBE_EVERY):
                 runtime = runtime_of()
-                if runtime is None or self.health is None:
+                # Read once: a reload may drop the metrics section (health None)
+                # while this thread pings; the thread must outlive that.
+                health = self.health
+                if runtime is None or health is None:
                     continue
                 settings = runtime.config.database
                 if runtime.database.checked_out() >= settings.pool_size + \
@@ -355,7 +358,7 @@ class Monitoring:
                     ready = True
                 except Exception:  # unreachable, whatever the driver says
                     ready = False
-                if ready != self.health.ready:
+                if ready != health.ready:
                     log.warning("the job database %s", "answers again" if ready
                                 else "does not answer: /readyz is 503")
                 self.observers.database_ready(ready)
