@@ -240,3 +240,26 @@ def test_a_connection_cut_in_first_connect_initialisation_is_retried(tds_server,
     assert "failed while connecting, before the job's first statement" in done.stderr, \
         done.stderr
     assert "ResourceClosedError" in done.stderr and "attempt=2/3 succeeded" in done.stderr
+
+
+def test_an_answer_refusing_the_connection_is_not_retried_as_a_connect_failure(
+        backend, tmp_path):
+    """A failure before the job's first statement is retried as a connect failure
+    only when nothing answered: MariaDB refusing the database (1044, 42000, the
+    server's definitive answer) and a TypeError from a bad connect_args keyword (a
+    bug in the config) were retried `attempts` times as 'failed while connecting'."""
+    from tests.conftest import MARIADB_URL
+    if backend == "mariadb":
+        settings = DatabaseSettings(url=MARIADB_URL.replace("/worker_test?", "/no_such_db?"),
+                                    pool_size=1)
+    else:
+        settings = DatabaseSettings(url=sqlite_url(tmp_path),
+                                    connect_args={"no_such_keyword": 1}, pool_size=1)
+    database = Database(settings)
+    try:
+        result = run(spec("refused", attempts=3), database, sleep=lambda seconds: None)
+    finally:
+        Session.remove()
+        database.dispose()
+    assert result.outcome is Outcome.FAILED
+    assert result.attempts == 1, result.error
