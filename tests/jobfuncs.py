@@ -624,7 +624,7 @@ def note_run(session, ran: list, name: str) -> None:
 def insert_card_twice(session, card: str) -> None:
     """A UNIQUE violation whose bind parameter is a card number: it must never
     reach the log."""
-    session.execute(text("CREATE TABLE IF NOT EXISTS worker_test_cards (card TEXT PRIMARY KEY)"))
+    session.execute(text("CREATE TABLE IF NOT EXISTS worker_test_cards (card VARCHAR(64) PRIMARY KEY)"))
     session.execute(text("INSERT INTO worker_test_cards (card) VALUES (:card)"), {"card": card})
     session.execute(text("INSERT INTO worker_test_cards (card) VALUES (:card)"), {"card": card})
 

@@ -1142,9 +1142,28 @@ def test_an_unencoded_at_in_the_password_is_refused(key, tmp_path, capsys):
     ("odbc_connect=UID%3Du%3BPWD%3D%7Bs3cret%3Bs3cret%7D%7Ds3cret%7D%3BAPP%3Dw",
      "odbc_connect=UID%3Du%3BPWD%3D***%3BAPP%3Dw"),
     ("job=report attempt=1/3 succeeded", "job=report attempt=1/3 succeeded"),
+    # Values a server quotes back from the statement's bind parameters (as each
+    # server words it): hide_parameters does not reach the server's own message.
+    ("[ma-3.1.15]Duplicate entry '4111-1111' for key 'PRIMARY' (1062)",
+     "[ma-3.1.15]Duplicate entry '***' for key 'PRIMARY' (1062)"),
+    ("Incorrect integer value: '4111x' for column `w`.`t`.`a` at row 1",
+     "Incorrect integer value: '***' for column `w`.`t`.`a` at row 1"),
+    ('violates unique constraint "c"\nDETAIL:  Key (lower(card))=(4111) already exists.',
+     'violates unique constraint "c"\nDETAIL:  Key (lower(card))=(***) already exists.'),
+    ('DETAIL:  Key (card)=(4111) is not present in table "p".',
+     'DETAIL:  Key (card)=(***) is not present in table "p".'),
+    ('violates check constraint "c"\nDETAIL:  Failing row contains (4111, x).\n',
+     'violates check constraint "c"\nDETAIL:  Failing row contains (***).\n'),
+    ('invalid input syntax for type integer: "4111x"',
+     'invalid input syntax for type integer: "***"'),
+    ("Cannot insert duplicate key in object 'dbo.t'. The duplicate key value is (4111). "
+     "(2627) (SQLExecDirectW)", "Cannot insert duplicate key in object 'dbo.t'. The "
+     "duplicate key value is (***). (2627) (SQLExecDirectW)"),
 ], ids=["odbc", "odbc-braced", "odbc-unclosed-brace", "odbc-spaces", "query",
         "url-unencoded-at", "url-placeholder", "dict-repr", "json", "percent-encoded",
-        "no-credential"])
+        "no-credential", "mariadb-duplicate-entry", "mariadb-incorrect-value",
+        "postgresql-duplicate-key", "postgresql-foreign-key", "postgresql-failing-row",
+        "postgresql-invalid-input", "sqlserver-duplicate-key"])
 def test_mask_secrets(text, shown):
     assert mask_secrets(text) == shown
 
