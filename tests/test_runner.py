@@ -263,3 +263,23 @@ def test_an_answer_refusing_the_connection_is_not_retried_as_a_connect_failure(
         database.dispose()
     assert result.outcome is Outcome.FAILED
     assert result.attempts == 1, result.error
+
+
+def test_a_different_error_in_a_failure_streak_logs_its_traceback(tmp_path, caplog):
+    """A job failing with one error, then (a reload changed its code, the data
+    changed) with another: the second error's traceback was 'as logged at the
+    first of them, not repeated', although that traceback was of another error."""
+    from worker.runner import FailureStreaks
+    database = Database(DatabaseSettings(url=sqlite_url(tmp_path), pool_size=1))
+    streaks = FailureStreaks()
+    calls = ["tests.jobfuncs:fail_with_value_error"] * 2 + ["tests.jobfuncs:syntax_error"] * 2
+    try:
+        with caplog.at_level(logging.INFO, logger="worker.runner"):
+            for call in calls:
+                run(spec("flaky", call, attempts=1), database, streaks=streaks)
+    finally:
+        database.dispose()
+    shown = [r.exc_info[0].__name__ for r in caplog.records
+             if "traceback of the last attempt" in r.getMessage()]
+    assert shown == ["ValueError", "OperationalError"]   # SQLite: a syntax error
+    assert sum("runs in a row" in r.getMessage() for r in caplog.records) == 2
