@@ -633,10 +633,13 @@ def _raise_in_thread() -> None:
     raise RuntimeError("thread failed")
 
 
-def raise_in_threads(session, count: int) -> None:
-    """Threads that end by an exception, all alike: one log line, not `count`."""
+def raise_in_threads(session, count: int, unique_names: bool = False) -> None:
+    """Threads that end by an exception, all alike: one log line, not `count`
+    (also when each thread has a name of its own, `helper-<uuid>`)."""
+    import uuid
     for _ in range(count):
-        thread = threading.Thread(target=_raise_in_thread, name="helper")
+        name = f"helper-{uuid.uuid4().hex}" if unique_names else "helper"
+        thread = threading.Thread(target=_raise_in_thread, name=name)
         thread.start()
         thread.join()
 

@@ -209,6 +209,30 @@ def test_every_stderr_line_is_json_and_thread_exceptions_are_throttled(tmp_path)
     assert "RuntimeError: thread failed" in uncaught[0]["traceback"]
 
 
+def test_thread_exceptions_are_throttled_whatever_the_threads_are_named(tmp_path):
+    """The throttle's kind held the thread's name (digits stripped): threads named
+    `helper-<uuid>` were each a kind of their own, never throttled, and each kept
+    an entry for the daemon's lifetime."""
+    done = run_once(tmp_path, "  - {name: threads, call: 'tests.jobfuncs:raise_in_threads', "
+                              "kwargs: {count: 5, unique_names: true}}\n",
+                    "--log-format", "json")
+    assert done.returncode == 0, done.stderr
+    entries = [json.loads(line) for line in done.stderr.splitlines()]
+    uncaught = [e for e in entries if e["message"].startswith("uncaught exception")]
+    assert len(uncaught) == 1, done.stderr
+
+
+def test_the_throttle_forgets_kinds_it_has_not_seen_for_long():
+    from worker.logs import THROTTLE_SECONDS, ErrorThrottle
+    now = [0.0]
+    throttle = ErrorThrottle(clock=lambda: now[0])
+    for number in range(5000):
+        assert throttle.admit(("kind", number)) == 0
+    now[0] += THROTTLE_SECONDS + 1
+    throttle.admit(("another",))
+    assert throttle.kinds_kept() <= 1000
+
+
 def test_the_throttle_counts_what_it_left_out():
     now = [0.0]
     throttle = logs.ErrorThrottle(clock=lambda: now[0])
