@@ -39,6 +39,9 @@ REFUSED = {
     "@reboot": "unknown '@reboot'",
     "@annually": "unknown '@annually'",
     "": "empty",
+    # str.split() and str.strip() also take Unicode spaces; cron(8) takes spaces and tabs
+    "0\u00a00 * * *": "non-ASCII character '\\xa0'",
+    "0 0\u2003* * *": "non-ASCII character '\\u2003'",
 }
 
 

@@ -85,9 +85,14 @@ class CronExpression:
 
 def parse(text: str) -> CronExpression:
     """The expression, or CronSyntaxError naming what is wrong."""
-    stripped = text.strip()
+    stripped = text.strip(" \t")
     if not stripped:
         raise CronSyntaxError("empty")
+    odd = next((c for c in stripped if not c.isascii() or (c.isspace() and c not in " \t")),
+               None)
+    if odd is not None:   # split() would take a no-break space for a separator
+        raise CronSyntaxError(f"non-ASCII character {odd!r}" if not odd.isascii() else
+                              f"the fields are separated by spaces or tabs, not {odd!r}")
     fields = _MACROS.get(stripped.lower(), stripped).split()
     if stripped.startswith("@") and stripped.lower() not in _MACROS:
         raise CronSyntaxError(f"unknown {stripped!r} (use @hourly, @daily, @weekly, "
