@@ -146,7 +146,7 @@ def _value(text: str, name: str, lowest: int, highest: int, names: tuple[str, ..
         shown = number if number < 10 ** 9 else _shown(text)
         raise CronSyntaxError(f"{name} {_shown(field)}: {shown} is outside "
                               f"{lowest}-{highest}")
-    if text.isascii() and text.upper() in names:   # 'ſun'.upper() is 'SUN'
+    if text.upper() in names:   # ASCII only (parse refuses the rest): 'ſun'.upper() is 'SUN'
         return names.index(text.upper()) + lowest
     allowed = f" or {names[0]}-{names[-1]}" if names else ""
     raise CronSyntaxError(f"{name} {_shown(field)}: {_shown(text)} is not a number "
