@@ -7,7 +7,8 @@ password, passwd, pwd, secret, token or key (case-insensitive), in a URL's query
 braced `PWD={a;b}}c}` included), in a percent-encoded `odbc_connect=...`, or as
 a quoted key in a dict or JSON (`'password': '...'`). A value a server quotes
 back from a failed statement (a duplicate key, a failing row) is a bind parameter
-and is masked too. Masking errs towards hiding too much: a URL's user:password part is masked up to its last '@'.
+and is masked too. Masking errs towards hiding too much: a URL's user:password
+part is masked up to its last '@'.
 
 Imports nothing from the rest of the package, so any module (errors, logs,
 reports) can use it without an import cycle.
@@ -57,8 +58,8 @@ _ECHOED_VALUES = (
     (" value: '", re.compile(r"(Incorrect [\w ]+ value: ').*?(' for column)")),
     ("Key (", re.compile(r"(Key \(.*?\)=\().*?(\) (?:already exists|is not present in|"
                          r"conflicts with))")),
-    ("Failing row contains (", re.compile(r"(Failing row contains \().*?(\)\.?)(?=\s*$|\\n|\n|[\"'])",
-                                          re.MULTILINE)),
+    ("Failing row contains (", re.compile(
+        r"(Failing row contains \().*?(\)\.?)(?=\s*$|\\n|\n|[\"'])", re.MULTILINE)),
     ("invalid input ", re.compile(r"(invalid input (?:syntax|value) for [\w ]+: \").*?(\")")),
     ("duplicate key value is (", re.compile(r"(duplicate key value is \().*?(\)\.)")),
 )
