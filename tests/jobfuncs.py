@@ -624,7 +624,7 @@ def note_run(session, ran: list, name: str) -> None:
 def insert_card_twice(session, card: str) -> None:
     """A UNIQUE violation whose bind parameter is a card number: it must never
     reach the log."""
-    session.execute(text("CREATE TABLE IF NOT EXISTS worker_test_cards (card TEXT PRIMARY KEY)"))
+    session.execute(text("CREATE TABLE IF NOT EXISTS worker_test_cards (card VARCHAR(64) PRIMARY KEY)"))
     session.execute(text("INSERT INTO worker_test_cards (card) VALUES (:card)"), {"card": card})
     session.execute(text("INSERT INTO worker_test_cards (card) VALUES (:card)"), {"card": card})
 
@@ -633,10 +633,13 @@ def _raise_in_thread() -> None:
     raise RuntimeError("thread failed")
 
 
-def raise_in_threads(session, count: int) -> None:
-    """Threads that end by an exception, all alike: one log line, not `count`."""
+def raise_in_threads(session, count: int, unique_names: bool = False) -> None:
+    """Threads that end by an exception, all alike: one log line, not `count`
+    (also when each thread has a name of its own, `helper-<uuid>`)."""
+    import uuid
     for _ in range(count):
-        thread = threading.Thread(target=_raise_in_thread, name="helper")
+        name = f"helper-{uuid.uuid4().hex}" if unique_names else "helper"
+        thread = threading.Thread(target=_raise_in_thread, name=name)
         thread.start()
         thread.join()
 

@@ -158,6 +158,11 @@ BROKEN = [
     bad_cron("cron-H", "H * * * *", "'H' is not a number 0-59"),
     bad_cron("cron-reboot", "@reboot", "unknown '@reboot'"),
     bad_cron("cron-empty", "", "not a valid cron expression: '': empty"),
+    # A number too long for int() was a ValueError traceback; 'ſun'.upper() == 'SUN'.
+    bad_cron("cron-5000-digit-day", "0 0 1" + "0" * 5000 + " * *",
+             "'... is outside 1-31"),
+    bad_cron("cron-non-ascii-day-name", "0 0 * * \u017fun", "non-ASCII character"),
+    bad_cron("cron-non-ascii-digit-step", "*/\u0661 * * * *", "non-ASCII character"),
     Broken("transient-code-double-minus",
            HEAD + f"retry:\n  transient_codes: ['--1205']  {MARK}\n",
            "'--1205' is neither a native error number", key="retry.transient_codes[0]"),
@@ -238,6 +243,14 @@ BROKEN = [
            f"database:\n  url: ${{WORKER_TEST_UNSET_URL}}  {MARK}\njobs:\n" + TOUCH,
            "environment variable WORKER_TEST_UNSET_URL is not set and has no default",
            key="database.url"),
+    # A scalar YAML types but Python cannot build: it was a ValueError traceback.
+    Broken("yaml-impossible-date",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
+                  f"    kwargs: {{day: 2026-02-30}}  {MARK}\n",
+           "cannot read the value '2026-02-30': day is out of range for month"),
+    Broken("yaml-integer-of-5000-digits",
+           HEAD + f"worker:\n  max_workers: 1{'0' * 5000}  {MARK}\n",
+           "cannot read the value '1000000000"),
     Broken("env-var-unset-in-job",
            HEAD + "  - name: b\n    call: tests.jobfuncs:touch\n"
                   f"    kwargs:\n      path: ${{WORKER_TEST_UNSET_PATH}}  {MARK}\n",
@@ -327,7 +340,7 @@ def test_the_file_is_read_by_libyaml_when_pyyaml_has_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(yaml, "CSafeLoader", RecordingLoader)
     config = load_text(tmp_path, HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n")
-    assert made == [RecordingLoader]
+    assert len(made) == 1 and issubclass(made[0], RecordingLoader)
     assert [job.line for job in config.jobs] == [4, 7]
 
 
@@ -708,6 +721,21 @@ jobs:
     assert config.database.pool_pre_ping is True
     assert config.jobs[0].every == 30.0
     assert dict(config.jobs[0].kwargs) == {"label": "id-7", "n": 7, "text": "hello"}
+
+
+@pytest.mark.parametrize("value", ["1" + "0" * 5000, "[" * 100_000],
+                         ids=["5000-digits", "100000-brackets"])
+def test_an_env_value_yaml_cannot_type_is_refused_not_a_traceback(value, tmp_path,
+                                                                   capsys, monkeypatch):
+    """`max_workers: ${W}` typed the expansion with yaml.safe_load, which raised a
+    ValueError (too many digits) or RecursionError (nesting) out of --check."""
+    monkeypatch.setenv("WORKER_TEST_HUGE", value)
+    path = write_config(tmp_path, DB + "worker:\n  max_workers: ${WORKER_TEST_HUGE}\n"
+                                       "jobs:\n" + TOUCH)
+    assert cli.main(["-c", str(path), "--check"]) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "key 'worker.max_workers'" in err, err[:300]
+    assert "must be a whole number, got a string" in err, err[:300]
 
 
 def test_load_reads_os_environ_by_default(tmp_path, monkeypatch):
@@ -1114,9 +1142,28 @@ def test_an_unencoded_at_in_the_password_is_refused(key, tmp_path, capsys):
     ("odbc_connect=UID%3Du%3BPWD%3D%7Bs3cret%3Bs3cret%7D%7Ds3cret%7D%3BAPP%3Dw",
      "odbc_connect=UID%3Du%3BPWD%3D***%3BAPP%3Dw"),
     ("job=report attempt=1/3 succeeded", "job=report attempt=1/3 succeeded"),
+    # Values a server quotes back from the statement's bind parameters (as each
+    # server words it): hide_parameters does not reach the server's own message.
+    ("[ma-3.1.15]Duplicate entry '4111-1111' for key 'PRIMARY' (1062)",
+     "[ma-3.1.15]Duplicate entry '***' for key 'PRIMARY' (1062)"),
+    ("Incorrect integer value: '4111x' for column `w`.`t`.`a` at row 1",
+     "Incorrect integer value: '***' for column `w`.`t`.`a` at row 1"),
+    ('violates unique constraint "c"\nDETAIL:  Key (lower(card))=(4111) already exists.',
+     'violates unique constraint "c"\nDETAIL:  Key (lower(card))=(***) already exists.'),
+    ('DETAIL:  Key (card)=(4111) is not present in table "p".',
+     'DETAIL:  Key (card)=(***) is not present in table "p".'),
+    ('violates check constraint "c"\nDETAIL:  Failing row contains (4111, x).\n',
+     'violates check constraint "c"\nDETAIL:  Failing row contains (***).\n'),
+    ('invalid input syntax for type integer: "4111x"',
+     'invalid input syntax for type integer: "***"'),
+    ("Cannot insert duplicate key in object 'dbo.t'. The duplicate key value is (4111). "
+     "(2627) (SQLExecDirectW)", "Cannot insert duplicate key in object 'dbo.t'. The "
+     "duplicate key value is (***). (2627) (SQLExecDirectW)"),
 ], ids=["odbc", "odbc-braced", "odbc-unclosed-brace", "odbc-spaces", "query",
         "url-unencoded-at", "url-placeholder", "dict-repr", "json", "percent-encoded",
-        "no-credential"])
+        "no-credential", "mariadb-duplicate-entry", "mariadb-incorrect-value",
+        "postgresql-duplicate-key", "postgresql-foreign-key", "postgresql-failing-row",
+        "postgresql-invalid-input", "sqlserver-duplicate-key"])
 def test_mask_secrets(text, shown):
     assert mask_secrets(text) == shown
 

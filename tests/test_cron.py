@@ -39,6 +39,9 @@ REFUSED = {
     "@reboot": "unknown '@reboot'",
     "@annually": "unknown '@annually'",
     "": "empty",
+    # str.split() and str.strip() also take Unicode spaces; cron(8) takes spaces and tabs
+    "0\u00a00 * * *": "non-ASCII character '\\xa0'",
+    "0 0\u2003* * *": "non-ASCII character '\\u2003'",
 }
 
 
@@ -391,3 +394,11 @@ def test_days_are_searched_within_the_calendar():
     start = datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp()
     assert datetime.fromtimestamp(times.next_after(start), timezone.utc).date() == \
         date(2032, 2, 29)
+
+
+def test_a_step_of_5000_digits_is_a_step_larger_than_the_field():
+    """int() refuses 4,300 digits: parse raised a bare ValueError (a traceback at
+    --check); a step larger than the field's range gives its first value, as in
+    Vixie cron."""
+    assert parse("*/1" + "0" * 5000 + " * * * *").minutes == (0,)
+    assert parse("*/100 * * * *").minutes == (0,)

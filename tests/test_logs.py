@@ -176,6 +176,26 @@ def test_bind_parameters_are_never_printed(tmp_path, fmt):
     assert "4111" not in done.stderr + done.stdout
 
 
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_bound_value_the_server_quotes_back_is_never_printed(backend_server, tmp_path,
+                                                                fmt):
+    """MariaDB's duplicate-key message quotes the value itself (`Duplicate entry
+    '4111-...' for key`), past hide_parameters: it was in the ERROR line, the
+    traceback and the --once summary."""
+    from tests.conftest import backend_url
+    config = tmp_path / "jobs.yaml"
+    config.write_text(f'database: {{url: "{backend_url(backend_server, tmp_path)}"}}\n'
+                      f'worker: {{lock_dir: "{tmp_path / "locks"}"}}\n'
+                      "jobs:\n  - {name: cards, call: 'tests.jobfuncs:insert_card_twice', "
+                      "kwargs: {card: '4111-1111-1111-1111'}, retry: {attempts: 1}}\n")
+    done = subprocess.run([sys.executable, str(ROOT / "run_worker.py"), "--once", "-c",
+                           str(config), "--log-level", "INFO", "--log-format", fmt],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "IntegrityError" in done.stdout, done.stderr
+    assert "INSERT INTO worker_test_cards" in done.stderr
+    assert "4111" not in done.stderr + done.stdout
+
+
 def test_every_stderr_line_is_json_and_thread_exceptions_are_throttled(tmp_path):
     """Five helper threads of a job die alike: one JSON line (with its traceback),
     not five plain-text tracebacks."""
@@ -187,6 +207,30 @@ def test_every_stderr_line_is_json_and_thread_exceptions_are_throttled(tmp_path)
     assert len(uncaught) == 1, done.stderr
     assert uncaught[0]["message"] == "uncaught exception in helper: RuntimeError"
     assert "RuntimeError: thread failed" in uncaught[0]["traceback"]
+
+
+def test_thread_exceptions_are_throttled_whatever_the_threads_are_named(tmp_path):
+    """The throttle's kind held the thread's name (digits stripped): threads named
+    `helper-<uuid>` were each a kind of their own, never throttled, and each kept
+    an entry for the daemon's lifetime."""
+    done = run_once(tmp_path, "  - {name: threads, call: 'tests.jobfuncs:raise_in_threads', "
+                              "kwargs: {count: 5, unique_names: true}}\n",
+                    "--log-format", "json")
+    assert done.returncode == 0, done.stderr
+    entries = [json.loads(line) for line in done.stderr.splitlines()]
+    uncaught = [e for e in entries if e["message"].startswith("uncaught exception")]
+    assert len(uncaught) == 1, done.stderr
+
+
+def test_the_throttle_forgets_kinds_it_has_not_seen_for_long():
+    from worker.logs import THROTTLE_SECONDS, ErrorThrottle
+    now = [0.0]
+    throttle = ErrorThrottle(clock=lambda: now[0])
+    for number in range(5000):
+        assert throttle.admit(("kind", number)) == 0
+    now[0] += THROTTLE_SECONDS + 1
+    throttle.admit(("another",))
+    assert throttle.kinds_kept() <= 1000
 
 
 def test_the_throttle_counts_what_it_left_out():

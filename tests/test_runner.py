@@ -240,3 +240,46 @@ def test_a_connection_cut_in_first_connect_initialisation_is_retried(tds_server,
     assert "failed while connecting, before the job's first statement" in done.stderr, \
         done.stderr
     assert "ResourceClosedError" in done.stderr and "attempt=2/3 succeeded" in done.stderr
+
+
+def test_an_answer_refusing_the_connection_is_not_retried_as_a_connect_failure(
+        backend, tmp_path):
+    """A failure before the job's first statement is retried as a connect failure
+    only when nothing answered: MariaDB refusing the database (1044, 42000, the
+    server's definitive answer) and a TypeError from a bad connect_args keyword (a
+    bug in the config) were retried `attempts` times as 'failed while connecting'."""
+    from tests.conftest import MARIADB_URL
+    if backend == "mariadb":
+        settings = DatabaseSettings(url=MARIADB_URL.replace("/worker_test?", "/no_such_db?"),
+                                    pool_size=1)
+    else:
+        settings = DatabaseSettings(url=sqlite_url(tmp_path),
+                                    connect_args={"no_such_keyword": 1}, pool_size=1)
+    database = Database(settings)
+    try:
+        result = run(spec("refused", attempts=3), database, sleep=lambda seconds: None)
+    finally:
+        Session.remove()
+        database.dispose()
+    assert result.outcome is Outcome.FAILED
+    assert result.attempts == 1, result.error
+
+
+def test_a_different_error_in_a_failure_streak_logs_its_traceback(tmp_path, caplog):
+    """A job failing with one error, then (a reload changed its code, the data
+    changed) with another: the second error's traceback was 'as logged at the
+    first of them, not repeated', although that traceback was of another error."""
+    from worker.runner import FailureStreaks
+    database = Database(DatabaseSettings(url=sqlite_url(tmp_path), pool_size=1))
+    streaks = FailureStreaks()
+    calls = ["tests.jobfuncs:fail_with_value_error"] * 2 + ["tests.jobfuncs:syntax_error"] * 2
+    try:
+        with caplog.at_level(logging.INFO, logger="worker.runner"):
+            for call in calls:
+                run(spec("flaky", call, attempts=1), database, streaks=streaks)
+    finally:
+        database.dispose()
+    shown = [r.exc_info[0].__name__ for r in caplog.records
+             if "traceback of the last attempt" in r.getMessage()]
+    assert shown == ["ValueError", "OperationalError"]   # SQLite: a syntax error
+    assert sum("runs in a row" in r.getMessage() for r in caplog.records) == 2

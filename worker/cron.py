@@ -85,9 +85,14 @@ class CronExpression:
 
 def parse(text: str) -> CronExpression:
     """The expression, or CronSyntaxError naming what is wrong."""
-    stripped = text.strip()
+    stripped = text.strip(" \t")
     if not stripped:
         raise CronSyntaxError("empty")
+    odd = next((c for c in stripped if not c.isascii() or (c.isspace() and c not in " \t")),
+               None)
+    if odd is not None:   # split() would take a no-break space for a separator
+        raise CronSyntaxError(f"non-ASCII character {odd!r}" if not odd.isascii() else
+                              f"the fields are separated by spaces or tabs, not {odd!r}")
     fields = _MACROS.get(stripped.lower(), stripped).split()
     if stripped.startswith("@") and stripped.lower() not in _MACROS:
         raise CronSyntaxError(f"unknown {stripped!r} (use @hourly, @daily, @weekly, "
@@ -112,10 +117,10 @@ def _field(spec: tuple, text: str) -> set[int]:
         span, slash, step_text = item.partition("/")
         step = 1
         if slash:
-            if not step_text.isdigit() or int(step_text) == 0:
-                raise CronSyntaxError(f"{name} {text!r}: the step after '/' must be a "
+            step = _number(step_text)
+            if step is None or step == 0:
+                raise CronSyntaxError(f"{name} {_shown(text)}: the step after '/' must be a "
                                       "number >= 1")
-            step = int(step_text)
         if span == "*":
             start, end = lowest, highest
         else:
@@ -123,10 +128,10 @@ def _field(spec: tuple, text: str) -> set[int]:
             start = _value(first, name, lowest, highest, names, text)
             end = _value(last, name, lowest, highest, names, text) if dash else start
             if slash and not dash:
-                raise CronSyntaxError(f"{name} {text!r}: a step needs '*' or a range "
+                raise CronSyntaxError(f"{name} {_shown(text)}: a step needs '*' or a range "
                                       "before it ('*/10', '0-30/10')")
             if start > end:
-                raise CronSyntaxError(f"{name} {text!r}: the range {span!r} runs "
+                raise CronSyntaxError(f"{name} {_shown(text)}: the range {span!r} runs "
                                       "backwards (ranges do not wrap)")
         values.update(range(start, end + 1, step))
     return values
@@ -134,16 +139,33 @@ def _field(spec: tuple, text: str) -> set[int]:
 
 def _value(text: str, name: str, lowest: int, highest: int, names: tuple[str, ...],
            field: str) -> int:
-    if text.isdigit() and text.isascii():
-        number = int(text)
+    number = _number(text)
+    if number is not None:
         if lowest <= number <= highest:
             return number
-        raise CronSyntaxError(f"{name} {field!r}: {number} is outside {lowest}-{highest}")
-    if text.upper() in names:
+        shown = number if number < 10 ** 9 else _shown(text)
+        raise CronSyntaxError(f"{name} {_shown(field)}: {shown} is outside "
+                              f"{lowest}-{highest}")
+    if text.upper() in names:   # ASCII only (parse refuses the rest): 'ſun'.upper() is 'SUN'
         return names.index(text.upper()) + lowest
     allowed = f" or {names[0]}-{names[-1]}" if names else ""
-    raise CronSyntaxError(f"{name} {field!r}: {text!r} is not a number {lowest}-{highest}"
+    raise CronSyntaxError(f"{name} {_shown(field)}: {_shown(text)} is not a number "
+                          f"{lowest}-{highest}"
                           f"{allowed} (L, W, #, ?, H and the like are not supported)")
+
+
+def _shown(text: str) -> str:
+    """repr, shortened: the message is one line even for a 5,000-digit field."""
+    return repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
+
+
+def _number(text: str) -> int | None:
+    """ASCII digits as a number (None otherwise); more than 9 digits is kept as
+    10**9, larger than any field allows (int() refuses 4,300 digits)."""
+    if not (text.isdigit() and text.isascii()):
+        return None
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 9 else 10 ** 9
 
 
 class CronTimes:

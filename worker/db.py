@@ -202,9 +202,19 @@ def _remember_connection(session, transaction, connection) -> None:
 
 def failed_before_first_statement(session, exc: BaseException) -> bool:
     """True when `exc` came out of the Session getting its first connection
-    (pool checkout, connect, first-connect initialisation, pre-ping): nothing of
-    the job reached the database."""
+    (pool checkout, connect, first-connect initialisation, pre-ping) and is the
+    connection breaking: nothing of the job reached the database. Not when
+    something answered: a driver error on a live connection is the server's or
+    driver's word (MariaDB's 'access denied to database', 1044) and keeps its own
+    classification; a Python error (TypeError from a bad connect_args keyword)
+    is a bug that a retry repeats."""
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
     if session.info.get(HAD_CONNECTION):
+        return False
+    if isinstance(exc, DBAPIError):
+        if not exc.connection_invalidated:
+            return False
+    elif not isinstance(exc, (SQLAlchemyError, OSError)):
         return False
     frame = exc.__traceback__
     while frame is not None:

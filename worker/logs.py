@@ -26,6 +26,7 @@ STRUCTURED_FIELDS = ("job", "attempt", "attempts")
 FLUSH_AFTER = 0.1            # seconds an INFO or DEBUG line may wait to be written
 FLUSH_BYTES = 64 * 1024      # written at once when this much is waiting
 THROTTLE_SECONDS = 10.0     # one line per kind of uncaught exception this often
+KINDS_KEPT = 1000           # kinds of uncaught exception the throttle remembers at most
 WRITE_AT_ONCE = {"write_at_once": True}   # extra= of an INFO line that must not wait
 TEXT_FORMAT = "%(asctime)s %(levelname)s pid=%(process)d [%(threadName)s] %(name)s: %(message)s"
 
@@ -216,8 +217,21 @@ class ErrorThrottle:
                 seen[1] += 1
                 return None
             left_out = seen[1] if seen is not None else 0
+            if seen is None and len(self._kinds) >= KINDS_KEPT:
+                self._forget_quiet(now)
             self._kinds[kind] = [now, 0]
             return left_out
+
+    def _forget_quiet(self, now: float) -> None:
+        """Drop the kinds not written for THROTTLE_SECONDS: a long-running daemon
+        meeting ever new kinds keeps a bounded table."""
+        for kind, (written, _) in list(self._kinds.items()):
+            if now - written >= THROTTLE_SECONDS:
+                del self._kinds[kind]
+
+    def kinds_kept(self) -> int:
+        with self._lock:
+            return len(self._kinds)
 
 
 def _log_uncaught(throttle: ErrorThrottle, kind, value, traceback, thread) -> None:
@@ -230,7 +244,9 @@ def _log_uncaught(throttle: ErrorThrottle, kind, value, traceback, thread) -> No
     if frame is not None:
         where = f"{frame.tb_frame.f_code.co_filename}:{frame.tb_lineno}"
     name = thread.name if thread is not None else "main thread"
-    left_out = throttle.admit((name.rstrip("0123456789"), kind, where))
+    # The kind is what failed and where, not the thread: a job may name each
+    # thread of its own (helper-<uuid>), and every one would be a new kind.
+    left_out = throttle.admit((kind, where))
     if left_out is None:
         return
     repeated = (f" ({left_out} more like it in the last {THROTTLE_SECONDS:g}s not shown)"

@@ -223,21 +223,29 @@ def _invalidate(session, job: JobSpec, attempt: int) -> None:
 class FailureStreaks:
     """How many runs of each job have failed in a row, so that a job failing every
     few seconds logs its traceback once per streak, not once per run (a job
-    failing every 8 s logged 1,271 lines in 2 minutes)."""
+    failing every 8 s logged 1,271 lines in 2 minutes); and which error the
+    streak's traceback showed, so that a different one is shown too."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
+        self._shown: dict[str, tuple] = {}   # job -> the error whose traceback was logged
 
-    def failed(self, job: str) -> int:
-        """This failure's place in the job's streak (1: the first)."""
+    def failed(self, job: str, error: tuple = ()) -> int:
+        """This failure's place in the job's streak (1: the first), or 1 again when
+        `error` (its type and where it was raised) is not the one last shown."""
         with self._lock:
-            self._counts[job] = count = self._counts.get(job, 0) + 1
+            count = self._counts.get(job, 0) + 1
+            if self._shown.get(job, error) != error:
+                count = 1
+            self._counts[job] = count
+            self._shown[job] = error
             return count
 
     def succeeded(self, job: str) -> None:
         with self._lock:
             self._counts.pop(job, None)
+            self._shown.pop(job, None)
 
 
 def run_job(job: JobSpec, function: JobFunction, database: Database, *,
@@ -374,7 +382,7 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
     log.error("%s failed: %s (%s): %s; %s", _tag(job, attempt), diagnosis.reason,
               diagnosis.codes, failure, why, extra=_fields(job, attempt))
     # At INFO, once per streak of failed runs: where in the job's code it failed.
-    streak = streaks.failed(job.name)
+    streak = streaks.failed(job.name, _error_kind(failure.error))
     if streak == 1:
         log.info("%s traceback of the last attempt", _tag(job, attempt),
                  exc_info=failure.error, extra=_fields(job, attempt))
@@ -383,3 +391,13 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
                  "them, not repeated", _tag(job, attempt), streak,
                  extra=_fields(job, attempt))
     return JobResult(job.name, Outcome.FAILED, attempt, duration, str(failure))
+
+
+def _error_kind(error: BaseException) -> tuple:
+    """An error's type and the place it was raised: another kind in a streak of
+    failures is another bug, whose traceback is logged too."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    where = (frame.tb_frame.f_code.co_filename, frame.tb_lineno) if frame else None
+    return type(error), where

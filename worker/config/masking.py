@@ -5,8 +5,10 @@ A credential is a URL's password, or the value of any key whose name says
 password, passwd, pwd, secret, token or key (case-insensitive), in a URL's query
 (`?PWD=...&api_token=...`), in an ODBC connection string (`UID=u;PWD=...`, a
 braced `PWD={a;b}}c}` included), in a percent-encoded `odbc_connect=...`, or as
-a quoted key in a dict or JSON (`'password': '...'`). Masking errs towards
-hiding too much: a URL's user:password part is masked up to its last '@'.
+a quoted key in a dict or JSON (`'password': '...'`). A value a server quotes
+back from a failed statement (a duplicate key, a failing row) is a bind parameter
+and is masked too. Masking errs towards hiding too much: a URL's user:password
+part is masked up to its last '@'.
 
 Imports nothing from the rest of the package, so any module (errors, logs,
 reports) can use it without an import cycle.
@@ -46,6 +48,22 @@ _QUOTED_PAIR = re.compile(
 
 _KEY_WORDS = ("pass", "pwd", "secret", "token", "key")
 
+# Values a server quotes back from the failed statement (hide_parameters cannot
+# reach them: they are in the server's own message): MariaDB/MySQL's duplicate
+# entry (1062) and incorrect value (1366, 1292); PostgreSQL's DETAIL key and
+# failing row, and its invalid input; SQL Server's duplicate key value (2627, 2601).
+# (marker substring, pattern whose groups 1 and 2 surround the value)
+_ECHOED_VALUES = (
+    ("Duplicate entry '", re.compile(r"(Duplicate entry ').*?(' for key)")),
+    (" value: '", re.compile(r"(Incorrect [\w ]+ value: ').*?(' for column)")),
+    ("Key (", re.compile(r"(Key \(.*?\)=\().*?(\) (?:already exists|is not present in|"
+                         r"conflicts with))")),
+    ("Failing row contains (", re.compile(
+        r"(Failing row contains \().*?(\)\.?)(?=\s*$|\\n|\n|[\"'])", re.MULTILINE)),
+    ("invalid input ", re.compile(r"(invalid input (?:syntax|value) for [\w ]+: \").*?(\")")),
+    ("duplicate key value is (", re.compile(r"(duplicate key value is \().*?(\)\.)")),
+)
+
 
 def mask_secrets(text: str) -> str:
     """`text` with every credential it contains replaced by ***."""
@@ -55,6 +73,9 @@ def mask_secrets(text: str) -> str:
     # no credential-shaped key (under 1 us instead of 25 for a typical line).
     if "://" in text:
         text = _URL_PASSWORD.sub(r"\1" + MASK + "@", text)
+    for marker, pattern in _ECHOED_VALUES:
+        if marker in text:
+            text = pattern.sub(lambda m: m.group(1) + MASK + m.group(2), text)
     lowered = text.lower()
     if not any(word in lowered for word in _KEY_WORDS):
         return text

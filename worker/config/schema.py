@@ -102,7 +102,12 @@ def _describe(value: Any) -> str:
         return "nothing (null)"
     kind = {bool: "true/false", int: "a number", float: "a number", str: "a string",
             list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
-    return f"{kind} ({value!r})" if not isinstance(value, (list, dict)) else kind
+    if isinstance(value, (list, dict)):
+        return kind
+    # repr() of an int of 4,300 digits or more raises ValueError
+    shown = repr(value) if not isinstance(value, int) or value.bit_length() < 10_000 \
+        else f"about {value.bit_length() * 3 // 10} digits"
+    return f"{kind} ({shown})"
 
 
 TOP_KEYS = ("database", "worker", "retry", "jobs", "cluster", "metrics", "hooks")
@@ -233,7 +238,8 @@ def _job(raw: Any, index: int, defaults: RetryPolicy, check: _Checker,
         cron = cron.strip()
         problem = cron_problem(cron)
         if problem is not None:
-            raise check.fail(f"not a valid cron expression: {cron!r}: {problem} (e.g. "
+            shown = repr(cron) if len(cron) <= 80 else repr(cron[:77]) + "..."
+            raise check.fail(f"not a valid cron expression: {shown}: {problem} (e.g. "
                              "'*/5 * * * *': minute hour day-of-month month day-of-week; "
                              "or @hourly, @daily, @weekly, @monthly, @yearly)",
                              at + ("cron",), name)

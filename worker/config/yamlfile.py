@@ -83,7 +83,23 @@ def _gc_paused():
 def _loader_class() -> type:
     """libyaml's parser when PyYAML was built with it (it keeps line marks), else
     PyYAML's pure-Python one: the same documents, about 5 times slower."""
-    return yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
+    base = yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
+    return type("MarkedValueLoader", (_MarkedValueErrors, base), {})
+
+
+class _MarkedValueErrors:
+    """A scalar that YAML types but Python cannot build (`2026-02-30`, an integer of
+    5,000 digits) raises a bare ValueError: make it a marked YAML error, so that it
+    is a config error naming its line, not a traceback."""
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as exc:
+            shown = node.value if len(str(node.value)) <= 40 else f"{str(node.value)[:40]}..."
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read the value {shown!r}: {str(exc)[:120]}",
+                node.start_mark) from None
 
 
 def _parse(text: str, path: Path) -> YamlDocument:
@@ -347,6 +363,6 @@ def expand_tree(value: Any, environ: Mapping[str, str], quoted: set[KeyPath],
 def _yaml_scalar(text: str) -> Any:
     try:
         typed = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):   # a 5,000-digit number, [[[[...
         return text
     return typed if isinstance(typed, (bool, int, float)) else text
