@@ -81,7 +81,9 @@ def _job(job: dict) -> str:
     recent = (f'<div class="runs" aria-label="recent runs, oldest first">{squares}</div>'
               f'<details><summary>recent runs ({len(job["recent"])})</summary>'
               f'<div class="wrap"><table><tr><th>ended</th><th>outcome</th><th>duration'
-              f'</th><th>attempts</th><th>error</th></tr>{rows}</table></div></details>'
+              f'</th><th>attempts</th>'
+              + ('<th>node</th>' if any(r["node"] for r in job["recent"]) else '')
+              + f'<th>error</th></tr>{rows}</table></div></details>'
               if job["recent"] else "")
     return (f'<section class="job" id="job-{escape(job["name"])}"><h2>'
             f'{escape(job["name"])} {_badge(outcome)}</h2>'

@@ -1,0 +1,381 @@
+"""The run history: every run one row, in every mode, kept across restarts.
+
+`History` is an observer of the work loop (monitoring.observe): when a run ends
+(scheduled, `--once`, recovered from a dead cluster node, or started by hand) it
+turns the run into a row and hands it to a `HistoryWriter`, whose thread writes
+rows in batches through an engine of its own (never a job's Session, connection or
+transaction), to one table, `worker_history`, in the job database or in a local
+SQLite file (`history.file`). A write that fails never fails a job: the rows wait
+for the next try (at most MAX_QUEUED of them), the failure is counted
+(`failed_writes`, a metric) and logged once per streak.
+
+The table is versioned as the component "history" of the cluster's
+`worker_schema` table, beside the run table's "runs": a node that knows only the
+run table reads its own row and is not refused.
+
+`--history JOB` and the status page read it back (`HistoryStore.runs_of`,
+`HistoryStore.recent`: one query for every job).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+from sqlalchemy import (BigInteger, Column, Index, Integer, MetaData, String, Table,
+                        delete, func, insert, inspect, select)
+from sqlalchemy.exc import IntegrityError
+
+from .cluster import schema_versions
+from .config import Config, DatabaseSettings, HistorySettings, mask_secrets, masked_url
+from .db import Database, create_tables
+from .errors import describe
+from .monitoring.observe import NoObserver
+
+log = logging.getLogger("worker.history")
+
+COMPONENT, SCHEMA_VERSION = "history", 1     # its row in worker_schema
+# What started a run (the `kind` column).
+SCHEDULED, ONCE, RECOVERED, RUN_NOW = "scheduled", "once", "recovered", "run_now"
+BATCH_ROWS = 200          # a batch is written once this many rows wait...
+FLUSH_EVERY = 1.0         # ...or its first row has waited this long (seconds)
+ROWS_PER_INSERT = 100     # rows per INSERT (SQL Server takes at most 2,100 parameters)
+MAX_QUEUED = 50_000       # rows kept while the store is out of reach; the oldest go first
+RETRY_WAIT_MAX = 30.0     # seconds between tries while the store is out of reach
+PRUNE_EVERY = 600.0       # seconds between retention passes
+CLOSE_WAIT = 10.0         # seconds a stop waits for the last rows to be written
+ERROR_MAX = 1000          # characters of an error kept
+
+metadata = MetaData()
+runs = Table(
+    "worker_history", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job", String(200), nullable=False),
+    Column("kind", String(16), nullable=False),         # SCHEDULED, ONCE, ...
+    Column("scheduled_ms", BigInteger, nullable=True),  # the occurrence; NULL: --once
+    Column("started_ms", BigInteger, nullable=False),
+    Column("ended_ms", BigInteger, nullable=False),
+    Column("outcome", String(16), nullable=False),      # success, failed, timeout, ...
+    Column("attempts", Integer, nullable=False),
+    Column("node", String(200), nullable=False),        # cluster node, else host name
+    Column("pid", Integer, nullable=False),
+    Column("error", String(ERROR_MAX), nullable=True),  # masked
+    Index("ix_worker_history_job_id", "job", "id"),
+    Index("ix_worker_history_ended", "ended_ms"),
+)
+versions = schema_versions.to_metadata(metadata)
+_COLUMNS = ("job", "kind", "scheduled_ms", "started_ms", "ended_ms", "outcome",
+            "attempts", "node", "pid", "error")
+
+
+def store_url(config: Config) -> str:
+    """Where the history of this config is kept: its file, else the job database."""
+    if config.history.file is not None:
+        return f"sqlite:///{os.path.abspath(config.history.file)}"
+    return config.database.url
+
+
+def open_store(config: Config) -> "HistoryStore":
+    """The history store of this config (no connection opened yet)."""
+    url = store_url(config)
+    connect_args = config.database.connect_args if url == config.database.url else {}
+    return HistoryStore(url, connect_args, config.extra_codes)
+
+
+class HistoryStore:
+    """The history table in one database: an engine of its own (2 connections)."""
+
+    def __init__(self, url: str, connect_args=None, extra_codes=None) -> None:
+        self.url = url
+        self.database = Database(DatabaseSettings(url=url, pool_size=2, max_overflow=2,
+                                                  pool_timeout=10,
+                                                  connect_args=dict(connect_args or {})),
+                                 extra_codes, for_jobs=False)
+        self._schema_ready = False
+
+    @property
+    def display_url(self) -> str:
+        return self.database.display_url
+
+    def ensure_schema(self) -> None:
+        """Create the table and its version row if missing (safe when several
+        processes start at once); refuse a table of a newer version."""
+        if self._schema_ready:
+            return
+        engine = self.database.engine
+        with engine.begin() as connection:
+            create_tables(connection, metadata)
+        try:
+            with engine.begin() as connection:
+                connection.execute(insert(versions).values(component=COMPONENT,
+                                                           version=SCHEMA_VERSION))
+        except IntegrityError:
+            pass   # another process wrote it first
+        with engine.connect() as connection:
+            version = connection.execute(select(versions.c.version).where(
+                versions.c.component == COMPONENT)).scalar_one()
+        if version != SCHEMA_VERSION:
+            raise RuntimeError(f"the history table has schema version {version}; this "
+                               f"worker knows version {SCHEMA_VERSION}")
+        self._schema_ready = True
+
+    def write(self, rows: list[tuple]) -> None:
+        """Insert rows (tuples in _COLUMNS order) in one transaction."""
+        self.ensure_schema()
+        with self.database.engine.begin() as connection:
+            for start in range(0, len(rows), ROWS_PER_INSERT):
+                chunk = rows[start:start + ROWS_PER_INSERT]
+                connection.execute(insert(runs).values(
+                    [dict(zip(_COLUMNS, row)) for row in chunk]))
+
+    def prune(self, keep: float, per_job: int) -> int:
+        """Delete rows that ended more than `keep` seconds ago and, of each job, all
+        but its newest `per_job` rows; how many went."""
+        self.ensure_schema()
+        cutoff = int((time.time() - keep) * 1000)
+        ranked = select(runs.c.id, func.row_number().over(
+            partition_by=runs.c.job, order_by=runs.c.id.desc()).label("newest")).subquery()
+        # The ids in a derived table of their own: MariaDB refuses a DELETE whose
+        # subquery reads the table it deletes from, unless it is materialised first.
+        beyond_cap = select(ranked.c.id).where(ranked.c.newest > per_job).subquery()
+        with self.database.engine.begin() as connection:
+            deleted = connection.execute(delete(runs).where(
+                runs.c.ended_ms < cutoff)).rowcount
+            deleted += connection.execute(delete(runs).where(
+                runs.c.id.in_(select(beyond_cap.c.id)))).rowcount
+        return max(deleted, 0)
+
+    def _exists(self, connection) -> bool:
+        return inspect(connection).has_table(runs.name)
+
+    def runs_of(self, job: str, limit: int = 20) -> list[Any]:
+        """The newest `limit` rows of `job`, newest first (none: no table yet)."""
+        with self.database.engine.connect() as connection:
+            if not self._schema_ready and not self._exists(connection):
+                return []
+            return connection.execute(select(runs).where(runs.c.job == job)
+                                      .order_by(runs.c.id.desc()).limit(limit)).all()
+
+    def recent(self, limit: int) -> dict[str, list[Any]]:
+        """Each job's newest `limit` rows, newest first: one query."""
+        ranked = select(runs, func.row_number().over(
+            partition_by=runs.c.job, order_by=runs.c.id.desc()).label("newest")).subquery()
+        found: dict[str, list[Any]] = {}
+        with self.database.engine.connect() as connection:
+            if not self._schema_ready and not self._exists(connection):
+                return found
+            for row in connection.execute(select(ranked).where(ranked.c.newest <= limit)
+                                          .order_by(ranked.c.job, ranked.c.newest)):
+                found.setdefault(row.job, []).append(row)
+        return found
+
+    def dispose(self) -> None:
+        self.database.dispose()
+
+
+class HistoryWriter:
+    """Rows in, batches out: one thread writes them to the current store. The job
+    threads and the loop only append to a list."""
+
+    def __init__(self) -> None:
+        self.store: HistoryStore | None = None
+        self.settings: HistorySettings | None = None
+        self.failed_writes = 0       # batches that could not be written (metric)
+        self.dropped_rows = 0        # rows given up: too many waiting, or left at close
+        self._rows: list[tuple] = []
+        self._key: str | None = None
+        self._retired: list[HistoryStore] = []
+        self._closing = False
+        self._failing = False
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._last_prune = float("-inf")
+
+    def use(self, key: str, make_store: Callable[[], HistoryStore],
+            settings: HistorySettings) -> None:
+        """Write to the store named `key` from now on (built by `make_store` when it
+        is another one). Rows still waiting go to the new store."""
+        with self._wake:
+            self.settings = settings
+            if key != self._key:
+                if self.store is not None:
+                    self._retired.append(self.store)
+                    log.info("run history now kept in %s", masked_url(key))
+                self.store, self._key = make_store(), key
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="history-writer",
+                                                daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def add(self, row: tuple) -> None:
+        with self._wake:
+            self._rows.append(row)
+            waiting = len(self._rows)
+            if waiting == 1 or waiting == BATCH_ROWS:
+                self._wake.notify()
+
+    def close(self, timeout: float = CLOSE_WAIT) -> None:
+        """Write what waits (for at most `timeout` seconds), then let the store go."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("run history: the last rows were not written within %gs; "
+                            "%d row(s) lost", timeout, len(self._rows))
+                return
+        for store in self._retired + ([self.store] if self.store is not None else []):
+            store.dispose()
+
+    def _run(self) -> None:
+        delay = FLUSH_EVERY
+        while True:
+            with self._wake:
+                self._wait_for_batch()
+                rows, self._rows = self._rows, []
+                store, settings, closing = self.store, self.settings, self._closing
+                retired, self._retired = self._retired, []
+            for old in retired:
+                old.dispose()
+            written = not rows or self._write(store, rows)
+            if written:
+                delay = FLUSH_EVERY
+                self._prune(store, settings)
+            else:
+                self._keep(rows)
+            if closing:
+                if not written:
+                    self._give_up()
+                return
+            if not written:
+                with self._wake:
+                    if not self._closing:
+                        self._wake.wait(delay)
+                delay = min(delay * 2, RETRY_WAIT_MAX)
+
+    def _wait_for_batch(self) -> None:
+        """(With the lock held.) Until a batch is due: rows have waited FLUSH_EVERY,
+        BATCH_ROWS wait, or a stop came."""
+        while not self._rows and not self._closing:
+            self._wake.wait()
+        deadline = time.monotonic() + FLUSH_EVERY
+        while len(self._rows) < BATCH_ROWS and not self._closing:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._wake.wait(left)
+
+    def _write(self, store: HistoryStore, rows: list[tuple]) -> bool:
+        try:
+            store.write([_masked(row) for row in rows])
+        except Exception as exc:  # whatever the store says: the jobs go on
+            self.failed_writes += 1
+            if not self._failing:
+                self._failing = True
+                log.warning("run history: cannot write to %s (%s); the rows wait and are "
+                            "tried again (this is logged once until it works)",
+                            store.display_url, describe(exc))
+            return False
+        if self._failing:
+            self._failing = False
+            log.info("run history: writing to %s works again", store.display_url)
+        return True
+
+    def _keep(self, rows: list[tuple]) -> None:
+        """Rows that could not be written go back first in line, bounded."""
+        with self._wake:
+            self._rows[:0] = rows
+            excess = len(self._rows) - MAX_QUEUED
+            if excess > 0:
+                del self._rows[:excess]
+                self.dropped_rows += excess
+
+    def _give_up(self) -> None:
+        with self._wake:
+            lost, self._rows = len(self._rows), []
+        self.dropped_rows += lost
+        log.warning("run history: %d row(s) could not be written before the stop", lost)
+
+    def _prune(self, store: HistoryStore, settings: HistorySettings | None) -> None:
+        if settings is None or time.monotonic() - self._last_prune < PRUNE_EVERY:
+            return
+        self._last_prune = time.monotonic()
+        try:
+            deleted = store.prune(settings.keep, settings.max_runs_per_job)
+        except Exception as exc:  # retention waits for the next pass
+            log.warning("run history: retention could not be applied: %s", describe(exc))
+            return
+        if deleted:
+            log.info("run history: pruned %d row(s)", deleted)
+
+
+def _masked(row: tuple) -> tuple:
+    error = row[-1]
+    if not error:
+        return row
+    return row[:-1] + (mask_secrets(error)[:ERROR_MAX],)
+
+
+def run_kind(run) -> str:
+    """What started `run` (a scheduler.DueRun). A run started by hand says so
+    itself (its `kind`)."""
+    kind = getattr(run, "kind", None)
+    if kind:
+        return kind
+    if run.recovering is not None:
+        return RECOVERED
+    return ONCE if run.slot is None else SCHEDULED
+
+
+class History(NoObserver):
+    """The process's run history, as an observer: it outlives reloads (a reload
+    that moves the history switches the writer's store) and is closed at exit."""
+
+    def __init__(self) -> None:
+        self.writer = HistoryWriter()
+        self.enabled = False
+        self._node = socket.gethostname()
+        self._pid = os.getpid()
+        self._scheduled: dict[str, int | None] = {}    # job -> its run's occurrence (ms)
+
+    @property
+    def store(self) -> HistoryStore | None:
+        """The store rows go to (None: the history is off)."""
+        return self.writer.store if self.enabled else None
+
+    def runtime_changed(self, runtime) -> None:
+        config = runtime.config
+        self.enabled = config.history.enabled
+        if not self.enabled:
+            return
+        self._node = runtime.cluster.node if runtime.cluster is not None \
+            else socket.gethostname()
+        self.writer.use(store_url(config), lambda: open_store(config), config.history)
+
+    def run_started(self, run, runtime) -> None:
+        if not self.enabled:
+            return
+        if run.slot is None:
+            scheduled = None
+        elif runtime.cluster is not None:   # the slot is on the database's epoch clock
+            scheduled = round(run.slot * 1000)
+        else:                               # `every` runs on the monotonic clock
+            scheduled = round((time.time() - run.lateness) * 1000)
+        self._scheduled[run.job.name] = scheduled
+
+    def run_finished(self, run, result) -> None:
+        if not self.enabled:
+            return
+        ended = time.time()
+        self.writer.add((result.job, run_kind(run), self._scheduled.pop(result.job, None),
+                         round((ended - result.duration) * 1000), round(ended * 1000),
+                         result.outcome.value, result.attempts, self._node, self._pid,
+                         result.error))
+
+    def close(self, timeout: float = CLOSE_WAIT) -> None:
+        self.writer.close(timeout)
