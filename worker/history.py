@@ -5,7 +5,7 @@
 turns the run into a row and hands it to a `HistoryWriter`, whose thread writes
 rows in batches through an engine of its own (never a job's Session, connection or
 transaction), to one table, `worker_history`, in the job database or in a local
-SQLite file (`history.file`). A write that fails never fails a job: the rows wait
+SQLite file (`history.url`). A write that fails never fails a job: the rows wait
 for the next try (at most MAX_QUEUED of them), the failure is counted
 (`failed_writes`, a metric) and logged once per streak.
 
@@ -72,10 +72,8 @@ _COLUMNS = ("job", "kind", "scheduled_ms", "started_ms", "ended_ms", "outcome",
 
 
 def store_url(config: Config) -> str:
-    """Where the history of this config is kept: its file, else the job database."""
-    if config.history.file is not None:
-        return f"sqlite:///{os.path.abspath(config.history.file)}"
-    return config.database.url
+    """Where the history of this config is kept: history.url, else the job database."""
+    return config.history.url or config.database.url
 
 
 def open_store(config: Config) -> "HistoryStore":
@@ -148,25 +146,22 @@ class HistoryStore:
                 runs.c.id.in_(select(beyond_cap.c.id)))).rowcount
         return max(deleted, 0)
 
-    def _exists(self, connection) -> bool:
-        return inspect(connection).has_table(runs.name)
-
     def runs_of(self, job: str, limit: int = 20) -> list[Any]:
         """The newest `limit` rows of `job`, newest first (none: no table yet)."""
         with self.database.engine.connect() as connection:
-            if not self._schema_ready and not self._exists(connection):
+            if not self._schema_ready and not inspect(connection).has_table(runs.name):
                 return []
             return connection.execute(select(runs).where(runs.c.job == job)
                                       .order_by(runs.c.id.desc()).limit(limit)).all()
 
     def recent(self, limit: int) -> dict[str, list[Any]]:
-        """Each job's newest `limit` rows, newest first: one query."""
+        """Each job's newest `limit` rows, newest first: one query (once the table
+        is known to exist; this creates it, as the daemon's first write would)."""
+        self.ensure_schema()
         ranked = select(runs, func.row_number().over(
             partition_by=runs.c.job, order_by=runs.c.id.desc()).label("newest")).subquery()
         found: dict[str, list[Any]] = {}
         with self.database.engine.connect() as connection:
-            if not self._schema_ready and not self._exists(connection):
-                return found
             for row in connection.execute(select(ranked).where(ranked.c.newest <= limit)
                                           .order_by(ranked.c.job, ranked.c.newest)):
                 found.setdefault(row.job, []).append(row)

@@ -82,7 +82,7 @@ class WorkerSettings:
 @dataclass(frozen=True)
 class HistorySettings:
     enabled: bool = True          # every run one row (daemon and --once)
-    file: str | None = None       # a local SQLite file; None: the job database
+    url: str | None = None        # its database (a local SQLite file...); None: database.url
     keep: float = 7 * 86400.0     # rows (and the cluster's finished runs) older are pruned
     max_runs_per_job: int = 1000  # a job's older rows beyond this are pruned
 

@@ -321,16 +321,19 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> C
 def _history(raw: Any, check: _Checker) -> HistorySettings:
     at: KeyPath = ("history",)
     raw = check.mapping(raw, at, HISTORY_KEYS)
-    file = None
-    if raw.get("file") is not None:
-        file = check.string(raw["file"], at + ("file",)).strip()
-        directory = os.path.dirname(os.path.abspath(file))
-        if not os.path.isdir(directory):
-            raise check.fail(f"the directory {directory!r} does not exist", at + ("file",))
+    url = None
+    if raw.get("url") is not None:
+        url = check.string(raw["url"], at + ("url",)).strip()
+        parsed = _checked_url(url, at + ("url",), check)
+        if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "",
+                                                                          ":memory:"):
+            raise check.fail("an in-memory SQLite database would be lost at exit; use a "
+                             "file, e.g. sqlite:////var/lib/run-worker/history.db",
+                             at + ("url",))
     return HistorySettings(
         enabled=check.boolean(_given_or_default(raw, HistorySettings, "enabled"),
                               at + ("enabled",)),
-        file=file,
+        url=url,
         keep=check.duration(_given_or_default(raw, HistorySettings, "keep"),
                             at + ("keep",)),
         max_runs_per_job=check.integer(
