@@ -4,17 +4,15 @@ database that is down fails no job. The recovered run of a dead cluster node is
 checked in tests/test_cluster.py (test_a_killed_nodes_idempotent_run_is_recovered)."""
 from __future__ import annotations
 
-import signal
 import socket
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from tests.backends import ALL_BACKENDS
-from tests.processes import runs
+from tests.processes import history_rows, runs
 from tests.tcpproxy import TcpProxy
 
 every_backend = pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
@@ -35,42 +33,17 @@ jobs:
     return path
 
 
-def history_rows(url: str, job: str) -> list:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return connection.execute(text(
-                "SELECT job, kind, scheduled_ms, started_ms, ended_ms, outcome, attempts, "
-                "node, pid, error FROM worker_history WHERE job = :j ORDER BY id"),
-                {"j": job}).all()
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture
-def history_url(db_url):
-    """The job database, without a history table before and after the test."""
-    def drop():
-        engine = create_engine(db_url)
-        with engine.begin() as connection:
-            connection.execute(text("DROP TABLE IF EXISTS worker_history"))
-        engine.dispose()
-    drop()
-    yield db_url
-    drop()
-
-
 @every_backend
-def test_a_scheduled_run_is_one_row(history_url, tmp_path, daemons):
-    config = write_config(tmp_path / "jobs.yaml", history_url, """\
+def test_a_scheduled_run_is_one_row(db_url, tmp_path, daemons):
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
         - {name: tick, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {name: tick}}
         - {name: leaky, call: 'tests.jobfuncs:raise_secret_error', every: 1s}
         """)
     daemon = daemons(config)
     daemon.wait_for("job=tick starting", count=3)
     assert daemon.stop() == 0
-    ticks = history_rows(history_url, "tick")
-    assert len(ticks) == len(runs(history_url, "tick")) >= 3   # every run, once
+    ticks = history_rows(db_url, "tick")
+    assert len(ticks) == len(runs(db_url, "tick")) >= 3   # every run, once
     for row in ticks:
         assert (row.kind, row.outcome, row.attempts) == ("scheduled", "success", 1)
         assert row.node == socket.gethostname() and row.pid == daemon.process.pid
@@ -78,23 +51,23 @@ def test_a_scheduled_run_is_one_row(history_url, tmp_path, daemons):
         assert row.error is None
     scheduled = [row.scheduled_ms for row in ticks]
     assert all(900 <= b - a <= 1100 for a, b in zip(scheduled, scheduled[1:])), scheduled
-    leaks = history_rows(history_url, "leaky")
+    leaks = history_rows(db_url, "leaky")
     assert leaks and all(row.outcome == "failed" for row in leaks)
     assert "mysql://app:***@db.example/prod" in leaks[0].error
     assert "s3cr3t-pw" not in "".join(row.error for row in leaks)
 
 
 @every_backend
-def test_a_once_run_is_one_row_and_history_shows_it_after_a_restart(history_url, tmp_path,
+def test_a_once_run_is_one_row_and_history_shows_it_after_a_restart(db_url, tmp_path,
                                                                      daemons):
-    config = write_config(tmp_path / "jobs.yaml", history_url, """\
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
         - {name: report, call: 'tests.jobfuncs:select_one'}
         - {name: broken, call: 'tests.jobfuncs:syntax_error'}
         """)
     assert daemons(config, "--once").wait() == 1          # `broken` failed
-    (report,) = history_rows(history_url, "report")
+    (report,) = history_rows(db_url, "report")
     assert (report.kind, report.scheduled_ms, report.outcome) == ("once", None, "success")
-    (broken,) = history_rows(history_url, "broken")
+    (broken,) = history_rows(db_url, "broken")
     assert broken.outcome == "failed" and broken.attempts == 1   # not transient
     shown = daemons(config, "--history", "broken")                # a new process
     assert shown.wait() == 0
@@ -105,9 +78,9 @@ def test_a_once_run_is_one_row_and_history_shows_it_after_a_restart(history_url,
 
 
 @every_backend
-def test_retention_drops_old_rows_and_rows_beyond_the_cap_per_job(history_url):
+def test_retention_drops_old_rows_and_rows_beyond_the_cap_per_job(db_url):
     from worker.history import HistoryStore
-    store = HistoryStore(history_url)
+    store = HistoryStore(db_url)
     now = int(time.time() * 1000)
     day = 86_400_000
 
@@ -127,7 +100,7 @@ def test_retention_drops_old_rows_and_rows_beyond_the_cap_per_job(history_url):
 
 
 @every_backend
-def test_the_status_page_reads_the_history_in_one_query_after_a_restart(history_url,
+def test_the_status_page_reads_the_history_in_one_query_after_a_restart(db_url,
                                                                          tmp_path):
     """A daemon started after a --once run shows that run on its page, read from the
     history with one query per request (the runs are not in its memory)."""
@@ -137,12 +110,12 @@ def test_the_status_page_reads_the_history_in_one_query_after_a_restart(history_
     from worker.history import History, HistoryStore
     from worker.monitoring.monitor import StatusBoard
 
-    earlier = HistoryStore(history_url)
+    earlier = HistoryStore(db_url)
     now = int(time.time() * 1000)
     earlier.write([("report", "once", None, now - 1_500, now, "failed", 2, "elsewhere", 7,
                     "it broke")])
     earlier.dispose()
-    config, functions = load_config(str(write_config(tmp_path / "jobs.yaml", history_url,
+    config, functions = load_config(str(write_config(tmp_path / "jobs.yaml", db_url,
                                                      """\
         - {name: report, call: 'tests.jobfuncs:select_one', every: 1h}
         - {name: quiet, call: 'tests.jobfuncs:select_one', every: 1h}
@@ -171,7 +144,7 @@ def test_the_status_page_reads_the_history_in_one_query_after_a_restart(history_
 
 
 @every_backend
-def test_a_history_database_that_is_down_fails_no_job(history_url, backend_server,
+def test_a_history_database_that_is_down_fails_no_job(db_url, backend_server,
                                                       tmp_path, daemons):
     """The history's database out of reach: the jobs succeed, the failure is logged
     once and counted; the rows wait and are written once it answers again."""
@@ -182,14 +155,14 @@ def test_a_history_database_that_is_down_fails_no_job(history_url, backend_serve
         proxy = TcpProxy(backend_server.upstream_port, backend_server.upstream_host)
         proxy.cut()
         down_url = backend_server.proxied_url(proxy.port)
-    config = write_config(tmp_path / "jobs.yaml", history_url, """\
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
         - {name: a, call: 'tests.jobfuncs:select_one'}
         - {name: b, call: 'tests.jobfuncs:record_run', kwargs: {name: b}}
         """, extra=f"""history: {{url: "{down_url}"}}
 metrics: {{textfile: "{tmp_path / 'once.prom'}"}}""")
     once = daemons(config, "--once")
     assert once.wait() == 0, once.log
-    assert len(runs(history_url, "b")) == 1
+    assert len(runs(db_url, "b")) == 1
     assert once.log.count("run history: cannot write to") == 1, once.log
     assert "2 row(s) could not be written before the stop" in once.log
     metrics = (tmp_path / "once.prom").read_text()
@@ -198,7 +171,7 @@ metrics: {{textfile: "{tmp_path / 'once.prom'}"}}""")
     if proxy is None:
         return
     # A daemon's rows wait while the history is down and arrive when it is back.
-    config = write_config(tmp_path / "daemon.yaml", history_url, """\
+    config = write_config(tmp_path / "daemon.yaml", db_url, """\
         - {name: tick, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {name: tick}}
         """, extra=f'history: {{url: "{down_url}"}}')
     daemon = daemons(config)
@@ -207,7 +180,7 @@ metrics: {{textfile: "{tmp_path / 'once.prom'}"}}""")
     daemon.wait_for("run history: writing to", timeout=40)
     assert daemon.stop() == 0
     assert daemon.log.count("run history: cannot write to") == 1
-    assert len(history_rows(history_url, "tick")) == len(runs(history_url, "tick"))
+    assert len(history_rows(db_url, "tick")) == len(runs(db_url, "tick"))
     proxy.close()
 
 
