@@ -47,6 +47,8 @@ MAX_QUEUED = 50_000       # rows kept while the store is out of reach; the oldes
 RETRY_WAIT_MAX = 30.0     # seconds between tries while the store is out of reach
 PRUNE_EVERY = 600.0       # seconds between retention passes
 CLOSE_WAIT = 10.0         # seconds a stop waits for the last rows to be written
+CLOSING_TRIES = 4         # a stop tries the last rows this often (a deadlock, a lock)...
+CLOSING_RETRY_WAIT = 0.1  # ...this many seconds apart at first, doubling
 ERROR_MAX = 1000          # characters of an error kept
 
 metadata = MetaData()
@@ -229,6 +231,7 @@ class HistoryWriter:
 
     def _run(self) -> None:
         delay = FLUSH_EVERY
+        closing_tries = 0
         while True:
             with self._wake:
                 self._wait_for_batch()
@@ -244,10 +247,13 @@ class HistoryWriter:
             else:
                 self._keep(rows)
             if closing:
-                if not written:
-                    self._give_up()
-                return
-            if not written:
+                closing_tries += not written
+                if written or closing_tries >= CLOSING_TRIES:
+                    if not written:
+                        self._give_up()
+                    return
+                time.sleep(CLOSING_RETRY_WAIT * 2 ** (closing_tries - 1))
+            elif not written:
                 with self._wake:
                     if not self._closing:
                         self._wake.wait(delay)
