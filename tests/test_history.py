@@ -5,7 +5,6 @@ checked in tests/test_cluster.py (test_a_killed_nodes_idempotent_run_is_recovere
 from __future__ import annotations
 
 import socket
-import textwrap
 import time
 from pathlib import Path
 
@@ -14,22 +13,16 @@ import pytest
 from tests.backends import ALL_BACKENDS
 from tests.processes import history_rows, runs
 from tests.tcpproxy import TcpProxy
+from tests.test_daemon import write_config as write_daemon_config
 
 every_backend = pytest.mark.parametrize("backend", ALL_BACKENDS, indirect=True)
 
 
 def write_config(path: Path, url: str, jobs: str, extra: str = "") -> Path:
-    path.write_text(f"""\
-database:
-  url: "{url}"
-worker:
-  max_workers: 4
-  shutdown_timeout: 10s
-  lock_dir: "{path.parent}/locks"
-retry: {{attempts: 2, wait_initial: 10ms, wait_max: 10ms}}
-{extra}
-jobs:
-""" + textwrap.indent(textwrap.dedent(jobs), "  "))
+    """tests/test_daemon.py's config, with `extra` top-level sections."""
+    write_daemon_config(path, url, jobs)
+    with path.open("a") as file:
+        file.write(extra + "\n")
     return path
 
 

@@ -40,7 +40,7 @@ log = logging.getLogger("worker.history")
 COMPONENT, SCHEMA_VERSION = "history", 1     # its row in worker_schema
 # What started a run (the `kind` column).
 SCHEDULED, ONCE, RECOVERED, RUN_NOW = "scheduled", "once", "recovered", "run_now"
-BATCH_ROWS = 200          # a batch is written once this many rows wait...
+BATCH_ROWS = 500          # a batch is written once this many rows wait...
 FLUSH_EVERY = 1.0         # ...or its first row has waited this long (seconds)
 MAX_QUEUED = 50_000       # rows kept while the store is out of reach; the oldest go first
 RETRY_WAIT_MAX = 30.0     # seconds between tries while the store is out of reach
