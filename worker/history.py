@@ -42,6 +42,7 @@ COMPONENT, SCHEMA_VERSION = "history", 1     # its row in worker_schema
 SCHEDULED, ONCE, RECOVERED, RUN_NOW = "scheduled", "once", "recovered", "run_now"
 BATCH_ROWS = 500          # a batch is written once this many rows wait...
 FLUSH_EVERY = 1.0         # ...or its first row has waited this long (seconds)
+ROWS_PER_INSERT = 200     # 2,000 parameters: SQL Server takes at most 2,100
 MAX_QUEUED = 50_000       # rows kept while the store is out of reach; the oldest go first
 RETRY_WAIT_MAX = 30.0     # seconds between tries while the store is out of reach
 PRUNE_EVERY = 600.0       # seconds between retention passes
@@ -94,6 +95,7 @@ class HistoryStore:
                                                   connect_args=dict(connect_args or {})),
                                  extra_codes, for_jobs=False)
         self._schema_ready = False
+        self._inserts: dict[int, str] = {}     # rows -> the INSERT for that many
 
     @property
     def display_url(self) -> str:
@@ -122,12 +124,31 @@ class HistoryStore:
         self._schema_ready = True
 
     def write(self, rows: list[tuple]) -> None:
-        """Insert rows (tuples in _COLUMNS order) in one transaction: one statement
-        executed for many rows, compiled once per process (a multi-row VALUES list
-        would be compiled anew for every batch: 0.7 CPU seconds per 3,000 rows)."""
+        """Insert rows (tuples in _COLUMNS order) in one transaction, ROWS_PER_INSERT
+        to a statement. The statement is the driver's own SQL, built once per size:
+        SQLAlchemy compiles a multi-row VALUES list anew for every batch (0.7 CPU
+        seconds per 3,000 rows), and an executemany is a round trip per row on most
+        drivers, each giving up the interpreter lock the job threads wait for (a
+        3,000-job MariaDB batch 27% slower)."""
         self.ensure_schema()
         with self.database.engine.begin() as connection:
-            connection.execute(insert(runs), [dict(zip(_COLUMNS, row)) for row in rows])
+            if connection.dialect.paramstyle not in ("qmark", "format", "pyformat"):
+                # A driver of another style (named, numeric): SQLAlchemy's executemany.
+                connection.execute(insert(runs), [dict(zip(_COLUMNS, row)) for row in rows])
+                return
+            for start in range(0, len(rows), ROWS_PER_INSERT):
+                chunk = rows[start:start + ROWS_PER_INSERT]
+                connection.exec_driver_sql(self._insert_sql(len(chunk)),
+                                           tuple(value for row in chunk for value in row))
+
+    def _insert_sql(self, count: int) -> str:
+        sql = self._inserts.get(count)
+        if sql is None:
+            marker = "?" if self.database.engine.dialect.paramstyle == "qmark" else "%s"
+            row = "(" + ", ".join([marker] * len(_COLUMNS)) + ")"
+            sql = self._inserts[count] = (f"INSERT INTO {runs.name} ({', '.join(_COLUMNS)}) "
+                                          f"VALUES " + ", ".join([row] * count))
+        return sql
 
     def prune(self, keep: float, per_job: int) -> int:
         """Delete rows that ended more than `keep` seconds ago and, of each job, all

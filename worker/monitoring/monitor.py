@@ -121,9 +121,9 @@ class StatusBoard(NoObserver):
         if runtime is None:
             return {"worker": {"state": "starting"}, "jobs": [], "cluster": None}
         config = runtime.config
-        stored, stored_error = self._stored_history()
-        history, history_error = (stored, stored_error) if stored_error or \
-            stored is not None else self._cluster_history(runtime)
+        history, history_error = self._stored_history()
+        if history is None and history_error is None:     # the run history is off
+            history, history_error = self._cluster_history(runtime)
         own, running = self._own_runs()
         jobs = []
         scheduled = {job.name for job in runtime.scheduler.jobs} \
@@ -164,7 +164,7 @@ class StatusBoard(NoObserver):
             cluster = {"node": runtime.cluster.node, "nodes": nodes,
                        "healthy": runtime.cluster.healthy, "history_error": history_error}
         store = self.history.store if self.history is not None else None
-        kept = {"store": _masked(store.url), "error": stored_error} \
+        kept = {"store": _masked(store.url), "error": history_error} \
             if store is not None else None
         return {"worker": worker, "jobs": jobs, "cluster": cluster, "history": kept}
 
