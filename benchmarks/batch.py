@@ -6,7 +6,10 @@ commands, timed wall-clock from spawn to exit, in interleaved rounds (median):
 - worker: `python run_worker.py --once -c <N jobs, each benchmarks.jobs:select_one,
   max_workers 4, lock_dir in the temp dir>`, at its default log level (INFO), its
   log and summary written to a file as under cron;
-- hand-written fix: `python -m benchmarks.fixbatch URL N 4` (benchmarks/fixbatch.py).
+- hand-written fix: `python -m benchmarks.fixbatch URL N 4` (benchmarks/fixbatch.py);
+- for the 3,000-job configs also the worker at --log-level WARNING (the per-run log
+  line's cost) and the worker with `history: {enabled: false}` (the run history's
+  cost: one row per run, written by a thread of its own; target at most 2%).
 Throughput = N / wall time. Each pair is run once untimed first (page cache,
 bytecode, the lock files a cron host already has), except for configs of 10,000
 jobs or more, which get BIG rounds only (one in the full run): there the worker's

@@ -25,13 +25,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from sqlalchemy import (BigInteger, Column, Index, Integer, MetaData, String, Table,
-                        delete, func, insert, inspect, select)
-from sqlalchemy.exc import IntegrityError
-
-from .cluster import schema_versions
 from .config import Config, DatabaseSettings, HistorySettings, mask_secrets, masked_url
-from .db import Database, create_tables
 from .errors import describe
 from .monitoring.observe import NoObserver
 
@@ -51,26 +45,37 @@ CLOSING_TRIES = 4         # a stop tries the last rows this often (a deadlock, a
 CLOSING_RETRY_WAIT = 0.1  # ...this many seconds apart at first, doubling
 ERROR_MAX = 1000          # characters of an error kept
 
-metadata = MetaData()
-runs = Table(
-    "worker_history", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("job", String(200), nullable=False),
-    Column("kind", String(16), nullable=False),         # SCHEDULED, ONCE, ...
-    Column("scheduled_ms", BigInteger, nullable=True),  # the occurrence; NULL: --once
-    Column("started_ms", BigInteger, nullable=False),
-    Column("ended_ms", BigInteger, nullable=False),
-    Column("outcome", String(16), nullable=False),      # success, failed, timeout, ...
-    Column("attempts", Integer, nullable=False),
-    Column("node", String(200), nullable=False),        # cluster node, else host name
-    Column("pid", Integer, nullable=False),
-    Column("error", String(ERROR_MAX), nullable=True),  # masked
-    Index("ix_worker_history_job_id", "job", "id"),
-    Index("ix_worker_history_ended", "ended_ms"),
-)
-versions = schema_versions.to_metadata(metadata)
+TABLE = "worker_history"
 _COLUMNS = ("job", "kind", "scheduled_ms", "started_ms", "ended_ms", "outcome",
             "attempts", "node", "pid", "error")
+
+
+def history_tables():
+    """(metadata, the history table, the schema versions table). Built when a store
+    is, on the thread that needs it: importing this module must stay cheap, since
+    the loop's process imports it at start-up (the tables and the cluster module
+    cost 10 ms there)."""
+    from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table
+
+    from .cluster import schema_versions
+    metadata = MetaData()
+    runs = Table(
+        TABLE, metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("job", String(200), nullable=False),
+        Column("kind", String(16), nullable=False),         # SCHEDULED, ONCE, ...
+        Column("scheduled_ms", BigInteger, nullable=True),  # the occurrence; NULL: --once
+        Column("started_ms", BigInteger, nullable=False),
+        Column("ended_ms", BigInteger, nullable=False),
+        Column("outcome", String(16), nullable=False),      # success, failed, timeout...
+        Column("attempts", Integer, nullable=False),
+        Column("node", String(200), nullable=False),        # cluster node, else host
+        Column("pid", Integer, nullable=False),
+        Column("error", String(ERROR_MAX), nullable=True),  # masked
+        Index("ix_worker_history_job_id", "job", "id"),
+        Index("ix_worker_history_ended", "ended_ms"),
+    )
+    return metadata, runs, schema_versions.to_metadata(metadata)
 
 
 def store_url(config: Config) -> str:
@@ -89,7 +94,9 @@ class HistoryStore:
     """The history table in one database: an engine of its own (2 connections)."""
 
     def __init__(self, url: str, connect_args=None, extra_codes=None) -> None:
+        from .db import Database
         self.url = url
+        self.metadata, self.runs, self.versions = history_tables()
         self.database = Database(DatabaseSettings(url=url, pool_size=2, max_overflow=2,
                                                   pool_timeout=10,
                                                   connect_args=dict(connect_args or {})),
@@ -106,9 +113,14 @@ class HistoryStore:
         processes start at once); refuse a table of a newer version."""
         if self._schema_ready:
             return
+        from sqlalchemy import insert, select
+        from sqlalchemy.exc import IntegrityError
+
+        from .db import create_tables
+        versions = self.versions
         engine = self.database.engine
         with engine.begin() as connection:
-            create_tables(connection, metadata)
+            create_tables(connection, self.metadata)
         try:
             with engine.begin() as connection:
                 connection.execute(insert(versions).values(component=COMPONENT,
@@ -134,7 +146,9 @@ class HistoryStore:
         with self.database.engine.begin() as connection:
             if connection.dialect.paramstyle not in ("qmark", "format", "pyformat"):
                 # A driver of another style (named, numeric): SQLAlchemy's executemany.
-                connection.execute(insert(runs), [dict(zip(_COLUMNS, row)) for row in rows])
+                from sqlalchemy import insert
+                connection.execute(insert(self.runs),
+                                   [dict(zip(_COLUMNS, row)) for row in rows])
                 return
             for start in range(0, len(rows), ROWS_PER_INSERT):
                 chunk = rows[start:start + ROWS_PER_INSERT]
@@ -146,14 +160,16 @@ class HistoryStore:
         if sql is None:
             marker = "?" if self.database.engine.dialect.paramstyle == "qmark" else "%s"
             row = "(" + ", ".join([marker] * len(_COLUMNS)) + ")"
-            sql = self._inserts[count] = (f"INSERT INTO {runs.name} ({', '.join(_COLUMNS)}) "
+            sql = self._inserts[count] = (f"INSERT INTO {TABLE} ({', '.join(_COLUMNS)}) "
                                           f"VALUES " + ", ".join([row] * count))
         return sql
 
     def prune(self, keep: float, per_job: int) -> int:
         """Delete rows that ended more than `keep` seconds ago and, of each job, all
         but its newest `per_job` rows; how many went."""
+        from sqlalchemy import delete, func, select
         self.ensure_schema()
+        runs = self.runs
         cutoff = int((time.time() - keep) * 1000)
         ranked = select(runs.c.id, func.row_number().over(
             partition_by=runs.c.job, order_by=runs.c.id.desc()).label("newest")).subquery()
@@ -174,8 +190,10 @@ class HistoryStore:
 
     def runs_of(self, job: str, limit: int = 20) -> list[Any]:
         """The newest `limit` rows of `job`, newest first (none: no table yet)."""
+        from sqlalchemy import inspect, select
+        runs = self.runs
         with self.database.engine.connect() as connection:
-            if not self._schema_ready and not inspect(connection).has_table(runs.name):
+            if not self._schema_ready and not inspect(connection).has_table(TABLE):
                 return []
             return connection.execute(select(runs).where(runs.c.job == job)
                                       .order_by(runs.c.id.desc()).limit(limit)).all()
@@ -183,7 +201,9 @@ class HistoryStore:
     def recent(self, limit: int) -> dict[str, list[Any]]:
         """Each job's newest `limit` rows, newest first: one query (once the table
         is known to exist; this creates it, as the daemon's first write would)."""
+        from sqlalchemy import func, select
         self.ensure_schema()
+        runs = self.runs
         ranked = select(runs, func.row_number().over(
             partition_by=runs.c.job, order_by=runs.c.id.desc()).label("newest")).subquery()
         found: dict[str, list[Any]] = {}
@@ -202,8 +222,9 @@ class HistoryWriter:
     threads and the loop only append to a list."""
 
     def __init__(self) -> None:
-        self.store: HistoryStore | None = None
         self.settings: HistorySettings | None = None
+        self._store: HistoryStore | None = None
+        self._make_store: Callable[[], HistoryStore] | None = None
         self.failed_writes = 0       # batches that could not be written (metric)
         self.dropped_rows = 0        # rows given up: too many waiting, or left at close
         self._rows: list[tuple] = []
@@ -217,20 +238,30 @@ class HistoryWriter:
 
     def use(self, key: str, make_store: Callable[[], HistoryStore],
             settings: HistorySettings) -> None:
-        """Write to the store named `key` from now on (built by `make_store` when it
-        is another one). Rows still waiting go to the new store."""
+        """Write to the store named `key` from now on (built by `make_store`, when
+        first needed and by whoever needs it: never the loop). Rows still waiting
+        go to the new store."""
         with self._wake:
             self.settings = settings
             if key != self._key:
-                if self.store is not None:
-                    self._retired.append(self.store)
+                if self._key is not None:
                     log.info("run history now kept in %s", masked_url(key))
-                self.store, self._key = make_store(), key
+                if self._store is not None:
+                    self._retired.append(self._store)
+                self._store, self._make_store, self._key = None, make_store, key
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="history-writer",
                                                 daemon=True)
                 self._thread.start()
             self._wake.notify()
+
+    @property
+    def store(self) -> HistoryStore | None:
+        """The store rows go to (built now if not yet); None before use()."""
+        with self._wake:
+            if self._store is None and self._make_store is not None:
+                self._store = self._make_store()
+            return self._store
 
     def add(self, row: tuple) -> None:
         with self._wake:
@@ -250,7 +281,7 @@ class HistoryWriter:
                 log.warning("run history: the last rows were not written within %gs; "
                             "%d row(s) lost", timeout, len(self._rows))
                 return
-        for store in self._retired + ([self.store] if self.store is not None else []):
+        for store in self._retired + ([self._store] if self._store is not None else []):
             store.dispose()
 
     def _run(self) -> None:
@@ -260,14 +291,15 @@ class HistoryWriter:
             with self._wake:
                 self._wait_for_batch()
                 rows, self._rows = self._rows, []
-                store, settings, closing = self.store, self.settings, self._closing
+                settings, closing = self.settings, self._closing
                 retired, self._retired = self._retired, []
             for old in retired:
                 old.dispose()
-            written = not rows or self._write(store, rows)
+            written = not rows or self._write(rows)
             if written:
                 delay = FLUSH_EVERY
-                self._prune(store, settings)
+                if self._store is not None:
+                    self._prune(self._store, settings)
             else:
                 self._keep(rows)
             if closing:
@@ -295,20 +327,20 @@ class HistoryWriter:
                 break
             self._wake.wait(left)
 
-    def _write(self, store: HistoryStore, rows: list[tuple]) -> bool:
+    def _write(self, rows: list[tuple]) -> bool:
         try:
-            store.write([_masked(row) for row in rows])
+            self.store.write([_masked(row) for row in rows])
         except Exception as exc:  # whatever the store says: the jobs go on
             self.failed_writes += 1
             if not self._failing:
                 self._failing = True
                 log.warning("run history: cannot write to %s (%s); the rows wait and are "
                             "tried again (this is logged once until it works)",
-                            store.display_url, describe(exc))
+                            masked_url(self._key), describe(exc))
             return False
         if self._failing:
             self._failing = False
-            log.info("run history: writing to %s works again", store.display_url)
+            log.info("run history: writing to %s works again", masked_url(self._key))
         return True
 
     def _keep(self, rows: list[tuple]) -> None:
@@ -371,7 +403,13 @@ class History(NoObserver):
     @property
     def store(self) -> HistoryStore | None:
         """The store rows go to (None: the history is off)."""
-        return self.writer.store if self.enabled else None
+        if not self.enabled:
+            return None
+        try:
+            return self.writer.store
+        except Exception as exc:  # an engine that cannot be made: as if unreachable
+            log.debug("run history: no store: %s", describe(exc))
+            return None
 
     def runtime_changed(self, runtime) -> None:
         config = runtime.config
