@@ -232,6 +232,10 @@ class HistoryWriter:
         self._retired: list[HistoryStore] = []
         self._closing = False
         self._failing = False
+        # The store refused us in a way no wait can fix (a login refused): rows are
+        # dropped until the next use() (a reload), so that a wrong password is not
+        # tried again and again (an account lockout policy would count each try).
+        self._given_up = False
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._last_prune = float("-inf")
@@ -249,6 +253,7 @@ class HistoryWriter:
                 if self._store is not None:
                     self._retired.append(self._store)
                 self._store, self._make_store, self._key = None, make_store, key
+            self._given_up = False
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="history-writer",
                                                 daemon=True)
@@ -265,6 +270,9 @@ class HistoryWriter:
 
     def add(self, row: tuple) -> None:
         with self._wake:
+            if self._given_up:
+                self.dropped_rows += 1
+                return
             self._rows.append(row)
             waiting = len(self._rows)
             if waiting == 1 or waiting == BATCH_ROWS:
@@ -298,7 +306,7 @@ class HistoryWriter:
             written = not rows or self._write(rows)
             if written:
                 delay = FLUSH_EVERY
-                if self._store is not None:
+                if self._store is not None and not self._given_up:
                     self._prune(self._store, settings)
             else:
                 self._keep(rows)
@@ -332,6 +340,13 @@ class HistoryWriter:
             self.store.write([_masked(row) for row in rows])
         except Exception as exc:  # whatever the store says: the jobs go on
             self.failed_writes += 1
+            if self._store is not None and self._store.database.classify(exc).permanent:
+                self._given_up = True
+                self.dropped_rows += len(rows)
+                log.warning("run history: %s refuses us in a way waiting cannot fix "
+                            "(%s): no rows are written until a reload", masked_url(self._key),
+                            describe(exc))
+                return True      # nothing to try again
             if not self._failing:
                 self._failing = True
                 log.warning("run history: cannot write to %s (%s); the rows wait and are "
