@@ -6,7 +6,10 @@ commands, timed wall-clock from spawn to exit, in interleaved rounds (median):
 - worker: `python run_worker.py --once -c <N jobs, each benchmarks.jobs:select_one,
   max_workers 4, lock_dir in the temp dir>`, at its default log level (INFO), its
   log and summary written to a file as under cron;
-- hand-written fix: `python -m benchmarks.fixbatch URL N 4` (benchmarks/fixbatch.py).
+- hand-written fix: `python -m benchmarks.fixbatch URL N 4` (benchmarks/fixbatch.py);
+- for the 3,000-job configs also the worker at --log-level WARNING (the per-run log
+  line's cost) and the worker with `history: {enabled: false}` (the run history's
+  cost: one row per run, written by a thread of its own; target at most 2%).
 Throughput = N / wall time. Each pair is run once untimed first (page cache,
 bytecode, the lock files a cron host already has), except for configs of 10,000
 jobs or more, which get BIG rounds only (one in the full run): there the worker's
@@ -34,6 +37,11 @@ WORKER, FIX = "worker", "hand-written fix"
 # The worker at --log-level WARNING (no line per run), for the TARGET_JOBS configs
 # only: what the per-run INFO line costs, measured in the same rounds.
 WORKER_QUIET = "worker, WARNING"
+# The worker with `history: {enabled: false}`, for the TARGET_JOBS configs only: what
+# the run history (on by default: one row per run, written by a thread of its own)
+# costs, measured in the same rounds.
+WORKER_NO_HISTORY = "worker, no history"
+TARGET_HISTORY = 1.02      # a batch with the history at most 2% slower than without
 CHECK, FLOOR = "--check", "import + safe_load"
 TARGET_JOBS, TARGET_BATCH = 3000, 1.2
 TARGET_CHECK_JOBS, TARGET_CHECK = 30_000, 3.0
@@ -45,9 +53,11 @@ class Command:
     log: Path | None = None      # stdout and stderr go here (else discarded)
 
 
-def write_config(path: Path, url: str, jobs: int, lock_dir: Path) -> Path:
+def write_config(path: Path, url: str, jobs: int, lock_dir: Path,
+                 history: bool = True) -> Path:
     lines = ["database:", f"  url: '{url}'", "worker:", f"  max_workers: {WORKERS}",
-             f"  lock_dir: {lock_dir}", "jobs:"]
+             f"  lock_dir: {lock_dir}"] + ([] if history else ["history: {enabled: false}"]) \
+        + ["jobs:"]
     for number in range(jobs):
         lines += [f"  - name: job-{number:05d}", "    call: benchmarks.jobs:select_one"]
     path.write_text("\n".join(lines) + "\n")
@@ -124,7 +134,25 @@ def run_batch(context) -> tuple[dict, list[Target]]:
         print_table("The per-run log line: the worker at --log-level WARNING (same rounds)",
                     ["backend jobs", "WARNING s", "INFO s", "WARNING/fix",
                      "WARNING cpu s", "INFO cpu s"], quiet_rows)
+    history_rows = [[key, median(entry["samples"][WORKER]),
+                     median(entry["samples"][WORKER_NO_HISTORY]),
+                     f"{history_cost(entry):.3f}x",
+                     median(entry["cpu"][WORKER]), median(entry["cpu"][WORKER_NO_HISTORY])]
+                    for key, entry in data.items() if WORKER_NO_HISTORY in entry["samples"]]
+    if history_rows:
+        print_table("The run history: the worker with it (the default) and with "
+                    "history: {enabled: false} (same rounds)",
+                    ["backend jobs", "history s", "no history s", "history/none",
+                     "history cpu s", "no history cpu s"], history_rows)
     for key, entry in data.items():
+        if WORKER_NO_HISTORY in entry["samples"]:
+            cost = history_cost(entry)
+            targets.append(Target(
+                figure=f"batch --once {key} jobs: with the run history / without",
+                value=f"{median(entry['samples'][WORKER]):.2f}s",
+                baseline=f"no history {median(entry['samples'][WORKER_NO_HISTORY]):.2f}s",
+                ratio=f"{cost:.3f}x", target=f"<= {TARGET_HISTORY}x",
+                met=cost <= TARGET_HISTORY))
         if entry["jobs"] == TARGET_JOBS and key.startswith("mariadb"):
             rates = entry["jobs_per_s"]
             value = ratio(rates[WORKER], rates[FIX])
@@ -134,6 +162,11 @@ def run_batch(context) -> tuple[dict, list[Target]]:
                 ratio=f"{value:.2f}x", target=f">= {TARGET_BATCH}x",
                 met=value >= TARGET_BATCH))
     return data, targets
+
+
+def history_cost(entry: dict) -> float:
+    """Wall time with the run history over wall time without (medians)."""
+    return median(entry["samples"][WORKER]) / median(entry["samples"][WORKER_NO_HISTORY])
 
 
 def _batch_commands(directory: Path, backend: Backend, jobs: int) -> dict[str, Command]:
@@ -149,6 +182,10 @@ def _batch_commands(directory: Path, backend: Backend, jobs: int) -> dict[str, C
         commands[WORKER_QUIET] = Command([sys.executable, "run_worker.py", "--once", "-c",
                                           str(config), "--log-level", "WARNING"],
                                          directory / "worker.log")
+        without = write_config(directory / f"{backend.name}-{jobs}-no-history.yaml",
+                               backend.url, jobs, directory / "locks", history=False)
+        commands[WORKER_NO_HISTORY] = Command([sys.executable, "run_worker.py", "--once",
+                                               "-c", str(without)], directory / "worker.log")
     return commands
 
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -58,6 +58,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, metavar="N",
                         help="interleaved rounds (throughput, scaling, start-up runs, "
                                           "batch and --check runs)")
+    parser.add_argument("--batch-jobs", type=int, nargs="+", metavar="N",
+                        help="the batch section's config sizes (default: the profile's), "
+                             "e.g. --batch-jobs 3000 for the history and log-line rows only")
     parser.add_argument("--output", type=Path, default=RESULTS_PATH,
                         help=f"where to write the JSON results (default: {RESULTS_PATH})")
     args = parser.parse_args(argv)
@@ -71,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.chdir(ROOT)   # job modules resolve relative to the repo root, as for the CLI
     _compile_bytecode()
     profile = make_profile(args.quick, args.rounds)
+    if args.batch_jobs:
+        profile = replace(profile, batch_sizes=tuple(args.batch_jobs))
     report = Report(meta=_meta(args, profile))
     selected = args.only or list(SECTIONS)
     _print_header(report.meta)

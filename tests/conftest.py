@@ -148,15 +148,18 @@ def daemons():
 
 @pytest.fixture
 def db_url(backend_server, tmp_path):
-    """The parametrised backend's URL with an empty worker_test_runs table."""
+    """The parametrised backend's URL with an empty worker_test_runs table and no run
+    history (worker_history) before and after the test."""
     from sqlalchemy import create_engine
     url = backend_url(backend_server, tmp_path, "daemon.db")
     engine = create_engine(url)
     with engine.begin() as connection:
         connection.execute(text("DROP TABLE IF EXISTS worker_test_runs"))
+        connection.execute(text("DROP TABLE IF EXISTS worker_history"))
         connection.execute(text("CREATE TABLE worker_test_runs "
                                 "(name VARCHAR(64) NOT NULL, at FLOAT NOT NULL)"))
     yield url
     with engine.begin() as connection:
         connection.execute(text("DROP TABLE IF EXISTS worker_test_runs"))
+        connection.execute(text("DROP TABLE IF EXISTS worker_history"))
     engine.dispose()

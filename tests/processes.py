@@ -67,3 +67,20 @@ def runs(url: str, name: str, after: float = 0.0) -> list[float]:
                      "ORDER BY at"), {"n": name, "t": after})]
     finally:
         engine.dispose()
+
+
+def history_rows(url: str, job: str) -> list:
+    """The job's rows in the run history (worker_history), oldest first; none when
+    the table was never created there."""
+    from sqlalchemy import inspect
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            if not inspect(connection).has_table("worker_history"):
+                return []
+            return connection.execute(text(
+                "SELECT job, kind, scheduled_ms, started_ms, ended_ms, outcome, attempts, "
+                "node, pid, error FROM worker_history WHERE job = :j ORDER BY id"),
+                {"j": job}).all()
+    finally:
+        engine.dispose()

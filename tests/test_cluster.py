@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 from tests.backends import scenario
 from tests.conftest import MARIADB_URL
 from tests.tcpproxy import TcpProxy
-from tests.processes import runs
+from tests.processes import history_rows, runs
 
 LEASE, HEARTBEAT = 3.0, 0.5
 
@@ -163,6 +163,13 @@ def test_a_killed_nodes_idempotent_run_is_recovered(db_url, run_table_url, tmp_p
     assert "job=long recovering the abandoned run" in logs
     assert len(runs(url, "long")) == 1                     # the killed run left nothing
     assert runs(url, "fragile") == []
+    # The run history (in the job database): the recovered run is one row, by the
+    # node that ran it; the killed node's run never ended, so it has none.
+    (recovered,) = history_rows(url, "long")
+    assert (recovered.kind, recovered.outcome, recovered.node) == \
+        ("recovered", "success", long_run.node)
+    assert recovered.scheduled_ms == long_run.slot_ms
+    assert history_rows(url, "fragile") == []
     print(f"\n[killed node / {db_url.split(':')[0]}] run completed by {long_run.node} "
           f"{recovered_after:.1f}s after the kill (lease {LEASE}s)")
 
@@ -247,6 +254,14 @@ def test_list_and_history_show_the_runs(db_url, run_table_url, tmp_path, daemons
     history = daemons(config, "--history", "broken", env={"NODE": "host-a"})
     assert history.wait() == 0
     rows = history.process.stdout.read().splitlines()
+    assert rows[0].split()[:4] == ["started", "node", "outcome", "attempts"]
+    assert "host-a" in rows[1] and "failed" in rows[1] and "syntax error" in rows[1]
+    # Without the run history, --history reads the run table.
+    config.write_text(config.read_text().replace("jobs:\n", "history: {enabled: false}\n"
+                                                 "jobs:\n", 1))
+    table = daemons(config, "--history", "broken", env={"NODE": "host-a"})
+    assert table.wait() == 0
+    rows = table.process.stdout.read().splitlines()
     assert rows[0].split()[:4] == ["slot", "node", "outcome", "attempts"]
     assert "host-a" in rows[1] and "failed" in rows[1] and "syntax error" in rows[1]
 

@@ -256,6 +256,26 @@ BROKEN = [
                   f"    kwargs:\n      path: ${{WORKER_TEST_UNSET_PATH}}  {MARK}\n",
            "environment variable WORKER_TEST_UNSET_PATH is not set",
            key="kwargs.path", job="b"),
+    # --- the run history ---------------------------------------------------------------------
+    Broken("history-unknown-key",
+           HEAD + f"history:\n  kep: 1d  {MARK}\n",
+           "unknown key 'kep'; did you mean 'keep'?", key="history.kep"),
+    Broken("history-keep-zero",
+           HEAD + f"history:\n  keep: 0  {MARK}\n",
+           "must be greater than 0", key="history.keep"),
+    Broken("history-cap-zero",
+           HEAD + f"history:\n  max_runs_per_job: 0  {MARK}\n",
+           "must be at least 1", key="history.max_runs_per_job"),
+    Broken("history-enabled-not-a-boolean",
+           HEAD + f"history:\n  enabled: sometimes  {MARK}\n",
+           "must be true or false", key="history.enabled"),
+    Broken("history-in-memory-sqlite",
+           HEAD + f"history:\n  url: 'sqlite://'  {MARK}\n",
+           "an in-memory SQLite database would be lost at exit", key="history.url"),
+    Broken("history-keep-and-its-alias-disagree",
+           HEAD + f"history: {{keep: 1d}}\ncluster:\n  keep_history: 2d  {MARK}\n",
+           "is an alias of history.keep, which says 24h: give one of them",
+           key="cluster.keep_history"),
 ]
 
 
@@ -523,7 +543,9 @@ DEFAULTED_KEYS = [
     ("database", "max_overflow", 2), ("database", "pool_timeout", 12.0),
     ("database", "pool_recycle", 600.0), ("database", "pool_pre_ping", True),
     ("cluster", "lease", 40.0), ("cluster", "heartbeat", 10.0),
-    ("cluster", "keep_history", 3600.0), ("cluster", "batch_slot", 120.0),
+    ("cluster", "batch_slot", 120.0),
+    ("history", "enabled", False), ("history", "keep", 3600.0),
+    ("history", "max_runs_per_job", 5),
     ("job", "enabled", False), ("job", "idempotent", True),
 ]
 
@@ -534,15 +556,31 @@ def test_each_default_is_written_once_on_its_dataclass(section, key, value, tmp_
                                                        monkeypatch):
     """A default changed on the dataclass is the default a config file gets: the
     schema has no second copy of it."""
-    from worker.config import ClusterSettings, DatabaseSettings, JobSpec, WorkerSettings
+    from worker.config import (ClusterSettings, DatabaseSettings, HistorySettings, JobSpec,
+                               WorkerSettings)
     settings = {"worker": WorkerSettings, "database": DatabaseSettings,
-                "cluster": ClusterSettings, "job": JobSpec}[section]
+                "cluster": ClusterSettings, "history": HistorySettings,
+                "job": JobSpec}[section]
     monkeypatch.setattr(settings.__dataclass_fields__[key], "default", value)
     config = load_text(tmp_path, "database:\n  url: sqlite:///w.db\n  pool_size: 4\n"
                                  "cluster: {}\njobs:\n  - {name: a, call: 'm:f'}\n")
     loaded = {"worker": config.worker, "database": config.database,
-              "cluster": config.cluster, "job": config.jobs[0]}[section]
+              "cluster": config.cluster, "history": config.history,
+              "job": config.jobs[0]}[section]
     assert getattr(loaded, key) == value
+
+
+@pytest.mark.parametrize("written, keep", [
+    ("", 7 * 86400.0), ("history: {keep: 2h}\ncluster: {}\n", 7200.0),
+    ("cluster: {keep_history: 3h}\n", 10800.0),
+    ("history: {keep: 4h}\ncluster: {keep_history: 4h}\n", 14400.0)],
+    ids=["default", "history.keep", "cluster.keep_history", "both, equal"])
+def test_one_retention_for_the_history_and_the_run_table(written, keep, tmp_path):
+    """cluster.keep_history is an alias of history.keep: either one sets both."""
+    config = load_text(tmp_path, "database:\n  url: sqlite:///w.db\n" + written +
+                       "jobs:\n  - {name: a, call: 'm:f'}\n")
+    assert config.history.keep == keep and config.history.enabled
+    assert config.cluster is None or config.cluster.keep_history == keep
 
 
 def test_every_key_is_read(tmp_path):

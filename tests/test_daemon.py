@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MARIADB_URL, ROOT
-from tests.processes import runs
+from tests.processes import history_rows, runs
 
 
 def write_config(path: Path, url: str, jobs: str, **worker) -> Path:
@@ -178,6 +178,10 @@ def test_sighup_with_a_changed_database_gets_a_new_engine(db_url, tmp_path, daem
     assert daemon.stop() == 0
     assert len(runs(other_url, "tick")) >= 2                 # the new database is used
     assert runs(db_url, "tick", after=reloaded_at + 0.5) == []
+    # The run history moved with the database, and no row was lost on the way.
+    assert "run history now kept in sqlite:///" in daemon.log
+    assert len(history_rows(db_url, "tick")) + len(history_rows(other_url, "tick")) == \
+        len(runs(db_url, "tick")) + len(runs(other_url, "tick"))
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)

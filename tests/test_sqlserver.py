@@ -390,7 +390,10 @@ def test_login_failed_18456_is_not_retried(tds, driver, tmp_path):
           f"attempts ({once.seconds:.2f}s); --check --connect exit {check.returncode}: "
           f"{check.stderr.strip()}")
     assert once.returncode == 1
-    assert tries == 1                                     # never retried
+    # Never retried: the job's login once, and the run history's (its own engine on
+    # the same database) once, which then gives up instead of trying again.
+    assert tries == 2
+    assert "run history: " in once.stderr and "waiting cannot fix" in once.stderr
     assert check.returncode == 69
     lines = check.stderr.strip().splitlines()
     assert len(lines) == 1 and "Login failed for user 'sa'" in lines[0], check.stderr

@@ -222,12 +222,14 @@ def run_once(config: Config, functions: Mapping[str, JobFunction],
              selected: Sequence[JobSpec]):
     """Every selected job once; the LoopReport."""
     from .loop import WorkLoop
+    from .history import History
     from .sources import BatchSource
 
-    observers, monitoring = Observers(), None
+    observers, monitoring, history = Observers(), None, History()
     if wants_monitoring(config):
         from .monitoring.monitor import Monitoring
-        monitoring = Monitoring(observers, listen=False)   # --once never listens
+        monitoring = Monitoring(observers, listen=False,   # --once never listens
+                                history=history)
         monitoring.apply(config)
     lost_outcomes: list[str] = []
     runtime = build_runtime(config, functions, jobs=selected, scheduled=False,
@@ -240,11 +242,13 @@ def run_once(config: Config, functions: Mapping[str, JobFunction],
             runtime.cluster.start()
         except Exception as exc:  # of any kind: no job can be claimed
             return _run_table_unusable(runtime, selected, observers, monitoring, exc)
-    loop = WorkLoop(runtime, BatchSource(list(selected)), observer=observers)
+    loop = WorkLoop(runtime, BatchSource(list(selected)),
+                    observer=Observers((history, observers)))
     install_signal_handlers(loop, reload=False)
     try:
         report = loop.run()
     finally:
+        history.close()                # the last rows written (bounded wait)
         if monitoring is not None:     # hooks waited for (bounded), then the textfile
             monitoring.finish(textfile=True)
         finish(loop)
@@ -285,24 +289,28 @@ def run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
                only: Sequence[str] | None):
     """The daemon until a stop signal; the LoopReport, or None when it was stopped
     before the database ever answered."""
+    from .history import History
     from .systemd import Notifier
 
     notifier = Notifier()
-    observers, monitoring = Observers(), None
+    observers, monitoring, history = Observers(), None, History()
     if wants_monitoring(config):
         from .monitoring.monitor import Monitoring
-        monitoring = Monitoring(observers, listen=True)
+        monitoring = Monitoring(observers, listen=True, history=history)
         monitoring.apply(config)       # ListenError: the port is taken (exit 69)
     held = [monitoring]                # a reload may start monitoring later
     try:
-        return _run_daemon(path, config, functions, only, notifier, observers, held)
+        return _run_daemon(path, config, functions, only, notifier, observers, held,
+                           history)
     finally:
+        history.close()                # the last rows written (bounded wait)
         if held[0] is not None:
             held[0].finish(textfile=False)
 
 
 def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
-                only: Sequence[str] | None, notifier, observers: Observers, held: list):
+                only: Sequence[str] | None, notifier, observers: Observers, held: list,
+                history):
     from .loop import WorkLoop
     from .sources import ScheduleSource
 
@@ -322,7 +330,8 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
         if monitoring is not None or wants_monitoring(new_config):
             if monitoring is None:
                 from .monitoring.monitor import Monitoring
-                monitoring = held[0] = Monitoring(observers, listen=True)
+                monitoring = held[0] = Monitoring(observers, listen=True,
+                                                  history=history)
             # A new listener is bound before anything else changes: if it cannot
             # be, the reload is rejected and the old listener stays.
             change = monitoring.prepare(new_config)
@@ -346,7 +355,7 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
         return new
 
     loop = WorkLoop(runtime, ScheduleSource(observers), notifier=notifier, reload=reload,
-                    observer=observers)
+                    observer=Observers((history, observers)))
     if held[0] is not None:
         held[0].probe_readiness(lambda: loop.runtime)
     install_signal_handlers(loop, reload=True)

@@ -24,7 +24,8 @@ modes:
   --once     run every enabled job once, print a summary, exit
   --check    validate the config and import the job functions, run nothing
   --list     print each job, its schedule and its next run time
-  --history JOB  the recent runs of JOB across the cluster (needs `cluster:`)
+  --history JOB  the recent runs of JOB from the run history (every mode; with
+                 history disabled, from the cluster's run table)
 
 exit codes:
   0   all jobs succeeded (--once), a clean stop (daemon), or a good --check
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print each job, its schedule and its next run time (and, "
                            "with a cluster section, its last run)")
     mode.add_argument("--history", metavar="JOB",
-                      help="with a cluster section: print the recent runs of JOB")
+                      help="print the recent runs of JOB (the run history, or the "
+                           "cluster's run table when the history is disabled)")
     parser.add_argument("--job", metavar="NAME", action="append", dest="jobs",
                         help="only this job (repeatable); with --once a job named here "
                              "runs even when it is 'enabled: false'")

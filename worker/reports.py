@@ -96,15 +96,19 @@ def _ms_to_text(ms: int | None) -> str:
 
 
 def history(config: Config, job_name: str, usage) -> int:
-    """`usage()` prints the command's usage line (for an unknown job)."""
-    if config.cluster is None:
-        command_error(f"error: --history needs a 'cluster' section in {config.path}")
+    """`usage()` prints the command's usage line (for an unknown job). Read from the
+    run history (every mode), else from the cluster's run table."""
+    if not config.history.enabled and config.cluster is None:
+        command_error(f"error: --history needs the run history (history.enabled is "
+                      f"false in {config.path}) or a 'cluster' section")
         return EXIT_USAGE
     if job_name not in config.job_names():
         usage()
         command_error(f"error: unknown job {job_name!r}; the jobs in {config.path} "
                       f"are: {', '.join(config.job_names())}")
         return EXIT_USAGE
+    if config.history.enabled:
+        return _stored_history(config, job_name)
     from .app import open_cluster
     from .errors import describe
     cluster = open_cluster(config)
@@ -121,6 +125,28 @@ def history(config: Config, job_name: str, usage) -> int:
         recovered = f" (recovered x{row.recovered})" if row.recovered else ""
         print(f"{_ms_to_text(row.slot_ms):<26} {row.node:<24} {row.outcome:<10} "
               f"{row.attempts:>8}  {duration:>8}  {(row.error or '') + recovered}".rstrip())
+    if not rows:
+        print(f"no runs of {job_name} recorded yet")
+    return EXIT_OK
+
+
+def _stored_history(config: Config, job_name: str) -> int:
+    from .errors import describe
+    from .history import open_store
+    store = open_store(config)
+    try:
+        rows = store.runs_of(job_name)
+    except Exception as exc:  # no database, or a table of another version
+        command_error(f"cannot read the run history in {store.display_url}: "
+                      f"{describe(exc)}")
+        return EXIT_UNAVAILABLE
+    finally:
+        store.dispose()
+    _print_table(["started", "node", "outcome", "attempts", "duration", "kind",
+                  "scheduled", "error"],
+                 [[_ms_to_text(row.started_ms), row.node, row.outcome, row.attempts,
+                   f"{(row.ended_ms - row.started_ms) / 1000:.3f}s", row.kind,
+                   _ms_to_text(row.scheduled_ms), row.error or ""] for row in rows])
     if not rows:
         print(f"no runs of {job_name} recorded yet")
     return EXIT_OK

@@ -12,12 +12,13 @@ The public names are re-exported here; import them from `worker.config`.
 from .durations import format_duration, parse_duration
 from .masking import mask_secrets, masked_url
 from .model import (CONFIG_ENV_VAR, DEFAULT_CONFIG_PATH, ClusterSettings, Config,
-                    ConfigError, DatabaseSettings, JobSpec, RetryPolicy, WorkerSettings)
+                    ConfigError, DatabaseSettings, HistorySettings, JobSpec, RetryPolicy,
+                    WorkerSettings)
 from .schema import load
 from .yamlfile import expand_env
 
 __all__ = [
     "CONFIG_ENV_VAR", "DEFAULT_CONFIG_PATH", "ClusterSettings", "Config", "ConfigError",
-    "DatabaseSettings", "JobSpec", "RetryPolicy", "WorkerSettings", "expand_env",
+    "DatabaseSettings", "HistorySettings", "JobSpec", "RetryPolicy", "WorkerSettings", "expand_env",
     "format_duration", "load", "mask_secrets", "masked_url", "parse_duration",
 ]

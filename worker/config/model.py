@@ -80,12 +80,20 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class HistorySettings:
+    enabled: bool = True          # every run one row (daemon and --once)
+    url: str | None = None        # its database (a local SQLite file...); None: database.url
+    keep: float = 7 * 86400.0     # rows (and the cluster's finished runs) older are pruned
+    max_runs_per_job: int = 1000  # a job's older rows beyond this are pruned
+
+
+@dataclass(frozen=True)
 class ClusterSettings:
     url: str | None = None        # the run table's database; None: database.url
     node: str | None = None       # this node's name; None: hostname:pid
     lease: float = 30.0           # a run not heartbeated for this long is abandoned
     heartbeat: float = 5.0        # how often running rows are heartbeated
-    keep_history: float = 7 * 86400.0   # finished runs older than this are pruned
+    keep_history: float = HistorySettings.keep   # an alias of history.keep
     batch_slot: float = 60.0      # --once: the slot length for jobs without a schedule
 
 
@@ -123,6 +131,7 @@ class Config:
     cluster: "ClusterSettings | None" = None  # runs coordinated across hosts
     metrics: MetricsSettings | None = None   # metrics, health and status page
     hooks: HooksSettings | None = None       # called with each run's JobResult
+    history: HistorySettings = HistorySettings()   # every run one row
 
     def job_names(self) -> list[str]:
         return [job.name for job in self.jobs]

@@ -15,8 +15,9 @@ from typing import Any, Callable, Mapping
 
 from ..errors import ExtraCodes
 from .durations import format_duration, parse_duration
-from .model import (ClusterSettings, Config, ConfigError, DatabaseSettings, JobSpec,
-                    RetryPolicy, WorkerSettings, default_of, keys_of)
+from .model import (ClusterSettings, Config, ConfigError, DatabaseSettings,
+                    HistorySettings, JobSpec, RetryPolicy, WorkerSettings, default_of,
+                    keys_of)
 from ..monitoring.settings import hooks_settings, job_hooks, metrics_settings
 from .urls import UrlProblem, check_url
 from .yamlfile import KeyPath, UnsetVariable, dotted, expand_tree, read_yaml
@@ -110,8 +111,10 @@ def _describe(value: Any) -> str:
     return f"{kind} ({shown})"
 
 
-TOP_KEYS = ("database", "worker", "retry", "jobs", "cluster", "metrics", "hooks")
+TOP_KEYS = ("database", "worker", "retry", "jobs", "cluster", "metrics", "hooks",
+            "history")
 CLUSTER_KEYS = keys_of(ClusterSettings)
+HISTORY_KEYS = keys_of(HistorySettings)
 DATABASE_KEYS = keys_of(DatabaseSettings)
 WORKER_KEYS = keys_of(WorkerSettings)
 RETRY_KEYS = keys_of(RetryPolicy)
@@ -319,15 +322,44 @@ def load(path: str | os.PathLike, environ: Mapping[str, str] | None = None) -> C
                              f"{seen[spec.name]})", ("jobs", index, "name"), spec.name)
         seen[spec.name] = spec.line or 0
         jobs.append(spec)
-    cluster = _cluster(top["cluster"], check) if "cluster" in top else None
+    history = _history(top.get("history"), check)
+    cluster = None
+    if "cluster" in top:
+        keep_given = isinstance(top.get("history"), dict) and "keep" in top["history"]
+        cluster = _cluster(top["cluster"], history.keep if keep_given else None, check)
+        history = replace(history, keep=cluster.keep_history)
     metrics = metrics_settings(top["metrics"], check) if "metrics" in top else None
     hooks = hooks_settings(top["hooks"], check) if "hooks" in top else None
     return Config(path=path, database=database, worker=worker, retry=retry,
                   extra_codes=extra_codes, cluster=cluster,
-                  jobs=tuple(jobs), metrics=metrics, hooks=hooks)
+                  jobs=tuple(jobs), metrics=metrics, hooks=hooks, history=history)
 
 
-def _cluster(raw: Any, check: _Checker) -> ClusterSettings:
+def _history(raw: Any, check: _Checker) -> HistorySettings:
+    at: KeyPath = ("history",)
+    raw = check.mapping(raw, at, HISTORY_KEYS)
+    url = None
+    if raw.get("url") is not None:
+        url = check.string(raw["url"], at + ("url",)).strip()
+        parsed = _checked_url(url, at + ("url",), check)
+        if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "",
+                                                                          ":memory:"):
+            raise check.fail("an in-memory SQLite database would be lost at exit; use a "
+                             "file, e.g. sqlite:////var/lib/run-worker/history.db",
+                             at + ("url",))
+    return HistorySettings(
+        enabled=check.boolean(_given_or_default(raw, HistorySettings, "enabled"),
+                              at + ("enabled",)),
+        url=url,
+        keep=check.duration(_given_or_default(raw, HistorySettings, "keep"),
+                            at + ("keep",)),
+        max_runs_per_job=check.integer(
+            _given_or_default(raw, HistorySettings, "max_runs_per_job"),
+            at + ("max_runs_per_job",), 1))
+
+
+def _cluster(raw: Any, history_keep: float | None, check: _Checker) -> ClusterSettings:
+    """`history_keep`: history.keep where the file gives it."""
     at: KeyPath = ("cluster",)
     raw = check.mapping(raw, at, CLUSTER_KEYS)
     url = node = None
@@ -345,10 +377,19 @@ def _cluster(raw: Any, check: _Checker) -> ClusterSettings:
                          f"the lease ({format_duration(lease)}), or one late heartbeat "
                          f"would have a live node's runs marked abandoned",
                          at + ("heartbeat",))
+    # One retention for the history and the run table: keep_history is an alias of
+    # history.keep (written before the history section existed).
+    keep = history_keep if history_keep is not None else \
+        default_of(HistorySettings, "keep")
+    if "keep_history" in raw:
+        alias = check.duration(raw["keep_history"], at + ("keep_history",))
+        if history_keep is not None and alias != history_keep:
+            raise check.fail(f"is an alias of history.keep, which says "
+                             f"{format_duration(history_keep)}: give one of them",
+                             at + ("keep_history",))
+        keep = alias
     return ClusterSettings(
-        url=url, node=node, lease=lease, heartbeat=heartbeat,
-        keep_history=check.duration(_given_or_default(raw, ClusterSettings, "keep_history"),
-                                    at + ("keep_history",)),
+        url=url, node=node, lease=lease, heartbeat=heartbeat, keep_history=keep,
         batch_slot=check.duration(_given_or_default(raw, ClusterSettings, "batch_slot"),
                                   at + ("batch_slot",)))
 

@@ -38,7 +38,10 @@ class MetricsObserver:
     """Counts what the loop reports, into a registry of its own (not the
     process-wide default one, which would add unprefixed process_* families)."""
 
-    def __init__(self) -> None:
+    def __init__(self, history=None) -> None:
+        """`history`: the process's worker.history.History (its failed writes are
+        read at scrape time)."""
+        self.history = history
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.runs = Counter(f"{PREFIX}_runs", "Runs finished, by job and outcome",
@@ -310,6 +313,18 @@ class _RuntimeCollector:
         return []     # unchecked collector: its families depend on the runtime
 
     def collect(self):
+        history = self.metrics.history
+        if history is not None:
+            failed = CounterMetricFamily(f"{PREFIX}_history_write_failures",
+                                         "Batches of run history rows that could not "
+                                         "be written (the rows wait and are tried again)")
+            failed.add_metric([], history.writer.failed_writes)
+            yield failed
+            dropped = CounterMetricFamily(f"{PREFIX}_history_rows_dropped",
+                                          "Run history rows given up: too many waiting "
+                                          "for an unreachable store, or left at exit")
+            dropped.add_metric([], history.writer.dropped_rows)
+            yield dropped
         runtime = self.metrics._runtime
         if runtime is None:
             return

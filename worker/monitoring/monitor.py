@@ -100,10 +100,13 @@ def one_line(error: str | None) -> str | None:
 
 
 class StatusBoard(NoObserver):
-    """What the status page shows: the runtime in use and each job's recent runs
-    (in memory, the last RECENT_RUNS; in cluster mode read from the run table)."""
+    """What the status page shows: the runtime in use and each job's recent runs:
+    read from the run history (worker.history, one query a request), so that they
+    survive a restart; without it, from the cluster's run table, else the last
+    RECENT_RUNS in memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, history=None) -> None:
+        self.history = history            # worker.history.History, or None
         self.runtime = None
         self.started = time.time()
         self._recent: dict[str, deque] = {}
@@ -150,13 +153,15 @@ class StatusBoard(NoObserver):
         if runtime is None:
             return {"worker": {"state": "starting"}, "jobs": [], "cluster": None}
         config = runtime.config
-        history, history_error = self._cluster_history(runtime)
+        history, history_error = self._stored_history()
+        if history is None and history_error is None:     # the run history is off
+            history, history_error = self._cluster_history(runtime)
         own, running, stuck, succeeded = self._own_runs()
         jobs = []
         scheduled = {job.name for job in runtime.scheduler.jobs} \
             if runtime.scheduler is not None else set()
         for job in config.jobs:
-            recent = history.get(job.name) if history is not None else \
+            recent = history.get(job.name, []) if history is not None else \
                 own.get(job.name, [])
             running_since = running.get(job.name)
             success = max([r.finished for r in recent or () if r.outcome == "success"]
@@ -194,7 +199,25 @@ class StatusBoard(NoObserver):
                            | {runtime.cluster.node})
             cluster = {"node": runtime.cluster.node, "nodes": nodes,
                        "healthy": runtime.cluster.healthy, "history_error": history_error}
-        return {"worker": worker, "jobs": jobs, "cluster": cluster}
+        store = self.history.store if self.history is not None else None
+        kept = {"store": _masked(store.url), "error": history_error} \
+            if store is not None else None
+        return {"worker": worker, "jobs": jobs, "cluster": cluster, "history": kept}
+
+    def _stored_history(self):
+        """Each job's recent runs from the run history (None: it is off), and why
+        they could not be read."""
+        store = self.history.store if self.history is not None else None
+        if store is None:
+            return None, None
+        from ..errors import describe
+        try:
+            return {job: [RunRecord(row.ended_ms / 1000, row.outcome,
+                                    (row.ended_ms - row.started_ms) / 1000, row.attempts,
+                                    one_line(row.error), row.node) for row in rows]
+                    for job, rows in store.recent(RECENT_RUNS).items()}, None
+        except Exception as exc:  # the history out of reach: show this process's own
+            return None, one_line(describe(exc))
 
     def _cluster_history(self, runtime):
         if runtime.cluster is None:
@@ -296,9 +319,12 @@ class Monitoring:
     """The watchers one process has, behind `observers` (the fan-out the loop is
     given). `listen`: the daemon serves HTTP; `--once` never listens."""
 
-    def __init__(self, observers: Observers, listen: bool) -> None:
+    def __init__(self, observers: Observers, listen: bool, history=None) -> None:
+        """`history`: the process's worker.history.History, which the status page
+        and the metrics read."""
         self.observers = observers
         self.listen = listen
+        self.history = history
         self.metrics = None                      # monitoring.metrics.MetricsObserver
         self.hooks = None                        # monitoring.hooks.HookRunner
         self.health: Health | None = None
@@ -410,13 +436,13 @@ class Change:
         m, settings = self.monitoring, self.config.metrics
         if settings is not None and m.metrics is None:
             from .metrics import MetricsObserver
-            m.metrics = MetricsObserver()
+            m.metrics = MetricsObserver(m.history)
         elif settings is None:
             m.metrics = None
         if settings is not None and m.listen:
             if m.health is None:
                 m.health = Health(settings.stall_after)
-                m.board = StatusBoard()
+                m.board = StatusBoard(m.history)
             m.health.stall_after = settings.stall_after
         else:
             m.health = m.board = None
