@@ -301,8 +301,8 @@ class TdsServer:
             if error.number in (2601, 2627):
                 self.count("duplicate_keys")
             log.debug("spid %d error %d: %s", session.spid, error.number, error.message)
-            tokens = tds.message_token(tds.ERROR, error.number, error.state, error.severity,
-                                       error.message, SERVER_NAME)
+            tokens = getattr(exc, "before", b"") + tds.message_token(
+                tds.ERROR, error.number, error.state, error.severity, error.message, SERVER_NAME)
             if error.number == 1205 or error.severity >= 20:
                 tokens += session.abort_transaction()
             final = tds.DONEPROC if message.type == tds.RPC else tds.DONE

@@ -11,7 +11,8 @@ import threading
 import uuid
 from dataclasses import dataclass
 
-from . import tds
+from . import functions, tds
+from .batch import BatchRun, SessionOptions
 from .faults import Fault, ServerError
 from .login import PRODUCT_VERSION, SERVER_NAME
 from .translate import Step, TranslationError, translate_batch
@@ -86,6 +87,13 @@ class Session:
         self.program_name = program_name
         self.attention = threading.Event()
         self.in_transaction = False
+        self.trancount = 0                    # @@TRANCOUNT: BEGIN TRAN nests, COMMIT counts down
+        self.doomed = False                   # XACT_STATE() -1: only a rollback may follow
+        self.options = SessionOptions()
+        self.rowcount = 0                     # @@ROWCOUNT
+        self.last_error = 0                   # @@ERROR
+        self.caught_error: ServerError | None = None    # ERROR_NUMBER() etc. in CATCH
+        self.pending_error: ServerError | None = None   # raised by a function (functions.py)
         self.touched_at: str | None = None   # first statement of the open transaction
         self.implicit_transactions = False
         self.descriptor = 0
@@ -100,7 +108,8 @@ class Session:
 
     def _register_functions(self) -> None:
         self.db.create_function("tds_spid", 0, lambda: self.spid)
-        self.db.create_function("tds_trancount", 0, lambda: 1 if self.in_transaction else 0)
+        self.db.create_function("tds_trancount", 0, lambda: self.trancount if self.in_transaction else 0)
+        functions.register(self.db, self)
         self.db.create_function("tds_version", 0, lambda: (
             f"Microsoft SQL Server 2022 (RTM) - {PRODUCT_VERSION} (X64) (TDS test server over SQLite)"))
         self.db.create_function("tds_servername", 0, lambda: SERVER_NAME)
@@ -110,6 +119,15 @@ class Session:
         self.db.create_function("getutcdate", 0, lambda: datetime.datetime.now(
             datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3])
         self.db.create_function("uuid", 0, lambda: str(uuid.uuid4()).upper())
+
+    def xact_state(self) -> int:
+        if not self.in_transaction:
+            return 0
+        return -1 if self.doomed else 1
+
+    def take_pending_error(self) -> ServerError | None:
+        error, self.pending_error = self.pending_error, None
+        return error
 
     def close(self) -> None:
         try:
@@ -127,6 +145,8 @@ class Session:
     def begin(self) -> bytes:
         self.db.execute("BEGIN")
         self.in_transaction = True
+        self.trancount = 1
+        self.doomed = False
         self.touched_at = None
         self.descriptor = self.server.next_descriptor()
         return tds.envchange(tds.ENV_BEGIN_TRAN, tds.b_varbyte(struct.pack("<Q", self.descriptor)),
@@ -144,6 +164,8 @@ class Session:
             if commit:
                 raise ServerFailure(sqlite_error(exc, self.spid, self.db)) from None
         self.in_transaction = False
+        self.trancount = 0
+        self.doomed = False
         self.server.count("commits" if commit else "rollbacks")
         old = self.descriptor
         self.descriptor = 0
@@ -185,17 +207,8 @@ class Session:
         of the last statement). Raises ServerFailure, Disconnect, Interrupted."""
         if fault is not None:
             self.apply_fault(fault)
-        steps = translate_batch(text)
-        out = bytearray()
-        last_rows = 0
-        for step in steps:
-            if self.attention.is_set():
-                raise Interrupted()
-            tokens, last_rows = self._run_step(step, params or {}, token_done)
-            out += tokens
-        if not steps:
-            out += tds.done(tds.DONE_MORE, token=token_done)
-        return bytes(out), last_rows
+        nodes = translate_batch(text)
+        return BatchRun(self, params or {}, token_done).run(nodes), self.rowcount
 
     def apply_fault(self, fault: Fault) -> None:
         if fault.delay:
@@ -282,9 +295,11 @@ class Session:
         except sqlite3.OperationalError as exc:
             if "interrupted" in str(exc):
                 raise Interrupted() from None
-            raise ServerFailure(sqlite_error(exc, self.spid, self.db)) from None
+            raise ServerFailure(self.take_pending_error()
+                                or sqlite_error(exc, self.spid, self.db)) from None
         except sqlite3.Error as exc:
-            raise ServerFailure(sqlite_error(exc, self.spid, self.db)) from None
+            raise ServerFailure(self.take_pending_error()
+                                or sqlite_error(exc, self.spid, self.db)) from None
         if rows is None:
             count = max(cursor.rowcount, 0)
             status = tds.DONE_MORE | (tds.DONE_COUNT if cursor.rowcount >= 0 and _is_dml(step.sql) else 0)
@@ -448,6 +463,7 @@ _NO_TABLE = re.compile(r"no such table: (?:\w+\.)?(\S+)")
 _NO_COLUMN = re.compile(r"no such column: (\S+)")
 _TABLE_EXISTS = re.compile(r"(?:table|index) (\S+) already exists")
 _UNIQUE = re.compile(r"UNIQUE constraint failed: (\w+)\.")
+_LENGTH = re.compile(r"CHECK constraint failed: tds_len__(\w+?)__(\w+)__\d+")
 _NOT_NULL = re.compile(r"NOT NULL constraint failed: (\w+)\.(\w+)")
 
 
@@ -495,6 +511,11 @@ def sqlite_error(exc: sqlite3.Error, spid: int, db: sqlite3.Connection | None = 
         return ServerError(2627, 1, 14, (
             f"Violation of UNIQUE KEY constraint 'UQ_{table}'. Cannot insert duplicate key in "
             f"object 'dbo.{table}'."))
+    found = _LENGTH.search(text)
+    if found:
+        return ServerError(2628, 1, 16, (
+            f"String or binary data would be truncated in table 'test.dbo.{found.group(1)}', "
+            f"column '{found.group(2)}'."))
     found = _NOT_NULL.search(text)
     if found:
         return ServerError(515, 2, 16, (
