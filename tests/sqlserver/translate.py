@@ -521,9 +521,12 @@ def _sqlite_type(node: exp.DataType) -> exp.Expression:
         text = node.sql("sqlite").split("(")[0]
         return exp.DataType(this=exp.DataType.Type.USERDEFINED, kind=text)
     text = node.sql("tsql").upper().replace("(MAX)", "")   # SQLite wants numbers there
+    if text == "INTEGER":
+        text = "INT"        # "INTEGER" alone is kept for IDENTITY columns (the rowid)
     if text.startswith("BIGINT") or text.startswith("INT"):
         definition = node.parent
-        if any(isinstance(c.args.get("kind"), exp.GeneratedAsIdentityColumnConstraint)
+        if any(isinstance(c.args.get("kind"), (exp.GeneratedAsIdentityColumnConstraint,
+                                               exp.AutoIncrementColumnConstraint))
                for c in definition.args.get("constraints") or []):
             text = "INTEGER"
     return exp.DataType(this=exp.DataType.Type.USERDEFINED, kind=text)
