@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import re
 import sqlite3
 from dataclasses import dataclass
 
@@ -44,6 +45,25 @@ def _moment(raw: bytes) -> datetime.datetime | str:
         return text
 
 
+def _datetime(raw: bytes) -> datetime.datetime | str:
+    """DATETIME keeps 1/300 s: a value is read back rounded as SQL Server stores it."""
+    moment = _moment(raw)
+    if isinstance(moment, datetime.datetime):
+        ticks = round(moment.microsecond * 300 / 1_000_000)
+        moment = moment.replace(microsecond=0) + datetime.timedelta(
+            microseconds=round(ticks * 1000 / 300) * 1000)
+    return moment
+
+
+def _offset_moment(raw: bytes) -> datetime.datetime | str:
+    text = _text(raw).replace("T", " ")
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
+
+
 def _day(raw: bytes) -> datetime.date | str:
     try:
         return datetime.date.fromisoformat(_text(raw)[:10])
@@ -72,8 +92,13 @@ _CONVERTERS = {
     "BINARY": ("varbinary", bytes),
     "DATE": ("date", _day),
     "DATETIME2": ("datetime2", _moment),
-    "DATETIME": ("datetime2", _moment),
+    "DATETIME": ("datetime", _datetime),
+    "DATETIMEOFFSET": ("datetimeoffset", _offset_moment),
+    "UNIQUEIDENTIFIER": ("uniqueidentifier", lambda raw: _text(raw).upper()),
 }
+# Expression columns (no declared type) whose every value is such a text are moments
+# (GETDATE(), SYSDATETIME(), DATEADD(...)): SQLite has no other way to return one.
+_MOMENT_TEXT = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d{1,7})?$")
 
 
 def register_sqlite_types() -> None:
@@ -98,6 +123,12 @@ def result_columns(names: list[str], rows: list[tuple]) -> tuple[list[Column], l
             if isinstance(row[index], Typed):
                 row[index] = row[index].value
         column_values = [row[index] for row in plain if row[index] is not None]
+        if declared is None and column_values and all(
+                isinstance(v, str) and _MOMENT_TEXT.match(v) for v in column_values):
+            for row in plain:
+                if row[index] is not None:
+                    row[index] = datetime.datetime.fromisoformat(row[index][:26].replace("T", " "))
+            declared = "datetime2"
         columns.append(_column(name, declared, column_values))
     # A declared type whose value SQLite stored as something else (text in an INT
     # column): fall back to what the values are.
@@ -123,8 +154,12 @@ def _fits(kind: str, value) -> bool:
         return isinstance(value, (bytes, bytearray, memoryview))
     if kind == "date":
         return isinstance(value, datetime.date)
-    if kind == "datetime2":
+    if kind in ("datetime2", "datetime"):
         return isinstance(value, datetime.datetime)
+    if kind == "datetimeoffset":
+        return isinstance(value, datetime.datetime) and value.tzinfo is not None
+    if kind == "uniqueidentifier":
+        return isinstance(value, str) and len(value) == 36
     return False
 
 
