@@ -207,8 +207,14 @@ class BatchRun:
         return tds.done(tds.DONE_MORE, token=self.token_done)
 
     def _identity_column(self, table: str) -> str | None:
-        """IDENTITY columns are the only INTEGER PRIMARY KEYs translate.py writes."""
-        for row in self.session.db.execute(f'PRAGMA main.table_info("{table}")').fetchall():
+        """IDENTITY columns are the only INTEGER PRIMARY KEYs translate.py writes. Read on
+        a connection of its own: a read on the session's would start its transaction's
+        snapshot before the write (a spurious 1205 when another session commits first)."""
+        if self.session.schema_reader is None:
+            self.session.schema_reader = sqlite3.connect(self.session.server.database,
+                                                         check_same_thread=False)
+        reader = self.session.schema_reader
+        for row in reader.execute(f'PRAGMA main.table_info("{table}")').fetchall():
             values = [getattr(value, "value", value) for value in row]
             if values[5] == 1 and str(values[2]).upper() == "INTEGER":
                 return str(values[1]).lower()

@@ -99,10 +99,14 @@ class TdsServer:
         db.executemany("INSERT INTO temp.tds_sys_dm_tran_database_transactions "
                        "VALUES (?, 5, ?)", [(s.descriptor, s.touched_at) for s in open_])
 
-    def kill(self, spid: int, by: int) -> None:
-        """`KILL spid`: that connection's socket is closed (its transaction rolls back
-        when its session closes), as SQL Server ends a killed session."""
-        if spid == by:
+    def kill(self, spid: int, by: Session) -> None:
+        """`KILL spid`: a session running a request is told 596 and closed, an idle one's
+        socket is closed; its transaction rolls back when its session closes. Only sa
+        may KILL (SQL Server: ALTER ANY CONNECTION)."""
+        if by.login_name.lower() != "sa":
+            raise ServerFailure(ServerError(6102, 1, 14,
+                                            "User does not have permission to use the KILL statement."))
+        if spid == by.spid:
             raise ServerFailure(ServerError(6104, 1, 16,
                                             "Cannot use KILL to kill your own process."))
         with self._lock:
@@ -111,7 +115,12 @@ class TdsServer:
             raise ServerFailure(ServerError(6106, 1, 16,
                                             f"Process ID {spid} is not an active process ID."))
         self.count("kills")
-        _close(found[1])
+        victim, client = found
+        if victim.busy:
+            victim.killed = True
+            victim.interrupt()
+        else:
+            _close(client)
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -189,7 +198,8 @@ class TdsServer:
                          packet_size)
             return None
         spid = self.next_spid()
-        session = Session(self, spid, self.database, packet_size, program_name=login.app)
+        session = Session(self, spid, self.database, packet_size, program_name=login.app,
+                          login_name=login.user)
         self.count("logins")
         client.sendall(tds.packets(login_reply(database, packet_size), packet_size, spid))
         return session
@@ -217,7 +227,14 @@ class TdsServer:
                     session.attention.clear()
                     self._send(client, session, tds.done(tds.DONE_ATTN))
                 continue
+            session.busy = True
             reply, close = self._answer(session, message)
+            session.busy = False
+            if session.killed:
+                self._send(client, session, tds.message_token(
+                    tds.ERROR, 596, 1, 21, "Cannot continue the execution because the session "
+                    "is in the kill state.", SERVER_NAME) + tds.done(tds.DONE_ERROR))
+                return
             if session.attention.is_set():
                 # The client asked to stop: whatever was computed is dropped and the
                 # DONE with the attention flag is the whole answer.

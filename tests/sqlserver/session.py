@@ -81,10 +81,14 @@ class Session:
     thread; `attention` is set by its reader thread."""
 
     def __init__(self, server, spid: int, database_path: str, packet_size: int,
-                 program_name: str = "") -> None:
+                 program_name: str = "", login_name: str = "sa") -> None:
         self.server = server
         self.spid = spid
         self.program_name = program_name
+        self.login_name = login_name
+        self.schema_reader: sqlite3.Connection | None = None   # batch.py's IDENTITY lookups
+        self.busy = False                     # a request is running (KILL answers it with 596)
+        self.killed = False
         self.attention = threading.Event()
         self.in_transaction = False
         self.trancount = 0                    # @@TRANCOUNT: BEGIN TRAN nests, COMMIT counts down
@@ -131,6 +135,8 @@ class Session:
 
     def close(self) -> None:
         try:
+            if self.schema_reader is not None:
+                self.schema_reader.close()
             self.db.close()
         except sqlite3.Error:
             pass
@@ -239,7 +245,7 @@ class Session:
                     "BEGIN TRANSACTION.")))
             return self.end(step.kind == "commit") + tds.done(more, token=token_done), 0
         if step.kind == "kill":
-            self.server.kill(step.data_type, by=self.spid)
+            self.server.kill(step.data_type, by=self)
             return tds.done(more, token=token_done), 0
         if step.kind in ("save", "rollback_to"):
             return self._savepoint(step) + tds.done(more, token=token_done), 0

@@ -119,6 +119,8 @@ def _control_step(text: str) -> Step | None:
         name, value = found.group(1).upper(), found.group(2).upper()
         if name in ("NOCOUNT", "XACT_ABORT"):
             return Step("option", text=name, flag=value == "ON")
+        if name in ("LOCK_TIMEOUT", "DEADLOCK_PRIORITY"):
+            return Step("noop", text=text)   # locking is issue 25's (SQLite's locks here)
         if (name, value) in _DEFAULT_OPTIONS or name in ("TEXTSIZE", "ROWCOUNT") and value == "0" \
                 or name == "TEXTSIZE":
             return Step("noop", text=text)
