@@ -96,6 +96,7 @@ _CONVERTERS = {
     "DATETIMEOFFSET": ("datetimeoffset", _offset_moment),
     "UNIQUEIDENTIFIER": ("uniqueidentifier", lambda raw: _text(raw).upper()),
 }
+_COLUMN_NAME = re.compile(r"^[A-Za-z_@#][\w@#$ .-]{0,127}$")
 # Expression columns (no declared type) whose every value is such a text are moments
 # (GETDATE(), SYSDATETIME(), DATEADD(...)): SQLite has no other way to return one.
 _MOMENT_TEXT = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d{1,7})?$")
@@ -116,6 +117,8 @@ def result_columns(names: list[str], rows: list[tuple]) -> tuple[list[Column], l
     """The columns' SQL Server types and the rows' plain values."""
     columns = []
     plain = [list(row) for row in rows]
+    # SQL Server names an expression without an alias "" (SQLite: its text)
+    names = [name if _COLUMN_NAME.match(name) else "" for name in names]
     for index, name in enumerate(names):
         values = [row[index] for row in rows]
         declared = next((v.type for v in values if isinstance(v, Typed)), None)
