@@ -6,7 +6,6 @@ anything under XACT_ABORT ON). Inside TRY an error jumps to CATCH instead.
 """
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 
 from . import session as sessions
@@ -175,10 +174,7 @@ class BatchRun:
         if step.kind == "truncate":
             tokens, _ = session._run_step(Step("sql", sql=f'DELETE FROM "{step.table}"',
                                                text=step.text), {}, self.token_done)
-            try:   # TRUNCATE starts the IDENTITY over
-                session.db.execute("DELETE FROM main.sqlite_sequence WHERE name = ?", (step.table,))
-            except sqlite3.OperationalError:
-                pass
+            session.reset_identity(step.table)
             return _without_count(tokens), 0
         if step.kind == "sql":
             if session.doomed and step.sql.lstrip().split(" ", 1)[0].upper() in _WRITES:
@@ -207,18 +203,7 @@ class BatchRun:
         return tds.done(tds.DONE_MORE, token=self.token_done)
 
     def _identity_column(self, table: str) -> str | None:
-        """IDENTITY columns are the only INTEGER PRIMARY KEYs translate.py writes. Read on
-        a connection of its own: a read on the session's would start its transaction's
-        snapshot before the write (a spurious 1205 when another session commits first)."""
-        if self.session.schema_reader is None:
-            self.session.schema_reader = sqlite3.connect(self.session.server.database,
-                                                         check_same_thread=False)
-        reader = self.session.schema_reader
-        for row in reader.execute(f'PRAGMA main.table_info("{table}")').fetchall():
-            values = [getattr(value, "value", value) for value in row]
-            if values[5] == 1 and str(values[2]).upper() == "INTEGER":
-                return str(values[1]).lower()
-        return None
+        return self.session.identity_column(table)
 
     def _check_identity(self, step: Step) -> None:
         identity = self._identity_column(step.table)
@@ -238,8 +223,8 @@ class BatchRun:
     def _update_with_old_values(self, step: Step) -> tuple[bytes, int]:
         """UPDATE ... OUTPUT deleted.x: the old rows read first, joined by rowid."""
         old = {getattr(row[0], "value", row[0]): row[1:]
-               for row in self._query(step.before, step.params)}
-        new = self._query(step.sql, step.params)
+               for row in self._query(step.before)}
+        new = self._query(step)
         rows = []
         for row in new:
             rowid = getattr(row[0], "value", row[0])
@@ -255,23 +240,16 @@ class BatchRun:
 
     # --- expressions ----------------------------------------------------------------------
 
-    def _query(self, sql: str, names: list) -> list:
-        session = self.session
-        missing = [name for name in names if name not in self.variables]
+    def _query(self, step: Step) -> list:
+        missing = [name for name in step.params if name not in self.variables]
         if missing:
             raise sessions.ServerFailure(ServerError(
                 137, 2, 15, f'Must declare the scalar variable "@{missing[0]}".'))
-        try:
-            return session.db.execute(sql, {name: self.variables[name] for name in names}).fetchall()
-        except sqlite3.Error as exc:
-            if "interrupted" in str(exc):
-                raise sessions.Interrupted() from None
-            raise sessions.ServerFailure(session.take_pending_error()
-                                         or sessions.sqlite_error(exc, session.spid, session.db)) from None
+        return self.session.query(step, {name: self.variables[name] for name in step.params})
 
     def _rows(self, step: Step):
         try:
-            rows = self._query(step.sql, step.params)
+            rows = self._query(step)
         except sessions.ServerFailure as failure:
             self.fail(failure.error)
             return _FAILED

@@ -24,11 +24,12 @@ class FunctionFailed(Exception):
     """Raised inside SQLite; the session's pending error says what SQL Server sends."""
 
 
-def register(db, session) -> None:
-    """Install the functions on one connection; `session` answers the session-level ones
-    (rowcount, trancount, XACT_STATE, the CATCH block's ERROR_*) and takes the errors."""
+def register(db, current) -> None:
+    """Install the functions on a connection; `current()` is the session whose statement
+    runs: it answers the session-level ones (rowcount, XACT_STATE, the CATCH block's
+    ERROR_*) and takes the errors."""
     def fail(number: int, message: str, state: int = 1, severity: int = 16):
-        session.pending_error = ServerError(number, state, severity, message)
+        current().pending_error = ServerError(number, state, severity, message)
         raise FunctionFailed(message)
 
     def add(left, right):
@@ -78,14 +79,14 @@ def register(db, session) -> None:
         ("tds_newid", 0): lambda: str(uuid.uuid4()).upper(),
         ("tds_object_name", 1): lambda name: None if name is None else
         str(name).split(".")[-1].strip("[]\""),
-        ("tds_rowcount", 0): lambda: session.rowcount,
-        ("tds_error", 0): lambda: session.last_error,
-        ("xact_state", 0): session.xact_state,
-        ("error_number", 0): lambda: _caught(session, "number"),
-        ("error_message", 0): lambda: _caught(session, "message"),
-        ("error_severity", 0): lambda: _caught(session, "severity"),
-        ("error_state", 0): lambda: _caught(session, "state"),
-        ("error_line", 0): lambda: None if session.caught_error is None else 1,
+        ("tds_rowcount", 0): lambda: current().rowcount,
+        ("tds_error", 0): lambda: current().last_error,
+        ("xact_state", 0): lambda: current().xact_state(),
+        ("error_number", 0): lambda: _caught(current(), "number"),
+        ("error_message", 0): lambda: _caught(current(), "message"),
+        ("error_severity", 0): lambda: _caught(current(), "severity"),
+        ("error_state", 0): lambda: _caught(current(), "state"),
+        ("error_line", 0): lambda: None if current().caught_error is None else 1,
         ("error_procedure", 0): lambda: None,
     }
     for (name, arguments), function in functions.items():

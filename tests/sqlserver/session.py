@@ -113,7 +113,7 @@ class Session:
     def _register_functions(self) -> None:
         self.db.create_function("tds_spid", 0, lambda: self.spid)
         self.db.create_function("tds_trancount", 0, lambda: self.trancount if self.in_transaction else 0)
-        functions.register(self.db, self)
+        functions.register(self.db, lambda: self)
         self.db.create_function("tds_version", 0, lambda: (
             f"Microsoft SQL Server 2022 (RTM) - {PRODUCT_VERSION} (X64) (TDS test server over SQLite)"))
         self.db.create_function("tds_servername", 0, lambda: SERVER_NAME)
@@ -128,6 +128,35 @@ class Session:
         if not self.in_transaction:
             return 0
         return -1 if self.doomed else 1
+
+    def query(self, step: Step, params: dict) -> list:
+        """The rows of one SQLite statement the batch runs for itself (a condition, a
+        variable's value, the old rows of UPDATE ... OUTPUT deleted). Raises ServerFailure."""
+        try:
+            return self.db.execute(step.sql, params).fetchall()
+        except sqlite3.Error as exc:
+            if "interrupted" in str(exc):
+                raise Interrupted() from None
+            raise ServerFailure(self.take_pending_error()
+                                or sqlite_error(exc, self.spid, self.db)) from None
+
+    def identity_column(self, table: str) -> str | None:
+        """IDENTITY columns are the only INTEGER PRIMARY KEYs translate.py writes. Read on
+        a connection of its own: a read on the session's would start its transaction's
+        snapshot before the write (a spurious 1205 when another session commits first)."""
+        if self.schema_reader is None:
+            self.schema_reader = sqlite3.connect(self.server.database, check_same_thread=False)
+        for row in self.schema_reader.execute(f'PRAGMA main.table_info("{table}")').fetchall():
+            if row[5] == 1 and str(row[2]).upper() == "INTEGER":
+                return str(row[1]).lower()
+        return None
+
+    def reset_identity(self, table: str) -> None:
+        """TRUNCATE TABLE starts the IDENTITY over."""
+        try:
+            self.db.execute("DELETE FROM main.sqlite_sequence WHERE name = ?", (table,))
+        except sqlite3.OperationalError:   # no AUTOINCREMENT table yet
+            pass
 
     def take_pending_error(self) -> ServerError | None:
         error, self.pending_error = self.pending_error, None

@@ -62,7 +62,7 @@ class Step:
     returns_rows: bool = False
     table: str = ""           # sql INSERT / truncate / identity_insert: the target table
     columns: tuple = ()       # sql INSERT: the columns named
-    before: str = ""          # sql UPDATE ... OUTPUT deleted.*: SELECT rowid, old values
+    before: "Step | None" = None   # UPDATE ... OUTPUT deleted.*: SELECT rowid, old values
     output: tuple = ()        # with before: per OUTPUT column, ("deleted"|"inserted", index)
 
 
@@ -175,7 +175,7 @@ def _translate_sql(text: str) -> list:
 
 
 def _sql_step(tree: exp.Expression, text: str) -> Step:
-    table, columns, before, output = "", (), "", ()
+    table, columns, before, output = "", (), None, ()
     returning = tree.args.get("returning")
     if isinstance(tree, exp.Insert):
         target = tree.this
@@ -188,8 +188,7 @@ def _sql_step(tree: exp.Expression, text: str) -> Step:
             "deleted" in _output_sources(returning):
         before, output = _old_values(tree, returning)
     tree = tree.transform(_rewrite)
-    params = sorted({p.name for p in tree.find_all(exp.Placeholder) if p.name} |
-                    set(re.findall(r":(\w+)", before)))
+    params = sorted({p.name for p in tree.find_all(exp.Placeholder) if p.name})
     sql = _sqlite(tree, text)
     returns_rows = isinstance(tree, (exp.Select, exp.Union, exp.Except, exp.Intersect)) or \
         bool(tree.args.get("returning"))
@@ -265,7 +264,7 @@ def _translate_select_list(clause: str) -> list:
         raise TranslationError(102, f"Incorrect syntax near '{_near(clause, exc)}'.") from None
 
 
-def _old_values(tree: exp.Update, returning: exp.Returning) -> tuple[str, tuple]:
+def _old_values(tree: exp.Update, returning: exp.Returning) -> tuple[Step, tuple]:
     """UPDATE ... OUTPUT deleted.x: SQLite's RETURNING sees only new values, so the old
     ones are read first (by rowid) and joined to the RETURNING rows."""
     if tree.args.get("from") or tree.args.get("limit") or tree.args.get("joins"):
@@ -290,8 +289,7 @@ def _old_values(tree: exp.Update, returning: exp.Returning) -> tuple[str, tuple]
     if tree.args.get("where"):
         select.set("where", tree.args["where"].copy())
     tree.set("returning", exp.Returning(expressions=[exp.column("rowid"), *new]))
-    select = select.transform(_rewrite)
-    return _sqlite(select, "UPDATE"), tuple(output)
+    return _sql_step(select, "SELECT"), tuple(output)
 
 
 def _assignment(tree: exp.Expression):
