@@ -15,6 +15,8 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 
+from .storage import table_locking
+
 # Catalog views -> the temporary view standing in for each (created per connection).
 CATALOG_VIEWS = {
     ("information_schema", "tables"): "tds_is_tables",
@@ -52,6 +54,7 @@ class Step:
     flag: bool = False        # implicit: on/off; commit/rollback: only if a tran is open
     params: list = field(default_factory=list)   # sql: :name placeholders it uses
     returns_rows: bool = False
+    tables: tuple = ()        # sql: (table, alias, hints) for the lock manager (storage.py)
 
 
 _WAITFOR = re.compile(r"^\s*WAITFOR\s+DELAY\s+'(\d{1,2}):(\d{1,2}):(\d{1,2})(?:\.(\d{1,3}))?'\s*;?\s*$",
@@ -141,6 +144,7 @@ def _translate_sql(text: str) -> list[Step]:
         if isinstance(tree, exp.Command) or tree.find(exp.Command) is not None:
             word = text.split()[0] if text.split() else text
             raise TranslationError(102, f"Incorrect syntax near '{word}'.")
+        tables = table_locking(tree)
         tree = tree.transform(_rewrite)
         params = sorted({p.name for p in tree.find_all(exp.Placeholder) if p.name})
         try:
@@ -149,7 +153,8 @@ def _translate_sql(text: str) -> list[Step]:
             raise TranslationError(102, f"Incorrect syntax near '{text.split()[0]}'.") from exc
         returns_rows = isinstance(tree, (exp.Select, exp.Union, exp.Except, exp.Intersect)) or \
             bool(tree.args.get("returning"))
-        steps.append(Step("sql", sql=sql, text=text, params=params, returns_rows=returns_rows))
+        steps.append(Step("sql", sql=sql, text=text, params=params, returns_rows=returns_rows,
+                          tables=tables))
     return steps
 
 
