@@ -15,6 +15,8 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 
+from .storage import table_locking
+
 # Catalog views -> the temporary view standing in for each (created per connection).
 CATALOG_VIEWS = {
     ("information_schema", "tables"): "tds_is_tables",
@@ -64,6 +66,7 @@ class Step:
     columns: tuple = ()       # sql INSERT: the columns named
     before: "Step | None" = None   # UPDATE ... OUTPUT deleted.*: SELECT rowid, old values
     output: tuple = ()        # with before: per OUTPUT column, ("deleted"|"inserted", index)
+    tables: tuple = ()        # sql: (table, alias, hints) for the lock manager (storage.py)
 
 
 _WAITFOR = re.compile(r"^\s*WAITFOR\s+DELAY\s+'(\d{1,2}):(\d{1,2}):(\d{1,2})(?:\.(\d{1,3}))?'\s*;?\s*$",
@@ -114,13 +117,14 @@ def _control_step(text: str) -> Step | None:
     found = _IMPLICIT.match(text)
     if found:
         return Step("implicit", text=text, flag=found.group(1).upper() == "ON")
+    if re.match(r"^\s*SET\s+(LOCK_TIMEOUT\s+-?\d+|DEADLOCK_PRIORITY\s+(LOW|NORMAL|HIGH|-?\d+))\s*;?\s*$",
+                text, re.I):
+        return Step("noop", text=text)   # the lock manager's (session._set_option)
     found = _OPTION.match(text)
     if found:
         name, value = found.group(1).upper(), found.group(2).upper()
         if name in ("NOCOUNT", "XACT_ABORT"):
             return Step("option", text=name, flag=value == "ON")
-        if name in ("LOCK_TIMEOUT", "DEADLOCK_PRIORITY"):
-            return Step("noop", text=text)   # locking is issue 25's (SQLite's locks here)
         if (name, value) in _DEFAULT_OPTIONS or name in ("TEXTSIZE", "ROWCOUNT") and value == "0" \
                 or name == "TEXTSIZE":
             return Step("noop", text=text)
@@ -129,8 +133,9 @@ def _control_step(text: str) -> Step | None:
     if found:
         return Step("identity_insert", table=_bare_name(found.group(1)),
                     flag=found.group(2).upper() == "ON")
-    if re.match(r"^\s*SET\s+TRANSACTION\s+ISOLATION\s+LEVEL\s+READ\s+COMMITTED\s*;?\s*$", text, re.I):
-        return Step("noop", text=text)   # the default
+    if re.match(r"^\s*SET\s+TRANSACTION\s+ISOLATION\s+LEVEL\s+(READ\s+UNCOMMITTED|READ\s+COMMITTED|"
+                r"REPEATABLE\s+READ|SERIALIZABLE)\s*;?\s*$", text, re.I):
+        return Step("noop", text=text)   # the lock manager's (session._set_option)
     if _SET.match(text):
         raise not_modelled(" ".join(text.split()[:4]))
     return None
@@ -187,13 +192,14 @@ def _sql_step(tree: exp.Expression, text: str) -> Step:
     if isinstance(tree, exp.Update) and returning is not None and \
             "deleted" in _output_sources(returning):
         before, output = _old_values(tree, returning)
+    tables = table_locking(tree)
     tree = tree.transform(_rewrite)
     params = sorted({p.name for p in tree.find_all(exp.Placeholder) if p.name})
     sql = _sqlite(tree, text)
     returns_rows = isinstance(tree, (exp.Select, exp.Union, exp.Except, exp.Intersect)) or \
         bool(tree.args.get("returning"))
     return Step("sql", sql=sql, text=text, params=params, returns_rows=returns_rows,
-                table=table, columns=columns, before=before, output=output)
+                table=table, columns=columns, before=before, output=output, tables=tables)
 
 
 def _sqlite(tree: exp.Expression, text: str) -> str:
