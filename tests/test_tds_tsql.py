@@ -334,3 +334,35 @@ def test_kill_needs_permission_and_the_victim_gets_596(server):
         for connection in (victim, other_login, admin):
             connection.close()
     assert number == 596
+
+
+def test_sqlalchemys_inspector_reads_the_catalog_views(server):
+    """get_columns, get_pk_constraint, get_indexes, get_foreign_keys: the sys.* and
+    INFORMATION_SCHEMA views SQLAlchemy's mssql dialect reads."""
+    from sqlalchemy import inspect
+    server.execute("DROP TABLE IF EXISTS inspected_child")
+    server.execute("DROP TABLE IF EXISTS inspected")
+    server.execute("CREATE TABLE inspected (id INT IDENTITY(1,1) PRIMARY KEY, "
+                   "name NVARCHAR(40) NOT NULL, amount NUMERIC(12, 2) DEFAULT 0)")
+    server.execute("CREATE UNIQUE INDEX ix_inspected_name ON inspected (name)")
+    server.execute("CREATE TABLE inspected_child (id INT PRIMARY KEY, "
+                   "parent INT REFERENCES inspected (id))")
+    engine = create_engine(server.url())
+    try:
+        inspector = inspect(engine)
+        columns = {c["name"]: c for c in inspector.get_columns("inspected")}
+        primary = inspector.get_pk_constraint("inspected")
+        indexes = inspector.get_indexes("inspected")
+        foreign = inspector.get_foreign_keys("inspected_child")
+    finally:
+        engine.dispose()
+    assert list(columns) == ["id", "name", "amount"]
+    assert columns["id"]["identity"] == {"start": 1, "increment": 1}
+    assert columns["name"]["type"].length == 40 and columns["name"]["nullable"] is False
+    assert (columns["amount"]["type"].precision, columns["amount"]["type"].scale) == (12, 2)
+    assert columns["amount"]["default"] == "((0))"
+    assert primary["constrained_columns"] == ["id"]
+    assert [(i["name"], i["unique"], i["column_names"]) for i in indexes] == [
+        ("ix_inspected_name", True, ["name"])]
+    assert [(f["constrained_columns"], f["referred_table"], f["referred_columns"])
+            for f in foreign] == [(["parent"], "inspected", ["id"])]

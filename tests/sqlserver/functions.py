@@ -12,6 +12,7 @@ import decimal
 import re
 import uuid
 
+from .catalog import column_type
 from .faults import ServerError
 
 _INTEGER_RANGES = {"INT": (-2**31, 2**31 - 1), "INTEGER": (-2**31, 2**31 - 1),
@@ -77,6 +78,7 @@ def register(db, current) -> None:
         ("tds_sysdatetime", 0): lambda: datetime.datetime.now().isoformat(" "),
         ("tds_sysdatetimeoffset", 0): lambda: datetime.datetime.now().astimezone().isoformat(" "),
         ("tds_newid", 0): lambda: str(uuid.uuid4()).upper(),
+        ("tds_column_type", 2): column_type,
         ("tds_object_name", 1): lambda name: None if name is None else
         str(name).split(".")[-1].strip("[]\""),
         ("tds_rowcount", 0): lambda: current().rowcount,

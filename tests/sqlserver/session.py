@@ -11,7 +11,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 
-from . import functions, tds
+from . import catalog, functions, tds
 from .batch import BatchRun, SessionOptions
 from .faults import Fault, ServerError
 from .locks import SESSION, TRANSACTION, LockWaitEnded, Owner
@@ -52,9 +52,7 @@ CATALOG_SQL = [
     " transaction_id BIGINT, is_local BIT)",
     "CREATE TEMP TABLE tds_sys_dm_tran_database_transactions (transaction_id BIGINT,"
     " database_id INT, database_transaction_begin_time DATETIME2)",
-    "CREATE TEMP VIEW tds_sys_indexes AS SELECT name, tbl_name AS object_name"
-    " FROM main.sqlite_master WHERE type = 'index'",
-]
+] + catalog.SQL
 
 
 class ServerFailure(Exception):

@@ -15,6 +15,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 
+from . import catalog
 from .storage import table_locking
 
 # Catalog views -> the temporary view standing in for each (created per connection).
@@ -28,7 +29,7 @@ CATALOG_VIEWS = {
     ("sys", "dm_exec_sessions"): "tds_sys_dm_exec_sessions",
     ("sys", "dm_tran_session_transactions"): "tds_sys_dm_tran_session_transactions",
     ("sys", "dm_tran_database_transactions"): "tds_sys_dm_tran_database_transactions",
-    ("sys", "indexes"): "tds_sys_indexes",
+    **catalog.NAMES,
 }
 # @@variables -> functions each connection registers.
 GLOBAL_VARIABLES = {"spid": "tds_spid", "trancount": "tds_trancount",
