@@ -19,6 +19,7 @@ from .faults import FaultBook, ServerError
 from .login import SERVER_NAME, login_reply, parse_login7, prelogin_reply
 from .session import (CATALOG_SQL, Disconnect, Interrupted, ServerFailure, Session,
                       register_functions, translation_error)
+from .catalog import INSPECTOR_VIEWS, register_catalog_functions
 from .storage import Storage
 from .translate import TranslationError
 
@@ -55,7 +56,8 @@ class TdsServer:
         # transactions (storage.py). It must open, so that a bad path fails at start.
         self.storage = Storage(self.database, self.count)
         register_functions(self.storage)
-        self.storage.setup(CATALOG_SQL)
+        register_catalog_functions(self.storage.db)
+        self.storage.setup(CATALOG_SQL + INSPECTOR_VIEWS)
 
     # --- counters -----------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 
+from .catalog import INSPECTOR_CATALOG
 from .storage import table_locking
 
 # Catalog views -> the temporary view standing in for each (created per connection).
@@ -29,6 +30,7 @@ CATALOG_VIEWS = {
     ("sys", "dm_tran_session_transactions"): "tds_sys_dm_tran_session_transactions",
     ("sys", "dm_tran_database_transactions"): "tds_sys_dm_tran_database_transactions",
     ("sys", "indexes"): "tds_sys_indexes",
+    **INSPECTOR_CATALOG,
 }
 # @@variables -> functions each connection registers.
 GLOBAL_VARIABLES = {"spid": "tds_spid", "trancount": "tds_trancount",
