@@ -200,6 +200,14 @@ def transfer(session, forward: bool, pause: float = 0.005) -> None:
     session.execute(update, {"id": second})
 
 
+def update_row_then_meet(session, row: int, meeting: threading.Barrier) -> None:
+    """Updates its row, then holds the transaction until the other writer has updated
+    its own (a BrokenBarrierError after 10 s if one waited for the other)."""
+    session.execute(text("UPDATE worker_test_counters SET value = value + 1 WHERE id = :id"),
+                    {"id": row})
+    meeting.wait(timeout=10)
+
+
 def update_with_short_lock_wait(session, row: int) -> None:
     """Waits at most about a second for the row's lock. SQLite: the busy timeout
     the test gives the connection."""

@@ -53,12 +53,13 @@ def column_type(declared, part: str):
     return None
 
 
+# tds_visible: a table another transaction created and has not committed is not seen
 _TABLES = ("FROM main.sqlite_master m, pragma_table_info(m.name) c WHERE m.type = 'table' "
-           "AND m.name NOT LIKE 'sqlite_%'")
+           "AND m.name NOT LIKE 'sqlite_%' AND tds_visible(m.name)")
 _INDEXES = ("FROM main.sqlite_master m, pragma_index_list(m.name) il WHERE m.type = 'table' "
-            "AND m.name NOT LIKE 'sqlite_%' AND il.origin != 'pk'")
+            "AND m.name NOT LIKE 'sqlite_%' AND tds_visible(m.name) AND il.origin != 'pk'")
 _FOREIGN = ("FROM main.sqlite_master m, pragma_foreign_key_list(m.name) f WHERE m.type = 'table' "
-            "AND m.name NOT LIKE 'sqlite_%'")
+            "AND m.name NOT LIKE 'sqlite_%' AND tds_visible(m.name)")
 
 VIEWS = {
     "tds_sys_columns":
@@ -104,7 +105,8 @@ VIEWS = {
         " 0 AS is_included_column, 0 AS is_descending_key " + _TABLES + " AND c.pk > 0"
         " UNION ALL SELECT m.rowid, il.seq + 2, ii.cid + 1, ii.seqno + 1, 0, 0 "
         "FROM main.sqlite_master m, pragma_index_list(m.name) il, pragma_index_info(il.name) ii"
-        " WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' AND il.origin != 'pk'",
+        " WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' AND tds_visible(m.name)"
+        " AND il.origin != 'pk'",
     "tds_sys_key_constraints":
         "SELECT DISTINCT 'PK_' || m.name AS name, m.rowid AS parent_object_id, 'PK' AS type,"
         " 1 AS unique_index_id " + _TABLES + " AND c.pk > 0"
