@@ -37,9 +37,7 @@ def clean(tds):
 def connect(tds, driver: str = "msodbc", autocommit: bool = False):
     if driver == "msodbc":
         return tds.odbc(autocommit=autocommit)
-    return pyodbc.connect(f"DRIVER={{FreeTDS}};SERVER=127.0.0.1;PORT={tds.port};"
-                          "DATABASE=test;UID=sa;PWD=test;TDS_Version=7.4",
-                          autocommit=autocommit, timeout=10)
+    return tds.freetds(autocommit=autocommit)
 
 
 def start_server(*args: str) -> subprocess.CompletedProcess:

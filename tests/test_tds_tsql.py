@@ -22,9 +22,12 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """One TDS test server for the module's tests (each makes its own tables)."""
     running = TdsServerProcess(tmp_path_factory.mktemp("tds-tsql"))
-    yield running
-    running.stop()
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 @pytest.fixture
@@ -36,12 +39,6 @@ def db(server):
                        "name NVARCHAR(10) NOT NULL UNIQUE, v INT)")
     yield connection
     connection.close()
-
-
-def freetds(server, autocommit: bool = True):
-    return pyodbc.connect(f"DRIVER={{FreeTDS}};SERVER=127.0.0.1;PORT={server.port};"
-                          "DATABASE=test;UID=sa;PWD=test;TDS_Version=7.4",
-                          autocommit=autocommit, timeout=10)
 
 
 def results(cursor) -> list:
@@ -124,7 +121,7 @@ def test_a_statement_error_ends_the_statement_and_the_batch_goes_on(db, server):
                              "INSERT INTO t (name) VALUES ('two')"))
     assert got[0] == [(1,)] and 2627 in got
     assert sorted(r[0] for r in rows(db.execute("SELECT name FROM t"))) == ["one", "two"]
-    connection = freetds(server)
+    connection = server.freetds()
     try:   # FreeTDS raises at the failed statement too; the statement after it ran
         with pytest.raises(pyodbc.IntegrityError):
             connection.execute("INSERT INTO t (name) VALUES ('one'); "

@@ -166,8 +166,12 @@ class Session:
         """The rows of one SQLite statement the batch runs for itself (a condition, a
         variable's value, the old rows of UPDATE ... OUTPUT deleted), under the lock
         manager like any statement. Raises ServerFailure, Interrupted."""
+        return self._execute(step, params)[1] or []
+
+    def _execute(self, step: Step, params: dict, before=None) -> tuple:
+        """storage.execute, its failures as SQL Server's: (description, rows, rowcount)."""
         try:
-            _, rows, _ = self.storage.execute(self, step, params)
+            return self.storage.execute(self, step, params, before=before)
         except LockWaitEnded as exc:
             raise lock_wait_error(exc.reason, self.spid) from None
         except sqlite3.Error as exc:
@@ -176,7 +180,6 @@ class Session:
             with self.storage.condition:
                 raise ServerFailure(self.take_pending_error()
                                     or sqlite_error(exc, self.spid, self.db)) from None
-        return rows or []
 
     def identity_column(self, table: str) -> str | None:
         """IDENTITY columns are the only INTEGER PRIMARY KEYs (rowid aliases)
@@ -369,21 +372,8 @@ class Session:
         if missing:
             raise ServerFailure(ServerError(137, 2, 15,
                                             f'Must declare the scalar variable "@{missing[0]}".'))
-        try:
-            description, rows, rowcount = self.storage.execute(
-                self, step, {name: params[name] for name in step.params}, before=fill)
-        except LockWaitEnded as exc:
-            raise lock_wait_error(exc.reason, self.spid) from None
-        except sqlite3.OperationalError as exc:
-            if "interrupted" in str(exc):
-                raise Interrupted() from None
-            with self.storage.condition:
-                raise ServerFailure(self.take_pending_error()
-                                    or sqlite_error(exc, self.spid, self.db)) from None
-        except sqlite3.Error as exc:
-            with self.storage.condition:
-                raise ServerFailure(self.take_pending_error()
-                                    or sqlite_error(exc, self.spid, self.db)) from None
+        description, rows, rowcount = self._execute(
+            step, {name: params[name] for name in step.params}, before=fill)
         if rows is None:
             count = max(rowcount, 0)
             status = tds.DONE_MORE | (tds.DONE_COUNT if rowcount >= 0 and _is_dml(step.sql) else 0)
