@@ -76,7 +76,7 @@ def scalar(connection, sql: str, *params):
 
 @pytest.mark.parametrize("sql,construct", [
     ("MERGE INTO t USING t AS s ON t.id = s.id WHEN MATCHED THEN UPDATE SET v = 1;", "MERGE"),
-    ("WHILE 1 = 0 SELECT 1", "WHILE"),
+    ("GOTO done", "GOTO"),
     ("SET ANSI_NULLS OFF", "SET ANSI_NULLS OFF"),
     ("DELETE FROM t OUTPUT deleted.id INTO t2 WHERE id = 1", "OUTPUT ... INTO"),
     ("DECLARE @rows TABLE (id INT)", "table variables"),
@@ -363,3 +363,21 @@ def test_sqlalchemys_inspector_reads_the_catalog_views(server):
         ("ix_inspected_name", True, ["name"])]
     assert [(f["constrained_columns"], f["referred_table"], f["referred_columns"])
             for f in foreign] == [(["parent"], "inspected", ["id"])]
+
+
+def test_while_break_print_and_raiserror(db):
+    """A batch delete loop as jobs write it; PRINT and RAISERROR below 11 are messages,
+    11 to 18 an error that lets the batch go on."""
+    db.execute("INSERT INTO t (name, v) VALUES ('a', 1), ('b', 2), ('c', 3), ('d', 4)")
+    got = results(db.execute(
+        "DECLARE @deleted INT = 0; WHILE 1 = 1 BEGIN DELETE FROM t WHERE id = "
+        "(SELECT MIN(id) FROM t); IF @@ROWCOUNT = 0 BREAK; SET @deleted = @deleted + 1; "
+        "IF @deleted >= 3 BREAK END; PRINT 'deleted'; SELECT @deleted"))
+    assert got[-1] == [(3,)]
+    assert scalar(db, "SELECT COUNT(*) FROM t") == 1
+    cursor = db.execute("PRINT N'hello'; RAISERROR('careful', 10, 1); SELECT 1")
+    messages = [text for _, text in cursor.messages]
+    assert results(cursor)[-1] == [(1,)]
+    assert [m.rsplit("]", 1)[-1] for m in messages] == ["hello", "careful"]
+    assert fails_with(db, "RAISERROR('refused', 16, 1); INSERT INTO t (name) VALUES ('after')")[0] == 50000
+    assert scalar(db, "SELECT COUNT(*) FROM t WHERE name = 'after'") == 1

@@ -12,7 +12,7 @@ from . import session as sessions
 from . import tds
 from .faults import ServerError
 from .login import SERVER_NAME
-from .translate import Assign, If, Return, Step, Throw, Try
+from .translate import Assign, If, Loop, Message, Return, Step, Throw, Try, While
 from .types import result_columns
 
 # Errors that end the batch (SQL Server's batch-abort); those marked True also roll the
@@ -42,6 +42,12 @@ class _BatchEnded(Exception):
     """The batch stops here (an error that aborts it, or RETURN)."""
 
 
+class _LoopJump(Exception):
+    def __init__(self, leave: bool) -> None:
+        super().__init__("BREAK" if leave else "CONTINUE")
+        self.leave = leave
+
+
 class BatchRun:
     def __init__(self, session, params: dict, token_done: int) -> None:
         self.session = session
@@ -49,6 +55,7 @@ class BatchRun:
         self.token_done = token_done
         self.out = bytearray()
         self.try_depth = 0
+        self.loops = 0
 
     def run(self, nodes: list) -> bytes:
         try:
@@ -87,11 +94,47 @@ class BatchRun:
             self._throw(node)
         elif isinstance(node, Return):
             raise _BatchEnded()
+        elif isinstance(node, While):
+            self._while(node)
+        elif isinstance(node, Loop):
+            if not self.loops:
+                self.fail(ServerError(135, 1, 15, "Cannot use a BREAK statement outside the "
+                                      "scope of a WHILE statement."))
+                return
+            raise _LoopJump(node.leave)
+        elif isinstance(node, Message):
+            self._message(node)
         elif isinstance(node, list):
             for step in node:
                 self.statement(step)
         else:
             self.statement(node)
+
+    def _while(self, node: While) -> None:
+        self.loops += 1
+        try:
+            while True:
+                value = self._scalar(node.condition)
+                if value is _FAILED or not value:
+                    return
+                try:
+                    self.block(node.body)
+                except _LoopJump as jump:
+                    if jump.leave:
+                        return
+        finally:
+            self.loops -= 1
+
+    def _message(self, node: Message) -> None:
+        text = self._scalar(node.text)
+        if text is _FAILED:
+            return
+        text = "" if text is None else str(text)
+        if node.severity > 10:
+            self.fail(ServerError(50000, node.state, node.severity, text))
+            return
+        self.out += tds.message_token(tds.INFO, 50000 if node.raised else 0, node.state,
+                                      node.severity, text, SERVER_NAME)
 
     def _try(self, node: Try) -> None:
         self.try_depth += 1

@@ -573,6 +573,27 @@ class Return:
     pass
 
 
+@dataclass(frozen=True)
+class While:
+    condition: Step
+    body: list
+
+
+@dataclass(frozen=True)
+class Loop:
+    """BREAK (leave=True) or CONTINUE."""
+    leave: bool
+
+
+@dataclass(frozen=True)
+class Message:
+    """PRINT, or RAISERROR: severity 10 or less is a message, 11 to 19 an error."""
+    text: Step                 # SELECT <message>
+    severity: int = 0
+    state: int = 1
+    raised: bool = False       # RAISERROR (number 50000), not PRINT (0)
+
+
 NOT_MODELLED = 50000           # the number of "not modelled: ..." errors
 
 
@@ -590,9 +611,8 @@ _STARTS = {"SELECT", "INSERT", "UPDATE", "DELETE", "IF", "ELSE", "BEGIN", "END",
            "WITH", "RAISERROR", "GOTO", "BREAK", "CONTINUE", "USE", "GRANT", "REVOKE", "DENY"}
 _NOT_WORDS = {"STRING", "NATIONAL_STRING", "IDENTIFIER", "NUMBER", "HEX_STRING", "BIT_STRING",
               "BYTE_STRING", "RAW_STRING", "UNICODE_STRING"}
-_UNMODELLED_STATEMENTS = {"MERGE": "MERGE", "WHILE": "WHILE", "GOTO": "GOTO", "BREAK": "BREAK",
-                          "CONTINUE": "CONTINUE", "RAISERROR": "RAISERROR", "PRINT": "PRINT",
-                          "USE": "USE", "GRANT": "GRANT", "REVOKE": "REVOKE", "DENY": "DENY"}
+_UNMODELLED_STATEMENTS = {"MERGE": "MERGE", "GOTO": "GOTO", "USE": "USE", "GRANT": "GRANT",
+                          "REVOKE": "REVOKE", "DENY": "DENY"}
 
 
 class _Parser:
@@ -655,6 +675,14 @@ class _Parser:
             body = self.block(("END",))
             self.expect("END")
             return body
+        if word == "WHILE":
+            end = self.statement_end(self.pos + 1, "IF")
+            condition = self.source(self.pos + 1, end)
+            self.pos = end
+            return While(_expression(f"CASE WHEN {condition} THEN 1 ELSE 0 END"), self.branch())
+        if word in ("BREAK", "CONTINUE"):
+            self.pos += 1
+            return Loop(word == "BREAK")
         if word == "IF":
             end = self.statement_end(self.pos + 1, "IF")
             condition = self.source(self.pos + 1, end)
@@ -757,12 +785,17 @@ _THROW = re.compile(r"^\s*THROW\s*(.*?)\s*;?\s*$", re.I | re.S)
 
 def _simple(text: str):
     """One statement that is not control flow."""
-    first = text.split(None, 1)[0].upper() if text.split() else ""
+    found = re.match(r"\s*(\w+)", text)
+    first = found.group(1).upper() if found else ""
     if first == "DECLARE":
         return _declare(text[len("DECLARE"):].strip().rstrip(";"))
     found = _SET_VARIABLE.match(text)
     if found:
         return [Assign(found.group(1), _expression(found.group(2)))]
+    if first == "PRINT":
+        return Message(_expression(text.strip().rstrip(";")[len("PRINT"):]))
+    if first == "RAISERROR":
+        return _raiserror(text)
     found = _THROW.match(text)
     if found:
         if not found.group(1):
@@ -777,6 +810,20 @@ def _simple(text: str):
         return control
     steps = _translate_sql(text)
     return steps[0] if len(steps) == 1 else steps
+
+
+_RAISERROR = re.compile(r"^\s*RAISERROR\s*\(\s*(N?'(?:[^']|'')*')\s*,\s*(\d+)\s*,\s*(\d+)\s*\)"
+                        r"\s*(?:WITH\s+NOWAIT\s*)?;?\s*$", re.I | re.S)
+
+
+def _raiserror(text: str) -> Message:
+    found = _RAISERROR.match(text)
+    if not found:
+        raise not_modelled("RAISERROR other than RAISERROR('text', severity, state)")
+    severity = int(found.group(2))
+    if severity > 18:
+        raise not_modelled("RAISERROR with severity 19 or more")
+    return Message(_expression(found.group(1)), severity, int(found.group(3)), raised=True)
 
 
 def _declare(text: str) -> list:
@@ -821,8 +868,11 @@ def translate_batch(batch: str) -> list:
 
 def _flat_if(node):
     if isinstance(node, If):
-        return If(node.condition, _flatten(node.then), _flatten(node.otherwise))
+        return If(node.condition, [_flat_if(n) for n in _flatten(node.then)],
+                  [_flat_if(n) for n in _flatten(node.otherwise)])
     if isinstance(node, Try):
         return Try([_flat_if(n) for n in _flatten(node.body)],
                    [_flat_if(n) for n in _flatten(node.catch)])
+    if isinstance(node, While):
+        return While(node.condition, [_flat_if(n) for n in _flatten(node.body)])
     return node
