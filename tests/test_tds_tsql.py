@@ -278,7 +278,8 @@ def test_identity_insert_544(db):
     db.execute("INSERT INTO t (id, name) VALUES (7, 'a')")
     db.execute("SET IDENTITY_INSERT t OFF")
     db.execute("INSERT INTO t (name) VALUES ('b')")
-    assert rows(db.execute("SELECT id, name FROM t ORDER BY id")) == [(7, "a"), (8, "b")]
+    db.execute("INSERT INTO t VALUES ('c', 3)")           # no column list: all but IDENTITY
+    assert rows(db.execute("SELECT id, name FROM t ORDER BY id")) == [(7, "a"), (8, "b"), (9, "c")]
 
 
 def test_exact_decimals_datetimeoffset_uniqueidentifier_and_datetime(db):

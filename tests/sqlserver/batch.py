@@ -6,6 +6,8 @@ anything under XACT_ABORT ON). Inside TRY an error jumps to CATCH instead.
 """
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 
 from . import session as sessions
@@ -223,7 +225,7 @@ class BatchRun:
             if session.doomed and step.sql.lstrip().split(" ", 1)[0].upper() in _WRITES:
                 raise sessions.ServerFailure(_UNCOMMITTABLE)
             if step.table and step.sql.lstrip().upper().startswith("INSERT"):
-                self._check_identity(step)
+                step = self._check_identity(step)
             if step.before:
                 return self._update_with_old_values(step)
         return session._run_step(step, self.variables, self.token_done)
@@ -246,12 +248,14 @@ class BatchRun:
         return tds.done(tds.DONE_MORE, token=self.token_done)
 
     def _identity_column(self, table: str) -> str | None:
-        return self.session.identity_column(table)
+        return self.session.identity_column(table)[0]
 
-    def _check_identity(self, step: Step) -> None:
-        identity = self._identity_column(step.table)
+    def _check_identity(self, step: Step) -> Step:
+        """544/545; an INSERT without a column list names the columns but the IDENTITY,
+        as SQL Server fills them."""
+        identity, columns = self.session.identity_column(step.table)
         if identity is None:
-            return
+            return step
         allowed = (self.session.options.identity_insert or "").lower() == step.table.lower()
         if identity in step.columns and not allowed:
             raise sessions.ServerFailure(ServerError(544, 1, 16, (
@@ -262,6 +266,12 @@ class BatchRun:
                 f"Explicit value must be specified for identity column in table '{step.table}' "
                 "either when IDENTITY_INSERT is set to ON or when a replication user is "
                 "inserting into a NOT FOR REPLICATION identity column.")))
+        if not step.columns and not allowed:
+            named = ", ".join('"' + c.replace('"', '""') + '"' for c in columns
+                              if c.lower() != identity)
+            sql = _INSERT_TARGET.sub(lambda found: f"{found.group(0)} ({named}) ", step.sql, count=1)
+            return dataclasses.replace(step, sql=sql)
+        return step
 
     def _update_with_old_values(self, step: Step) -> tuple[bytes, int]:
         """UPDATE ... OUTPUT deleted.x: the old rows read first, joined by rowid."""
@@ -341,6 +351,7 @@ class BatchRun:
 
 
 _FAILED = object()
+_INSERT_TARGET = re.compile(r'^\s*INSERT\s+INTO\s+(?:"[^"]+"|\S+)(?=\s+(?:VALUES|SELECT|WITH|\())', re.I)
 _UNCOMMITTABLE = ServerError(3930, 1, 16, "The current transaction cannot be committed and "
                              "cannot support operations that write to the log file. Roll back "
                              "the transaction.")

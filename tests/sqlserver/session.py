@@ -181,14 +181,17 @@ class Session:
                 raise ServerFailure(self.take_pending_error()
                                     or sqlite_error(exc, self.spid, self.db)) from None
 
-    def identity_column(self, table: str) -> str | None:
-        """IDENTITY columns are the only INTEGER PRIMARY KEYs (rowid aliases)
-        translate.py writes; the storage knows each table's."""
+    def identity_column(self, table: str) -> tuple[str | None, tuple[str, ...]]:
+        """(the table's IDENTITY column, all its columns). IDENTITY columns are the only
+        INTEGER PRIMARY KEYs (rowid aliases) translate.py writes; the storage knows
+        each table's."""
         with self.storage.condition:
             for name, info in self.storage.tables.items():
-                if name.lower() == table.lower() and info.rowid_column is not None:
-                    return info.columns[info.rowid_column].lower()
-        return None
+                if name.lower() == table.lower():
+                    identity = (None if info.rowid_column is None
+                                else info.columns[info.rowid_column].lower())
+                    return identity, info.columns
+        return None, ()
 
     def reset_identity(self, table: str) -> None:
         """TRUNCATE TABLE starts the IDENTITY over (not undone by a ROLLBACK)."""
