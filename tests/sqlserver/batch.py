@@ -322,13 +322,13 @@ class BatchRun:
         session = self.session
         session.last_error = error.number
         session.rowcount = 0
-        session.server.count("errors")
-        if error.number in (2601, 2627):
-            session.server.count("duplicate_keys")
-        if error.severity >= 20:
+        if error.severity >= 20:     # the server answers it (and counts it) and closes
             failure = sessions.ServerFailure(error)
             failure.before = bytes(self.out)
             raise failure
+        session.server.count("errors")
+        if error.number in (2601, 2627):
+            session.server.count("duplicate_keys")
         rolls_back = _ENDS_BATCH.get(error.number, False)
         if error.number == 1205:
             self.out += session.abort_transaction()
