@@ -121,6 +121,7 @@ class LockManager:
                 blocking = self.try_acquire(owner, resource, mode, duration)
         finally:
             owner.waiting_for = frozenset()
+            owner.victim = False      # chosen as its lock came free: the cycle is gone
             log.debug("spid %d waited %.3fs for %s", owner.spid, time.monotonic() - started,
                       resource)
         return True
