@@ -76,8 +76,9 @@ def run_table_url(db_url, backend, tmp_path):
 
 @scenario("three_nodes_run_each_occurrence_exactly_once")
 def test_three_nodes_run_each_occurrence_exactly_once(db_url, run_table_url, tmp_path,
-                                                      daemons):
+                                                      daemons, backend_server):
     url = db_url
+    before = backend_server.server_counters()
     config = cluster_config(tmp_path / "jobs.yaml", url, run_table_url=run_table_url,
                             jobs="""\
   - {name: alpha, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {name: alpha}}
@@ -102,7 +103,12 @@ def test_three_nodes_run_each_occurrence_exactly_once(db_url, run_table_url, tmp
         assert len({row.node for row in rows}) >= 2             # the work is shared
     print(f"\n[three nodes / {db_url.split(':')[0]}] 20 s: alpha "
           f"{len(run_rows(run_table_url, 'alpha'))} runs, beta "
-          f"{len(run_rows(run_table_url, 'beta'))} runs, 0 duplicates, 0 lost")
+          f"{len(run_rows(run_table_url, 'beta'))} runs, 0 duplicates, 0 lost"
+          + (f"; server: {_delta(before, backend_server.server_counters())}" if before else ""))
+
+
+def _delta(before: dict, after: dict) -> dict:
+    return {name: after[name] - before[name] for name in after}
 
 
 @scenario("a_killed_nodes_idempotent_run_is_recovered")
