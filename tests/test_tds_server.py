@@ -470,6 +470,35 @@ def test_holdlock_keeps_an_insert_out_until_the_reader_ends(clean):
         setup.close()
 
 
+@pytest.mark.parametrize("level", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_isolation_levels_above_read_committed_keep_shared_locks(clean, level):
+    """READ COMMITTED releases a row's S lock after the statement; REPEATABLE READ and
+    SERIALIZABLE keep it, so a writer waits for the reader's transaction."""
+    setup = accounts(clean, (1, 100))
+    reader, writer = connect(clean), connect(clean)
+    update = "UPDATE tds_accounts SET balance = 1 WHERE id = 1"
+    try:
+        assert reader.execute("SELECT balance FROM tds_accounts WHERE id = 1").fetchone()[0] == 100
+        writer.execute("SET LOCK_TIMEOUT 0")
+        writer.execute(update)                       # READ COMMITTED: no lock kept
+        writer.rollback()
+        reader.commit()
+        reader.execute(f"SET TRANSACTION ISOLATION LEVEL {level}")
+        writer.execute("SET LOCK_TIMEOUT -1")
+        assert reader.execute("SELECT balance FROM tds_accounts WHERE id = 1").fetchone()[0] == 100
+        thread, outcome = in_thread(writer.execute, update)
+        time.sleep(0.3)
+        assert thread.is_alive()
+        reader.commit()
+        thread.join(10)
+        assert "error" not in outcome
+        writer.commit()
+    finally:
+        reader.close()
+        writer.close()
+        setup.close()
+
+
 def test_sp_getapplock_waits_for_the_holders_transaction(clean):
     first, second = connect(clean), connect(clean)
     take = ("EXEC sp_getapplock @Resource = N'schema', @LockMode = 'Exclusive', "
