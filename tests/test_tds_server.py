@@ -358,6 +358,27 @@ def test_two_writers_on_different_rows_never_wait(clean):
         setup.close()
 
 
+def test_two_inserts_into_an_identity_table_never_wait(clean):
+    """Each INSERT's row is its own once it has its IDENTITY number (before, both
+    locked the -1 SQLite shows for a number not chosen yet, and waited)."""
+    setup = connect(clean, autocommit=True)
+    setup.execute("DROP TABLE IF EXISTS tds_numbered")
+    setup.execute("CREATE TABLE tds_numbered (id INT IDENTITY(1,1) PRIMARY KEY, v INT)")
+    first, second = connect(clean), connect(clean)
+    try:
+        waits = lock_waits(clean)
+        first.execute("INSERT INTO tds_numbered (v) VALUES (1)")
+        second.execute("INSERT INTO tds_numbered (v) VALUES (2)")
+        second.commit()
+        first.commit()
+        assert lock_waits(clean) == waits
+        assert setup.execute("SELECT COUNT(*) FROM tds_numbered").fetchone()[0] == 2
+    finally:
+        first.close()
+        second.close()
+        setup.close()
+
+
 @pytest.mark.parametrize("first_ends", ["commit", "rollback"])
 def test_a_second_insert_of_a_key_waits_for_the_first_transaction(clean, first_ends):
     """Key locks: the second INSERT waits; then 2627 if the first committed, its row if

@@ -147,11 +147,14 @@ class Storage:
             session.conflict = (resource, "X")
             raise LockConflict(str(resource))
 
-    def _keys(self, table: str, info: TableInfo, values) -> list[tuple]:
+    def _keys(self, table: str, info: TableInfo, values, inserting: bool = False) -> list[tuple]:
         keys = [("key", table, index, _key(values[i] for i in positions))
                 for index, positions in info.unique]
-        if info.rowid_column is not None and values[info.rowid_column] is not None:
-            keys.append(("row", table, values[info.rowid_column]))
+        rowid = None if info.rowid_column is None else values[info.rowid_column]
+        # before an INSERT, an IDENTITY the table will choose reads -1: the row is
+        # locked once it has its number (the 'I' step)
+        if rowid is not None and not (inserting and rowid == -1):
+            keys.append(("row", table, rowid))
         return keys
 
     def _write(self, table, op, rowid, *values) -> None:
@@ -164,7 +167,7 @@ class Storage:
             if self.locks.blockers(session.owner, ("range", table), "X"):
                 session.conflict = (("range", table), "X")
                 raise LockConflict(table)
-            for resource in self._keys(table, info, values):
+            for resource in self._keys(table, info, values, inserting=True):
                 self._lock(session, resource)
         elif op == "I":    # after: its row, and how to take it back
             self._lock(session, ("row", table, rowid))
