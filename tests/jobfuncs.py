@@ -208,6 +208,22 @@ def update_row_then_meet(session, row: int, meeting: threading.Barrier) -> None:
     meeting.wait(timeout=10)
 
 
+def update_row_then_hold(session, row: int, seconds: float, updated: threading.Event) -> None:
+    """Updates its row, says so, and keeps the transaction (and the row's lock) open
+    `seconds` longer."""
+    session.execute(text("UPDATE worker_test_counters SET value = value + 1 WHERE id = :id"),
+                    {"id": row})
+    session.flush()
+    updated.set()
+    time.sleep(seconds)
+
+
+def bump_counter_after(session, event: threading.Event, row: int = 1) -> None:
+    """Waits for another job's signal, then updates the row (and waits for its lock)."""
+    event.wait(10)
+    bump_counter(session, row)
+
+
 def update_with_short_lock_wait(session, row: int) -> None:
     """Waits at most about a second for the row's lock. SQLite: the busy timeout
     the test gives the connection."""

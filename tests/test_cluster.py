@@ -54,12 +54,15 @@ def run_rows(url: str, job: str) -> list:
 
 
 @pytest.fixture
-def run_table_url(db_url, backend, tmp_path):
-    """A server: the run table sits beside the jobs' tables (SQL Server too: the TDS
-    test server locks rows, so claims and jobs meet real lock contention). SQLite: in
-    a file of its own, since a job holding SQLite's write lock would block every claim."""
+def run_table_url(db_url, backend, tmp_path, request):
+    """A server: the run table sits beside the jobs' tables. SQLite: in a file of its
+    own, since a job holding SQLite's write lock would block every claim. SQL Server:
+    on a TDS test server of its own (tds_run_table_server), where the nodes' claims
+    meet each other's row and key locks."""
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'runs.db'}"
+    elif backend == "sqlserver":
+        url = request.getfixturevalue("tds_run_table_server").url("msodbc")
     else:
         url = db_url
 
@@ -76,8 +79,9 @@ def run_table_url(db_url, backend, tmp_path):
 
 @scenario("three_nodes_run_each_occurrence_exactly_once")
 def test_three_nodes_run_each_occurrence_exactly_once(db_url, run_table_url, tmp_path,
-                                                      daemons):
+                                                      daemons, backend, request):
     url = db_url
+    before = run_table_lock_counters(backend, request)
     config = cluster_config(tmp_path / "jobs.yaml", url, run_table_url=run_table_url,
                             jobs="""\
   - {name: alpha, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {name: alpha}}
@@ -102,7 +106,22 @@ def test_three_nodes_run_each_occurrence_exactly_once(db_url, run_table_url, tmp
         assert len({row.node for row in rows}) >= 2             # the work is shared
     print(f"\n[three nodes / {db_url.split(':')[0]}] 20 s: alpha "
           f"{len(run_rows(run_table_url, 'alpha'))} runs, beta "
-          f"{len(run_rows(run_table_url, 'beta'))} runs, 0 duplicates, 0 lost")
+          f"{len(run_rows(run_table_url, 'beta'))} runs, 0 duplicates, 0 lost"
+          + (f"; run table's server: {_delta(before, run_table_lock_counters(backend, request))}"
+             if before else ""))
+
+
+def run_table_lock_counters(backend: str, request) -> dict:
+    """SQL Server: what the run table's TDS server's lock manager counted."""
+    if backend != "sqlserver":
+        return {}
+    stats = request.getfixturevalue("tds_run_table_server").stats()
+    return {name: stats[name] for name in ("lock_waits", "lock_timeouts", "deadlocks",
+                                           "deadlock_victims")}
+
+
+def _delta(before: dict, after: dict) -> dict:
+    return {name: after[name] - before[name] for name in after}
 
 
 @scenario("a_killed_nodes_idempotent_run_is_recovered")

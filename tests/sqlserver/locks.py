@@ -10,8 +10,11 @@ an INSERT's insert intention (I), which only S, U and X held by others refuse.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
+
+log = logging.getLogger("tds.locks")
 
 STRENGTH = {"S": 1, "U": 2, "X": 3}
 # (held, requested) pairs that do not conflict
@@ -93,6 +96,9 @@ class LockManager:
         if not blocking:
             return False
         self.count("lock_waits")
+        log.debug("spid %d waits for %s %s held by spid %s", owner.spid, mode, resource,
+                  ", ".join(str(other.spid) for other in blocking))
+        started = time.monotonic()
         limit = owner.lock_timeout_ms if timeout_ms is None else timeout_ms
         deadline = None if limit < 0 else time.monotonic() + limit / 1000
         try:
@@ -115,6 +121,9 @@ class LockManager:
                 blocking = self.try_acquire(owner, resource, mode, duration)
         finally:
             owner.waiting_for = frozenset()
+            owner.victim = False      # chosen as its lock came free: the cycle is gone
+            log.debug("spid %d waited %.3fs for %s", owner.spid, time.monotonic() - started,
+                      resource)
         return True
 
     # --- releasing --------------------------------------------------------------------
@@ -185,4 +194,6 @@ class LockManager:
         victim = min(cycle, key=lambda o: (o.deadlock_priority, o.rollback_cost, -o.spid))
         victim.victim = True
         self.count("deadlocks")
+        log.debug("deadlock: spids %s; victim spid %d", [member.spid for member in cycle],
+                  victim.spid)
         self.condition.notify_all()

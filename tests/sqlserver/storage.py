@@ -21,6 +21,7 @@ and derived tables' rows are not locked; DROP and ALTER are not undone by ROLLBA
 """
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
 import threading
@@ -31,6 +32,8 @@ from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
 from .locks import STATEMENT, TRANSACTION, SESSION, LockManager, LockWaitEnded
+
+log = logging.getLogger("tds.storage")
 
 _CREATE = re.compile(r'^\s*CREATE\s+(?:UNIQUE\s+)?(TABLE|INDEX)\s+(?:IF\s+NOT\s+EXISTS\s+)?'
                      r'(?:"?main"?\.)?"?(\w+)"?(?:\s+ON\s+(?:"?main"?\.)?"?(\w+)"?)?', re.I)
@@ -147,11 +150,14 @@ class Storage:
             session.conflict = (resource, "X")
             raise LockConflict(str(resource))
 
-    def _keys(self, table: str, info: TableInfo, values) -> list[tuple]:
+    def _keys(self, table: str, info: TableInfo, values, inserting: bool = False) -> list[tuple]:
         keys = [("key", table, index, _key(values[i] for i in positions))
                 for index, positions in info.unique]
-        if info.rowid_column is not None and values[info.rowid_column] is not None:
-            keys.append(("row", table, values[info.rowid_column]))
+        rowid = None if info.rowid_column is None else values[info.rowid_column]
+        # before an INSERT, an IDENTITY the table will choose reads -1: the row is
+        # locked once it has its number (the 'I' step)
+        if rowid is not None and not (inserting and rowid == -1):
+            keys.append(("row", table, rowid))
         return keys
 
     def _write(self, table, op, rowid, *values) -> None:
@@ -164,7 +170,7 @@ class Storage:
             if self.locks.blockers(session.owner, ("range", table), "X"):
                 session.conflict = (("range", table), "X")
                 raise LockConflict(table)
-            for resource in self._keys(table, info, values):
+            for resource in self._keys(table, info, values, inserting=True):
                 self._lock(session, resource)
         elif op == "I":    # after: its row, and how to take it back
             self._lock(session, ("row", table, rowid))
@@ -175,12 +181,12 @@ class Storage:
             for resource in self._keys(table, info, before) + self._keys(table, info, after):
                 self._lock(session, resource)
             new_rowid = rowid if info.rowid_column is None else after[info.rowid_column]
-            session.undo.append(("U", table, new_rowid, rowid, before))
+            session.undo.append(("U", table, new_rowid, rowid, before, info.columns))
         elif op == "D":
             self._lock(session, ("row", table, rowid))
             for resource in self._keys(table, info, values):
                 self._lock(session, resource)
-            session.undo.append(("D", table, rowid, values))
+            session.undo.append(("D", table, rowid, values, info.columns))
         return None
 
     # --- statements ------------------------------------------------------------------------
@@ -402,36 +408,42 @@ class Storage:
             del self.new_objects[name]
 
     def _replay(self, entries) -> None:
-        entries = list(entries)
-        if not entries:
-            return
+        """Put back what the entries changed, newest first. An entry that cannot be
+        put back (a table dropped or altered since) is logged and skipped, so that one
+        bad entry never leaves the rest undone."""
         self.replaying = True
         schema_changed = False
         try:
-            self.db.execute("SAVEPOINT tds_undo")
             for entry in entries:
-                if entry[0] == "DDL":
-                    self.db.execute(entry[1])
-                    schema_changed = True
-                    continue
-                kind, table = entry[0], _quote(entry[1])
-                columns = self.tables[entry[1]].columns if entry[1] in self.tables else ()
-                if kind == "I":
-                    self.db.execute(f"DELETE FROM main.{table} WHERE rowid = ?", (entry[2],))
-                elif kind == "U":
-                    assignments = ", ".join(f"{_quote(c)} = ?" for c in columns)
-                    self.db.execute(f"UPDATE main.{table} SET {assignments} WHERE rowid = ?",
-                                    (*entry[4], entry[2]))
-                elif kind == "D":
-                    names = ", ".join(["rowid"] + [_quote(c) for c in columns])
-                    marks = ", ".join("?" * (len(columns) + 1))
-                    self.db.execute(f"INSERT INTO main.{table} ({names}) VALUES ({marks})",
-                                    (entry[2], *entry[3]))
-            self.db.execute("RELEASE tds_undo")
+                try:
+                    schema_changed |= self._undo(entry)
+                except sqlite3.Error as exc:
+                    log.error("undo of %s on %s failed: %s", entry[0], entry[1], exc)
         finally:
             self.replaying = False
         if schema_changed:
             self.refresh_tables()
+
+    def _undo(self, entry: tuple) -> bool:
+        """One undo entry played; True if it changed the schema."""
+        if entry[0] == "DDL":
+            self.db.execute(entry[1])
+            return True
+        kind, table = entry[0], _quote(entry[1])
+        if kind == "I":
+            self.db.execute(f"DELETE FROM main.{table} WHERE rowid = ?", (entry[2],))
+            return False
+        columns = entry[-1]               # as the table was when the row was written
+        if kind == "U":
+            assignments = ", ".join(f"{_quote(c)} = ?" for c in columns)
+            self.db.execute(f"UPDATE main.{table} SET {assignments} WHERE rowid = ?",
+                            (*entry[4], entry[2]))
+        elif kind == "D":
+            names = ", ".join(["rowid"] + [_quote(c) for c in columns])
+            marks = ", ".join("?" * (len(columns) + 1))
+            self.db.execute(f"INSERT INTO main.{table} ({names}) VALUES ({marks})",
+                            (entry[2], *entry[3]))
+        return False
 
 
 def _from(tree: exp.Select):
