@@ -96,6 +96,7 @@ def test_answers_that_were_silently_different_are_sql_servers(db):
     assert fails_with(db, "SELECT CAST('abc' AS INT)")[0] == 245
     assert scalar(db, "SELECT TRY_CAST('abc' AS INT)") is None
     assert scalar(db, "SELECT CAST(' 42 ' AS INT)") == 42
+    assert scalar(db, "SELECT ? + ?", decimal.Decimal("1.5"), decimal.Decimal("2.25")) == 3.75
     # IF NOT EXISTS ... INSERT runs the INSERT (it was an empty statement)
     db.execute("IF NOT EXISTS (SELECT 1 FROM t WHERE name = 'a') INSERT INTO t (name, v) VALUES ('a', 1)")
     db.execute("IF NOT EXISTS (SELECT 1 FROM t WHERE name = 'a') INSERT INTO t (name, v) VALUES ('a', 2)"

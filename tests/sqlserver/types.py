@@ -107,10 +107,20 @@ def register_sqlite_types() -> None:
     the server calls it once at start, never at import)."""
     for name, (kind, convert) in _CONVERTERS.items():
         sqlite3.register_converter(name, lambda raw, kind=kind, convert=convert: Typed(kind, convert(raw)))
-    sqlite3.register_adapter(decimal.Decimal, str)
+    sqlite3.register_adapter(decimal.Decimal, _decimal_parameter)
     sqlite3.register_adapter(datetime.datetime, lambda moment: moment.isoformat(" "))
     sqlite3.register_adapter(datetime.date, lambda day: day.isoformat())
     sqlite3.register_adapter(datetime.time, lambda clock: clock.isoformat())
+
+
+def _decimal_parameter(value: decimal.Decimal):
+    """A decimal parameter as a number SQLite computes with exactly ('1.5' + '2.5' would be
+    text): an integer, or a float when 15 significant digits hold it."""
+    if value == value.to_integral_value():
+        return int(value)
+    if len(value.normalize().as_tuple().digits) <= 15:
+        return float(value)
+    return str(value)
 
 
 def result_columns(names: list[str], rows: list[tuple]) -> tuple[list[Column], list[tuple]]:
