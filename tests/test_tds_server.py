@@ -582,13 +582,17 @@ def test_cancel_sends_attention_which_stops_waitfor(clean, driver):
     connection = connect(clean, driver)
     cursor = connection.cursor()
     before = clean.stats()["attentions"]
-    threading.Timer(0.5, cursor.cancel).start()
+    canceller = threading.Timer(0.5, cursor.cancel)
+    canceller.start()
     started = time.monotonic()
     try:
         cursor.execute("WAITFOR DELAY '00:00:30'")
-    except pyodbc.Error as exc:      # FreeTDS: HY008; Microsoft's driver returns normally
-        assert exc.args[0] == "HY008"
+    except pyodbc.Error as exc:
+        # FreeTDS: HY008. Microsoft's driver returns normally, or HY010 when its execute
+        # returns while SQLCancel still runs (1 run in 15, on main as well)
+        assert exc.args[0] in ("HY008", "HY010"), exc
     elapsed = time.monotonic() - started
+    canceller.join()
     try:
         assert elapsed < 3
         assert clean.stats()["attentions"] == before + 1
