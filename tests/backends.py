@@ -11,10 +11,9 @@ complete.
 
 SQL Server is Microsoft's ODBC Driver 18 (mssql+pyodbc) against the TDS test server
 (tests/sqlserver, SQLite behind it), one per test session (conftest.tds_server); its
-Admin is what a DBA would do on SQL Server (sys.dm_exec_sessions, KILL) plus the
-server's faults where SQLite behind it cannot behave as SQL Server would (deadlocks,
-lock timeouts). FreeTDS and mssql-python run their own scenarios in
-tests/test_sqlserver.py.
+Admin is what a DBA would do on SQL Server (sys.dm_exec_sessions, KILL, a transaction
+holding a row); the server's own lock manager finds deadlocks and times lock waits
+out. FreeTDS and mssql-python run their own scenarios in tests/test_sqlserver.py.
 """
 from __future__ import annotations
 
@@ -56,11 +55,15 @@ GAPS: dict[str, dict[str, str]] = {
                    "failing late with 40001: the concurrent update just waits; InnoDB's "
                    "40001 is the deadlock (1213), covered by the deadlock storm",
         "sqlserver": "SQL Server's SERIALIZABLE holds shared range locks, so the other "
-                     "connection's update would wait for the job (a deadlock, 1205, not a "
-                     "late 40001); the TDS test server would show SQLite's snapshot "
-                     "conflict instead. Its late failure, SNAPSHOT's 3960, is a classifier "
-                     "row tested in tests/test_sqlserver.py"},
+                     "connection's update waits for the job (as on the TDS test server's "
+                     "lock manager), never a late 40001. Its late failure, SNAPSHOT's "
+                     "3960, is a classifier row tested in tests/test_sqlserver.py"},
     "lock_timeout": {},
+    "deadline_cuts_a_lock_wait": {
+        "sqlite": "SQLite's lock wait is its busy handler inside the driver: the "
+                  "lock timeout scenario, not a deadline's cancel"},
+    "writers_on_different_rows_never_wait": {
+        "sqlite": "SQLite locks the whole database for a writer"},
     "deadline_cancels_the_statement": {},
     "server_statement_timeout_is_not_our_deadline": {
         "sqlite": "SQLite has no server-side statement timeout",
@@ -166,6 +169,11 @@ class Backend:
     def admin(self, tmp_path: Path):
         """A context manager yielding this backend's Admin."""
         raise NotImplementedError
+
+    def server_counters(self) -> dict:
+        """What the server's lock manager counted (lock_waits, lock_timeouts, deadlocks,
+        deadlock_victims); {} when the server does not say."""
+        return {}
 
     def on(self, tds) -> "Backend":
         """This backend for a test, given the session's TDS test server (only SQL
@@ -452,16 +460,12 @@ class PostgresBackend(Backend):
 
 # --- SQL Server through Microsoft's ODBC Driver 18, on the TDS test server ----------
 
-DEADLOCK_VICTIM = ("Transaction (Process ID {spid}) was deadlocked on lock resources with "
-                   "another process and has been chosen as the deadlock victim. Rerun the "
-                   "transaction.")
-LOCK_WAIT = 1.0     # the job's SET LOCK_TIMEOUT 1000 (tests.jobfuncs.update_with_short_lock_wait)
 
 
 class SqlServerAdmin(Admin):
-    """A DBA's connection (autocommit) to the TDS test server, plus its faults: behind
-    it is SQLite, which locks the whole database for a writer, so SQL Server's
-    deadlocks and lock timeouts are the server's error tokens, not SQLite's doing."""
+    """A DBA's connection (autocommit) to the TDS test server, plus its faults for what
+    a server cannot do by itself (failover codes, dropped sockets). Its deadlocks and
+    lock timeouts are its lock manager's (tests/sqlserver/locks.py), as on SQL Server."""
 
     def __init__(self, tds) -> None:
         from tests.sqlserver.process import HARNESS_APP
@@ -500,23 +504,15 @@ class SqlServerAdmin(Admin):
         return rows[0][0] > 0
 
     def hold_row_lock(self, row: int, seconds: float) -> None:
-        """While the row would be held, each UPDATE of the counters waits out the
-        job's LOCK_TIMEOUT and fails with 1222, as SQL Server answers it."""
-        waits = max(1, int(seconds // LOCK_WAIT))
-        self.tds.set_faults(f"""\
-- match: "update worker_test_counters"
-  times: {waits}
-  delay: {LOCK_WAIT}s
-  error: {{number: 1222, state: 45, class: 16, message: "Lock request time out period exceeded."}}
-""")
+        """A transaction that updates the row: the server's lock manager makes every
+        other writer of it wait (1222 after its LOCK_TIMEOUT)."""
+        holder = self.tds.odbc(autocommit=False)
+        holder.execute("UPDATE worker_test_counters SET value = value WHERE id = ?", row)
 
-    def inject_deadlocks(self, statement: str, times: int) -> bool:
-        self.tds.set_faults(f"""\
-- match: "{statement}"
-  times: {times}
-  error: {{number: 1205, state: 51, class: 13, message: "{DEADLOCK_VICTIM}"}}
-""")
-        return True
+        def release():
+            holder.commit()
+            holder.close()
+        threading.Timer(seconds, release).start()
 
     @contextmanager
     def statements(self, connection_id: int) -> Iterator[dict]:
@@ -573,6 +569,11 @@ class SqlServerBackend(Backend):
         url = self.url.replace(f":{self.server.port}/", f":{port}/")
         assert f":{port}/" in url
         return url
+
+    def server_counters(self) -> dict:
+        stats = self.server.stats()
+        return {name: stats[name] for name in
+                ("lock_waits", "lock_timeouts", "deadlocks", "deadlock_victims")}
 
     @contextmanager
     def admin(self, tmp_path: Path) -> Iterator[Admin]:

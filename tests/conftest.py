@@ -53,8 +53,8 @@ def tds_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tds_run_table_server(tmp_path_factory):
     """A second TDS test server, for the cluster's run table when the jobs' tables are
-    on tds_server (tests/test_cluster.py: SQLite behind it locks the whole database
-    for a writer, so a job's write would hold every claim)."""
+    on tds_server (tests/test_cluster.py): the run table's faults then reach the
+    claims only, and its counters count the claims only."""
     from tests.sqlserver.process import TdsServerProcess
     server = TdsServerProcess(tmp_path_factory.mktemp("tds-runs"), name="runs")
     yield server

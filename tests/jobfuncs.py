@@ -207,6 +207,30 @@ def transfer(session, forward: bool, pause: float = 0.005) -> None:
     session.execute(update, {"id": second})
 
 
+def update_row_then_meet(session, row: int, meeting: threading.Barrier) -> None:
+    """Updates its row, then holds the transaction until the other writer has updated
+    its own (a BrokenBarrierError after 10 s if one waited for the other)."""
+    session.execute(text("UPDATE worker_test_counters SET value = value + 1 WHERE id = :id"),
+                    {"id": row})
+    meeting.wait(timeout=10)
+
+
+def update_row_then_hold(session, row: int, seconds: float, updated: threading.Event) -> None:
+    """Updates its row, says so, and keeps the transaction (and the row's lock) open
+    `seconds` longer."""
+    session.execute(text("UPDATE worker_test_counters SET value = value + 1 WHERE id = :id"),
+                    {"id": row})
+    session.flush()
+    updated.set()
+    time.sleep(seconds)
+
+
+def bump_counter_after(session, event: threading.Event, row: int = 1) -> None:
+    """Waits for another job's signal, then updates the row (and waits for its lock)."""
+    event.wait(10)
+    bump_counter(session, row)
+
+
 def update_with_short_lock_wait(session, row: int) -> None:
     """Waits at most about a second for the row's lock. SQLite: the busy timeout
     the test gives the connection."""
@@ -594,9 +618,11 @@ def mssql_waitfor(session, seconds: int = 30) -> None:
 
 def select_big(session, rows: int = 3000) -> int:
     """A result of several packets (a fault can drop the connection half-way)."""
+    # SQL Server stops a recursive CTE at 100 levels unless the query says otherwise (530)
+    option = " OPTION (MAXRECURSION 0)" if _dialect(session) == "mssql" else ""
     return len(session.execute(text(
         f"WITH c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {int(rows)}) "
-        "SELECT x AS big FROM c")).all())
+        f"SELECT x AS big FROM c{option}")).all())
 
 
 def insert_marker(session, value: int) -> None:

@@ -67,8 +67,9 @@ def wait_for(condition, timeout: float = 15):
 @pytest.fixture
 def run_table_url(db_url, backend, tmp_path, request):
     """A server: the run table sits beside the jobs' tables. SQLite: in a file of its
-    own, since a job holding SQLite's write lock would block every claim; the same on
-    SQL Server, whose TDS test server keeps its rows in SQLite (a second test server)."""
+    own, since a job holding SQLite's write lock would block every claim. SQL Server:
+    on a TDS test server of its own (tds_run_table_server), where the nodes' claims
+    meet each other's row and key locks."""
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'runs.db'}"
     elif backend == "sqlserver":
@@ -89,8 +90,9 @@ def run_table_url(db_url, backend, tmp_path, request):
 
 @scenario("three_nodes_run_each_occurrence_exactly_once")
 def test_three_nodes_run_each_occurrence_exactly_once(db_url, run_table_url, tmp_path,
-                                                      daemons):
+                                                      daemons, backend, request):
     url = db_url
+    before = run_table_lock_counters(backend, request)
     config = cluster_config(tmp_path / "jobs.yaml", url, run_table_url=run_table_url,
                             jobs="""\
   - {name: alpha, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {name: alpha}}
@@ -115,7 +117,22 @@ def test_three_nodes_run_each_occurrence_exactly_once(db_url, run_table_url, tmp
         assert len({row.node for row in rows}) >= 2             # the work is shared
     print(f"\n[three nodes / {db_url.split(':')[0]}] 20 s: alpha "
           f"{len(run_rows(run_table_url, 'alpha'))} runs, beta "
-          f"{len(run_rows(run_table_url, 'beta'))} runs, 0 duplicates, 0 lost")
+          f"{len(run_rows(run_table_url, 'beta'))} runs, 0 duplicates, 0 lost"
+          + (f"; run table's server: {_delta(before, run_table_lock_counters(backend, request))}"
+             if before else ""))
+
+
+def run_table_lock_counters(backend: str, request) -> dict:
+    """SQL Server: what the run table's TDS server's lock manager counted."""
+    if backend != "sqlserver":
+        return {}
+    stats = request.getfixturevalue("tds_run_table_server").stats()
+    return {name: stats[name] for name in ("lock_waits", "lock_timeouts", "deadlocks",
+                                           "deadlock_victims")}
+
+
+def _delta(before: dict, after: dict) -> dict:
+    return {name: after[name] - before[name] for name in after}
 
 
 @scenario("a_killed_nodes_idempotent_run_is_recovered")
@@ -304,6 +321,7 @@ def test_each_row_is_judged_by_its_own_lease(run_table_url):
         hasty.stop()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "mariadb", "sqlserver"], indirect=True)
 def test_a_version_1_run_table_is_upgraded_by_nodes_starting_together(run_table_url):
     """An existing v1 table (no lease column) gains it once, even when several nodes
     start at the same moment; its old rows stay and are judged by the node's lease."""

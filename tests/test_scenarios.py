@@ -199,26 +199,53 @@ def test_idle_pooled_connections_killed(make_database, admin, backend):
 def test_deadlock_storm(make_database, admin, server, backend, caplog):
     database = make_database(pool_size=8, **server.storm_settings(admin))
     seed_counters(database, 1, 2)
-    # SQL Server: the TDS test server's SQLite cannot deadlock, so it chooses victims
-    # as told; MariaDB and PostgreSQL find the cycles of the two update orders.
+    # Every server finds the cycles of the two update orders itself (SQL Server: the
+    # TDS test server's lock manager); a server that cannot is told its victims.
     victims = 20
     injected = admin.inject_deadlocks("update worker_test_counters", victims)
     jobs = [retrying(f"transfer-{n}", "tests.jobfuncs:transfer", attempts=50,
                      forward=n % 2 == 0) for n in range(60)]
     functions = {job.name: resolve(job.call) for job in jobs}
+    before = server.server_counters()
     started = time.monotonic()
     with caplog.at_level("WARNING", logger="worker.runner"), WorkerPool(8) as pool:
         batch = run_batch(jobs, functions, database, pool)
     elapsed = time.monotonic() - started
+    found = {name: value - before.get(name, 0)
+             for name, value in server.server_counters().items()}
     deadlocks = sum(server.deadlock_code in r.getMessage() for r in caplog.records)
     outcome("deadlock storm", backend, f"60 jobs, {deadlocks} deadlocks retried, max "
-            f"attempts {max(r.attempts for r in batch.results)}, {elapsed:.2f}s")
+            f"attempts {max(r.attempts for r in batch.results)}, {elapsed:.2f}s"
+            + (f", server: {found}" if found else ""))
     assert [r.error for r in batch.results if not r.ok] == []
     assert counters(database) == {1: 60, 2: 60}  # every job applied exactly once
     assert deadlocks > 0                          # the storm really deadlocked
     if injected:
         assert deadlocks == victims               # each victim retried once, no more
+    if found:                                     # each victim the server chose, retried once
+        assert found["deadlock_victims"] == found["deadlocks"] == deadlocks
     assert database.checked_out() == 0
+
+
+@scenario("writers_on_different_rows_never_wait")
+def test_writers_on_different_rows_never_wait(make_database, server, backend):
+    """Two jobs, each updating its own row and then holding its transaction open
+    until the other has updated too: a lock on more than the row would keep them
+    apart until the barrier's timeout breaks it."""
+    database = make_database(pool_size=2)
+    seed_counters(database, 1, 2)
+    meeting = threading.Barrier(2)
+    before = server.server_counters()
+    jobs = [spec(f"writer-{row}", "tests.jobfuncs:update_row_then_meet", row=row,
+                 meeting=meeting) for row in (1, 2)]
+    functions = {job.name: resolve(job.call) for job in jobs}
+    with WorkerPool(2) as pool:
+        batch = run_batch(jobs, functions, database, pool)
+    assert [r.error for r in batch.results if not r.ok] == []
+    assert counters(database) == {1: 1, 2: 1}
+    after = server.server_counters()
+    if after:
+        assert after["lock_waits"] == before["lock_waits"]
 
 
 @scenario("serialization_failure")
@@ -262,6 +289,35 @@ def test_lock_timeout(make_database, admin, server, backend, caplog):
 
 
 # --- time limits --------------------------------------------------------------------
+
+@scenario("deadline_cuts_a_lock_wait")
+def test_deadline_cuts_a_lock_wait(make_database, server, backend):
+    """A job blocked behind another job's row lock (the blocker holds it 4 s) is cut
+    at its 1 s deadline; the blocker is not disturbed and commits its update."""
+    database = make_database(pool_size=2)
+    seed_counters(database, 1)
+    updated = threading.Event()
+    before = server.server_counters()
+    blocker = spec("blocker", "tests.jobfuncs:update_row_then_hold", attempts=1, row=1,
+                   seconds=4.0, updated=updated)
+    blocked = timed("blocked", "tests.jobfuncs:bump_counter_after", 1.0, event=updated, row=1)
+    jobs = [blocker, blocked]
+    functions = {job.name: resolve(job.call) for job in jobs}
+    with WorkerPool(2) as pool:
+        batch = run_batch(jobs, functions, database, pool)
+    blocker_result, blocked_result = batch.results
+    outcome("deadline in a lock wait", backend, f"{blocked_result.outcome.value} after "
+            f"{blocked_result.duration:.2f}s; the blocker {blocker_result.outcome.value} "
+            f"after {blocker_result.duration:.2f}s")
+    assert blocked_result.outcome is Outcome.TIMEOUT and blocked_result.attempts == 1
+    assert blocked_result.duration < 2.5
+    assert blocker_result.ok and blocker_result.attempts == 1
+    assert counters(database) == {1: 1}          # the blocker's update; ours was cut
+    after = server.server_counters()
+    if after:
+        assert after["lock_waits"] > before["lock_waits"]
+    assert database.checked_out() == 0
+
 
 @scenario("deadline_cancels_the_statement")
 def test_deadline_cancels_the_statement(make_database, backend):

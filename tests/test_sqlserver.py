@@ -128,7 +128,7 @@ def task():
     for _ in range(50):
         try:
             session.execute(text("WITH c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
-                                 "WHERE x < 300) SELECT x FROM c")).all()
+                                 "WHERE x < 300) SELECT x FROM c OPTION (MAXRECURSION 300)")).all()
         except Exception as exc:
             errors.append(" ".join(str(getattr(exc, "orig", exc)).split()))
             try:

@@ -318,7 +318,7 @@ _CREATE_TABLES_LOCK = 0x776F726B   # PostgreSQL advisory lock key of create_tabl
 def create_tables(connection, metadata) -> None:
     """Create the metadata's missing tables and indexes; safe when several jobs or
     processes race to do it (CREATE ... IF NOT EXISTS where the dialect has it;
-    SQL Server has not, so there it is a check, then CREATE)."""
+    SQL Server has not, so there it is a check, then CREATE, under sp_getapplock)."""
     if connection.dialect.name in ("sqlite", "mysql", "mariadb", "postgresql"):
         from sqlalchemy.schema import CreateIndex, CreateTable
         if connection.dialect.name == "postgresql":
@@ -334,7 +334,24 @@ def create_tables(connection, metadata) -> None:
             for index in table.indexes:
                 connection.execute(CreateIndex(index, if_not_exists=True))
     else:
+        if connection.dialect.name == "mssql" and _missing_tables(connection, metadata):
+            # SQL Server: a check, then CREATE. A second creator that checked before
+            # the first committed waits for the first's CREATE, then fails with 2714
+            # (not transient). One creator at a time (an application lock held until
+            # this transaction ends), so the next one's check sees the table.
+            connection.execute(text(
+                "EXEC sp_getapplock @Resource = N'run-worker create_tables', "
+                "@LockMode = 'Exclusive', @LockOwner = 'Transaction'"))
         metadata.create_all(connection, checkfirst=True)
+
+
+def _missing_tables(connection, metadata) -> bool:
+    """True if a table of the metadata does not exist yet (no lock needed otherwise:
+    jobs that only check never wait for each other)."""
+    from sqlalchemy import inspect
+    inspector = inspect(connection)
+    return any(not inspector.has_table(table.name, schema=table.schema)
+               for table in metadata.sorted_tables)
 
 
 def _missing_relations(connection, metadata) -> bool:

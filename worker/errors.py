@@ -81,6 +81,8 @@ NATIVE_RULES: dict[str, dict[int, Rule]] = {
         40501: Rule(R, "service busy (Azure SQL asks for 10 s)", True, min_wait=10.0),
         **_rules([64, 233, 997, 121, 10053, 10054, 10060], R, "transport failure",
                  disconnect=True),
+        # KILL: the session's transaction is rolled back and its connection closed
+        **_rules([596], R, "session killed", disconnect=True),
         **_permanent([18456], "login failed"),
     },
     "mysql": {
@@ -250,6 +252,7 @@ SQL_SERVER_MESSAGES = (
     ("not enough resources to process request", 49918),
     ("the service has encountered an error processing your request", 40197),
     ("login failed for user", 18456),
+    ("the session is in the kill state", 596),
 )
 
 

@@ -61,6 +61,13 @@ class TdsServerProcess:
                               f"DATABASE=test;UID={USER};PWD={PASSWORD};Encrypt=no;APP={HARNESS_APP}",
                               autocommit=autocommit, timeout=10)
 
+    def freetds(self, autocommit: bool = True):
+        """A raw pyodbc connection through FreeTDS."""
+        import pyodbc
+        return pyodbc.connect(f"DRIVER={{FreeTDS}};SERVER=127.0.0.1;PORT={self.port};"
+                              f"DATABASE=test;UID={USER};PWD={PASSWORD};TDS_Version=7.4",
+                              autocommit=autocommit, timeout=10)
+
     def set_faults(self, text: str) -> None:
         """Replace the faults; the server sees the change at its next statement."""
         before = self.faults_path.stat().st_mtime_ns

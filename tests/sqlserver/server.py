@@ -17,7 +17,9 @@ from pathlib import Path
 from . import tds
 from .faults import FaultBook, ServerError
 from .login import SERVER_NAME, login_reply, parse_login7, prelogin_reply
-from .session import Disconnect, Interrupted, ServerFailure, Session, translation_error
+from .session import (CATALOG_SQL, Disconnect, Interrupted, ServerFailure, Session,
+                      register_functions, translation_error)
+from .storage import Storage
 from .translate import TranslationError
 
 log = logging.getLogger("tds.server")
@@ -28,7 +30,8 @@ PASSWORD = "test"           # every user logs in with this password; others get 
 # sp_unprepare RPCs a driver sends when it frees a prepared statement.
 COUNTERS = ("logins", "login_failures", "requests", "statements", "unprepares", "commits",
             "rollbacks", "attentions", "errors", "duplicate_keys", "disconnects", "faults",
-            "connections", "kills")
+            "connections", "kills", "lock_waits", "lock_timeouts", "deadlocks",
+            "deadlock_victims")
 _CLOSED = object()          # queued by the reader when the client went away
 
 
@@ -48,8 +51,11 @@ class TdsServer:
         self._sockets: set[socket.socket] = set()
         # logged-in connections by @@SPID: what KILL and sys.dm_exec_sessions see
         self._sessions: dict[int, tuple[Session, socket.socket]] = {}
-        # The database must open, so that a bad path fails at start with one line.
-        sqlite3.connect(self.database).execute("PRAGMA journal_mode=WAL").close()
+        # One SQLite connection for every session, under the server's own locks and
+        # transactions (storage.py). It must open, so that a bad path fails at start.
+        self.storage = Storage(self.database, self.count)
+        register_functions(self.storage)
+        self.storage.setup(CATALOG_SQL)
 
     # --- counters -----------------------------------------------------------------------
 
@@ -99,10 +105,14 @@ class TdsServer:
         db.executemany("INSERT INTO temp.tds_sys_dm_tran_database_transactions "
                        "VALUES (?, 5, ?)", [(s.descriptor, s.touched_at) for s in open_])
 
-    def kill(self, spid: int, by: int) -> None:
-        """`KILL spid`: that connection's socket is closed (its transaction rolls back
-        when its session closes), as SQL Server ends a killed session."""
-        if spid == by:
+    def kill(self, spid: int, by: Session) -> None:
+        """`KILL spid`: a session running a request is told 596 and closed, an idle one's
+        socket is closed; its transaction rolls back when its session closes. Only sa
+        may KILL (SQL Server: ALTER ANY CONNECTION)."""
+        if by.login_name.lower() != "sa":
+            raise ServerFailure(ServerError(6102, 1, 14,
+                                            "User does not have permission to use the KILL statement."))
+        if spid == by.spid:
             raise ServerFailure(ServerError(6104, 1, 16,
                                             "Cannot use KILL to kill your own process."))
         with self._lock:
@@ -111,7 +121,12 @@ class TdsServer:
             raise ServerFailure(ServerError(6106, 1, 16,
                                             f"Process ID {spid} is not an active process ID."))
         self.count("kills")
-        _close(found[1])
+        victim, client = found
+        if victim.busy:
+            victim.killed = True
+            victim.interrupt()
+        else:
+            _close(client)
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -189,7 +204,8 @@ class TdsServer:
                          packet_size)
             return None
         spid = self.next_spid()
-        session = Session(self, spid, self.database, packet_size, program_name=login.app)
+        session = Session(self, spid, packet_size, program_name=login.app,
+                          login_name=login.user)
         self.count("logins")
         client.sendall(tds.packets(login_reply(database, packet_size), packet_size, spid))
         return session
@@ -217,13 +233,22 @@ class TdsServer:
                     session.attention.clear()
                     self._send(client, session, tds.done(tds.DONE_ATTN))
                 continue
+            session.envchanges = []
+            session.busy = True
             reply, close = self._answer(session, message)
+            session.busy = False
+            if session.killed:
+                self._send(client, session, tds.message_token(
+                    tds.ERROR, 596, 1, 21, "Cannot continue the execution because the session "
+                    "is in the kill state.", SERVER_NAME) + tds.done(tds.DONE_ERROR))
+                return
             if session.attention.is_set():
-                # The client asked to stop: whatever was computed is dropped and the
-                # DONE with the attention flag is the whole answer.
+                # The client asked to stop: whatever was computed is dropped, but not
+                # the transaction changes the driver must follow (a begin, a rollback);
+                # the DONE with the attention flag ends the answer.
                 session.attention.clear()
                 acknowledged += 1
-                reply = tds.done(tds.DONE_ATTN)
+                reply = b"".join(session.envchanges) + tds.done(tds.DONE_ATTN)
             if close == "midway" and reply:
                 # Part of the answer, then the connection drops: a client mid-result.
                 data = tds.packets(reply, session.packet_size, session.spid)
@@ -301,8 +326,8 @@ class TdsServer:
             if error.number in (2601, 2627):
                 self.count("duplicate_keys")
             log.debug("spid %d error %d: %s", session.spid, error.number, error.message)
-            tokens = tds.message_token(tds.ERROR, error.number, error.state, error.severity,
-                                       error.message, SERVER_NAME)
+            tokens = getattr(exc, "before", b"") + tds.message_token(
+                tds.ERROR, error.number, error.state, error.severity, error.message, SERVER_NAME)
             if error.number == 1205 or error.severity >= 20:
                 tokens += session.abort_transaction()
             final = tds.DONEPROC if message.type == tds.RPC else tds.DONE

@@ -11,8 +11,10 @@ import threading
 import uuid
 from dataclasses import dataclass
 
-from . import tds
+from . import catalog, functions, tds
+from .batch import BatchRun, SessionOptions
 from .faults import Fault, ServerError
+from .locks import SESSION, TRANSACTION, LockWaitEnded, Owner
 from .login import PRODUCT_VERSION, SERVER_NAME
 from .translate import Step, TranslationError, translate_batch
 from .types import result_columns
@@ -26,17 +28,19 @@ PROCEDURES = {10: "sp_executesql", 11: "sp_prepare", 12: "sp_execute", 13: "sp_p
 CATALOG_SQL = [
     "CREATE TEMP VIEW tds_is_tables AS SELECT 'test' AS TABLE_CATALOG, 'dbo' AS TABLE_SCHEMA,"
     " name AS TABLE_NAME, CASE type WHEN 'table' THEN 'BASE TABLE' ELSE 'VIEW' END AS TABLE_TYPE"
-    " FROM main.sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%'",
+    " FROM main.sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%'"
+    " AND tds_visible(name)",
     "CREATE TEMP VIEW tds_is_columns AS SELECT 'test' AS TABLE_CATALOG, 'dbo' AS TABLE_SCHEMA,"
     " m.name AS TABLE_NAME, c.name AS COLUMN_NAME, c.cid + 1 AS ORDINAL_POSITION,"
     " CASE c.\"notnull\" WHEN 1 THEN 'NO' ELSE 'YES' END AS IS_NULLABLE, lower(c.type) AS DATA_TYPE"
     " FROM main.sqlite_master m, pragma_table_info(m.name) c WHERE m.type = 'table'",
     "CREATE TEMP VIEW tds_sys_schemas AS SELECT 1 AS schema_id, 'dbo' AS name",
     "CREATE TEMP VIEW tds_sys_tables AS SELECT rowid AS object_id, name, 1 AS schema_id, 'U' AS type"
-    " FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+    " FROM main.sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND tds_visible(name)",
     "CREATE TEMP VIEW tds_sys_objects AS SELECT rowid AS object_id, name, 1 AS schema_id,"
     " CASE type WHEN 'table' THEN 'U' WHEN 'view' THEN 'V' ELSE 'X' END AS type"
-    " FROM main.sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%'",
+    " FROM main.sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%'"
+    " AND tds_visible(name)",
     "CREATE TEMP VIEW tds_sys_system_views AS SELECT 'dm_exec_sessions' AS name",
     # filled from the server's sessions whenever a statement reads it (server.fill_sessions)
     "CREATE TEMP TABLE tds_sys_dm_exec_sessions (session_id SMALLINT, is_user_process BIT,"
@@ -48,9 +52,7 @@ CATALOG_SQL = [
     " transaction_id BIGINT, is_local BIT)",
     "CREATE TEMP TABLE tds_sys_dm_tran_database_transactions (transaction_id BIGINT,"
     " database_id INT, database_transaction_begin_time DATETIME2)",
-    "CREATE TEMP VIEW tds_sys_indexes AS SELECT name, tbl_name AS object_name"
-    " FROM main.sqlite_master WHERE type = 'index'",
-]
+] + catalog.SQL
 
 
 class ServerFailure(Exception):
@@ -69,6 +71,49 @@ class Interrupted(Exception):
     """An ATTENTION arrived while the request ran."""
 
 
+DEADLOCK_VICTIM = ("Transaction (Process ID {spid}) was deadlocked on lock resources with "
+                   "another process and has been chosen as the deadlock victim. Rerun the "
+                   "transaction.")
+DEADLOCK_PRIORITIES = {"low": -5, "normal": 0, "high": 5}
+_LOCK_TIMEOUT = re.compile(r"^\s*SET\s+LOCK_TIMEOUT\s+(-?\d+)\s*;?\s*$", re.I)
+_DEADLOCK_PRIORITY = re.compile(r"^\s*SET\s+DEADLOCK_PRIORITY\s+(LOW|NORMAL|HIGH|-?\d+)\s*;?\s*$", re.I)
+_ISOLATION = re.compile(r"^\s*SET\s+TRANSACTION\s+ISOLATION\s+LEVEL\s+(READ\s+UNCOMMITTED|"
+                        r"READ\s+COMMITTED|REPEATABLE\s+READ|SERIALIZABLE|SNAPSHOT)\s*;?\s*$", re.I)
+_APPLOCK = re.compile(r"^\s*EXEC(?:UTE)?\s+(?:@\w+\s*=\s*)?(?:\[?\w+\]?\.)*\[?"
+                      r"(sp_getapplock|sp_releaseapplock)\]?\s*(.*?)\s*;?\s*$", re.I | re.S)
+_APPLOCK_ARGUMENT = re.compile(r"\s*(@\w+)\s*=\s*(N?'(?:[^']|'')*'|-?\d+|@\w+)\s*(?:,|$)", re.I)
+APPLOCK_MODES = {"shared": "S", "update": "U", "exclusive": "X", "intentshared": "S",
+                 "intentexclusive": "X"}
+
+
+def lock_wait_error(reason: str, spid: int) -> Exception:
+    """What a lock wait that ended without its lock answers."""
+    if reason == "cancel":
+        return Interrupted()
+    if reason == "deadlock":
+        return ServerFailure(ServerError(1205, 51, 13, DEADLOCK_VICTIM.format(spid=spid)))
+    return ServerFailure(ServerError(1222, 45, 16, "Lock request time out period exceeded."))
+
+
+def register_functions(storage) -> None:
+    """The functions standing for @@SPID and friends, on the storage's one
+    connection: they answer for the session whose statement runs."""
+    db = storage.db
+    db.create_function("tds_spid", 0, lambda: storage.current.spid)
+    db.create_function("tds_trancount", 0, lambda: storage.current.trancount
+                       if storage.current.in_transaction else 0)
+    functions.register(db, lambda: storage.current)
+    db.create_function("tds_version", 0, lambda: (
+        f"Microsoft SQL Server 2022 (RTM) - {PRODUCT_VERSION} (X64) (TDS test server over SQLite)"))
+    db.create_function("tds_servername", 0, lambda: SERVER_NAME)
+    db.create_function("serverproperty", 1, _server_property)
+    db.create_function("sysutcdatetime", 0, lambda: datetime.datetime.now(
+        datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f"))
+    db.create_function("getutcdate", 0, lambda: datetime.datetime.now(
+        datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3])
+    db.create_function("uuid", 0, lambda: str(uuid.uuid4()).upper())
+
+
 @dataclass
 class Prepared:
     statement: str
@@ -79,83 +124,135 @@ class Session:
     """State of one connection. Requests are run one at a time by the connection's
     thread; `attention` is set by its reader thread."""
 
-    def __init__(self, server, spid: int, database_path: str, packet_size: int,
-                 program_name: str = "") -> None:
+    def __init__(self, server, spid: int, packet_size: int, program_name: str = "",
+                 login_name: str = "sa") -> None:
         self.server = server
         self.spid = spid
         self.program_name = program_name
+        self.login_name = login_name
+        self.busy = False                     # a request is running (KILL answers it with 596)
+        self.killed = False
         self.attention = threading.Event()
         self.in_transaction = False
+        self.trancount = 0                    # @@TRANCOUNT: BEGIN TRAN nests, COMMIT counts down
+        self.doomed = False                   # XACT_STATE() -1: only a rollback may follow
+        self.options = SessionOptions()
+        self.rowcount = 0                     # @@ROWCOUNT
+        self.last_error = 0                   # @@ERROR
+        self.caught_error: ServerError | None = None    # ERROR_NUMBER() etc. in CATCH
+        self.pending_error: ServerError | None = None   # raised by a function (functions.py)
         self.touched_at: str | None = None   # first statement of the open transaction
         self.implicit_transactions = False
         self.descriptor = 0
         self.prepared: dict[int, Prepared] = {}
         self.packet_size = packet_size
-        self.db = sqlite3.connect(database_path, isolation_level=None, check_same_thread=False,
-                                  detect_types=sqlite3.PARSE_DECLTYPES, timeout=5.0)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self._register_functions()
-        for statement in CATALOG_SQL:
-            self.db.execute(statement)
+        # the server's storage (one SQLite connection for every session) and this
+        # connection's part in it: its locks, its undo log, its isolation
+        self.storage = server.storage
+        self.db = self.storage.db
+        self.owner = Owner(spid)
+        self.undo: list = []
+        self.conflict = None            # set by a trigger that met another's lock
+        self.isolation = "read committed"
+        self.savepoints: dict[str, int] = {}
+        self.envchanges: list[bytes] = []   # the request's ENVCHANGEs, kept on an ATTENTION
 
-    def _register_functions(self) -> None:
-        self.db.create_function("tds_spid", 0, lambda: self.spid)
-        self.db.create_function("tds_trancount", 0, lambda: 1 if self.in_transaction else 0)
-        self.db.create_function("tds_version", 0, lambda: (
-            f"Microsoft SQL Server 2022 (RTM) - {PRODUCT_VERSION} (X64) (TDS test server over SQLite)"))
-        self.db.create_function("tds_servername", 0, lambda: SERVER_NAME)
-        self.db.create_function("serverproperty", 1, _server_property)
-        self.db.create_function("sysutcdatetime", 0, lambda: datetime.datetime.now(
-            datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f"))
-        self.db.create_function("getutcdate", 0, lambda: datetime.datetime.now(
-            datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3])
-        self.db.create_function("uuid", 0, lambda: str(uuid.uuid4()).upper())
+    def xact_state(self) -> int:
+        if not self.in_transaction:
+            return 0
+        return -1 if self.doomed else 1
+
+    def query(self, step: Step, params: dict) -> list:
+        """The rows of one SQLite statement the batch runs for itself (a condition, a
+        variable's value, the old rows of UPDATE ... OUTPUT deleted), under the lock
+        manager like any statement. Raises ServerFailure, Interrupted."""
+        return self._execute(step, params)[1] or []
+
+    def _execute(self, step: Step, params: dict, before=None) -> tuple:
+        """storage.execute, its failures as SQL Server's: (description, rows, rowcount)."""
+        try:
+            return self.storage.execute(self, step, params, before=before)
+        except LockWaitEnded as exc:
+            raise lock_wait_error(exc.reason, self.spid) from None
+        except sqlite3.Error as exc:
+            if "interrupted" in str(exc):
+                raise Interrupted() from None
+            with self.storage.condition:
+                raise ServerFailure(self.take_pending_error()
+                                    or sqlite_error(exc, self.spid, self.db)) from None
+
+    def identity_column(self, table: str) -> tuple[str | None, tuple[str, ...]]:
+        """(the table's IDENTITY column, all its columns). IDENTITY columns are the only
+        INTEGER PRIMARY KEYs (rowid aliases) translate.py writes; the storage knows
+        each table's."""
+        with self.storage.condition:
+            for name, info in self.storage.tables.items():
+                if name.lower() == table.lower():
+                    identity = (None if info.rowid_column is None
+                                else info.columns[info.rowid_column].lower())
+                    return identity, info.columns
+        return None, ()
+
+    def reset_identity(self, table: str) -> None:
+        """TRUNCATE TABLE starts the IDENTITY over (not undone by a ROLLBACK)."""
+        with self.storage.condition:
+            try:
+                self.db.execute("DELETE FROM main.sqlite_sequence WHERE name = ?", (table,))
+            except sqlite3.OperationalError:   # no AUTOINCREMENT table yet
+                pass
+
+    def take_pending_error(self) -> ServerError | None:
+        error, self.pending_error = self.pending_error, None
+        return error
 
     def close(self) -> None:
-        try:
-            self.db.close()
-        except sqlite3.Error:
-            pass
+        """The connection is gone: its transaction rolls back, its locks go."""
+        self.in_transaction = False
+        self.storage.close(self)
 
     def interrupt(self) -> None:
-        """From the reader thread: stop what SQLite is doing."""
+        """From the reader thread: stop the statement (storage's progress handler)
+        or the lock wait."""
         self.attention.set()
-        self.db.interrupt()
+        self.storage.wake()
 
     # --- transactions ---------------------------------------------------------------
 
     def begin(self) -> bytes:
-        self.db.execute("BEGIN")
         self.in_transaction = True
+        self.trancount = 1
+        self.doomed = False
         self.touched_at = None
+        self.savepoints.clear()
         self.descriptor = self.server.next_descriptor()
-        return tds.envchange(tds.ENV_BEGIN_TRAN, tds.b_varbyte(struct.pack("<Q", self.descriptor)),
-                             b"\x00")
+        token = tds.envchange(tds.ENV_BEGIN_TRAN, tds.b_varbyte(struct.pack("<Q", self.descriptor)),
+                              b"\x00")
+        self.envchanges.append(token)
+        return token
 
     def end(self, commit: bool) -> bytes:
         """COMMIT or ROLLBACK; the ENVCHANGE telling the client, or b'' if no
         transaction was open."""
         if not self.in_transaction:
             return b""
-        try:
-            if self.db.in_transaction:   # an interrupted write may have ended it already
-                self.db.execute("COMMIT" if commit else "ROLLBACK")
-        except sqlite3.OperationalError as exc:
-            if commit:
-                raise ServerFailure(sqlite_error(exc, self.spid, self.db)) from None
+        if commit:
+            self.storage.commit(self)
+        else:
+            self.storage.rollback(self)
         self.in_transaction = False
+        self.trancount = 0
+        self.doomed = False
         self.server.count("commits" if commit else "rollbacks")
         old = self.descriptor
         self.descriptor = 0
-        return tds.envchange(tds.ENV_COMMIT_TRAN if commit else tds.ENV_ROLLBACK_TRAN, b"\x00",
-                             tds.b_varbyte(struct.pack("<Q", old)))
+        token = tds.envchange(tds.ENV_COMMIT_TRAN if commit else tds.ENV_ROLLBACK_TRAN, b"\x00",
+                              tds.b_varbyte(struct.pack("<Q", old)))
+        self.envchanges.append(token)
+        return token
 
     def abort_transaction(self) -> bytes:
         """What SQL Server does after a deadlock or an error of class 20 or more."""
-        if self.in_transaction and self.db.in_transaction:
-            return self.end(commit=False)
-        self.in_transaction = False
-        return b""
+        return self.end(commit=False)
 
     def transaction_manager(self, payload: bytes) -> tuple[bytes, str]:
         """A transaction manager request: (reply tokens, the statement it stands for)."""
@@ -185,17 +282,13 @@ class Session:
         of the last statement). Raises ServerFailure, Disconnect, Interrupted."""
         if fault is not None:
             self.apply_fault(fault)
-        steps = translate_batch(text)
-        out = bytearray()
-        last_rows = 0
-        for step in steps:
-            if self.attention.is_set():
-                raise Interrupted()
-            tokens, last_rows = self._run_step(step, params or {}, token_done)
-            out += tokens
-        if not steps:
-            out += tds.done(tds.DONE_MORE, token=token_done)
-        return bytes(out), last_rows
+        found = _APPLOCK.match(text)
+        if found:
+            arguments = {name.lower(): _argument(value, params or {})
+                         for name, value in _APPLOCK_ARGUMENT.findall(found.group(2))}
+            return self.applock(found.group(1).lower(), arguments, token_done), 0
+        nodes = translate_batch(text)
+        return BatchRun(self, params or {}, token_done).run(nodes), self.rowcount
 
     def apply_fault(self, fault: Fault) -> None:
         if fault.delay:
@@ -226,7 +319,7 @@ class Session:
                     "BEGIN TRANSACTION.")))
             return self.end(step.kind == "commit") + tds.done(more, token=token_done), 0
         if step.kind == "kill":
-            self.server.kill(step.data_type, by=self.spid)
+            self.server.kill(step.data_type, by=self)
             return tds.done(more, token=token_done), 0
         if step.kind in ("save", "rollback_to"):
             return self._savepoint(step) + tds.done(more, token=token_done), 0
@@ -234,6 +327,7 @@ class Session:
             self.implicit_transactions = step.flag
             return tds.done(more, token=token_done), 0
         if step.kind == "noop":
+            self._set_option(step.text)
             return tds.done(more, token=token_done), 0
         if step.kind == "typeinfo":
             return type_info(step.data_type, token_done), 1
@@ -251,24 +345,29 @@ class Session:
                                (3903, "The ROLLBACK TRANSACTION request has no corresponding "
                                 "BEGIN TRANSACTION."))
             raise ServerFailure(ServerError(number, 1, 16, message))
-        name = '"' + step.text.replace('"', '""') + '"'
+        name = step.text.lower()
         if step.kind == "save":
-            self.db.execute(f"SAVEPOINT {name}")
+            self.savepoints[name] = len(self.undo)
             return prefix
-        try:
-            self.db.execute(f"ROLLBACK TO {name}")
-        except sqlite3.OperationalError:   # not a savepoint: the BEGIN TRAN's own name
+        if name not in self.savepoints:    # not a savepoint: the BEGIN TRAN's own name
             return self.end(commit=False)
+        mark = self.savepoints[name]
+        self.storage.rollback(self, mark, release=False)
+        for other in [n for n, at in self.savepoints.items() if at > mark]:
+            del self.savepoints[other]
         return b""
 
     def _run_sql(self, step: Step, params: dict, token_done: int) -> tuple[bytes, int]:
         prefix = b""
         if not self.in_transaction and self.implicit_transactions:
             prefix = self.begin()
-        if "tds_stats" in step.sql.lower():
-            self.server.fill_stats(self.db)
-        if "tds_sys_dm_" in step.sql.lower():
-            self.server.fill_sessions(self.db)
+        lowered = step.sql.lower()
+
+        def fill(db):
+            if "tds_stats" in lowered:
+                self.server.fill_stats(db)
+            if "tds_sys_dm_" in lowered:
+                self.server.fill_sessions(db)
         if self.in_transaction and self.touched_at is None:
             self.touched_at = datetime.datetime.now(datetime.timezone.utc).strftime(
                 "%Y-%m-%d %H:%M:%S.%f")
@@ -276,27 +375,72 @@ class Session:
         if missing:
             raise ServerFailure(ServerError(137, 2, 15,
                                             f'Must declare the scalar variable "@{missing[0]}".'))
-        try:
-            cursor = self.db.execute(step.sql, {name: params[name] for name in step.params})
-            rows = cursor.fetchall() if cursor.description else None
-        except sqlite3.OperationalError as exc:
-            if "interrupted" in str(exc):
-                raise Interrupted() from None
-            raise ServerFailure(sqlite_error(exc, self.spid, self.db)) from None
-        except sqlite3.Error as exc:
-            raise ServerFailure(sqlite_error(exc, self.spid, self.db)) from None
+        description, rows, rowcount = self._execute(
+            step, {name: params[name] for name in step.params}, before=fill)
         if rows is None:
-            count = max(cursor.rowcount, 0)
-            status = tds.DONE_MORE | (tds.DONE_COUNT if cursor.rowcount >= 0 and _is_dml(step.sql) else 0)
+            count = max(rowcount, 0)
+            status = tds.DONE_MORE | (tds.DONE_COUNT if rowcount >= 0 and _is_dml(step.sql) else 0)
             return prefix + tds.done(status, count, token=token_done,
                                      command=_command(step.sql)), count
-        names = [d[0] for d in cursor.description]
+        names = [d[0] for d in description]
         columns, values = result_columns(names, rows)
         body = bytearray(prefix + tds.colmetadata(columns))
         for value in values:
             body += tds.row(columns, value)
         body += tds.done(tds.DONE_MORE | tds.DONE_COUNT, len(values), token=token_done)
         return bytes(body), len(values)
+
+    def _set_option(self, text: str) -> None:
+        """The SET options the lock manager reads; the others change nothing here."""
+        found = _LOCK_TIMEOUT.match(text)
+        if found:
+            self.owner.lock_timeout_ms = int(found.group(1))
+            return
+        found = _DEADLOCK_PRIORITY.match(text)
+        if found:
+            value = found.group(1).lower()
+            self.owner.deadlock_priority = DEADLOCK_PRIORITIES.get(value) if value in \
+                DEADLOCK_PRIORITIES else max(-10, min(10, int(value)))
+            return
+        found = _ISOLATION.match(text)
+        if found:
+            self.isolation = " ".join(found.group(1).lower().split())
+
+    def applock(self, procedure: str, arguments: dict, token_done: int) -> bytes:
+        """sp_getapplock / sp_releaseapplock: a lock on a name, the transaction's
+        (the default) or the session's; the return status as SQL Server gives it
+        (0 granted, 1 granted after a wait, -1 timed out, -2 cancelled, -3 deadlock
+        victim, -999 a bad argument)."""
+        resource = ("app", str(arguments.get("@resource", "")))
+        owner_kind = str(arguments.get("@lockowner") or "Transaction").lower()
+        duration = SESSION if owner_kind == "session" else TRANSACTION
+        prefix = b""
+        if duration == TRANSACTION and not self.in_transaction and self.implicit_transactions:
+            prefix = self.begin()
+        if duration == TRANSACTION and not self.in_transaction:
+            raise ServerFailure(ServerError(1223 if procedure == "sp_releaseapplock" else 1221, 1, 16,
+                                            "You attempted to acquire a transactional application "
+                                            "lock without an active transaction."))
+        if procedure == "sp_releaseapplock":
+            with self.storage.condition:
+                status = 0 if self.storage.locks.release_one(self.owner, resource) else -999
+        else:
+            mode = APPLOCK_MODES.get(str(arguments.get("@lockmode") or "").lower())
+            timeout = arguments.get("@locktimeout")
+            if mode is None:
+                status = -999
+            else:
+                with self.storage.condition:
+                    self.owner.rollback_cost = len(self.undo)
+                    try:
+                        status = int(self.storage.locks.acquire(
+                            self.owner, resource, mode, duration, cancelled=self.attention.is_set,
+                            timeout_ms=None if timeout is None else int(timeout)))
+                    except LockWaitEnded as exc:
+                        if exc.reason == "cancel":
+                            raise Interrupted() from None
+                        status = {"timeout": -1, "deadlock": -3}[exc.reason]
+        return prefix + tds.returnstatus(status) + tds.done(tds.DONE_MORE, token=token_done)
 
     # --- RPC ----------------------------------------------------------------------------
 
@@ -344,6 +488,10 @@ class Session:
         elif procedure in ("sp_datatype_info_100", "sp_datatype_info"):
             data_type = parameters[0].value if parameters else 0
             return (type_info(int(data_type or 0), tds.DONEINPROC) + tds.returnstatus(0)
+                    + tds.done(tds.DONE_FINAL, token=tds.DONEPROC)), procedure
+        elif procedure in ("sp_getapplock", "sp_releaseapplock"):
+            arguments = {(p.name or "").lower(): p.value for p in parameters}
+            return (self.applock(procedure, arguments, tds.DONEINPROC)[:-13]
                     + tds.done(tds.DONE_FINAL, token=tds.DONEPROC)), procedure
         elif procedure == "sp_unprepare":
             self.prepared.pop(parameters[0].value if parameters else None, None)
@@ -420,6 +568,17 @@ def _more(tokens: bytes) -> bytes:
     return tokens[:-12] + status.to_bytes(2, "little") + tokens[-10:]
 
 
+def _argument(text: str, params: dict):
+    """One argument of an EXEC in a batch: a string, a number or a bound parameter."""
+    if text.startswith("@"):
+        return params.get(text[1:])
+    if text.upper().startswith("N'"):
+        text = text[1:]
+    if text.startswith("'"):
+        return text[1:-1].replace("''", "'")
+    return int(text)
+
+
 def _declared_names(declaration) -> list[str]:
     return re.findall(r"@(\w+)", str(declaration or ""))
 
@@ -448,6 +607,7 @@ _NO_TABLE = re.compile(r"no such table: (?:\w+\.)?(\S+)")
 _NO_COLUMN = re.compile(r"no such column: (\S+)")
 _TABLE_EXISTS = re.compile(r"(?:table|index) (\S+) already exists")
 _UNIQUE = re.compile(r"UNIQUE constraint failed: (\w+)\.")
+_LENGTH = re.compile(r"CHECK constraint failed: tds_len__(\w+?)__(\w+)__\d+")
 _NOT_NULL = re.compile(r"NOT NULL constraint failed: (\w+)\.(\w+)")
 
 
@@ -495,6 +655,11 @@ def sqlite_error(exc: sqlite3.Error, spid: int, db: sqlite3.Connection | None = 
         return ServerError(2627, 1, 14, (
             f"Violation of UNIQUE KEY constraint 'UQ_{table}'. Cannot insert duplicate key in "
             f"object 'dbo.{table}'."))
+    found = _LENGTH.search(text)
+    if found:
+        return ServerError(2628, 1, 16, (
+            f"String or binary data would be truncated in table 'test.dbo.{found.group(1)}', "
+            f"column '{found.group(2)}'."))
     found = _NOT_NULL.search(text)
     if found:
         return ServerError(515, 2, 16, (

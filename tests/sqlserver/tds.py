@@ -207,7 +207,8 @@ class Column:
     """A result column's SQL Server type."""
     name: str
     type: str        # int, bigint, smallint, tinyint, bit, float, decimal, nvarchar,
-                     # varchar, varbinary, date, datetime2
+                     # varchar, varbinary, date, datetime2, datetime, datetimeoffset,
+                     # uniqueidentifier
     size: int = 0    # nvarchar/varchar/varbinary: max length in bytes; 0xFFFF: max
     scale: int = 0   # decimal
 
@@ -232,6 +233,12 @@ class Column:
             info = bytes([DATEN])
         elif kind == "datetime2":
             info = bytes([DATETIME2N, 7])
+        elif kind == "datetime":
+            info = bytes([DATETIMN, 8])
+        elif kind == "datetimeoffset":
+            info = bytes([DATETIMEOFFSETN, 7])
+        elif kind == "uniqueidentifier":
+            info = bytes([GUIDTYPE, 16])
         else:
             raise ValueError(kind)
         return head + info + b_varchar(self.name)
@@ -262,16 +269,31 @@ class Column:
         if kind == "date":
             return b"\x03" + _days(value).to_bytes(3, "little")
         if kind == "datetime2":
-            moment = value
-            ticks = ((moment.hour * 3600 + moment.minute * 60 + moment.second) * 10_000_000
-                     + moment.microsecond * 10)
-            return b"\x08" + ticks.to_bytes(5, "little") + _days(moment.date()).to_bytes(3, "little")
+            return b"\x08" + _clock_and_day(value)
+        if kind == "datetime":                     # days since 1900, 1/300 s since midnight
+            days = (value.date() - datetime.date(1900, 1, 1)).days
+            seconds = value.hour * 3600 + value.minute * 60 + value.second
+            ticks = seconds * 300 + round(value.microsecond * 300 / 1_000_000)
+            return b"\x08" + struct.pack("<iI", days, ticks)
+        if kind == "datetimeoffset":               # the UTC moment, then the offset
+            offset = value.utcoffset() or datetime.timedelta(0)
+            utc = value.replace(tzinfo=None) - offset
+            return b"\x0a" + _clock_and_day(utc) + struct.pack("<h", int(offset.total_seconds() // 60))
+        if kind == "uniqueidentifier":
+            import uuid
+            return b"\x10" + uuid.UUID(str(value)).bytes_le
         raise ValueError(kind)
 
     def null(self) -> bytes:
         if self.type in ("nvarchar", "varchar", "varbinary"):
             return struct.pack("<Q", PLP_NULL) if self.size == 0xFFFF else b"\xff\xff"
         return b"\x00"
+
+
+def _clock_and_day(moment: datetime.datetime) -> bytes:
+    ticks = ((moment.hour * 3600 + moment.minute * 60 + moment.second) * 10_000_000
+             + moment.microsecond * 10)
+    return ticks.to_bytes(5, "little") + _days(moment.date()).to_bytes(3, "little")
 
 
 def _days(day: datetime.date) -> int:
@@ -494,4 +516,4 @@ def _decode_datetime(data: bytes) -> datetime.datetime:
 
 def _decode_guid(data: bytes) -> str:
     import uuid
-    return str(uuid.UUID(bytes_le=data))
+    return str(uuid.UUID(bytes_le=data)).upper()     # as NEWID() and SQL Server print it

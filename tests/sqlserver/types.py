@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import re
 import sqlite3
 from dataclasses import dataclass
 
@@ -44,6 +45,25 @@ def _moment(raw: bytes) -> datetime.datetime | str:
         return text
 
 
+def _datetime(raw: bytes) -> datetime.datetime | str:
+    """DATETIME keeps 1/300 s: a value is read back rounded as SQL Server stores it."""
+    moment = _moment(raw)
+    if isinstance(moment, datetime.datetime):
+        ticks = round(moment.microsecond * 300 / 1_000_000)
+        moment = moment.replace(microsecond=0) + datetime.timedelta(
+            microseconds=round(ticks * 1000 / 300) * 1000)
+    return moment
+
+
+def _offset_moment(raw: bytes) -> datetime.datetime | str:
+    text = _text(raw).replace("T", " ")
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
+
+
 def _day(raw: bytes) -> datetime.date | str:
     try:
         return datetime.date.fromisoformat(_text(raw)[:10])
@@ -72,8 +92,14 @@ _CONVERTERS = {
     "BINARY": ("varbinary", bytes),
     "DATE": ("date", _day),
     "DATETIME2": ("datetime2", _moment),
-    "DATETIME": ("datetime2", _moment),
+    "DATETIME": ("datetime", _datetime),
+    "DATETIMEOFFSET": ("datetimeoffset", _offset_moment),
+    "UNIQUEIDENTIFIER": ("uniqueidentifier", lambda raw: _text(raw).upper()),
 }
+_COLUMN_NAME = re.compile(r"^[A-Za-z_@#][\w@#$ .-]{0,127}$")
+# Expression columns (no declared type) whose every value is such a text are moments
+# (GETDATE(), SYSDATETIME(), DATEADD(...)): SQLite has no other way to return one.
+_MOMENT_TEXT = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d{1,7})?$")
 
 
 def register_sqlite_types() -> None:
@@ -81,16 +107,28 @@ def register_sqlite_types() -> None:
     the server calls it once at start, never at import)."""
     for name, (kind, convert) in _CONVERTERS.items():
         sqlite3.register_converter(name, lambda raw, kind=kind, convert=convert: Typed(kind, convert(raw)))
-    sqlite3.register_adapter(decimal.Decimal, str)
+    sqlite3.register_adapter(decimal.Decimal, _decimal_parameter)
     sqlite3.register_adapter(datetime.datetime, lambda moment: moment.isoformat(" "))
     sqlite3.register_adapter(datetime.date, lambda day: day.isoformat())
     sqlite3.register_adapter(datetime.time, lambda clock: clock.isoformat())
+
+
+def _decimal_parameter(value: decimal.Decimal):
+    """A decimal parameter as a number SQLite computes with exactly ('1.5' + '2.5' would be
+    text): an integer, or a float when 15 significant digits hold it."""
+    if value == value.to_integral_value():
+        return int(value)
+    if len(value.normalize().as_tuple().digits) <= 15:
+        return float(value)
+    return str(value)
 
 
 def result_columns(names: list[str], rows: list[tuple]) -> tuple[list[Column], list[tuple]]:
     """The columns' SQL Server types and the rows' plain values."""
     columns = []
     plain = [list(row) for row in rows]
+    # SQL Server names an expression without an alias "" (SQLite: its text)
+    names = [name if _COLUMN_NAME.match(name) else "" for name in names]
     for index, name in enumerate(names):
         values = [row[index] for row in rows]
         declared = next((v.type for v in values if isinstance(v, Typed)), None)
@@ -98,6 +136,12 @@ def result_columns(names: list[str], rows: list[tuple]) -> tuple[list[Column], l
             if isinstance(row[index], Typed):
                 row[index] = row[index].value
         column_values = [row[index] for row in plain if row[index] is not None]
+        if declared is None and column_values and all(
+                isinstance(v, str) and _MOMENT_TEXT.match(v) for v in column_values):
+            for row in plain:
+                if row[index] is not None:
+                    row[index] = datetime.datetime.fromisoformat(row[index][:26].replace("T", " "))
+            declared = "datetime2"
         columns.append(_column(name, declared, column_values))
     # A declared type whose value SQLite stored as something else (text in an INT
     # column): fall back to what the values are.
@@ -123,8 +167,12 @@ def _fits(kind: str, value) -> bool:
         return isinstance(value, (bytes, bytearray, memoryview))
     if kind == "date":
         return isinstance(value, datetime.date)
-    if kind == "datetime2":
+    if kind in ("datetime2", "datetime"):
         return isinstance(value, datetime.datetime)
+    if kind == "datetimeoffset":
+        return isinstance(value, datetime.datetime) and value.tzinfo is not None
+    if kind == "uniqueidentifier":
+        return isinstance(value, str) and len(value) == 36
     return False
 
 
