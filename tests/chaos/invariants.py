@@ -460,9 +460,10 @@ def stops_in_time(history: History) -> list[Violation]:
 
 def exit_codes(history: History) -> list[Violation]:
     """Daemon: SIGKILL -> -9; SIGTERM -> 1 when its stop line counts a cancelled or
-    abandoned run, else 0 (before it was ready: 0, or -15 when the signal came before
+    abandoned run or it said a run's end could not be written, else 0 (before it was ready: 0, or -15 when the signal came before
     its handlers); never an exit of its own. --once: 75 when every job was skipped,
-    1 when one failed, else 0, with its summary printed (or -15 for a SIGTERM that
+    1 when one failed (or a run's end could not be written), 69 when the cluster's
+    run table could not be used at start, else 0, with its summary printed (or -15 for a SIGTERM that
     came after its loop had stopped)."""
     out = []
     for proc in history.procs:
@@ -476,7 +477,8 @@ def exit_codes(history: History) -> list[Violation]:
             if proc.term_at is None:
                 expected = set()
             elif stop is not None:
-                expected = {1 if int(stop.group(2)) + int(stop.group(3)) else 0}
+                failed = int(stop.group(2)) + int(stop.group(3)) or _said(proc, UNWRITTEN)
+                expected = {1 if failed else 0}
             elif _first(proc, "daemon started:") is None:
                 expected = {0, -15}
             else:
@@ -489,6 +491,10 @@ def exit_codes(history: History) -> list[Violation]:
                 total, failed = int(summary.group(1)), int(summary.group(3))
                 skipped = int(summary.group(4) or 0)
                 expected = {75} if total and skipped == total else {1} if failed else {0}
+                if _said(proc, UNWRITTEN):
+                    expected = {1}     # a run's end never reached the run table
+                if _said(proc, RUN_TABLE_UNUSABLE):
+                    expected = {69}    # cluster --once without its run table
                 stopped = _first(proc, "work loop stopped:")
                 if proc.term_at is not None and stopped is not None and \
                         stopped <= proc.term_at:
@@ -576,6 +582,16 @@ def scope(history: History) -> dict[str, str]:
 
 
 # --- helpers -----------------------------------------------------------------------
+
+# Lines that change an exit code (worker/cli.py, worker/app.py).
+UNWRITTEN = "could not be written to the cluster's run table"
+RUN_TABLE_UNUSABLE = "cannot use the cluster's run table"
+
+
+def _said(proc: Proc, words: str) -> bool:
+    return any(words in entry["message"] for entry in proc.entries()) or \
+        any(words in line for line in proc.lines)
+
 
 def _first(proc: Proc, prefix: str) -> float | None:
     return next((e["t"] for e in proc.entries() if e["message"].startswith(prefix)), None)
