@@ -104,6 +104,7 @@ def test_the_status_page_reads_the_history_in_one_query_after_a_restart(db_url,
     from worker.app import build_runtime, load_config
     from worker.history import History, HistoryStore
     from worker.monitoring.monitor import StatusBoard
+    from worker.parts import PartOwner
 
     earlier = HistoryStore(db_url)
     now = int(time.time() * 1000)
@@ -115,7 +116,8 @@ def test_the_status_page_reads_the_history_in_one_query_after_a_restart(db_url,
         - {name: report, call: 'tests.jobfuncs:select_one', every: 1h}
         - {name: quiet, call: 'tests.jobfuncs:select_one', every: 1h}
         """)))
-    runtime = build_runtime(config, functions, jobs=config.jobs, scheduled=True)
+    runtime = build_runtime(config, functions, jobs=config.jobs, scheduled=True,
+                            owner=PartOwner())
     history = History()
     board = StatusBoard(history)
     try:
@@ -135,7 +137,8 @@ def test_the_status_page_reads_the_history_in_one_query_after_a_restart(db_url,
         assert data["history"]["error"] is None
     finally:
         history.close()
-        runtime.close()
+        runtime.release()
+        runtime.owner.wait_closed()
 
 
 @every_backend
