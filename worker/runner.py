@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 from .callables import JobFunction
@@ -48,6 +48,10 @@ class JobResult:
     attempts: int
     duration: float              # seconds, all attempts and waits included
     error: str | None = None     # one line: the error of the last attempt
+    run_id: str | None = None    # the run's id: the same for its on_start and end hooks
+    # A failure's exception object (for a hook: Sentry wants the stack trace); not
+    # kept beyond the hooks (worker.sources drops it).
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -326,7 +330,8 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
                   failure, "no attempts left" if failure.should_retry(job)
                   else "not retried (set retry.on_timeout to retry)",
                   extra=_fields(job, attempt))
-        return JobResult(job.name, Outcome.TIMEOUT, attempt, duration, str(failure))
+        return JobResult(job.name, Outcome.TIMEOUT, attempt, duration, str(failure),
+                         exception=failure.error)
     if failure.should_retry(job):
         why = "no attempts left"
     elif diagnosis.verdict is Verdict.RETRY_IF_IDEMPOTENT:
@@ -338,4 +343,5 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
     # Once, at INFO: where in the job's code it failed (file and line).
     log.info("%s traceback of the last attempt", _tag(job, attempt),
              exc_info=failure.error, extra=_fields(job, attempt))
-    return JobResult(job.name, Outcome.FAILED, attempt, duration, str(failure))
+    return JobResult(job.name, Outcome.FAILED, attempt, duration, str(failure),
+                     exception=failure.error)

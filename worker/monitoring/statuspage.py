@@ -7,7 +7,7 @@ from html import escape
 
 OUTCOME_COLOURS = {"success": "#1a7f37", "failed": "#cf222e", "timeout": "#bc4c00",
                    "cancelled": "#6e7781", "abandoned": "#8250df", "running": "#0969da",
-                   "skipped": "#6e7781"}
+                   "skipped": "#6e7781", "paused": "#9a6700"}
 
 STYLE = """
 body{font:15px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1f2328;
@@ -56,7 +56,8 @@ def _field(name: str, value) -> str:
 
 def _job(job: dict) -> str:
     last = job["last"]
-    outcome = "running" if job["running_since"] else (last["outcome"] if last else None)
+    outcome = "running" if job["running_since"] else "paused" if job.get("paused") else \
+        (last["outcome"] if last else None)
     fields = [
         _field("schedule", job["schedule"] or "no schedule (--once only)"),
         _field("next run", _when(job["next_run"]) or
