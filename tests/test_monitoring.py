@@ -604,7 +604,7 @@ def test_misfires_and_overlaps_are_counted_by_the_schedule_source():
                           lambda spec, zone: EverySchedule(spec.every, lambda: now[0]))
     metrics = MetricsObserver()
     source = ScheduleSource(metrics)
-    runtime = SimpleNamespace(scheduler=scheduler)
+    runtime = SimpleNamespace(scheduler=scheduler, paused=frozenset())
     assert [r.job.name for r in source.due(runtime, set(), 4)] == ["report"]
     now[0] += 150                        # the +100 run is 50 s late: over the grace
     assert source.due(runtime, set(), 4) == []
