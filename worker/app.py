@@ -329,16 +329,19 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
 def _open_control(loop, config: Config):
     """The paused jobs (on the runtime) and the control socket, or None when the
     socket cannot be had (the daemon runs on, without commands)."""
+    import sqlite3
+
     from .control import ControlServer, PausedJobs, control_files
     directory, socket_name, paused_name = control_files(config)
-    loop.runtime.paused = PausedJobs(directory / paused_name)
-    if loop.runtime.paused:
-        log.info("paused jobs (until --resume): %s", ", ".join(sorted(loop.runtime.paused)))
     try:
+        loop.runtime.paused = PausedJobs(directory / paused_name)
+        if loop.runtime.paused:
+            log.info("paused jobs (until --resume): %s",
+                     ", ".join(sorted(loop.runtime.paused)))
         loop.commands = ControlServer(directory, socket_name, loop.wake)
-    except OSError as exc:
-        log.error("no control socket in %s: %s; --run-now, --pause, --resume and "
-                  "--status cannot reach this daemon", directory, exc)
+    except (OSError, sqlite3.Error) as exc:
+        log.error("no control socket or paused jobs in %s: %s; --run-now, --pause, "
+                  "--resume and --status cannot reach this daemon", directory, exc)
         return None
     return loop.commands
 

@@ -63,7 +63,11 @@ class PausedJobs:
     `in` is answered from memory (the loop, the metrics thread)."""
 
     def __init__(self, path: Path) -> None:
+        """sqlite3.Error or OSError when the file cannot be used."""
         self.path = path
+        # Created 0600 (by the service user, in its 0700 lock directory).
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o600))
         with self._connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS paused_jobs "
                        "(name TEXT PRIMARY KEY, since REAL NOT NULL)")
@@ -139,7 +143,7 @@ class ControlServer:
 
     def close(self) -> None:
         self._closing.set()
-        self._thread.join(ANSWER_WITHIN + 5)
+        self._thread.join(10)     # a caller's answer times out (0.5 s) first
         self._socket.close()
         try:
             os.unlink(self._name, dir_fd=self._dir_fd)
@@ -180,10 +184,18 @@ class ControlServer:
             return
         self._requests.put(request)
         self._wake()
-        if not request.answered.wait(ANSWER_WITHIN):
-            request.answer = {"code": EXIT_UNAVAILABLE, "message": "the daemon did not "
-                              f"answer within {ANSWER_WITHIN:g}s"}
-        _send(connection, request.answer)
+        _send(connection, self._answer_of(request))
+
+    def _answer_of(self, request: Request) -> dict:
+        """The loop thread's answer; 69 if it gives none in time, or the daemon is
+        stopping (its loop has ended: a stop is not held up by a caller)."""
+        deadline = time.monotonic() + ANSWER_WITHIN
+        while not request.answered.wait(0.2):
+            if self._closing.is_set() or time.monotonic() > deadline:
+                return {"code": EXIT_UNAVAILABLE, "message": "the daemon did not answer "
+                        "(stopping, or busy for more than "
+                        f"{ANSWER_WITHIN:g}s)"}
+        return request.answer
 
     def answer(self, loop) -> None:
         """On the loop thread: answer every request waiting."""
