@@ -171,13 +171,14 @@ class ControlServer:
         connection.settimeout(5)
         uid = struct.unpack("3i", connection.getsockopt(
             socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+        line = _read_line(connection)   # first: a caller refused still reads why
         if uid not in (0, os.geteuid()):
             log.warning("control socket %s: refused a caller with uid %d", self.path, uid)
             _send(connection, {"code": EXIT_NOT_ALLOWED, "message": "not allowed: only "
                                "the daemon's user or root may control it"})
             return
         try:
-            message = json.loads(_read_line(connection))
+            message = json.loads(line)
             request = Request(str(message["command"]), message.get("job"))
         except (ValueError, KeyError, TypeError):
             _send(connection, {"code": EXIT_USAGE, "message": "not a request"})
@@ -324,7 +325,10 @@ def ask(config, command: str, job: str | None = None) -> dict:
             raise NotAllowed(f"control socket {path}: {exc.strerror}") from None
         except (FileNotFoundError, ConnectionRefusedError):
             raise NoDaemon(f"no daemon answers on {path}") from None
-        _send(caller, {"command": command, "job": job})
+        try:
+            _send(caller, {"command": command, "job": job})
+        except BrokenPipeError:   # it answered and closed at once: read why
+            pass
         line = _read_line(caller)
     except (TimeoutError, ConnectionResetError) as exc:
         raise NoDaemon(f"no answer on {path}: {exc}") from None
