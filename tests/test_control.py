@@ -160,6 +160,7 @@ def test_pause_holds_across_a_reload_and_a_restart_until_resumed(control_runs, t
 def test_no_daemon_is_69_and_an_unknown_job_is_2(db_url, tmp_path, daemons):
     config = write_config(tmp_path / "jobs.yaml", db_url, """\
         - {name: tick, call: 'tests.jobfuncs:noop', every: 1h}
+        - {name: other, call: 'tests.jobfuncs:noop', every: 1h}
         """)
     for args in (["--status"], ["--run-now", "tick"], ["--pause", "tick"]):
         done = cli(config, *args)
@@ -167,9 +168,11 @@ def test_no_daemon_is_69_and_an_unknown_job_is_2(db_url, tmp_path, daemons):
         assert "no daemon answers" in done.stderr
     assert "computed now (no daemon answers" in cli(config, "--list").stderr
     assert cli(config, "--run-now", "nope").returncode == 2
-    daemon = daemons(config)
+    daemon = daemons(config, "--job", "tick")
     daemon.wait_for("daemon started")
     assert cli(config, "--pause", "nope").returncode == 2
+    outside = cli(config, "--run-now", "other")     # in the config, not this daemon's
+    assert outside.returncode == 2 and "not one of its --job" in outside.stderr
     assert daemon.stop() == 0
     # A socket left behind by a daemon that died is taken over by the next one.
     daemon = daemons(config)

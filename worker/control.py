@@ -241,9 +241,9 @@ def _answer(loop, request: Request) -> dict:
         return {"code": EXIT_USAGE, "message": f"unknown job {request.job!r}; the "
                 f"daemon's jobs are: {', '.join(runtime.config.job_names())}"}
     if request.command == "run-now":
-        if job.name not in runtime.functions:
+        if job not in runtime.jobs:
             return {"code": EXIT_USAGE, "message": f"job {job.name} is not run by this "
-                    "daemon"}
+                    "daemon (not one of its --job)"}
         if not loop.start_now(job):
             return {"code": EXIT_ALL_SKIPPED, "message": f"job {job.name} has a run in "
                     "progress (or the daemon is stopping): nothing started"}

@@ -6,9 +6,9 @@ A hook is called as fn(result): on_start with a RunStart when the run is handed 
 a thread, the others with the run's JobResult after its Session is gone (on
 failure `result.exception` is the exception object); both carry the run's
 `run_id`. Each call runs on a thread of its own, a job's hooks in order (a call
-waits for the job's previous one, up to `hooks.timeout`): a hook that raises is logged, one still running
-after `hooks.timeout` is logged and abandoned; neither touches the run's outcome or
-the loop. Hooks are resolved and checked when the config is loaded (so --check
+waits for the job's previous one, up to `hooks.timeout`): a hook that raises is
+logged, one still running after `hooks.timeout` is logged and abandoned; neither
+touches the run's outcome or the loop. Hooks are resolved and checked when the config is loaded (so --check
 finds a typo), like job callables.
 """
 from __future__ import annotations
