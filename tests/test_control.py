@@ -228,3 +228,55 @@ def test_another_uid_is_refused_with_77_even_through_a_loosened_socket(backend):
             daemon.stop()
     finally:
         shutil.rmtree(base)
+
+
+def test_a_cluster_pause_holds_on_every_node_and_a_run_now_runs_once(control_runs, tmp_path,
+                                                                     daemons):
+    """Two nodes (each its own lock directory, as on two hosts): a pause through
+    one node holds on both within a heartbeat and across a restart; a run-now
+    through one node runs once across the cluster."""
+    from tests.test_cluster import HEARTBEAT, cluster_config
+    db_url = control_runs
+    name, yearly = token(), token()
+    config = cluster_config(tmp_path / "jobs.yaml", db_url, f"""\
+  - {{name: tick, call: 'tests.jobfuncs:record_control_run', every: 1s,
+      kwargs: {{name: {name}}}}}
+  - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
+      kwargs: {{name: {yearly}, seconds: 1}}}}
+""")
+    nodes = {n: daemons(config, env={"NODE": n}) for n in ("node-a", "node-b")}
+    for node in nodes.values():
+        node.wait_for("daemon started")
+    time.sleep(2)
+    assert runs(db_url, name)                       # ticking
+
+    def on(node: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "run_worker.py"), "-c",
+                               str(config), *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "NODE": node})
+
+    assert on("node-a", "--pause", "tick").returncode == 0
+    since = time.time() + HEARTBEAT + 1.0           # every node within a heartbeat
+    time.sleep(3)
+    assert runs(db_url, name, after=since) == []
+    nodes["node-b"].wait_for("job=tick paused (through the cluster)")
+    assert ["tick", "paused"] in [line.split()[:2] for line in
+                                  on("node-b", "--status").stdout.splitlines()]
+    assert nodes["node-b"].stop() == 0               # a restart: still paused
+    nodes["node-b"] = daemons(config, env={"NODE": "node-b"})
+    nodes["node-b"].wait_for("daemon started")
+    assert "paused jobs (until --resume): tick" in nodes["node-b"].log
+    time.sleep(2)
+    assert runs(db_url, name, after=since) == []
+
+    started = on("node-b", "--run-now", "yearly")
+    assert started.returncode == 0, started.stderr
+    time.sleep(3)
+    assert len(runs(db_url, yearly)) == 1           # once, across the cluster
+
+    assert on("node-b", "--resume", "tick").returncode == 0
+    back = time.time() + HEARTBEAT
+    time.sleep(3)
+    assert len(runs(db_url, name, after=back)) >= 2
+    for node in nodes.values():
+        assert node.stop() == 0

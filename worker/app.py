@@ -331,17 +331,21 @@ def _open_control(loop, config: Config):
     socket cannot be had (the daemon runs on, without commands)."""
     import sqlite3
 
-    from .control import ControlServer, PausedJobs, control_files
+    from sqlalchemy.exc import DBAPIError
+
+    from .control import ClusterPausedJobs, ControlServer, PausedJobs, control_files
     directory, socket_name, paused_name = control_files(config)
+    cluster = loop.runtime.cluster
     try:
-        loop.runtime.paused = PausedJobs(directory / paused_name)
+        loop.runtime.paused = ClusterPausedJobs(cluster) if cluster is not None \
+            else PausedJobs(directory / paused_name)
         if loop.runtime.paused:
             log.info("paused jobs (until --resume): %s",
                      ", ".join(sorted(loop.runtime.paused)))
         loop.commands = ControlServer(directory, socket_name, loop.wake)
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, DBAPIError) as exc:
         log.error("no control socket or paused jobs in %s: %s; --run-now, --pause, "
-                  "--resume and --status cannot reach this daemon", directory, exc)
+                  "--resume and --status cannot reach this daemon", directory, describe(exc))
         return None
     return loop.commands
 

@@ -19,6 +19,7 @@ across restarts and reloads until resumed.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -94,6 +95,82 @@ class PausedJobs:
             else:
                 db.execute("DELETE FROM paused_jobs WHERE name = ?", (name,))
         self._names = self._names | {name} if paused else self._names - {name}
+
+
+class ClusterPausedJobs:
+    """Cluster mode: the paused jobs in the cluster's database (table worker_paused,
+    component "control" in worker_schema), so that a pause made through any node
+    holds on every node, each reading the table at most once a heartbeat (on its
+    loop thread, `refresh`), and across restarts."""
+
+    def __init__(self, cluster) -> None:
+        from sqlalchemy import insert
+        from sqlalchemy.exc import IntegrityError
+
+        from .cluster import schema_versions
+        from .db import create_tables
+        self.cluster = cluster
+        self._names: frozenset[str] = frozenset()
+        self._read_at = 0.0
+        table = _paused_table()
+        with cluster.database.engine.begin() as connection:
+            create_tables(connection, table.metadata)
+        try:
+            with cluster.database.engine.begin() as connection:
+                connection.execute(insert(schema_versions).values(
+                    component="control", version=CONTROL_SCHEMA_VERSION))
+        except IntegrityError:
+            pass    # another node wrote it first
+        self.refresh(force=True)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def refresh(self, force: bool = False) -> None:
+        from sqlalchemy import select
+        from sqlalchemy.exc import DBAPIError
+        if not force and time.monotonic() - self._read_at < self.cluster.settings.heartbeat:
+            return
+        self._read_at = time.monotonic()
+        table = _paused_table()
+        try:
+            with self.cluster.database.engine.connect() as connection:
+                names = frozenset(connection.execute(select(table.c.job)).scalars())
+        except DBAPIError as exc:   # the last known pauses stay
+            log.warning("cannot read the paused jobs: %s", exc.__class__.__name__)
+            return
+        for name in sorted(names ^ self._names):
+            log.info("job=%s %s (through the cluster)", name, "paused" if name in names
+                     else "resumed", extra={"job": name})
+        self._names = names
+
+    def set(self, name: str, paused: bool) -> None:
+        from sqlalchemy import delete, insert
+        table = _paused_table()
+        with self.cluster.database.engine.begin() as connection:
+            connection.execute(delete(table).where(table.c.job == name))
+            if paused:
+                connection.execute(insert(table).values(
+                    job=name, since_ms=self.cluster.clock.now_ms(), node=self.cluster.node))
+        self._names = self._names | {name} if paused else self._names - {name}
+
+
+CONTROL_SCHEMA_VERSION = 1      # 1: worker_paused
+
+
+@functools.cache
+def _paused_table():
+    from sqlalchemy import BigInteger, Column, MetaData, String, Table
+    return Table("worker_paused", MetaData(),
+                 Column("job", String(200), primary_key=True),
+                 Column("since_ms", BigInteger, nullable=False),   # the cluster's clock
+                 Column("node", String(200), nullable=False))       # paused through
 
 
 # --- the daemon's side ----------------------------------------------------------------
@@ -199,7 +276,11 @@ class ControlServer:
         return request.answer
 
     def answer(self, loop) -> None:
-        """On the loop thread: answer every request waiting."""
+        """On the loop thread: answer every request waiting (and, in cluster mode,
+        read the pauses made through other nodes, once a heartbeat)."""
+        refresh = getattr(loop.runtime.paused, "refresh", None)
+        if refresh is not None:
+            refresh()
         while True:
             try:
                 request = self._requests.get_nowait()
