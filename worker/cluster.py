@@ -195,12 +195,7 @@ class Cluster:
         when several nodes start at once)."""
         with self.database.engine.begin() as connection:
             create_tables(connection, metadata)
-        try:
-            with self.database.engine.begin() as connection:
-                connection.execute(insert(schema_versions).values(
-                    component="runs", version=SCHEMA_VERSION))
-        except IntegrityError:
-            pass   # another node wrote it first
+        record_schema_version(self.database.engine, "runs", SCHEMA_VERSION)
         version = self._schema_version()
         if version == 1:
             self._add_lease_column()
@@ -458,6 +453,17 @@ class Cluster:
             return connection.execute(select(*_SHOWN).where(runs.c.job == job)
                                       .order_by(runs.c.slot_ms.desc(), runs.c.id.desc())
                                       .limit(limit)).all()
+
+
+def record_schema_version(engine, component: str, version: int) -> None:
+    """Write `component`'s schema version, unless a node wrote one first (that one
+    is read and checked, or upgraded, by the caller)."""
+    try:
+        with engine.begin() as connection:
+            connection.execute(insert(schema_versions).values(component=component,
+                                                               version=version))
+    except IntegrityError:
+        pass   # another node wrote it first
 
 
 def nearest_slot(schedule, now: float, batch_slot: float) -> float:

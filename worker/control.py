@@ -59,9 +59,27 @@ def _through(dir_fd: int, name: str) -> str:
 
 # --- paused jobs -------------------------------------------------------------------------
 
-class PausedJobs:
-    """The paused job names: read once at start, written at each pause and resume.
-    `in` is answered from memory (the loop, the metrics thread)."""
+class _PausedNames:
+    """The paused job names as a container, answered from memory (by the loop and
+    the metrics thread); `set` keeps the memory and the store in step."""
+    _names: frozenset[str] = frozenset()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def _remember(self, name: str, paused: bool) -> None:
+        self._names = self._names | {name} if paused else self._names - {name}
+
+
+class PausedJobs(_PausedNames):
+    """One host: the paused job names in a SQLite file, read once at start, written
+    at each pause and resume."""
 
     def __init__(self, path: Path) -> None:
         """sqlite3.Error or OSError when the file cannot be used."""
@@ -78,15 +96,6 @@ class PausedJobs:
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=5, isolation_level=None)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
     def set(self, name: str, paused: bool) -> None:
         with self._connect() as db:
             if paused:
@@ -94,43 +103,24 @@ class PausedJobs:
                            (name, time.time()))
             else:
                 db.execute("DELETE FROM paused_jobs WHERE name = ?", (name,))
-        self._names = self._names | {name} if paused else self._names - {name}
+        self._remember(name, paused)
 
 
-class ClusterPausedJobs:
+class ClusterPausedJobs(_PausedNames):
     """Cluster mode: the paused jobs in the cluster's database (table worker_paused,
     component "control" in worker_schema), so that a pause made through any node
     holds on every node, each reading the table at most once a heartbeat (on its
     loop thread, `refresh`), and across restarts."""
 
     def __init__(self, cluster) -> None:
-        from sqlalchemy import insert
-        from sqlalchemy.exc import IntegrityError
-
-        from .cluster import schema_versions
+        from .cluster import record_schema_version
         from .db import create_tables
         self.cluster = cluster
-        self._names: frozenset[str] = frozenset()
         self._read_at = 0.0
-        table = _paused_table()
         with cluster.database.engine.begin() as connection:
-            create_tables(connection, table.metadata)
-        try:
-            with cluster.database.engine.begin() as connection:
-                connection.execute(insert(schema_versions).values(
-                    component="control", version=CONTROL_SCHEMA_VERSION))
-        except IntegrityError:
-            pass    # another node wrote it first
+            create_tables(connection, _paused_table().metadata)
+        record_schema_version(cluster.database.engine, "control", CONTROL_SCHEMA_VERSION)
         self.refresh(force=True)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
 
     def refresh(self, force: bool = False) -> None:
         from sqlalchemy import select
@@ -158,7 +148,7 @@ class ClusterPausedJobs:
             if paused:
                 connection.execute(insert(table).values(
                     job=name, since_ms=self.cluster.clock.now_ms(), node=self.cluster.node))
-        self._names = self._names | {name} if paused else self._names - {name}
+        self._remember(name, paused)
 
 
 CONTROL_SCHEMA_VERSION = 1      # 1: worker_paused
