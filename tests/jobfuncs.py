@@ -746,3 +746,33 @@ def chaos_job(session, name: str, host: str, node: str, lock: str, idem: bool,
         "started, ended) VALUES (:job, :host, :node, :lock, :idem, :pid, :slot, :s, :e)"),
         {"job": name, "host": host, "node": node, "lock": lock, "idem": int(idem),
          "pid": os.getpid(), "slot": slot, "s": started, "e": time.time()})
+
+
+# --- hooks for run ids and order (tests/test_control.py) ------------------------------
+
+def start_hook(result) -> None:
+    """on_start: sleeps 0.3 s (a later hook must wait for it), then appends
+    'start <job> <run_id>' to $HOOK_OUT."""
+    time.sleep(0.3)
+    with open(os.environ["HOOK_OUT"], "a") as out:
+        out.write(f"start {result.job} {result.run_id}\n")
+
+
+def end_hook(result) -> None:
+    """on_failure/on_success: appends '<outcome> <job> <run_id> <exception type>
+    <exception message>' to $HOOK_OUT."""
+    error = result.exception
+    with open(os.environ["HOOK_OUT"], "a") as out:
+        out.write(f"{result.outcome.value} {result.job} {result.run_id} "
+                  f"{type(error).__name__ if error else '-'} {error or '-'}\n")
+
+
+def record_control_run(session, name: str, seconds: float = 0.0) -> None:
+    """Appends one row per run to worker_test_control_runs (a table of
+    tests/test_control.py alone: other tests drop worker_test_runs), then sleeps
+    `seconds`."""
+    session.execute(text("CREATE TABLE IF NOT EXISTS worker_test_control_runs "
+                         "(name VARCHAR(64) NOT NULL, at DOUBLE PRECISION NOT NULL)"))
+    session.execute(text("INSERT INTO worker_test_control_runs (name, at) VALUES (:n, :t)"),
+                    {"n": name, "t": time.time()})
+    time.sleep(seconds)

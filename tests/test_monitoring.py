@@ -612,7 +612,7 @@ def test_misfires_and_overlaps_are_counted_by_the_schedule_source():
     metrics = MetricsObserver()
     source = ScheduleSource(metrics)
     runtime = SimpleNamespace(
-        scheduler=scheduler, jobs=(report,), cluster=None,
+        scheduler=scheduler, jobs=(report,), cluster=None, paused=frozenset(),
         config=SimpleNamespace(jobs=(report,), database=SimpleNamespace(
             pool_size=1, max_overflow=0)),
         database=SimpleNamespace(checked_out=lambda: 0),

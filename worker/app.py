@@ -19,7 +19,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Mapping, Sequence
+from typing import Container, Mapping, Sequence
 
 from .callables import JobFunction, resolve_jobs
 from .config import Config, ConfigError, JobSpec, load
@@ -78,6 +78,8 @@ class Runtime:
     scheduler: object | None = None    # worker.scheduler.Scheduler (daemon)
     _parts: tuple = field(default=(), repr=False)
     owner: object | None = field(default=None, repr=False)
+    # The daemon's paused jobs (a worker.control.PausedJobs), carried over by a reload.
+    paused: Container[str] = frozenset()
 
     def start(self, previous: "Runtime | None" = None) -> None:
         """Make sure the database answers and the cluster (if new) has joined; raise
@@ -352,6 +354,7 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
         if change is not None:
             change.commit()
             monitoring.probe_readiness(lambda: loop.runtime)
+        new.paused = current.paused
         return new
 
     loop = WorkLoop(runtime, ScheduleSource(observers), notifier=notifier, reload=reload,
@@ -367,7 +370,12 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
                  len(runtime.scheduler.jobs), config.path, runtime.database.display_url,
                  config.worker.max_workers, extra=WRITE_AT_ONCE)
         notifier.ready(f"running {len(runtime.scheduler.jobs)} scheduled job(s)")
-        report = loop.run()
+        control = _open_control(loop, config)
+        try:
+            report = loop.run()
+        finally:
+            if control is not None:
+                control.close()
         if not report.abandoned:
             log.info("daemon stopped: %d connection(s) still checked out of the pool",
                      loop.runtime.database.checked_out())
@@ -375,6 +383,30 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
         finish(loop)
         notifier.close()
     return _with_lost(report, lost_outcomes)
+
+
+def _open_control(loop, config: Config):
+    """The paused jobs (on the runtime) and the control socket, or None when the
+    socket cannot be had (the daemon runs on, without commands)."""
+    import sqlite3
+
+    from sqlalchemy.exc import DBAPIError
+
+    from .control import ClusterPausedJobs, ControlServer, PausedJobs, control_files
+    directory, socket_name, paused_name = control_files(config)
+    cluster = loop.runtime.cluster
+    try:
+        loop.runtime.paused = ClusterPausedJobs(cluster) if cluster is not None \
+            else PausedJobs(directory / paused_name)
+        if loop.runtime.paused:
+            log.info("paused jobs (until --resume): %s",
+                     ", ".join(sorted(loop.runtime.paused)))
+        loop.commands = ControlServer(directory, socket_name, loop.wake)
+    except (OSError, sqlite3.Error, DBAPIError) as exc:
+        log.error("no control socket or paused jobs in %s: %s; --run-now, --pause, "
+                  "--resume and --status cannot reach this daemon", directory, describe(exc))
+        return None
+    return loop.commands
 
 
 def _wait_for_database(loop, runtime: Runtime, notifier, observers: Observers) -> bool:

@@ -26,6 +26,11 @@ modes:
   --list     print each job, its schedule and its next run time
   --history JOB  the recent runs of JOB from the run history (every mode; with
                  history disabled, from the cluster's run table)
+  --run-now JOB  ask the running daemon to start a run of JOB now
+  --pause JOB    ask the running daemon not to start scheduled runs of JOB
+  --resume JOB   undo --pause
+  --status   each job of the running daemon: running/paused/idle, next run, last
+             outcome
 
 exit codes:
   0   all jobs succeeded (--once), a clean stop (daemon), or a good --check
@@ -33,14 +38,18 @@ exit codes:
       cancel running jobs, or a thread was left stuck in a job (daemon);
       cluster: a run could not be claimed (database error), or a run's end
       could not be written to the run table within its lease
-  2   command-line misuse, e.g. an unknown --job name
+  2   command-line misuse, e.g. an unknown --job name (or --run-now/--pause/
+      --resume name)
   69  --check --connect could not open a database connection; or the daemon
       found at start-up that it never can (login refused, ODBC driver not
       installed, database file cannot be opened), or cannot listen on the
       metrics address (port in use); cluster --once: the run table cannot be
-      used at start (every job reported failed)
+      used at start (every job reported failed); or no daemon answers a
+      control command
   75  --once: every selected job was skipped, still running from an earlier run
-      (0 with --skipped-ok)
+      (0 with --skipped-ok); --run-now: the job's run is in progress (nothing
+      started)
+  77  a control command from a user who is neither the daemon's nor root
   78  invalid configuration: nothing ran
   130 --once: interrupted by SIGINT (Ctrl-C); running jobs were stopped
 """
@@ -73,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--history", metavar="JOB",
                       help="print the recent runs of JOB (the run history, or the "
                            "cluster's run table when the history is disabled)")
+    mode.add_argument("--run-now", metavar="NAME",
+                      help="ask the running daemon to start a run of NAME now (exit 0 "
+                           "once it has started, 75 if one is in progress)")
+    mode.add_argument("--pause", metavar="NAME",
+                      help="ask the running daemon not to start scheduled runs of NAME "
+                           "until --resume (kept across restarts and reloads)")
+    mode.add_argument("--resume", metavar="NAME",
+                      help="ask the running daemon to schedule NAME again")
+    mode.add_argument("--status", action="store_true",
+                      help="print each job of the running daemon: running, paused or "
+                           "idle, its next run and its last outcome")
     parser.add_argument("--job", metavar="NAME", action="append", dest="jobs",
                         help="only this job (repeatable); with --once a job named here "
                              "runs even when it is 'enabled: false'")
@@ -171,12 +191,31 @@ def _main(argv: Sequence[str] | None) -> int:
         return reports.job_list(config)
     if args.history:
         return reports.history(config, args.history, lambda: parser.print_usage(sys.stderr))
+    control = _control_command(args)
+    if control is not None:
+        from .control import command
+        name, job = control
+        if job is not None and job not in config.job_names():
+            parser.print_usage(sys.stderr)
+            command_error(f"error: unknown job {job!r}; the jobs in {config.path} are: "
+                          f"{', '.join(config.job_names())}")
+            return EXIT_USAGE
+        return command(config, name, job)
     from .locks import LockDirectoryError
     try:
         return _run(args, path, config, functions, selected)
     except LockDirectoryError as exc:
         command_error(f"invalid configuration: {config.path}: key 'worker.lock_dir': {exc}")
         return EXIT_CONFIG
+
+
+def _control_command(args) -> tuple[str, str | None] | None:
+    """(command, job) for a control mode (worker.control), else None."""
+    for command, job in (("run-now", args.run_now), ("pause", args.pause),
+                         ("resume", args.resume)):
+        if job is not None:
+            return command, job
+    return ("status", None) if args.status else None
 
 
 def _wants_json(argv: Sequence[str]) -> bool:

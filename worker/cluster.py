@@ -413,12 +413,7 @@ class Cluster:
         when several nodes start at once)."""
         with self.database.engine.begin() as connection:
             create_tables(connection, metadata)
-        try:
-            with self.database.engine.begin() as connection:
-                connection.execute(insert(schema_versions).values(
-                    component="runs", version=SCHEMA_VERSION))
-        except IntegrityError:
-            pass   # another node wrote it first
+        record_schema_version(self.database.engine, "runs", SCHEMA_VERSION)
         version = self._schema_version()
         if version == 1:
             self._add_lease_column()
@@ -706,6 +701,17 @@ class Cluster:
 def _what(values: dict | None) -> str:
     return "release its run claimed ahead" if values is None else \
         f"record its outcome ({values['outcome']})"
+
+
+def record_schema_version(engine, component: str, version: int) -> None:
+    """Write `component`'s schema version, unless a node wrote one first (that one
+    is read and checked, or upgraded, by the caller)."""
+    try:
+        with engine.begin() as connection:
+            connection.execute(insert(schema_versions).values(component=component,
+                                                               version=version))
+    except IntegrityError:
+        pass   # another node wrote it first
 
 
 def nearest_slot(schedule, now: float, batch_slot: float) -> float:

@@ -97,6 +97,13 @@ _ODBC_CREDENTIAL = re.compile(
 _URL_USERINFO_PASSWORD = re.compile(r"(//[^/:@]*):[^/]*@")
 
 
+def database_scope(url: str) -> str:
+    """The name the files of one database's jobs have in a lock directory (the lock
+    file, worker.control's socket): the same job name against another database is
+    another job."""
+    return hashlib.sha256(database_identity(url).encode()).hexdigest()[:12]
+
+
 def database_identity(url: str) -> str:
     """The URL without anything credential-shaped: which database a lock is for.
     The lock file's name embeds a hash of it, and a short unsalted hash of a
@@ -253,9 +260,7 @@ class HostLocks:
 
     def __init__(self, directory: str | os.PathLike | None, database_url: str) -> None:
         self.directory = Path(directory) if directory else default_lock_dir()
-        # Same job name against another database is another job.
-        scope = hashlib.sha256(database_identity(database_url).encode()).hexdigest()[:12]
-        self.path = self.directory / f"{scope}.locks"
+        self.path = self.directory / f"{database_scope(database_url)}.locks"
         dir_fd = open_lock_directory(self.directory)
         try:
             self._fd: int | None = open_lock_file(dir_fd, self.path)

@@ -16,9 +16,10 @@ import queue
 import select
 import signal
 import time
+import uuid
 import weakref
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from .config import format_duration
@@ -143,6 +144,7 @@ class WorkLoop:
         self._runs = self._cancelled = 0
         self._last_watchdog = 0.0
         self._last_stuck_check = 0.0
+        self.commands = None              # a worker.control.ControlServer (daemon)
 
     # --- signals, and requests from other threads ---------------------------------
 
@@ -176,6 +178,10 @@ class WorkLoop:
         else:
             self._stop.signal = signum
         self._stop.requested = True
+        self._waker.wake()
+
+    def wake(self) -> None:
+        """From another thread: the loop turns now (a control command waits)."""
         self._waker.wake()
 
     def request_reload(self) -> None:
@@ -229,6 +235,8 @@ class WorkLoop:
             self.observer.tick()
             self._take_signals()
             self._collect()
+            if self.commands is not None:
+                self.commands.answer(self)
             if self._stop.requested:
                 reason = self._stopping()
                 if reason is not None:
@@ -283,6 +291,7 @@ class WorkLoop:
                             extra={"job": run.job.name})
                 self._record(run, JobResult(run.job.name, outcome, 0, 0.0, ticket.reason))
             return
+        run = replace(run, run_id=str(uuid.uuid4()))    # its hooks' shared run_id
         self.source.started(run)
         self.observer.run_started(run, runtime)
         name = run.job.name
@@ -292,6 +301,17 @@ class WorkLoop:
                                      observer=self.observer, streaks=self._streaks)
         self._running[name] = _Running(run, future, watch, runtime, ticket)
         future.add_done_callback(lambda _, name=name: self._finish_signal(name))
+
+    def start_now(self, job) -> bool:
+        """A run of `job` now, off its schedule (--run-now): False when it has a run
+        in progress, its lock is held elsewhere, or the loop is stopping."""
+        if job.name in self._running or self._stop.requested:
+            return False
+        self._start(DueRun(job, "now", 0.0, 1))
+        return job.name in self._running
+
+    def running_jobs(self) -> set[str]:
+        return set(self._running)
 
     def _finish_signal(self, name: str) -> None:
         self._finished.put(name)
@@ -359,6 +379,8 @@ class WorkLoop:
                                                 now - running.watch.started, message))
 
     def _record(self, run: DueRun, result: JobResult) -> None:
+        if run.run_id is not None:
+            result = replace(result, run_id=run.run_id)
         self._runs += result.outcome is not Outcome.SKIPPED
         self._cancelled += result.outcome is Outcome.CANCELLED
         self.source.record(run, result)
@@ -508,7 +530,8 @@ def _result_of(running: _Running) -> JobResult:
         log.error("job=%s the worker failed running it: %s", name, describe(error),
                   exc_info=error, extra={"job": name})
         return JobResult(name, Outcome.FAILED, running.watch.attempt,
-                         time.monotonic() - running.watch.started, describe(error))
+                         time.monotonic() - running.watch.started, describe(error),
+                         exception=error)
     return running.future.result()
 
 

@@ -2,6 +2,7 @@
 summary of a `--once` run. Each returns the exit code it stands for."""
 from __future__ import annotations
 
+import sys
 from datetime import datetime
 from typing import Sequence
 
@@ -43,13 +44,23 @@ def _is_missing_driver(exc: BaseException) -> bool:
 
 
 def job_list(config: Config) -> int:
+    """Each job and its next run: the running daemon's (worker.control) when one
+    answers for this config, else computed now; the first line says which."""
+    from .control import daemon_next_runs
     from .scheduler import Scheduler, zone_named
     scheduler = Scheduler(config.jobs, zone_named(config.worker.timezone),
                           config.worker.misfire_grace_time)
+    daemon = daemon_next_runs(config)
+    # On stderr: stdout stays the table alone, for scripts.
+    print(f"next runs: from the running daemon (pid {daemon[0]})" if daemon is not None
+          else "next runs: computed now (no daemon answers for this config)",
+          file=sys.stderr)
     last = _last_runs(config)
     rows = []
     for job in config.jobs:
-        if not job.enabled:
+        if daemon is not None and job.name in daemon[1]:
+            when = daemon[1][job.name]
+        elif not job.enabled:
             when = "disabled (runs only with --once --job)"
         elif job.schedule is None:
             when = "no schedule: runs only with --once"
@@ -62,11 +73,11 @@ def job_list(config: Config) -> int:
                        f" on {entry.node}" if entry else "never")
         rows.append(row)
     header = ["job", "schedule", "next run"] + (["last run"] if last is not None else [])
-    _print_table(header, rows)
+    print_table(header, rows)
     return EXIT_OK
 
 
-def _print_table(header: list[str], rows: list[list[str]]) -> None:
+def print_table(header: list[str], rows: list[list[str]]) -> None:
     """Columns as wide as their widest cell, two spaces apart."""
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
     for row in [header] + rows:

@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 from .callables import JobFunction
@@ -48,6 +48,10 @@ class JobResult:
     attempts: int
     duration: float              # seconds, all attempts and waits included
     error: str | None = None     # one line: the error of the last attempt
+    run_id: str | None = None    # the run's id: the same for its on_start and end hooks
+    # A failure's exception object (for a hook: Sentry wants the stack trace); not
+    # kept beyond the hooks (worker.sources drops it).
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -372,7 +376,8 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
                 else "not retried (set retry.on_timeout to retry)",
                 f"; its thread returned {duration:.1f}s after the run started (reported "
                 f"stuck before)" if watch.given_up else "", extra=_fields(job, attempt))
-        return JobResult(job.name, Outcome.TIMEOUT, attempt, duration, str(failure))
+        return JobResult(job.name, Outcome.TIMEOUT, attempt, duration, str(failure),
+                         exception=failure.error)
     if failure.should_retry(job):
         why = "no attempts left"
     elif diagnosis.verdict is Verdict.RETRY_IF_IDEMPOTENT:
@@ -390,7 +395,8 @@ def _failed(job: JobSpec, attempt: int, failure: AttemptFailed, started: float,
         log.info("%s failed %d runs in a row; traceback as logged at the first of "
                  "them, not repeated", _tag(job, attempt), streak,
                  extra=_fields(job, attempt))
-    return JobResult(job.name, Outcome.FAILED, attempt, duration, str(failure))
+    return JobResult(job.name, Outcome.FAILED, attempt, duration, str(failure),
+                     exception=failure.error)
 
 
 def _error_kind(error: BaseException) -> tuple:

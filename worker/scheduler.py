@@ -122,6 +122,7 @@ class DueRun:
     slot: float | None = None   # that occurrence on the schedule's clock (cluster key);
                                 # None: a batch run, due now
     recovering: Any = None  # cluster: the abandoned run (a Claim) this run takes over
+    run_id: str | None = None   # set when the run starts (worker.loop): its hooks share it
 
 
 @dataclass

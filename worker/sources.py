@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Container, Protocol
 
 from .config import JobSpec
@@ -99,10 +100,13 @@ class ScheduleSource:
         self._lateness: deque[float] = deque(maxlen=KEPT_RESULTS)
         self._worst_lateness = 0.0
         self._overlaps: dict[str, list] = {}   # job -> [skips not yet logged, last log]
+        self.last: dict[str, tuple[str, float]] = {}  # job -> (last outcome, when: epoch s)
 
     def due(self, runtime, running: Container[str], free_workers: int) -> list[DueRun]:
         runs = []
         for run in runtime.scheduler.due():
+            if run.job.name in runtime.paused:    # worker.control: skipped, not kept
+                continue
             if run.job.name in running:
                 self._overlapped(run)
             else:
@@ -123,8 +127,9 @@ class ScheduleSource:
                  extra={"job": run.job.name})
 
     def record(self, run: DueRun | None, result: JobResult) -> None:
-        if not result.ok:
-            self._failures.append(result)
+        self.last[result.job] = (result.outcome.value, time.time())
+        if not result.ok:   # without its exception: its traceback holds the run's frames
+            self._failures.append(replace(result, exception=None))
 
     def _overlapped(self, run: DueRun) -> None:
         """A run came due while the previous one is still going: skip it. The first

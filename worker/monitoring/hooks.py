@@ -1,10 +1,14 @@
-"""Failure and success hooks: `hooks: {on_failure: "pkg.mod:fn", on_success: ...}` at
-the top level and per job (a job's own hook replaces the global one of its kind).
+"""Start, failure and success hooks: `hooks: {on_start: "pkg.mod:fn", on_failure: ...,
+on_success: ...}` at the top level and per job (a job's own hook replaces the
+global one of its kind).
 
-A hook is called as fn(result) with the run's JobResult, after the run's Session
-is gone, on a thread of its own: a hook that raises is logged, one still running
-after `hooks.timeout` is logged and abandoned; neither touches the run's outcome or
-the loop. Hooks are resolved and checked when the config is loaded (so --check
+A hook is called as fn(result): on_start with a RunStart when the run is handed to
+a thread, the others with the run's JobResult after its Session is gone (on
+failure `result.exception` is the exception object); both carry the run's
+`run_id`. Each call runs on a thread of its own, a job's hooks in order (a call
+waits for the job's previous one, up to `hooks.timeout`): a hook that raises is
+logged, one still running after `hooks.timeout` is logged and abandoned; neither
+touches the run's outcome or the loop. Hooks are resolved and checked when the config is loaded (so --check
 finds a typo), like job callables.
 """
 from __future__ import annotations
@@ -67,6 +71,14 @@ def _check_one_argument(function: Callable) -> None:
         raise CallableError(f"a hook is called as fn(result): {exc}") from None
 
 
+@dataclass(frozen=True)
+class RunStart:
+    """What an on_start hook is called with."""
+    job: str
+    run_id: str
+    scheduled: str      # the occurrence the run is for, or "now" for a run-now or --once
+
+
 @dataclass
 class _Call:
     thread: threading.Thread
@@ -83,6 +95,7 @@ class HookRunner(NoObserver):
         self._settings = HooksSettings()
         self._functions: Mapping[str, Callable] = {}
         self._pending: list[_Call] = []
+        self._last: dict[str, threading.Thread] = {}   # each job's latest hook call
 
     def configure(self, config: Config, functions: Mapping[str, Callable]) -> None:
         """This config's hooks (functions: resolve_hooks(config)) from now on: at
@@ -96,20 +109,29 @@ class HookRunner(NoObserver):
 
     # --- the observer ----------------------------------------------------------
 
+    def run_started(self, run, runtime) -> None:
+        self._call(run.job, "on_start", RunStart(run.job.name, run.run_id, run.scheduled))
+
     def run_finished(self, run, result) -> None:
         outcome = result.outcome.value
         kind = "on_success" if outcome == "success" else \
             "on_failure" if outcome in FAILED_OUTCOMES else None
-        if kind is None:
-            return
-        call = self._hook_for(run.job if run is not None else None, kind)
+        if kind is not None:
+            self._call(run.job if run is not None else None, kind, result)
+
+    def _call(self, job, kind: str, result) -> None:
+        call = self._hook_for(job, kind)
         function = self._functions.get(call) if call else None
         if function is None:
             return
         what = f"job={result.job} hook {kind} {call}"
-        thread = threading.Thread(target=_call_hook, args=(function, result, what),
+        previous = self._last.get(result.job)
+        thread = threading.Thread(target=_call_hook,
+                                  args=(function, result, what, previous,
+                                        self._settings.timeout),
                                   name=f"hook-{result.job}", daemon=True)
         thread.start()
+        self._last[result.job] = thread
         self._pending.append(_Call(thread, time.monotonic(), what, result.job))
 
     def tick(self) -> None:
@@ -137,8 +159,10 @@ class HookRunner(NoObserver):
         self._give_up_late(time.monotonic() + self._settings.timeout + 1)
 
 
-
-def _call_hook(function: Callable, result, what: str) -> None:
+def _call_hook(function: Callable, result, what: str,
+               previous: threading.Thread | None, bound: float) -> None:
+    if previous is not None:    # the job's hooks in order: its start hook first
+        previous.join(bound)
     try:
         function(result)
     except BaseException as exc:  # a hook's failure is only logged (SystemExit too)

@@ -340,6 +340,11 @@ class _RuntimeCollector:
         workers = GaugeMetricFamily(f"{PREFIX}_workers", "Worker threads (max_workers)")
         workers.add_metric([], runtime.pool.max_workers)
         yield workers
+        paused = GaugeMetricFamily(f"{PREFIX}_job_paused", "1 while the job is paused "
+                                   "(--pause, until --resume)", labels=["job_name"])
+        for job in runtime.config.jobs:
+            paused.add_metric([job.name], float(job.name in runtime.paused))
+        yield paused
         if runtime.cluster is not None:
             abandoned = CounterMetricFamily(f"{PREFIX}_cluster_runs_abandoned",
                                             "Cluster mode: runs of silent nodes this node "

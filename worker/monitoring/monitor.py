@@ -170,6 +170,7 @@ class StatusBoard(NoObserver):
                 "name": job.name,
                 "schedule": job.schedule,
                 "enabled": job.enabled,
+                "paused": job.name in runtime.paused,
                 "next_run": runtime.scheduler.next_run(job.name)
                 if job.name in scheduled else None,
                 "running_since": _iso(running_since) if running_since else None,

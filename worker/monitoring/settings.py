@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 METRICS_KEYS = ("address", "port", "textfile", "stall_after")
-HOOKS_KEYS = ("on_failure", "on_success", "timeout")
-JOB_HOOKS_KEYS = ("on_failure", "on_success")
-HOOK_KINDS = ("on_failure", "on_success")
+HOOKS_KEYS = ("on_start", "on_failure", "on_success", "timeout")
+JOB_HOOKS_KEYS = ("on_start", "on_failure", "on_success")
+HOOK_KINDS = ("on_start", "on_failure", "on_success")
 
 _CALL = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
@@ -31,6 +31,7 @@ class MetricsSettings:
 class HookCalls:
     on_failure: str | None = None  # "package.module:function", called as fn(result)
     on_success: str | None = None
+    on_start: str | None = None    # called when a run starts (RunStart)
 
     def get(self, kind: str) -> str | None:
         return getattr(self, kind)
@@ -67,7 +68,7 @@ def hooks_settings(raw: Any, check) -> HooksSettings:
     raw = check.mapping(raw, at, HOOKS_KEYS)
     calls = _calls(raw, at, check, None)
     timeout = check.duration(raw.get("timeout", HooksSettings.timeout), at + ("timeout",))
-    return HooksSettings(calls.on_failure, calls.on_success, timeout)
+    return HooksSettings(calls.on_failure, calls.on_success, calls.on_start, timeout)
 
 
 def job_hooks(raw: Any, at: tuple, check, job: str) -> HookCalls | None:

@@ -9,7 +9,7 @@ from html import escape
 
 OUTCOME_COLOURS = {"success": "#1a7f37", "failed": "#cf222e", "timeout": "#bc4c00",
                    "cancelled": "#6e7781", "abandoned": "#8250df", "running": "#0969da",
-                   "skipped": "#6e7781"}
+                   "skipped": "#6e7781", "paused": "#9a6700"}
 
 STYLE = """
 body{font:15px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1f2328;
@@ -94,13 +94,15 @@ def _field_html(name: str, html: str) -> str:
 
 def state_of(job: dict) -> str:
     """What a job is, for its badge and the page's order: stuck, failing, running,
-    disabled, ok or never."""
+    paused, disabled, ok or never."""
     last = job["last"]
     outcome = last["outcome"] if last else None
     if job.get("stuck"):
         return "stuck"
     if not job["enabled"]:
         return "disabled"
+    if job.get("paused") and not job["running_since"]:
+        return "paused"
     if outcome in FAILING:
         return "failing"
     if job["running_since"]:
@@ -108,8 +110,10 @@ def state_of(job: dict) -> str:
     return "ok" if outcome else "never"
 
 
-ORDER = {"stuck": 0, "failing": 1, "running": 2, "ok": 3, "never": 4, "disabled": 5}
+ORDER = {"stuck": 0, "failing": 1, "running": 2, "ok": 3, "never": 4, "paused": 5,
+         "disabled": 6}
 STATE_BADGES = {"stuck": ("stuck", "#cf222e"), "disabled": ("disabled", "#8c959f"),
+                "paused": ("paused", "#9a6700"),
                 "running": ("running", OUTCOME_COLOURS["running"])}
 
 

@@ -1,0 +1,282 @@
+"""Controlling a running daemon through the CLI (worker.control): --run-now, --pause,
+--resume, --status and --list, with real daemons, a real Unix socket and another
+real uid."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_daemon import write_config
+
+NOBODY = 65534
+
+
+def cli(config: Path, *args: str, as_uid: int | None = None) -> subprocess.CompletedProcess:
+    python, env, setuid = sys.executable, None, None
+    if as_uid is not None:
+        # Our interpreter lives under /root, which another uid cannot enter: the
+        # system's of the same version, on our packages.
+        python = shutil.which(f"python{sys.version_info.major}.{sys.version_info.minor}",
+                              path="/usr/bin:/usr/local/bin")
+        if python is None:
+            pytest.skip("no system Python of this version to run as another uid")
+        site = next(p for p in sys.path if p.endswith("site-packages") and
+                    p.startswith(sys.prefix))
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}:{site}"}
+
+        def setuid() -> None:
+            os.setgroups([])
+            os.setgid(as_uid)
+            os.setuid(as_uid)
+    return subprocess.run([python, str(ROOT / "run_worker.py"), "-c", str(config),
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=env, preexec_fn=setuid)
+
+
+def runs(url: str, name: str, after: float = 0.0) -> list[float]:
+    """When the runs of tests.jobfuncs:record_control_run named `name` started."""
+    from sqlalchemy import create_engine, text
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [row[0] for row in connection.execute(text(
+                "SELECT at FROM worker_test_control_runs WHERE name = :n AND at >= :t "
+                "ORDER BY at"), {"n": name, "t": after})]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def control_runs(db_url):
+    """db_url, with the runs table of these tests."""
+    from sqlalchemy import create_engine, text
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS worker_test_control_runs"))
+        connection.execute(text("CREATE TABLE worker_test_control_runs "
+                                "(name VARCHAR(64) NOT NULL, at DOUBLE PRECISION NOT NULL)"))
+    engine.dispose()
+    return db_url
+
+
+def token() -> str:
+    """A name for the runs of one test: other helpers' tests share the runs table."""
+    return f"ctl-{uuid.uuid4().hex[:10]}"
+
+
+def test_run_now_runs_once_and_is_refused_with_75_while_its_run_goes_on(
+        control_runs, tmp_path, daemons):
+    db_url = control_runs
+    name = token()
+    config = write_config(tmp_path / "jobs.yaml", db_url, f"""\
+        - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
+            kwargs: {{name: {name}, seconds: 8}}}}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    time.sleep(0.5)
+    assert runs(db_url, name) == []             # not due for months
+    started = cli(config, "--run-now", "yearly")
+    assert started.returncode == 0, started.stderr
+    assert "run started" in started.stdout
+    again = cli(config, "--run-now", "yearly")  # the first run is in its 8 s
+    assert again.returncode == 75, again.stderr
+    assert "in progress" in again.stderr
+    status = cli(config, "--status")
+    assert status.returncode == 0, status.stderr
+    assert [line.split()[:2] for line in status.stdout.splitlines()
+            if line.startswith("yearly")] == [["yearly", "running"]]
+    daemon.wait_for("job=yearly attempt=1/3 succeeded")
+    assert len(runs(db_url, name)) == 1
+    assert cli(config, "--run-now", "yearly").returncode == 0     # free again
+    daemon.wait_for("job=yearly attempt=1/3 succeeded", count=2)
+    assert len(runs(db_url, name)) == 2
+    status = cli(config, "--status")
+    assert "yearly  idle" in status.stdout and "success at" in status.stdout
+    assert daemon.stop() == 0
+
+
+def test_pause_holds_across_a_reload_and_a_restart_until_resumed(control_runs, tmp_path,
+                                                                  daemons):
+    db_url = control_runs
+    name = token()
+    config = write_config(tmp_path / "jobs.yaml", db_url, f"""\
+        - {{name: tick, call: 'tests.jobfuncs:record_control_run', every: 1s,
+            kwargs: {{name: {name}}}}}
+        """)
+    config.write_text(config.read_text() + "metrics:\n  port: 0\n")
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    daemon.wait_for("job=tick attempt=1/3 succeeded")
+    paused = cli(config, "--pause", "tick")
+    assert paused.returncode == 0, paused.stderr
+    since = time.time() + 1.0                  # a pause takes effect within 1 s
+    time.sleep(2.5)
+    assert runs(db_url, name, after=since) == []
+    listed = cli(config, "--list")
+    assert "from the running daemon" in listed.stderr
+    assert "paused" in [line for line in listed.stdout.splitlines()
+                        if line.startswith("tick")][0]
+    port = int(daemon.log.split("monitoring on http://127.0.0.1:")[1].split("/")[0])
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    assert 'run_worker_job_paused{job_name="tick"} 1.0' in metrics
+    status_page = urllib.request.urlopen(f"http://127.0.0.1:{port}/").read().decode()
+    assert ">paused</span>" in status_page
+
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reloaded")
+    time.sleep(2)
+    assert runs(db_url, name, after=since) == []
+    assert daemon.stop() == 0
+
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    assert "paused jobs (until --resume): tick" in daemon.log
+    time.sleep(2)
+    assert runs(db_url, name, after=since) == []
+    status = cli(config, "--status")
+    assert "tick  paused" in status.stdout, status.stdout
+    resumed = cli(config, "--resume", "tick")
+    assert resumed.returncode == 0, resumed.stderr
+    back = time.time()
+    time.sleep(2.5)
+    assert len(runs(db_url, name, after=back)) >= 1
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_no_daemon_is_69_and_an_unknown_job_is_2(db_url, tmp_path, daemons):
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: tick, call: 'tests.jobfuncs:noop', every: 1h}
+        - {name: other, call: 'tests.jobfuncs:noop', every: 1h}
+        """)
+    for args in (["--status"], ["--run-now", "tick"], ["--pause", "tick"]):
+        done = cli(config, *args)
+        assert done.returncode == 69, (args, done.stderr)
+        assert "no daemon answers" in done.stderr
+    assert "computed now (no daemon answers" in cli(config, "--list").stderr
+    assert cli(config, "--run-now", "nope").returncode == 2
+    daemon = daemons(config, "--job", "tick")
+    daemon.wait_for("daemon started")
+    assert cli(config, "--pause", "nope").returncode == 2
+    outside = cli(config, "--run-now", "other")     # in the config, not this daemon's
+    assert outside.returncode == 2 and "not one of its --job" in outside.stderr
+    assert daemon.stop() == 0
+    # A socket left behind by a daemon that died is taken over by the next one.
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    daemon.process.kill()
+    daemon.wait()
+    assert cli(config, "--status").returncode == 69
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    assert cli(config, "--status").returncode == 0
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_another_uid_is_refused_with_77_even_through_a_loosened_socket(backend):
+    """The client runs as `nobody` (we are root): refused by the socket's mode, and,
+    with the mode loosened by hand, by the daemon's peer-credential check."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a client as another uid")
+    # Readable by nobody (pytest's tmp_path is not); a lock dir path beyond the
+    # 108 bytes a socket path may have.
+    base = Path(tempfile.mkdtemp(dir=ROOT, prefix=".control-test-"))
+    try:
+        os.chmod(base, 0o755)
+        lock_dir = base / ("d" * 60) / ("e" * 60)
+        config = write_config(base / "jobs.yaml", f"sqlite:///{base / 'd.db'}", """\
+            - {name: tick, call: 'tests.jobfuncs:noop', every: 1h}
+            """, lock_dir=str(lock_dir))
+        os.chmod(config, 0o644)
+        from tests.processes import Daemon
+        daemon = Daemon(config)
+        try:
+            daemon.wait_for("daemon started")
+            sockets = [p for p in lock_dir.iterdir() if p.name.endswith(".control")]
+            assert len(sockets) == 1 and len(str(sockets[0])) > 108
+            info = sockets[0].lstat()
+            assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+            assert info.st_uid == os.geteuid()
+            assert cli(config, "--status").returncode == 0     # root: allowed
+            for path in (lock_dir.parent, lock_dir):
+                os.chmod(path, 0o711)
+            refused = cli(config, "--pause", "tick", as_uid=NOBODY)
+            assert refused.returncode == 77, refused.stderr
+            os.chmod(sockets[0], 0o666)
+            for _ in range(3):      # the daemon refuses at once: the caller reads why
+                refused = cli(config, "--pause", "tick", as_uid=NOBODY)
+                assert refused.returncode == 77, refused.stderr
+                assert "only the daemon's user or root" in refused.stderr
+            assert "refused a caller with uid 65534" in daemon.log
+            status = cli(config, "--status")
+            assert "tick  idle" in status.stdout     # the pause did not happen
+        finally:
+            daemon.stop()
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_cluster_pause_holds_on_every_node_and_a_run_now_runs_once(control_runs, tmp_path,
+                                                                     daemons):
+    """Two nodes (each its own lock directory, as on two hosts): a pause through
+    one node holds on both within a heartbeat and across a restart; a run-now
+    through one node runs once across the cluster."""
+    from tests.test_cluster import HEARTBEAT, cluster_config
+    db_url = control_runs
+    name, yearly = token(), token()
+    config = cluster_config(tmp_path / "jobs.yaml", db_url, f"""\
+  - {{name: tick, call: 'tests.jobfuncs:record_control_run', every: 1s,
+      kwargs: {{name: {name}}}}}
+  - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
+      kwargs: {{name: {yearly}, seconds: 1}}}}
+""")
+    nodes = {n: daemons(config, env={"NODE": n}) for n in ("node-a", "node-b")}
+    for node in nodes.values():
+        node.wait_for("daemon started")
+    time.sleep(2)
+    assert runs(db_url, name)                       # ticking
+
+    def on(node: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "run_worker.py"), "-c",
+                               str(config), *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "NODE": node})
+
+    assert on("node-a", "--pause", "tick").returncode == 0
+    since = time.time() + HEARTBEAT + 1.0           # every node within a heartbeat
+    time.sleep(3)
+    assert runs(db_url, name, after=since) == []
+    nodes["node-b"].wait_for("job=tick paused (through the cluster)")
+    assert ["tick", "paused"] in [line.split()[:2] for line in
+                                  on("node-b", "--status").stdout.splitlines()]
+    assert nodes["node-b"].stop() == 0               # a restart: still paused
+    nodes["node-b"] = daemons(config, env={"NODE": "node-b"})
+    nodes["node-b"].wait_for("daemon started")
+    assert "paused jobs (until --resume): tick" in nodes["node-b"].log
+    time.sleep(2)
+    assert runs(db_url, name, after=since) == []
+
+    started = on("node-b", "--run-now", "yearly")
+    assert started.returncode == 0, started.stderr
+    time.sleep(3)
+    assert len(runs(db_url, yearly)) == 1           # once, across the cluster
+
+    assert on("node-b", "--resume", "tick").returncode == 0
+    back = time.time() + HEARTBEAT
+    time.sleep(3)
+    assert len(runs(db_url, name, after=back)) >= 2
+    for node in nodes.values():
+        assert node.stop() == 0

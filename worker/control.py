@@ -1,0 +1,464 @@
+"""Commands to a running daemon: `--run-now NAME`, `--pause NAME`, `--resume NAME`,
+`--status`, and the daemon's own next run times for `--list`.
+
+On one host the daemon listens on a Unix socket in its lock directory
+(`worker.lock_dir`, else the user's default lock directory), named after the job
+database like the lock file, so that two daemons on two databases do not meet.
+The socket is the service user's, mode 0600, and each caller's peer credentials
+(SO_PEERCRED) are checked: the daemon's user or root, else refused (77). It is
+bound and reached through the directory's descriptor (/proc/self/fd/N/name), so
+a deep lock directory does not run into the 108-byte limit of socket paths.
+Never through the HTTP listener: that one has no authentication.
+
+The socket's thread only reads a request and hands it to the loop thread (it wakes
+the loop); the loop thread answers it (`ControlServer.answer`), as it does for a
+signal, so that no command races a run starting or a reload.
+
+Paused jobs are kept in a small SQLite file beside the lock file: a pause holds
+across restarts and reloads until resumed.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import queue
+import socket
+import sqlite3
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .exitcodes import (EXIT_ALL_SKIPPED, EXIT_NOT_ALLOWED, EXIT_OK, EXIT_UNAVAILABLE,
+                        EXIT_USAGE)
+
+log = logging.getLogger("worker.control")
+
+ANSWER_WITHIN = 10.0      # seconds a caller waits for the loop thread's answer
+MAX_REQUEST = 64 * 1024   # bytes: a request is one short JSON line
+COMMANDS = ("run-now", "pause", "resume", "status")
+
+
+def control_files(config) -> tuple[Path, str, str]:
+    """(lock directory, socket name, paused-jobs file name) for a config."""
+    from .locks import database_scope, default_lock_dir
+    directory = Path(config.worker.lock_dir) if config.worker.lock_dir \
+        else default_lock_dir()
+    scope = database_scope(config.database.url)
+    return directory, f"{scope}.control", f"{scope}.paused.sqlite"
+
+
+def _through(dir_fd: int, name: str) -> str:
+    """A short path to `name` in the directory open as `dir_fd`."""
+    return f"/proc/self/fd/{dir_fd}/{name}"
+
+
+# --- paused jobs -------------------------------------------------------------------------
+
+class _PausedNames:
+    """The paused job names as a container, answered from memory (by the loop and
+    the metrics thread); `set` keeps the memory and the store in step."""
+    _names: frozenset[str] = frozenset()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def _remember(self, name: str, paused: bool) -> None:
+        self._names = self._names | {name} if paused else self._names - {name}
+
+
+class PausedJobs(_PausedNames):
+    """One host: the paused job names in a SQLite file, read once at start, written
+    at each pause and resume."""
+
+    def __init__(self, path: Path) -> None:
+        """sqlite3.Error or OSError when the file cannot be used."""
+        self.path = path
+        # Created 0600 (by the service user, in its 0700 lock directory).
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o600))
+        with self._connect() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS paused_jobs "
+                       "(name TEXT PRIMARY KEY, since REAL NOT NULL)")
+            self._names = frozenset(row[0] for row in db.execute(
+                "SELECT name FROM paused_jobs"))
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=5, isolation_level=None)
+
+    def set(self, name: str, paused: bool) -> None:
+        with self._connect() as db:
+            if paused:
+                db.execute("INSERT OR REPLACE INTO paused_jobs (name, since) VALUES (?, ?)",
+                           (name, time.time()))
+            else:
+                db.execute("DELETE FROM paused_jobs WHERE name = ?", (name,))
+        self._remember(name, paused)
+
+
+class ClusterPausedJobs(_PausedNames):
+    """Cluster mode: the paused jobs in the cluster's database (table worker_paused,
+    component "control" in worker_schema), so that a pause made through any node
+    holds on every node, each reading the table at most once a heartbeat (on its
+    loop thread, `refresh`), and across restarts."""
+
+    def __init__(self, cluster) -> None:
+        from .cluster import record_schema_version
+        from .db import create_tables
+        self.cluster = cluster
+        self._read_at = 0.0
+        with cluster.database.engine.begin() as connection:
+            create_tables(connection, _paused_table().metadata)
+        record_schema_version(cluster.database.engine, "control", CONTROL_SCHEMA_VERSION)
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> None:
+        from sqlalchemy import select
+        from sqlalchemy.exc import DBAPIError
+        if not force and time.monotonic() - self._read_at < self.cluster.settings.heartbeat:
+            return
+        self._read_at = time.monotonic()
+        table = _paused_table()
+        try:
+            with self.cluster.database.engine.connect() as connection:
+                names = frozenset(connection.execute(select(table.c.job)).scalars())
+        except DBAPIError as exc:   # the last known pauses stay
+            log.warning("cannot read the paused jobs: %s", exc.__class__.__name__)
+            return
+        for name in sorted(names ^ self._names):
+            log.info("job=%s %s (through the cluster)", name, "paused" if name in names
+                     else "resumed", extra={"job": name})
+        self._names = names
+
+    def set(self, name: str, paused: bool) -> None:
+        from sqlalchemy import delete, insert
+        table = _paused_table()
+        with self.cluster.database.engine.begin() as connection:
+            connection.execute(delete(table).where(table.c.job == name))
+            if paused:
+                connection.execute(insert(table).values(
+                    job=name, since_ms=self.cluster.clock.now_ms(), node=self.cluster.node))
+        self._remember(name, paused)
+
+
+CONTROL_SCHEMA_VERSION = 1      # 1: worker_paused
+
+
+@functools.cache
+def _paused_table():
+    from sqlalchemy import BigInteger, Column, MetaData, String, Table
+    return Table("worker_paused", MetaData(),
+                 Column("job", String(200), primary_key=True),
+                 Column("since_ms", BigInteger, nullable=False),   # the cluster's clock
+                 Column("node", String(200), nullable=False))       # paused through
+
+
+# --- the daemon's side ----------------------------------------------------------------
+
+@dataclass
+class Request:
+    command: str
+    job: str | None
+    answered: threading.Event = field(default_factory=threading.Event)
+    answer: dict | None = None
+
+
+class ControlServer:
+    """The daemon's control socket. Built and closed by worker.app on the main
+    thread; its thread only reads requests; the loop thread answers them."""
+
+    def __init__(self, directory: Path, name: str, wake: Callable[[], None]) -> None:
+        from .locks import open_lock_directory
+        self.path = directory / name
+        self._name = name
+        self._wake = wake
+        self._requests: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._closing = threading.Event()
+        self._dir_fd = open_lock_directory(directory)
+        try:
+            self._socket = self._bind()
+        except BaseException:
+            os.close(self._dir_fd)
+            raise
+        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
+        self._thread.start()
+
+    def _bind(self) -> socket.socket:
+        where = _through(self._dir_fd, self._name)
+        _remove_stale(where, self._dir_fd, self._name)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(where)
+            # Before listen(): nobody can connect while the mode is still the umask's.
+            os.chmod(self._name, 0o600, dir_fd=self._dir_fd)
+            listener.listen(8)
+            listener.settimeout(0.5)      # to see `_closing` between connections
+        except BaseException:
+            listener.close()
+            raise
+        return listener
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(10)     # a caller's answer times out (0.5 s) first
+        self._socket.close()
+        try:
+            os.unlink(self._name, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            pass
+        os.close(self._dir_fd)
+
+    def _serve(self) -> None:
+        while not self._closing.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                log.warning("control socket %s: %s", self.path, exc)
+                time.sleep(0.5)
+                continue
+            with connection:
+                try:
+                    self._converse(connection)
+                except OSError as exc:     # the caller left, or sent nothing in time
+                    log.debug("control socket %s: %s", self.path, exc)
+
+    def _converse(self, connection: socket.socket) -> None:
+        connection.settimeout(5)
+        uid = struct.unpack("3i", connection.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+        line = _read_line(connection)   # first: a caller refused still reads why
+        if uid not in (0, os.geteuid()):
+            log.warning("control socket %s: refused a caller with uid %d", self.path, uid)
+            _send(connection, {"code": EXIT_NOT_ALLOWED, "message": "not allowed: only "
+                               "the daemon's user or root may control it"})
+            return
+        try:
+            message = json.loads(line)
+            request = Request(str(message["command"]), message.get("job"))
+        except (ValueError, KeyError, TypeError):
+            _send(connection, {"code": EXIT_USAGE, "message": "not a request"})
+            return
+        self._requests.put(request)
+        self._wake()
+        _send(connection, self._answer_of(request))
+
+    def _answer_of(self, request: Request) -> dict:
+        """The loop thread's answer; 69 if it gives none in time, or the daemon is
+        stopping (its loop has ended: a stop is not held up by a caller)."""
+        deadline = time.monotonic() + ANSWER_WITHIN
+        while not request.answered.wait(0.2):
+            if self._closing.is_set() or time.monotonic() > deadline:
+                return {"code": EXIT_UNAVAILABLE, "message": "the daemon did not answer "
+                        "(stopping, or busy for more than "
+                        f"{ANSWER_WITHIN:g}s)"}
+        return request.answer
+
+    def answer(self, loop) -> None:
+        """On the loop thread: answer every request waiting (and, in cluster mode,
+        read the pauses made through other nodes, once a heartbeat)."""
+        refresh = getattr(loop.runtime.paused, "refresh", None)
+        if refresh is not None:
+            refresh()
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                request.answer = _answer(loop, request)
+            except Exception as exc:  # a command must never stop the loop
+                log.exception("control command %s failed", request.command)
+                request.answer = {"code": EXIT_UNAVAILABLE, "message": f"failed: {exc}"}
+            request.answered.set()
+
+
+def _remove_stale(where: str, dir_fd: int, name: str) -> None:
+    """A socket left by a daemon that died is removed; one that answers is another
+    daemon's, and stays (OSError: this one cannot listen there)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(where)
+    except FileNotFoundError:
+        return
+    except ConnectionRefusedError:
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    finally:
+        probe.close()
+    raise OSError(f"another daemon answers on its control socket")
+
+
+def _answer(loop, request: Request) -> dict:
+    runtime = loop.runtime
+    if request.command == "status":
+        return {"code": EXIT_OK, "pid": os.getpid(), "config": str(runtime.config.path),
+                "jobs": job_states(loop)}
+    if request.command not in COMMANDS:
+        return {"code": EXIT_USAGE, "message": f"unknown command {request.command!r}"}
+    job = next((j for j in runtime.config.jobs if j.name == request.job), None)
+    if job is None:
+        return {"code": EXIT_USAGE, "message": f"unknown job {request.job!r}; the "
+                f"daemon's jobs are: {', '.join(runtime.config.job_names())}"}
+    if request.command == "run-now":
+        if job not in runtime.jobs:
+            return {"code": EXIT_USAGE, "message": f"job {job.name} is not run by this "
+                    "daemon (not one of its --job)"}
+        if not loop.start_now(job):
+            return {"code": EXIT_ALL_SKIPPED, "message": f"job {job.name} has a run in "
+                    "progress (or the daemon is stopping): nothing started"}
+        log.info("job=%s run-now: started", job.name, extra={"job": job.name})
+        return {"code": EXIT_OK, "message": f"job {job.name}: run started"}
+    paused = request.command == "pause"
+    runtime.paused.set(job.name, paused)
+    log.info("job=%s %s", job.name, "paused: no scheduled run starts until it is "
+             "resumed" if paused else "resumed", extra={"job": job.name})
+    return {"code": EXIT_OK, "message": f"job {job.name} {request.command}d"}
+
+
+def job_states(loop) -> list[dict]:
+    """Each job of the daemon's config: state, next run, last outcome."""
+    runtime = loop.runtime
+    scheduler = runtime.scheduler
+    scheduled = {job.name for job in scheduler.jobs} if scheduler is not None else set()
+    running = loop.running_jobs()
+    last = getattr(loop.source, "last", {})
+    states = []
+    for job in runtime.config.jobs:
+        outcome, when = last.get(job.name, (None, None))
+        states.append({
+            "name": job.name,
+            "schedule": job.schedule,
+            "enabled": job.enabled,
+            "state": "running" if job.name in running else
+                     "paused" if job.name in runtime.paused else "idle",
+            "paused": job.name in runtime.paused,
+            "next_run": scheduler.next_run(job.name) if job.name in scheduled else None,
+            "last": {"outcome": outcome, "at": when} if outcome else None,
+        })
+    return states
+
+
+def _read_line(connection: socket.socket) -> bytes:
+    data = b""
+    while b"\n" not in data and len(data) < MAX_REQUEST:
+        chunk = connection.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0]
+
+
+def _send(connection: socket.socket, answer: dict) -> None:
+    connection.sendall(json.dumps(answer).encode() + b"\n")
+
+
+# --- the caller's side -----------------------------------------------------------------
+
+class NoDaemon(Exception):
+    """No daemon answers on the control socket (exit 69)."""
+
+
+class NotAllowed(Exception):
+    """The socket refuses this user (exit 77)."""
+
+
+def ask(config, command: str, job: str | None = None) -> dict:
+    """Send one command to the daemon of `config` and return its answer (a dict with
+    `code`). NoDaemon, NotAllowed."""
+    directory, name, _ = control_files(config)
+    try:
+        # O_PATH: only search permission is needed, as for the path itself.
+        dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError as exc:
+        raise NotAllowed(f"cannot reach {directory}: {exc.strerror}") from None
+    except OSError:
+        raise NoDaemon(f"no daemon answers: lock directory {directory} does not "
+                       f"exist") from None
+    path = directory / name
+    caller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        caller.settimeout(ANSWER_WITHIN + 5)
+        try:
+            caller.connect(_through(dir_fd, name))
+        except PermissionError as exc:
+            raise NotAllowed(f"control socket {path}: {exc.strerror}") from None
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NoDaemon(f"no daemon answers on {path}") from None
+        try:
+            _send(caller, {"command": command, "job": job})
+        except BrokenPipeError:   # it answered and closed at once: read why
+            pass
+        line = _read_line(caller)
+    except (TimeoutError, ConnectionResetError) as exc:
+        raise NoDaemon(f"no answer on {path}: {exc}") from None
+    finally:
+        caller.close()
+        os.close(dir_fd)
+    if not line:
+        raise NoDaemon(f"the daemon on {path} closed the connection without answering")
+    return json.loads(line)
+
+
+def command(config, name: str, job: str | None = None) -> int:
+    """The CLI's --run-now, --pause, --resume and --status: ask, print, exit code."""
+    from .logs import command_error
+    try:
+        answer = ask(config, name, job)
+    except NoDaemon as exc:
+        command_error(str(exc))
+        return EXIT_UNAVAILABLE
+    except NotAllowed as exc:
+        command_error(f"not allowed: {exc} (only the daemon's user or root may "
+                      f"control it)")
+        return EXIT_NOT_ALLOWED
+    code = answer.get("code", EXIT_UNAVAILABLE)
+    if code != EXIT_OK:
+        command_error(answer.get("message", "refused"))
+        return code
+    if name != "status":
+        print(answer["message"])
+        return code
+    from .reports import print_table
+    print(f"daemon pid {answer['pid']}, config {answer['config']}")
+    print_table(["job", "state", "next run", "last run"], [
+        [job["name"], job["state"], _next_run_text(job),
+         f"{job['last']['outcome']} at {_local_time(job['last']['at'])}"
+         if job["last"] else "none since the daemon started"]
+        for job in answer["jobs"]])
+    return code
+
+
+def _next_run_text(job: dict) -> str:
+    if job["paused"]:
+        return "paused" + (f" (was due {job['next_run']})" if job["next_run"] else "")
+    if not job["enabled"]:
+        return "disabled"
+    return job["next_run"] or "no schedule: runs only with --once"
+
+
+def _local_time(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def daemon_next_runs(config) -> tuple[int, dict[str, str]] | None:
+    """--list: (pid, each job's next run as the daemon has it), or None when no
+    daemon for this config answers (or it refuses this user)."""
+    try:
+        answer = ask(config, "status")
+    except (NoDaemon, NotAllowed):
+        return None
+    if answer.get("code") != EXIT_OK:
+        return None
+    return answer["pid"], {job["name"]: _next_run_text(job) for job in answer["jobs"]}
