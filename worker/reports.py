@@ -153,7 +153,7 @@ def _stored_history(config: Config, job_name: str) -> int:
         return EXIT_UNAVAILABLE
     finally:
         store.dispose()
-    _print_table(["started", "node", "outcome", "attempts", "duration", "kind",
+    print_table(["started", "node", "outcome", "attempts", "duration", "kind",
                   "scheduled", "error"],
                  [[_ms_to_text(row.started_ms), row.node, row.outcome, row.attempts,
                    f"{(row.ended_ms - row.started_ms) / 1000:.3f}s", row.kind,

@@ -154,9 +154,11 @@ class StatusBoard(NoObserver):
             return {"worker": {"state": "starting"}, "jobs": [], "cluster": None}
         config = runtime.config
         history, history_error = self._stored_history()
+        stored = history is not None       # finished runs only: add the running ones
         if history is None and history_error is None:     # the run history is off
             history, history_error = self._cluster_history(runtime)
         own, running, stuck, succeeded = self._own_runs()
+        node = runtime.cluster.node if runtime.cluster is not None else None
         jobs = []
         scheduled = {job.name for job in runtime.scheduler.jobs} \
             if runtime.scheduler is not None else set()
@@ -164,6 +166,9 @@ class StatusBoard(NoObserver):
             recent = history.get(job.name, []) if history is not None else \
                 own.get(job.name, [])
             running_since = running.get(job.name)
+            if stored and running_since:   # the history has a row once the run ends
+                recent = [RunRecord(running_since, "running", time.time() - running_since,
+                                    0, None, node)] + recent
             success = max([r.finished for r in recent or () if r.outcome == "success"]
                           + [succeeded.get(job.name, 0)])
             jobs.append({
