@@ -7,7 +7,7 @@
 # - MariaDB started if it is not answering, and a test user and database;
 # - a virtual environment in .venv with the project and its test extra;
 # - pytest, against SQLite and against MariaDB through pyodbc;
-# - the chaos run, about 60 s per backend (scripts/chaos.sh).
+# - the chaos run, about 50 s per backend (scripts/chaos.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,7 +62,7 @@ bash scripts/test-container.sh  # the Dockerfile built with buildah and its imag
 
 status=0
 .venv/bin/python -m pytest "$@" || status=$?
-# The chaos run, about 60 s per backend (scripts/chaos.sh), when the whole suite
+# The chaos run, about 50 s per backend (scripts/chaos.sh), when the whole suite
 # runs (no pytest arguments) or CHAOS=1; CHAOS=0 leaves it out.
 if [ "${CHAOS:-$([ $# -eq 0 ] && echo 1 || echo 0)}" = 1 ]; then
     bash scripts/chaos.sh || status=1
