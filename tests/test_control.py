@@ -24,25 +24,51 @@ NOBODY = 65534
 
 
 def cli(config: Path, *args: str, as_uid: int | None = None) -> subprocess.CompletedProcess:
-    python, env, setuid = sys.executable, None, None
     if as_uid is not None:
-        # Our interpreter lives under /root, which another uid cannot enter: the
-        # system's of the same version, on our packages.
-        python = shutil.which(f"python{sys.version_info.major}.{sys.version_info.minor}",
-                              path="/usr/bin:/usr/local/bin")
-        if python is None:
-            pytest.skip("no system Python of this version to run as another uid")
-        site = next(p for p in sys.path if p.endswith("site-packages") and
-                    p.startswith(sys.prefix))
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}:{site}"}
+        return _cli_as(as_uid, config, *args)
+    return subprocess.run([sys.executable, str(ROOT / "run_worker.py"), "-c", str(config),
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
 
-        def setuid() -> None:
+
+def _cli_as(uid: int, config: Path, *args: str) -> subprocess.CompletedProcess:
+    """The command line run as `uid` in a forked child of this process: the
+    checkout and its virtual environment may sit where another uid cannot read
+    (a 0700 folder), so the child runs on the code this process has imported."""
+    import io
+    import worker.cli as worker_cli
+    import worker.control  # noqa: F401  everything the commands import, loaded here
+    from worker.app import load_config
+    load_config(str(config))
+    out_read, out_write = os.pipe()
+    err_read, err_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:        # the child: never returns into pytest
+        code = 70
+        try:
             os.setgroups([])
-            os.setgid(as_uid)
-            os.setuid(as_uid)
-    return subprocess.run([python, str(ROOT / "run_worker.py"), "-c", str(config),
-                           *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env=env, preexec_fn=setuid)
+            os.setgid(uid)
+            os.setuid(uid)
+            os.dup2(out_write, 1)
+            os.dup2(err_write, 2)
+            sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", 0), write_through=True)
+            sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", 0), write_through=True)
+            code = worker_cli.main(["-c", str(config), *args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: B036  anything, as a nonzero exit
+            import traceback
+            traceback.print_exc()
+        finally:
+            from worker.logs import flush_logs
+            flush_logs()
+            os._exit(code)
+    os.close(out_write)
+    os.close(err_write)
+    with os.fdopen(out_read) as out, os.fdopen(err_read) as err:
+        stdout, stderr = out.read(), err.read()
+    _, status = os.waitpid(pid, 0)
+    return subprocess.CompletedProcess(args, os.waitstatus_to_exitcode(status), stdout,
+                                       stderr)
 
 
 def runs(url: str, name: str, after: float = 0.0) -> list[float]:
@@ -143,7 +169,9 @@ def test_pause_holds_across_a_reload_and_a_restart_until_resumed(control_runs, t
 
     daemon = daemons(config)
     daemon.wait_for("daemon started")
-    assert "paused jobs (until --resume): tick" in daemon.log
+    # Logged once the control socket is up, just after the start-up line (which is
+    # written at once, the INFO lines after it within 0.1 s).
+    daemon.wait_for("paused jobs (until --resume): tick")
     time.sleep(2)
     assert runs(db_url, name, after=since) == []
     status = cli(config, "--status")
@@ -192,9 +220,9 @@ def test_another_uid_is_refused_with_77_even_through_a_loosened_socket(backend):
     with the mode loosened by hand, by the daemon's peer-credential check."""
     if os.geteuid() != 0:
         pytest.skip("needs root to run a client as another uid")
-    # Readable by nobody (pytest's tmp_path is not); a lock dir path beyond the
-    # 108 bytes a socket path may have.
-    base = Path(tempfile.mkdtemp(dir=ROOT, prefix=".control-test-"))
+    # Readable by nobody (pytest's tmp_path is not, nor maybe the checkout's
+    # folder); a lock dir path beyond the 108 bytes a socket path may have.
+    base = Path(tempfile.mkdtemp(prefix="control-test-"))
     try:
         os.chmod(base, 0o755)
         lock_dir = base / ("d" * 60) / ("e" * 60)
@@ -235,7 +263,7 @@ def test_a_cluster_pause_holds_on_every_node_and_a_run_now_runs_once(control_run
     """Two nodes (each its own lock directory, as on two hosts): a pause through
     one node holds on both within a heartbeat and across a restart; a run-now
     through one node runs once across the cluster."""
-    from tests.test_cluster import HEARTBEAT, cluster_config
+    from tests.test_cluster import cluster_config
     db_url = control_runs
     name, yearly = token(), token()
     config = cluster_config(tmp_path / "jobs.yaml", db_url, f"""\
@@ -244,11 +272,33 @@ def test_a_cluster_pause_holds_on_every_node_and_a_run_now_runs_once(control_run
   - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
       kwargs: {{name: {yearly}, seconds: 1}}}}
 """)
+    clear_cluster_pauses(db_url)
+    try:
+        _cluster_pause_and_run_now(config, db_url, name, yearly, daemons)
+    finally:   # a pause outlives the test in the shared database: never leave one
+        clear_cluster_pauses(db_url)
+
+
+def clear_cluster_pauses(url: str) -> None:
+    from sqlalchemy import create_engine, inspect, text
+    engine = create_engine(url)
+    try:
+        if inspect(engine).has_table("worker_paused"):
+            with engine.begin() as connection:
+                connection.execute(text("DELETE FROM worker_paused"))
+    finally:
+        engine.dispose()
+
+
+def _cluster_pause_and_run_now(config, db_url: str, name: str, yearly: str, daemons):
+    from tests.test_cluster import HEARTBEAT
     nodes = {n: daemons(config, env={"NODE": n}) for n in ("node-a", "node-b")}
     for node in nodes.values():
         node.wait_for("daemon started")
-    time.sleep(2)
-    assert runs(db_url, name)                       # ticking
+    deadline = time.monotonic() + 20                # ticking (claims on a busy machine)
+    while not runs(db_url, name) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert runs(db_url, name)
 
     def on(node: str, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(ROOT / "run_worker.py"), "-c",
@@ -265,7 +315,7 @@ def test_a_cluster_pause_holds_on_every_node_and_a_run_now_runs_once(control_run
     assert nodes["node-b"].stop() == 0               # a restart: still paused
     nodes["node-b"] = daemons(config, env={"NODE": "node-b"})
     nodes["node-b"].wait_for("daemon started")
-    assert "paused jobs (until --resume): tick" in nodes["node-b"].log
+    nodes["node-b"].wait_for("paused jobs (until --resume): tick")
     time.sleep(2)
     assert runs(db_url, name, after=since) == []
 

@@ -202,12 +202,14 @@ class Database:
         self.dialect = self.engine.dialect.name
 
     def reset(self) -> None:
-        """An empty run table and an empty chaos_runs."""
+        """An empty run table and an empty chaos_runs; no run history and no job
+        paused in the cluster by an earlier run or test on the same database."""
         from sqlalchemy import (BigInteger, Column, Float, Integer, MetaData, String,
                                 Table, text)
         from worker.db import create_tables
         with self.engine.begin() as connection:
-            for table in ("chaos_runs", "worker_runs", "worker_schema"):
+            for table in ("chaos_runs", "worker_runs", "worker_history", "worker_paused",
+                          "worker_schema"):
                 connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
         metadata = MetaData()
         Table("chaos_runs", metadata,
