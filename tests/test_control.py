@@ -34,10 +34,15 @@ def _cli_as(uid: int, config: Path, *args: str) -> subprocess.CompletedProcess:
     """The command line run as `uid` in a forked child of this process: the
     checkout and its virtual environment may sit where another uid cannot read
     (a 0700 folder), so the child runs on the code this process has imported."""
+    import importlib
     import io
+    import pkgutil
+    import worker
     import worker.cli as worker_cli
-    import worker.control  # noqa: F401  everything the commands import, loaded here
     from worker.app import load_config
+    for module in pkgutil.walk_packages(worker.__path__, "worker."):  # all in memory
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
     load_config(str(config))
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
