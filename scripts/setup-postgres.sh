@@ -44,8 +44,10 @@ if [ "$(id -u)" -eq 0 ]; then AS_POSTGRES=(runuser -u postgres --); else AS_POST
 "${AS_POSTGRES[@]}" psql -q -v ON_ERROR_STOP=1 -d postgres <<'SQL'
 SELECT 'CREATE ROLE worker_test LOGIN PASSWORD ''worker_test'''
 WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'worker_test') \gexec
-SELECT 'CREATE DATABASE worker_test OWNER worker_test'
-WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'worker_test') \gexec
+-- worker_test_gw0/1: one for each pytest-xdist worker (tests/conftest.py).
+SELECT format('CREATE DATABASE %I OWNER worker_test', name)
+FROM unnest(ARRAY['worker_test', 'worker_test_gw0', 'worker_test_gw1']) AS name
+WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = name) \gexec
 -- GRANT SET ON PARAMETER exists from PostgreSQL 15 on; on older servers those two
 -- scenarios say they cannot run.
 SELECT 'GRANT SET ON PARAMETER log_statement, deadlock_timeout TO worker_test'

@@ -7,7 +7,7 @@
 # - MariaDB started if it is not answering, and a test user and database;
 # - a virtual environment in .venv with the project and its test extra;
 # - pytest, against SQLite and against MariaDB through pyodbc;
-# - the chaos run, about 50 s per backend (scripts/chaos.sh).
+# - the chaos run, about 60 s per backend (scripts/chaos.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,12 +40,21 @@ fi
 # A user and database of the tests' own, so they do not depend on how root may log in.
 $SUDO mariadb --protocol=socket -uroot <<'SQL'
 CREATE DATABASE IF NOT EXISTS worker_test;
+-- One database for each pytest-xdist worker (tests/conftest.py).
+CREATE DATABASE IF NOT EXISTS worker_test_gw0;
+CREATE DATABASE IF NOT EXISTS worker_test_gw1;
 CREATE USER IF NOT EXISTS 'worker_test'@'localhost' IDENTIFIED BY 'worker_test';
 CREATE USER IF NOT EXISTS 'worker_test'@'127.0.0.1' IDENTIFIED BY 'worker_test';
 CREATE USER IF NOT EXISTS 'worker_test'@'%' IDENTIFIED BY 'worker_test';
 GRANT ALL ON worker_test.* TO 'worker_test'@'localhost';
+GRANT ALL ON worker_test_gw0.* TO 'worker_test'@'localhost';
+GRANT ALL ON worker_test_gw1.* TO 'worker_test'@'localhost';
 GRANT ALL ON worker_test.* TO 'worker_test'@'127.0.0.1';
+GRANT ALL ON worker_test_gw0.* TO 'worker_test'@'127.0.0.1';
+GRANT ALL ON worker_test_gw1.* TO 'worker_test'@'127.0.0.1';
 GRANT ALL ON worker_test.* TO 'worker_test'@'%';
+GRANT ALL ON worker_test_gw0.* TO 'worker_test'@'%';
+GRANT ALL ON worker_test_gw1.* TO 'worker_test'@'%';
 -- PROCESS lets the fault tests see and KILL the worker's own connections.
 GRANT PROCESS ON *.* TO 'worker_test'@'localhost', 'worker_test'@'127.0.0.1', 'worker_test'@'%';
 SQL
@@ -61,8 +70,10 @@ bash scripts/setup-monitoring-tests.sh
 bash scripts/test-container.sh  # the Dockerfile built with buildah and its images run (docs/docker.md)
 
 status=0
-.venv/bin/python -m pytest "$@" || status=$?
-# The chaos run, about 50 s per backend (scripts/chaos.sh), when the whole suite
+# Two worker processes (pytest-xdist), each on databases of its own (tests/conftest.py);
+# PYTEST_WORKERS=0 runs the suite in this one process.
+.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" "$@" || status=$?
+# The chaos run, about 60 s per backend (scripts/chaos.sh), when the whole suite
 # runs (no pytest arguments) or CHAOS=1; CHAOS=0 leaves it out.
 if [ "${CHAOS:-$([ $# -eq 0 ] && echo 1 || echo 0)}" = 1 ]; then
     bash scripts/chaos.sh || status=1

@@ -14,19 +14,25 @@ from worker.db import Database, Session
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# scripts/test.sh creates this user and database; override to test elsewhere.
+# scripts/test.sh creates this user and its databases; override to test elsewhere.
+# Under pytest-xdist (scripts/test.sh runs `-n 2`) each worker process has a database
+# of its own, worker_test_gw0 and worker_test_gw1: the tests drop and create tables
+# and kill their own connections, which two workers on one database would do to each
+# other. An explicit TEST_* variable is used as it is, by every worker.
+TEST_DATABASE = "worker_test" + (f"_{os.environ['PYTEST_XDIST_WORKER']}"
+                                 if os.environ.get("PYTEST_XDIST_WORKER") else "")
 MARIADB_URL = os.environ.get(
     "TEST_MARIADB_URL",
-    "mysql+pyodbc://worker_test:worker_test@127.0.0.1/worker_test"
+    f"mysql+pyodbc://worker_test:worker_test@127.0.0.1/{TEST_DATABASE}"
     "?driver=MariaDB+Unicode&Port=3306")
 MARIADB_ODBC = os.environ.get(
     "TEST_MARIADB_ODBC",
-    "DRIVER={MariaDB Unicode};SERVER=127.0.0.1;PORT=3306;DATABASE=worker_test;"
+    f"DRIVER={{MariaDB Unicode}};SERVER=127.0.0.1;PORT=3306;DATABASE={TEST_DATABASE};"
     "UID=worker_test;PWD=worker_test")
-# scripts/setup-postgres.sh creates this role and database.
+# scripts/setup-postgres.sh creates this role and its databases.
 POSTGRES_URL = os.environ.get(
     "TEST_POSTGRES_URL",
-    "postgresql+psycopg://worker_test:worker_test@127.0.0.1:5432/worker_test")
+    f"postgresql+psycopg://worker_test:worker_test@127.0.0.1:5432/{TEST_DATABASE}")
 
 
 def sqlite_url(tmp_path: Path) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -250,8 +251,9 @@ def test_an_answer_refusing_the_connection_is_not_retried_as_a_connect_failure(
     bug in the config) were retried `attempts` times as 'failed while connecting'."""
     from tests.conftest import MARIADB_URL
     if backend == "mariadb":
-        settings = DatabaseSettings(url=MARIADB_URL.replace("/worker_test?", "/no_such_db?"),
-                                    pool_size=1)
+        url = re.sub(r"/worker_test\w*\?", "/no_such_db?", MARIADB_URL)
+        assert url != MARIADB_URL
+        settings = DatabaseSettings(url=url, pool_size=1)
     else:
         settings = DatabaseSettings(url=sqlite_url(tmp_path),
                                     connect_args={"no_such_keyword": 1}, pool_size=1)
