@@ -52,8 +52,8 @@ def job_list(config: Config) -> int:
                           config.worker.misfire_grace_time)
     daemon = daemon_next_runs(config)
     # On stderr: stdout stays the table alone, for scripts.
-    print(f"next runs: from the running daemon (pid {daemon[0]})" if daemon is not None
-          else "next runs: computed now (no daemon answers for this config)",
+    print(f"next runs: from {daemon[0]}" if daemon is not None
+          else f"next runs: computed now (no {'cluster node is live' if config.cluster else 'daemon answers'} for this config)",
           file=sys.stderr)
     last = _last_runs(config)
     rows = []
