@@ -58,7 +58,7 @@ def _through(dir_fd: int, name: str) -> str:
 
 # --- paused jobs -------------------------------------------------------------------------
 
-class _PausedNames:
+class PausedNames:
     """The paused job names as a container, answered from memory (by the loop and
     the metrics thread); `set` keeps the memory and the store in step."""
     _names: frozenset[str] = frozenset()
@@ -76,7 +76,7 @@ class _PausedNames:
         self._names = self._names | {name} if paused else self._names - {name}
 
 
-class PausedJobs(_PausedNames):
+class PausedJobs(PausedNames):
     """One host: the paused job names in a SQLite file, read once at start, written
     at each pause and resume."""
 
@@ -127,7 +127,9 @@ class Control:
         self.files = control_files(config)
         directory, socket_name, paused_name = self.files
         runtime = loop.runtime
-        if runtime.cluster is not None:
+        self.clustered = runtime.cluster is not None
+        self.server: ControlServer | None = None
+        if self.clustered:     # the commands come through the database, not a socket
             from .control_cluster import ClusterNode
             node = ClusterNode(runtime)
             runtime.paused = node.paused
@@ -136,7 +138,8 @@ class Control:
             runtime.paused = PausedJobs(directory / paused_name)
         if runtime.paused:
             log.info("paused jobs (until --resume): %s", ", ".join(sorted(runtime.paused)))
-        self.server: ControlServer | None = None
+        if self.clustered:
+            return
         try:
             self.server = ControlServer(directory, socket_name, loop.wake)
         except OSError as exc:
@@ -153,8 +156,12 @@ class Control:
         are elsewhere (a new lock_dir, or database), the socket is bound there and
         the paused-jobs file moved there, its pauses kept. If that fails, both stay
         where they were and the log says why."""
+        if (runtime.cluster is not None) != self.clustered:
+            log.warning("the reload %s a cluster section: the commands still go %s until "
+                        "the daemon restarts", "removed" if self.clustered else "added",
+                        "through the database" if self.clustered else "through the socket")
         files = control_files(runtime.config)
-        if files == self.files:
+        if self.clustered or files == self.files:
             return
         directory, socket_name, paused_name = files
         try:
@@ -178,7 +185,8 @@ class Control:
         old, self.server, self.files = self.server, server, files
         if old is not None:
             old.answer(loop)        # what it was asked before the move
-            old.close()
+            # Closed off the loop thread: its close waits for a caller's read.
+            threading.Thread(target=old.close, name="control-close", daemon=True).start()
         log.info("control socket%s moved to %s", " and paused jobs" if old_file else "",
                  directory)
 

@@ -28,6 +28,7 @@ import os
 import socket
 import time
 
+from .control import PausedNames
 from .exitcodes import EXIT_ALL_SKIPPED, EXIT_OK, EXIT_UNAVAILABLE
 
 log = logging.getLogger("worker.control")
@@ -98,26 +99,16 @@ def _describe(exc: BaseException) -> str:
 
 # --- the node's side ---------------------------------------------------------------------
 
-class ClusterPausedJobs:
-    """The paused job names of the cluster (worker_paused), as a container answered
-    from memory; read again at most once a heartbeat (`refresh`, on the loop
-    thread), written at once by `set`."""
+class ClusterPausedJobs(PausedNames):
+    """The paused job names of the cluster (worker_paused), answered from memory;
+    read again at most once a heartbeat (`refresh`, on the loop thread), written
+    at once by `set`."""
 
     def __init__(self, cluster) -> None:
         self.cluster = cluster
-        self._names: frozenset[str] = frozenset()
         self._read_at = 0.0
         ensure_control_schema(cluster.database.engine)
         self.refresh(force=True)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
 
     def refresh(self, force: bool = False) -> None:
         from sqlalchemy import select
@@ -139,7 +130,7 @@ class ClusterPausedJobs:
 
     def set(self, name: str, paused: bool) -> None:
         set_paused(self.cluster, name, paused, self.cluster.node)
-        self._names = self._names | {name} if paused else self._names - {name}
+        self._remember(name, paused)
 
 
 def set_paused(cluster, name: str, paused: bool, through: str) -> None:
@@ -273,8 +264,8 @@ class ClusterNode:
     def _run_now(self, loop, request_id: int, job, requested_ms: int) -> None:
         """The request is ours: start its run (its own slot in the run table), or
         refuse it (75) when a run of the job is in progress on any node."""
-        busy = self._running_on(job.name) if job.name not in loop.running_jobs() \
-            else self.cluster.node
+        busy = running_node(self.cluster, job.name) if job.name not in \
+            loop.running_jobs() else self.cluster.node
         if busy is not None:
             code, message = EXIT_ALL_SKIPPED, f"job {job.name} has a run in progress on " \
                                               f"node {busy}: nothing started"
@@ -287,11 +278,6 @@ class ClusterNode:
                                               f"could not start its run (one in progress, " \
                                               f"or the node is stopping): nothing started"
         self._answer(request_id, code, message)
-
-    def _running_on(self, job: str) -> str | None:
-        """A node whose run of `job` is in progress (its row running, within its
-        lease), or None."""
-        return running_node(self.cluster, job)
 
     def _answer(self, request_id: int, code: int, message: str) -> None:
         from sqlalchemy import update
@@ -309,6 +295,8 @@ def _next_runs(runtime) -> dict[str, str | None]:
 
 
 def running_node(cluster, job: str) -> str | None:
+    """A node whose run of `job` is in progress (its row running, within its
+    lease), or None."""
     from sqlalchemy import func, select
 
     from .cluster import RUNNING, runs
@@ -528,10 +516,13 @@ def _print_status(caller: Caller, live: list) -> None:
         busy = running_node(caller.cluster, job.name)
         state = f"running on {busy}" if busy else "paused" if job.name in paused else "idle"
         entry = last.get(job.name)
-        when = next_runs.get(job.name) if job.name in paused else _next_run_text({
-            "paused": False, "enabled": job.enabled, "next_run": next_runs.get(job.name)})
         if job.name not in run_by:
             when = "not run by any live node"
+        elif job.name in paused:
+            when = next_runs[job.name]
+        else:
+            when = _next_run_text({"paused": False, "enabled": job.enabled,
+                                   "next_run": next_runs.get(job.name)})
         rows.append([job.name, state, when,
                      f"{entry.outcome} at {_ms_to_text(entry.ended_ms or entry.started_ms)} "
                      f"on {entry.node}" if entry else "never"])
