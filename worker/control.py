@@ -15,7 +15,11 @@ the loop); the loop thread answers it (`ControlServer.answer`), as it does for a
 signal, so that no command races a run starting or a reload.
 
 Paused jobs are kept in a small SQLite file beside the lock file: a pause holds
-across restarts and reloads until resumed.
+across restarts and reloads until resumed; a reload that moves the lock directory
+moves the socket and the file (`Control.follow`).
+
+In cluster mode there is no socket: the commands go through the cluster's
+database, from any host (worker.control_cluster).
 """
 from __future__ import annotations
 

@@ -208,33 +208,31 @@ class ClusterNode:
         cluster.membership = self.row
 
     def turn(self, loop) -> None:
-        cluster = loop.runtime.cluster
-        if cluster is not self.cluster and cluster is not None:
-            self._rebind(cluster)
-        if time.monotonic() - self._last_turn < self.cluster.settings.heartbeat:
+        if time.monotonic() - self._last_turn < self.cluster.settings.heartbeat and \
+                loop.runtime.cluster in (self.cluster, None):
             return
         self._last_turn = time.monotonic()
-        self.paused.refresh(force=True)
-        self.row.jobs = _next_runs(loop.runtime)
-        if self.cluster.healthy and not loop.stop_requested:
-            try:
+        try:
+            cluster = loop.runtime.cluster
+            if cluster is not self.cluster and cluster is not None:
+                self._rebind(cluster)
+            self.paused.refresh(force=True)
+            self.row.jobs = _next_runs(loop.runtime)
+            if self.cluster.healthy and not loop.stop_requested:
                 self._take_requests(loop)
-            except Exception as exc:  # of any kind: looked at again next heartbeat
-                log.warning("could not read the run-now requests: %s", _describe(exc))
+        except Exception as exc:  # of any kind: never the loop's; again next heartbeat
+            log.warning("cluster commands: %s", _describe(exc))
 
     def _rebind(self, cluster) -> None:
         """A reload replaced the membership (a new cluster section): the new one
         gets the row and the pauses; the old one's row goes."""
-        old = self.row
-        self.cluster.membership = None
-        self.cluster = cluster
-        ensure_control_schema(cluster.database.engine)
-        self.paused.cluster = cluster
-        self.row = NodeRow(cluster)
+        ensure_control_schema(cluster.database.engine)   # raises: tried again next turn
+        old, self.row = self.row, NodeRow(cluster)
         self.row.jobs = old.jobs
+        self.cluster.membership = None
+        self.cluster = self.paused.cluster = cluster
         self._join(cluster)
         old.leave()
-        self._last_turn = 0.0
 
     def _take_requests(self, loop) -> None:
         from sqlalchemy import and_, delete, select, update
