@@ -235,7 +235,7 @@ class ClusterNode:
         old.leave()
 
     def _take_requests(self, loop) -> None:
-        from sqlalchemy import and_, delete, select, update
+        from sqlalchemy import delete, select, update
         requests = control_tables()[3]
         cluster = self.cluster
         now = cluster.clock.now_ms()
@@ -256,8 +256,8 @@ class ClusterNode:
         if time.monotonic() - self._last_prune > 600:
             self._last_prune = time.monotonic()
             with cluster.database.engine.begin() as connection:
-                connection.execute(delete(requests).where(and_(
-                    requests.c.expires_ms < now - REQUEST_KEPT_MS)))
+                connection.execute(delete(requests).where(
+                    requests.c.expires_ms < now - REQUEST_KEPT_MS))
 
     def _run_now(self, loop, request_id: int, job, requested_ms: int) -> None:
         """The request is ours: start its run (its own slot in the run table), or
@@ -270,7 +270,8 @@ class ClusterNode:
         elif loop.start_now(job, off_schedule_slot(job, requested_ms, loop.runtime)):
             log.info("job=%s run-now (through the cluster): started", job.name,
                      extra={"job": job.name})
-            code, message = EXIT_OK, f"job {job.name}: run started on node {self.cluster.node}"
+            code = EXIT_OK
+            message = f"job {job.name}: run started on node {self.cluster.node}"
         else:
             code, message = EXIT_ALL_SKIPPED, f"job {job.name}: node {self.cluster.node} " \
                                               f"could not start its run (one in progress, " \
@@ -358,7 +359,8 @@ class Caller:
                 and names & set(_jobs_of(row))]
         if not live:
             stale = [f"{row.node} ({(now - row.heartbeat_ms) / 1000:.1f}s ago, lease "
-                     f"{row.lease_ms / 1000:g}s)" for row in rows if names & set(_jobs_of(row))]
+                     f"{row.lease_ms / 1000:g}s)" for row in rows
+                     if names & set(_jobs_of(row))]
             raise NoNode("no cluster node has heartbeated within its lease" +
                          (f"; last heard: {', '.join(stale)}" if stale else ""))
         return live
