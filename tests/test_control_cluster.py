@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.conftest import ROOT
+from tests.processes import history_rows
 from tests.test_cluster import cluster_config, run_table_url, wait_for  # noqa: F401
 from tests.test_control import cli, control_runs, runs, token  # noqa: F401
 from tests.test_daemon import write_config
@@ -61,13 +62,14 @@ def test_cluster_commands_go_through_the_database_from_a_host_without_a_node(
         control_runs, cluster_tables, tmp_path, daemons):
     db_url, runs_url = control_runs, cluster_tables
     tick, tock, yearly = token(), token(), token()
+    release = tmp_path / "release-yearly"     # holds yearly's run until the test makes it
     config = cluster_config(tmp_path / "jobs.yaml", db_url, run_table_url=runs_url, jobs=f"""\
   - {{name: tick, call: 'tests.jobfuncs:record_control_run', every: 1s,
       kwargs: {{name: {tick}}}}}
   - {{name: tock, call: 'tests.jobfuncs:record_control_run', every: 1s,
       kwargs: {{name: {tock}}}}}
-  - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
-      kwargs: {{name: {yearly}, seconds: 2}}}}
+  - {{name: yearly, call: 'tests.jobfuncs:wait_then_record_control_run',
+      cron: '0 0 1 1 *', kwargs: {{name: {yearly}, path: "{release}"}}}}
 """)
 
     def elsewhere(*args: str) -> subprocess.CompletedProcess:
@@ -93,9 +95,12 @@ def test_cluster_commands_go_through_the_database_from_a_host_without_a_node(
     assert status.returncode == 0, status.stderr
     assert any(line.startswith("yearly") and "running on node-" in line
                for line in status.stdout.splitlines()), status.stdout
+    release.touch()
     assert wait_for(lambda: query(runs_url, "SELECT outcome FROM worker_runs WHERE job = "
                                             "'yearly'") == [("success",)])
     assert len(runs(db_url, yearly)) == 1              # once across the cluster
+    assert wait_for(lambda: [row.kind for row in history_rows(db_url, "yearly")] ==
+                    ["run_now"])                       # and in the run history
     assert query(runs_url, "SELECT COUNT(*) FROM worker_requests") == [(0,)]   # none left
 
     # Pause: every node within a heartbeat, across a reload and a restart.
