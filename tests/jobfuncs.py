@@ -776,3 +776,10 @@ def record_control_run(session, name: str, seconds: float = 0.0) -> None:
     session.execute(text("INSERT INTO worker_test_control_runs (name, at) VALUES (:n, :t)"),
                     {"n": name, "t": time.time()})
     time.sleep(seconds)
+
+
+def wait_then_record_control_run(session, name: str, path: str, timeout: float = 60) -> None:
+    """Holds the run until the test creates `path` (no transaction open meanwhile),
+    then appends its row as record_control_run does."""
+    wait_for_file(session, path, timeout)
+    record_control_run(session, name)

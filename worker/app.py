@@ -355,8 +355,11 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
             change.commit()
             monitoring.probe_readiness(lambda: loop.runtime)
         new.paused = current.paused
+        if control[0] is not None:     # a new lock_dir: the socket and pauses move
+            control[0].follow(loop, new)
         return new
 
+    control: list = [None]     # the control socket (worker.control), moved by a reload
     loop = WorkLoop(runtime, ScheduleSource(observers), notifier=notifier, reload=reload,
                     observer=Observers((history, observers)))
     if held[0] is not None:
@@ -370,12 +373,12 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
                  len(runtime.scheduler.jobs), config.path, runtime.database.display_url,
                  config.worker.max_workers, extra=WRITE_AT_ONCE)
         notifier.ready(f"running {len(runtime.scheduler.jobs)} scheduled job(s)")
-        control = _open_control(loop, config)
+        control[0] = _open_control(loop, config)
         try:
             report = loop.run()
         finally:
-            if control is not None:
-                control.close()
+            if control[0] is not None:
+                control[0].close()
         if not report.abandoned:
             log.info("daemon stopped: %d connection(s) still checked out of the pool",
                      loop.runtime.database.checked_out())
@@ -386,27 +389,21 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
 
 
 def _open_control(loop, config: Config):
-    """The paused jobs (on the runtime) and the control socket, or None when the
-    socket cannot be had (the daemon runs on, without commands)."""
+    """The paused jobs (on the runtime), the cluster's commands (cluster mode) and
+    the control socket (a worker.control.Control), or None when the pauses cannot
+    be had (the daemon runs on, without commands)."""
     import sqlite3
 
     from sqlalchemy.exc import DBAPIError
 
-    from .control import ClusterPausedJobs, ControlServer, PausedJobs, control_files
-    directory, socket_name, paused_name = control_files(config)
-    cluster = loop.runtime.cluster
+    from .control import Control
     try:
-        loop.runtime.paused = ClusterPausedJobs(cluster) if cluster is not None \
-            else PausedJobs(directory / paused_name)
-        if loop.runtime.paused:
-            log.info("paused jobs (until --resume): %s",
-                     ", ".join(sorted(loop.runtime.paused)))
-        loop.commands = ControlServer(directory, socket_name, loop.wake)
+        return Control(loop, config)
     except (OSError, sqlite3.Error, DBAPIError) as exc:
-        log.error("no control socket or paused jobs in %s: %s; --run-now, --pause, "
-                  "--resume and --status cannot reach this daemon", directory, describe(exc))
+        log.error("no control socket or paused jobs for %s: %s; --run-now, --pause, "
+                  "--resume and --status cannot reach this daemon", config.path,
+                  describe(exc))
         return None
-    return loop.commands
 
 
 def _wait_for_database(loop, runtime: Runtime, notifier, observers: Observers) -> bool:

@@ -45,11 +45,13 @@ exit codes:
       installed, database file cannot be opened), or cannot listen on the
       metrics address (port in use); cluster --once: the run table cannot be
       used at start (every job reported failed); or no daemon answers a
-      control command
+      control command (cluster: no node has heartbeated within its lease, or
+      none took a --run-now before it expired)
   75  --once: every selected job was skipped, still running from an earlier run
       (0 with --skipped-ok); --run-now: the job's run is in progress (nothing
-      started)
-  77  a control command from a user who is neither the daemon's nor root
+      started; cluster: on any node)
+  77  a control command from a user who is neither the daemon's nor root (not
+      in cluster mode: there the database's credentials are the permission)
   78  invalid configuration: nothing ran
   130 --once: interrupted by SIGINT (Ctrl-C); running jobs were stopped
 """

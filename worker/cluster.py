@@ -345,6 +345,9 @@ class Cluster:
         self._thread: threading.Thread | None = None
         self._last_prune = 0.0
         self.abandoned_marked = 0    # runs of silent nodes marked abandoned (metrics)
+        # A daemon's row in worker_nodes (worker.control_cluster.NodeRow): written
+        # at each heartbeat that worked, removed at the stop.
+        self.membership = None
 
     # --- life cycle ---------------------------------------------------------------
 
@@ -367,6 +370,9 @@ class Cluster:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        membership, self.membership = self.membership, None
+        if membership is not None:      # after the last heartbeat: it stays gone
+            membership.leave()
         while self.ends.retry():
             time.sleep(min(0.2, self.settings.heartbeat))
         self.database.dispose()
@@ -615,6 +621,13 @@ class Cluster:
         self._last_beat_ok, self._beat_error = started, None
         self.check_health()
         self.ends.retry()
+        membership = self.membership
+        if membership is not None:
+            try:
+                membership.beat()
+            except Exception as exc:  # of any kind: written again at the next heartbeat
+                log.warning("could not write this node's row in worker_nodes: %s",
+                            describe(exc))
         try:
             self._mark_abandoned()
             self._prune()

@@ -15,11 +15,14 @@ the loop); the loop thread answers it (`ControlServer.answer`), as it does for a
 signal, so that no command races a run starting or a reload.
 
 Paused jobs are kept in a small SQLite file beside the lock file: a pause holds
-across restarts and reloads until resumed.
+across restarts and reloads until resumed; a reload that moves the lock directory
+moves the socket and the file (`Control.follow`).
+
+In cluster mode there is no socket: the commands go through the cluster's
+database, from any host (worker.control_cluster).
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -59,7 +62,7 @@ def _through(dir_fd: int, name: str) -> str:
 
 # --- paused jobs -------------------------------------------------------------------------
 
-class _PausedNames:
+class PausedNames:
     """The paused job names as a container, answered from memory (by the loop and
     the metrics thread); `set` keeps the memory and the store in step."""
     _names: frozenset[str] = frozenset()
@@ -77,7 +80,7 @@ class _PausedNames:
         self._names = self._names | {name} if paused else self._names - {name}
 
 
-class PausedJobs(_PausedNames):
+class PausedJobs(PausedNames):
     """One host: the paused job names in a SQLite file, read once at start, written
     at each pause and resume."""
 
@@ -96,6 +99,14 @@ class PausedJobs(_PausedNames):
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=5, isolation_level=None)
 
+    def replace(self, names) -> None:
+        """Exactly these names paused (a reload moved the file here)."""
+        with self._connect() as db:
+            db.execute("DELETE FROM paused_jobs")
+            db.executemany("INSERT INTO paused_jobs (name, since) VALUES (?, ?)",
+                           [(name, time.time()) for name in names])
+        self._names = frozenset(names)
+
     def set(self, name: str, paused: bool) -> None:
         with self._connect() as db:
             if paused:
@@ -106,64 +117,87 @@ class PausedJobs(_PausedNames):
         self._remember(name, paused)
 
 
-class ClusterPausedJobs(_PausedNames):
-    """Cluster mode: the paused jobs in the cluster's database (table worker_paused,
-    component "control" in worker_schema), so that a pause made through any node
-    holds on every node, each reading the table at most once a heartbeat (on its
-    loop thread, `refresh`), and across restarts."""
-
-    def __init__(self, cluster) -> None:
-        from .cluster import record_schema_version
-        from .db import create_tables
-        self.cluster = cluster
-        self._read_at = 0.0
-        with cluster.database.engine.begin() as connection:
-            create_tables(connection, _paused_table().metadata)
-        record_schema_version(cluster.database.engine, "control", CONTROL_SCHEMA_VERSION)
-        self.refresh(force=True)
-
-    def refresh(self, force: bool = False) -> None:
-        from sqlalchemy import select
-        from sqlalchemy.exc import DBAPIError
-        if not force and time.monotonic() - self._read_at < self.cluster.settings.heartbeat:
-            return
-        self._read_at = time.monotonic()
-        table = _paused_table()
-        try:
-            with self.cluster.database.engine.connect() as connection:
-                names = frozenset(connection.execute(select(table.c.job)).scalars())
-        except DBAPIError as exc:   # the last known pauses stay
-            log.warning("cannot read the paused jobs: %s", exc.__class__.__name__)
-            return
-        for name in sorted(names ^ self._names):
-            log.info("job=%s %s (through the cluster)", name, "paused" if name in names
-                     else "resumed", extra={"job": name})
-        self._names = names
-
-    def set(self, name: str, paused: bool) -> None:
-        from sqlalchemy import delete, insert
-        table = _paused_table()
-        with self.cluster.database.engine.begin() as connection:
-            connection.execute(delete(table).where(table.c.job == name))
-            if paused:
-                connection.execute(insert(table).values(
-                    job=name, since_ms=self.cluster.clock.now_ms(), node=self.cluster.node))
-        self._remember(name, paused)
-
-
-CONTROL_SCHEMA_VERSION = 1      # 1: worker_paused
-
-
-@functools.cache
-def _paused_table():
-    from sqlalchemy import BigInteger, Column, MetaData, String, Table
-    return Table("worker_paused", MetaData(),
-                 Column("job", String(200), primary_key=True),
-                 Column("since_ms", BigInteger, nullable=False),   # the cluster's clock
-                 Column("node", String(200), nullable=False))       # paused through
-
-
 # --- the daemon's side ----------------------------------------------------------------
+
+class Control:
+    """A daemon's commands: its paused jobs (set on the runtime), its control socket
+    and, in cluster mode, its part in the cluster's commands (a
+    worker.control_cluster.ClusterNode). Built on the main thread at start, both
+    turned by the loop thread (`loop.on_turn`), moved by a reload that changes the
+    lock directory (`follow`), closed at the stop."""
+
+    def __init__(self, loop, config) -> None:
+        """OSError, sqlite3.Error or a DBAPIError when the pauses cannot be had."""
+        self.files = control_files(config)
+        directory, socket_name, paused_name = self.files
+        runtime = loop.runtime
+        self.clustered = runtime.cluster is not None
+        self.server: ControlServer | None = None
+        if self.clustered:     # the commands come through the database, not a socket
+            from .control_cluster import ClusterNode
+            node = ClusterNode(runtime)
+            runtime.paused = node.paused
+            loop.on_turn.append(node.turn)
+        else:
+            runtime.paused = PausedJobs(directory / paused_name)
+        if runtime.paused:
+            log.info("paused jobs (until --resume): %s", ", ".join(sorted(runtime.paused)))
+        if self.clustered:
+            return
+        try:
+            self.server = ControlServer(directory, socket_name, loop.wake)
+        except OSError as exc:
+            log.error("no control socket in %s: %s; --run-now, --pause, --resume and "
+                      "--status cannot reach this daemon", directory, exc)
+        loop.on_turn.append(self.answer)
+
+    def answer(self, loop) -> None:
+        if self.server is not None:
+            self.server.answer(loop)
+
+    def follow(self, loop, runtime) -> None:
+        """After a reload, on the loop thread: when the new config's control files
+        are elsewhere (a new lock_dir, or database), the socket is bound there and
+        the paused-jobs file moved there, its pauses kept. If that fails, both stay
+        where they were and the log says why."""
+        if (runtime.cluster is not None) != self.clustered:
+            log.warning("the reload %s a cluster section: the commands still go %s until "
+                        "the daemon restarts", "removed" if self.clustered else "added",
+                        "through the database" if self.clustered else "through the socket")
+        files = control_files(runtime.config)
+        if self.clustered or files == self.files:
+            return
+        directory, socket_name, paused_name = files
+        try:
+            server = ControlServer(directory, socket_name, loop.wake)
+        except OSError as exc:
+            log.error("cannot move the control socket to %s: %s; it stays in %s",
+                      directory, exc, self.files[0])
+            return
+        old_file = getattr(runtime.paused, "path", None)
+        if old_file is not None:        # one host: the pauses move with the socket
+            try:
+                moved = PausedJobs(directory / paused_name)
+                moved.replace(list(runtime.paused))
+            except (OSError, sqlite3.Error) as exc:
+                server.close()
+                log.error("cannot move the paused jobs to %s: %s; they and the control "
+                          "socket stay in %s", directory, exc, self.files[0])
+                return
+            runtime.paused = moved
+            old_file.unlink(missing_ok=True)
+        old, self.server, self.files = self.server, server, files
+        if old is not None:
+            old.answer(loop)        # what it was asked before the move
+            # Closed off the loop thread: its close waits for a caller's read.
+            threading.Thread(target=old.close, name="control-close", daemon=True).start()
+        log.info("control socket%s moved to %s", " and paused jobs" if old_file else "",
+                 directory)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
 
 @dataclass
 class Request:
@@ -266,11 +300,7 @@ class ControlServer:
         return request.answer
 
     def answer(self, loop) -> None:
-        """On the loop thread: answer every request waiting (and, in cluster mode,
-        read the pauses made through other nodes, once a heartbeat)."""
-        refresh = getattr(loop.runtime.paused, "refresh", None)
-        if refresh is not None:
-            refresh()
+        """On the loop thread: answer every request waiting."""
         while True:
             try:
                 request = self._requests.get_nowait()
@@ -412,7 +442,11 @@ def ask(config, command: str, job: str | None = None) -> dict:
 
 
 def command(config, name: str, job: str | None = None) -> int:
-    """The CLI's --run-now, --pause, --resume and --status: ask, print, exit code."""
+    """The CLI's --run-now, --pause, --resume and --status: ask, print, exit code.
+    In cluster mode through the database instead (worker.control_cluster)."""
+    if config.cluster is not None:
+        from .control_cluster import command as cluster_command
+        return cluster_command(config, name, job)
     from .logs import command_error
     try:
         answer = ask(config, name, job)
@@ -452,13 +486,18 @@ def _local_time(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
-def daemon_next_runs(config) -> tuple[int, dict[str, str]] | None:
-    """--list: (pid, each job's next run as the daemon has it), or None when no
-    daemon for this config answers (or it refuses this user)."""
+def daemon_next_runs(config) -> tuple[str, dict[str, str]] | None:
+    """--list: (where from, each job's next run as the daemon has it), or None when
+    no daemon for this config answers (or it refuses this user). In cluster mode,
+    as the live nodes have them (worker.control_cluster)."""
+    if config.cluster is not None:
+        from .control_cluster import cluster_next_runs
+        return cluster_next_runs(config)
     try:
         answer = ask(config, "status")
     except (NoDaemon, NotAllowed):
         return None
     if answer.get("code") != EXIT_OK:
         return None
-    return answer["pid"], {job["name"]: _next_run_text(job) for job in answer["jobs"]}
+    return f"the running daemon (pid {answer['pid']})", {
+        job["name"]: _next_run_text(job) for job in answer["jobs"]}

@@ -144,7 +144,9 @@ class WorkLoop:
         self._runs = self._cancelled = 0
         self._last_watchdog = 0.0
         self._last_stuck_check = 0.0
-        self.commands = None              # a worker.control.ControlServer (daemon)
+        # Called with the loop on each turn, on the loop thread (daemon: the control
+        # socket's answers, the cluster commands: worker.control, control_cluster).
+        self.on_turn: list[Callable[["WorkLoop"], None]] = []
 
     # --- signals, and requests from other threads ---------------------------------
 
@@ -235,8 +237,8 @@ class WorkLoop:
             self.observer.tick()
             self._take_signals()
             self._collect()
-            if self.commands is not None:
-                self.commands.answer(self)
+            for duty in self.on_turn:
+                duty(self)
             if self._stop.requested:
                 reason = self._stopping()
                 if reason is not None:
@@ -302,12 +304,13 @@ class WorkLoop:
         self._running[name] = _Running(run, future, watch, runtime, ticket)
         future.add_done_callback(lambda _, name=name: self._finish_signal(name))
 
-    def start_now(self, job) -> bool:
-        """A run of `job` now, off its schedule (--run-now): False when it has a run
-        in progress, its lock is held elsewhere, or the loop is stopping."""
+    def start_now(self, job, slot: float | None = None) -> bool:
+        """A run of `job` now, off its schedule (--run-now; in cluster mode with the
+        run table `slot` of its request): False when it has a run in progress, its
+        lock or slot is held elsewhere, or the loop is stopping."""
         if job.name in self._running or self._stop.requested:
             return False
-        self._start(DueRun(job, "now", 0.0, 1))
+        self._start(DueRun(job, "now", 0.0, 1, slot, kind="run_now"))
         return job.name in self._running
 
     def running_jobs(self) -> set[str]:

@@ -52,9 +52,9 @@ def job_list(config: Config) -> int:
                           config.worker.misfire_grace_time)
     daemon = daemon_next_runs(config)
     # On stderr: stdout stays the table alone, for scripts.
-    print(f"next runs: from the running daemon (pid {daemon[0]})" if daemon is not None
-          else "next runs: computed now (no daemon answers for this config)",
-          file=sys.stderr)
+    nobody = "cluster node is live" if config.cluster is not None else "daemon answers"
+    print(f"next runs: from {daemon[0]}" if daemon is not None
+          else f"next runs: computed now (no {nobody} for this config)", file=sys.stderr)
     last = _last_runs(config)
     rows = []
     for job in config.jobs:

@@ -123,6 +123,7 @@ class DueRun:
                                 # None: a batch run, due now
     recovering: Any = None  # cluster: the abandoned run (a Claim) this run takes over
     run_id: str | None = None   # set when the run starts (worker.loop): its hooks share it
+    kind: str | None = None     # what started it when not its source: "run_now"
 
 
 @dataclass

@@ -202,14 +202,15 @@ class Database:
         self.dialect = self.engine.dialect.name
 
     def reset(self) -> None:
-        """An empty run table and an empty chaos_runs; no run history and no job
-        paused in the cluster by an earlier run or test on the same database."""
+        """An empty run table and an empty chaos_runs; no run history, no job paused
+        in the cluster, no node row and no run-now request left by an earlier run or
+        test on the same database."""
         from sqlalchemy import (BigInteger, Column, Float, Integer, MetaData, String,
                                 Table, text)
         from worker.db import create_tables
         with self.engine.begin() as connection:
             for table in ("chaos_runs", "worker_runs", "worker_history", "worker_paused",
-                          "worker_schema"):
+                          "worker_nodes", "worker_requests", "worker_schema"):
                 connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
         metadata = MetaData()
         Table("chaos_runs", metadata,

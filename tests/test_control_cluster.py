@@ -1,0 +1,211 @@
+"""Commands to a cluster through its database (worker.control_cluster), through the
+CLI against running daemons, from a "host" where no node runs (a lock directory
+of its own, no socket); and a reload that moves the local control socket and the
+paused-jobs file (worker.control)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.conftest import ROOT
+from tests.processes import history_rows
+from tests.test_cluster import cluster_config, run_table_url, wait_for  # noqa: F401
+from tests.test_control import cli, control_runs, runs, token  # noqa: F401
+from tests.test_daemon import write_config
+
+CONTROL_TABLES = ("worker_paused", "worker_nodes", "worker_requests")
+
+
+def drop_control_tables(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            for table in CONTROL_TABLES:
+                connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def cluster_tables(run_table_url):
+    """The run table's URL, without control tables (pauses, nodes, requests) before
+    and after: a pause left in a shared database would hold in other tests."""
+    drop_control_tables(run_table_url)
+    yield run_table_url
+    drop_control_tables(run_table_url)
+
+
+def on(node: str, config, *args: str) -> subprocess.CompletedProcess:
+    """The command line as on the host of `node` (its lock directory)."""
+    return subprocess.run([sys.executable, str(ROOT / "run_worker.py"), "-c", str(config),
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "NODE": node})
+
+
+def query(url: str, sql: str, **params) -> list:
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            result = connection.execute(text(sql), params)
+            return result.all() if result.returns_rows else []
+    finally:
+        engine.dispose()
+
+
+def test_cluster_commands_go_through_the_database_from_a_host_without_a_node(
+        control_runs, cluster_tables, tmp_path, daemons):
+    db_url, runs_url = control_runs, cluster_tables
+    tick, tock, yearly = token(), token(), token()
+    release = tmp_path / "release-yearly"     # holds yearly's run until the test makes it
+    config = cluster_config(tmp_path / "jobs.yaml", db_url, run_table_url=runs_url, jobs=f"""\
+  - {{name: tick, call: 'tests.jobfuncs:record_control_run', every: 1s,
+      kwargs: {{name: {tick}}}}}
+  - {{name: tock, call: 'tests.jobfuncs:record_control_run', every: 1s,
+      kwargs: {{name: {tock}}}}}
+  - {{name: yearly, call: 'tests.jobfuncs:wait_then_record_control_run',
+      cron: '0 0 1 1 *', kwargs: {{name: {yearly}, path: "{release}"}}}}
+""")
+
+    def elsewhere(*args: str) -> subprocess.CompletedProcess:
+        return on("elsewhere", config, *args)   # lock_dir locks-elsewhere: no node
+
+    none = elsewhere("--run-now", "yearly")
+    assert none.returncode == 69 and "no node" in none.stderr, none.stderr
+    nodes = {name: daemons(config, env={"NODE": name}) for name in ("node-a", "node-b")}
+    for node in nodes.values():
+        node.wait_for("daemon started")
+    assert wait_for(lambda: "2 live node(s)" in elsewhere("--status").stdout)
+    assert not (tmp_path / "locks-elsewhere").exists() or \
+        not any(p.name.endswith(".control") for p in (tmp_path / "locks-elsewhere").iterdir())
+
+    # Run-now: started on one node, once; a second one while it runs is 75.
+    started = elsewhere("--run-now", "yearly")
+    assert started.returncode == 0, started.stderr
+    assert "run started on node node-" in started.stdout
+    again = elsewhere("--run-now", "yearly")
+    assert again.returncode == 75 and "in progress on node node-" in again.stderr, \
+        again.stderr
+    status = elsewhere("--status")
+    assert status.returncode == 0, status.stderr
+    assert any(line.startswith("yearly") and "running on node-" in line
+               for line in status.stdout.splitlines()), status.stdout
+    release.touch()
+    assert wait_for(lambda: query(runs_url, "SELECT outcome FROM worker_runs WHERE job = "
+                                            "'yearly'") == [("success",)])
+    assert len(runs(db_url, yearly)) == 1              # once across the cluster
+    assert wait_for(lambda: [row.kind for row in history_rows(db_url, "yearly")] ==
+                    ["run_now"])                       # and in the run history
+    assert query(runs_url, "SELECT COUNT(*) FROM worker_requests") == [(0,)]   # none left
+
+    # Pause: every node within a heartbeat, across a reload and a restart.
+    paused = elsewhere("--pause", "tick")
+    assert paused.returncode == 0, paused.stderr
+    for node in nodes.values():
+        node.wait_for("job=tick paused (through the cluster)")
+    since = time.time()
+    # A reload with a new cluster section: a new membership, which takes over the
+    # node's row and the pauses.
+    config.write_text(config.read_text().replace("heartbeat: 0.5s", "heartbeat: 0.4s"))
+    nodes["node-a"].signal(signal.SIGHUP)
+    nodes["node-a"].wait_for("reloaded")
+    assert nodes["node-b"].stop() == 0
+    nodes["node-b"] = daemons(config, env={"NODE": "node-b"})
+    nodes["node-b"].wait_for("paused jobs (until --resume): tick")
+    restarted = time.time()
+    assert wait_for(lambda: len(runs(db_url, tock, after=restarted)) >= 3)   # time passed
+    assert runs(db_url, tick, after=since) == []
+    listed = elsewhere("--list")
+    assert "from the cluster's live nodes (node-" in listed.stderr, listed.stderr
+    assert "node-a" in listed.stderr and "node-b" in listed.stderr, listed.stderr
+    assert "paused" in [line for line in listed.stdout.splitlines()
+                        if line.startswith("tick")][0]
+
+    resumed = elsewhere("--resume", "tick")
+    assert resumed.returncode == 0, resumed.stderr
+    back = time.time()
+    assert wait_for(lambda: runs(db_url, tick, after=back))
+
+    # A clean stop removes the nodes' rows: no node, 69.
+    for node in nodes.values():
+        assert node.stop() == 0
+    assert query(runs_url, "SELECT COUNT(*) FROM worker_nodes") == [(0,)]
+    for args in (["--status"], ["--pause", "tick"], ["--run-now", "tick"]):
+        done = elsewhere(*args)
+        assert done.returncode == 69, (args, done.stderr)
+        assert "no cluster node has heartbeated within its lease" in done.stderr
+
+    # A node whose heartbeat is stale is no node; one that never takes the request
+    # (a row without a daemon) lets it expire: withdrawn, 69, and it never runs.
+    now_ms = int(time.time() * 1000)
+    insert = ("INSERT INTO worker_nodes (node, token, host, pid, heartbeat_ms, lease_ms, "
+              "interval_ms, jobs) VALUES (:node, 't', 'h', 1, :beat, 3000, 100, :jobs)")
+    query(runs_url, insert, node="stale", beat=now_ms - 60_000, jobs='{"yearly": null}')
+    stale = elsewhere("--status")
+    assert stale.returncode == 69 and "last heard: stale (" in stale.stderr, stale.stderr
+    query(runs_url, insert, node="mute", beat=now_ms + 60_000, jobs='{"yearly": null}')
+    untaken = elsewhere("--run-now", "yearly")
+    assert untaken.returncode == 69, untaken.stderr
+    assert "no node took the run-now of yearly" in untaken.stderr
+    assert query(runs_url, "SELECT COUNT(*) FROM worker_requests") == [(0,)]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_reload_that_moves_lock_dir_moves_the_socket_and_keeps_the_pauses(
+        db_url, tmp_path, daemons):
+    jobs = """\
+        - {name: tick, call: 'tests.jobfuncs:noop', every: 1h}
+        """
+    old, new = tmp_path / "locks-old", tmp_path / "locks-new"
+    config = write_config(tmp_path / "jobs.yaml", db_url, jobs, lock_dir=str(old))
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    assert cli(config, "--pause", "tick").returncode == 0
+    write_config(config, db_url, jobs, lock_dir=str(new))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("control socket and paused jobs moved to")
+    assert sorted(p.suffix for p in new.iterdir()) == [".control", ".locks", ".sqlite"]
+    # The old socket is closed off the loop thread, soon after.
+    assert wait_for(lambda: not [p for p in old.iterdir()
+                                 if p.suffix in (".control", ".sqlite")])
+    status = cli(config, "--status")
+    assert status.returncode == 0, status.stderr
+    assert "tick  paused" in status.stdout
+    assert daemon.stop() == 0
+    daemon = daemons(config)                # the moved file holds the pause
+    daemon.wait_for("paused jobs (until --resume): tick")
+    assert cli(config, "--resume", "tick").returncode == 0
+    assert "tick  idle" in cli(config, "--status").stdout
+    assert daemon.stop() == 0
+
+
+def test_a_version_1_control_schema_is_raised_to_2_keeping_its_pauses(tmp_path):
+    from sqlalchemy import inspect
+
+    from worker.cluster import metadata
+    from worker.control_cluster import ensure_control_schema
+    engine = create_engine(f"sqlite:///{tmp_path / 'runs.db'}")
+    try:
+        metadata.create_all(engine)
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO worker_schema VALUES ('control', 1)"))
+            connection.execute(text("CREATE TABLE worker_paused (job VARCHAR(200) PRIMARY "
+                                    "KEY, since_ms BIGINT NOT NULL, node VARCHAR(200) "
+                                    "NOT NULL)"))
+            connection.execute(text("INSERT INTO worker_paused VALUES ('tick', 1, 'n')"))
+        ensure_control_schema(engine)
+        ensure_control_schema(engine)       # a second node: nothing more to do
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT version FROM worker_schema WHERE "
+                                           "component = 'control'")).scalar() == 2
+            assert connection.execute(text("SELECT job FROM worker_paused")).all() == \
+                [("tick",)]
+            assert {"worker_nodes", "worker_requests"} <= set(inspect(connection)
+                                                               .get_table_names())
+    finally:
+        engine.dispose()

@@ -1,0 +1,543 @@
+"""Commands to a cluster, through its database: `--status`, `--pause`, `--resume`,
+`--run-now` and `--list`'s next runs work from any host with the database's
+credentials, whether a node runs there or not (the credentials are the permission:
+no socket, no exit 77).
+
+Three tables beside the run table (component "control" of `worker_schema`):
+- `worker_paused`: the paused job names. Every node reads it at most once a
+  heartbeat, on its loop thread (`ClusterPausedJobs.refresh`).
+- `worker_nodes`: one row per running daemon node, written by the cluster's
+  heartbeat (`NodeRow.beat`, from `Cluster.beat`) with the database's clock,
+  removed at a clean stop. Its `jobs` column is the node's view, published by its
+  loop thread once a heartbeat: each job it runs and that job's next run. A node
+  is live while its heartbeat is within its lease; none live: exit 69.
+- `worker_requests`: a run-now. The command line inserts it `waiting` with an
+  expiry; a node's loop thread takes it with one conditional UPDATE (waiting ->
+  taken: exactly one node wins on every backend), runs it through the run table
+  with a slot of its own (so it runs once and shows in the history) and writes
+  `started` or `refused`. The command line waits for that; a request nobody took
+  by its expiry is withdrawn (one conditional DELETE, racing the take fairly), so
+  it never runs late.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import socket
+import time
+
+from .control import PausedNames
+from .exitcodes import EXIT_ALL_SKIPPED, EXIT_OK, EXIT_UNAVAILABLE
+
+log = logging.getLogger("worker.control")
+
+# 1: worker_paused. 2: worker_nodes and worker_requests.
+CONTROL_COMPONENT, CONTROL_SCHEMA_VERSION = "control", 2
+WAITING, TAKEN, STARTED, REFUSED = "waiting", "taken", "started", "refused"
+REQUEST_KEPT_MS = 3_600_000   # finished or expired requests older than this are deleted
+TAKE_HEARTBEATS = 3           # a request waits this many heartbeats (of the slowest node)...
+TAKE_SLACK = 2.0              # ...plus this many seconds before it expires
+ANSWER_SLACK = 10.0           # seconds a request taken by a node may take to be answered
+POLL = 0.1                    # seconds between the command line's looks at its request
+
+
+@functools.cache
+def control_tables():
+    """(metadata, worker_paused, worker_nodes, worker_requests), built on first use."""
+    from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, Text
+    metadata = MetaData()
+    paused = Table("worker_paused", metadata,
+                   Column("job", String(200), primary_key=True),
+                   Column("since_ms", BigInteger, nullable=False),   # the cluster's clock
+                   Column("node", String(200), nullable=False))       # paused through
+    nodes = Table("worker_nodes", metadata,
+                  Column("node", String(200), primary_key=True),
+                  Column("token", String(32), nullable=False),   # this incarnation's
+                  Column("host", String(200), nullable=False),
+                  Column("pid", Integer, nullable=False),
+                  Column("heartbeat_ms", BigInteger, nullable=False),  # the database's clock
+                  Column("lease_ms", BigInteger, nullable=False),
+                  Column("interval_ms", BigInteger, nullable=False),   # its heartbeat setting
+                  Column("jobs", Text, nullable=True))       # JSON: {job: next run or null}
+    requests = Table("worker_requests", metadata,
+                     Column("id", Integer, primary_key=True, autoincrement=True),
+                     Column("job", String(200), nullable=False),
+                     Column("state", String(16), nullable=False),
+                     Column("requested_ms", BigInteger, nullable=False),
+                     Column("expires_ms", BigInteger, nullable=False),
+                     Column("requested_by", String(200), nullable=False),
+                     Column("node", String(200), nullable=True),     # the node that took it
+                     Column("code", Integer, nullable=True),         # the command's exit code
+                     Column("message", String(1000), nullable=True))
+    return metadata, paused, nodes, requests
+
+
+def ensure_control_schema(engine) -> None:
+    """Create the control tables if missing and record (or raise) the component's
+    version; a version 1 row (worker_paused alone) is raised to 2 once the new
+    tables exist (safe when several nodes start at once)."""
+    from sqlalchemy import update
+
+    from .cluster import record_schema_version, schema_versions
+    from .db import create_tables
+    with engine.begin() as connection:
+        create_tables(connection, control_tables()[0])
+    record_schema_version(engine, CONTROL_COMPONENT, CONTROL_SCHEMA_VERSION)
+    with engine.begin() as connection:
+        connection.execute(update(schema_versions).where(
+            schema_versions.c.component == CONTROL_COMPONENT,
+            schema_versions.c.version < CONTROL_SCHEMA_VERSION).values(
+            version=CONTROL_SCHEMA_VERSION))
+
+
+def _describe(exc: BaseException) -> str:
+    from .errors import describe
+    return describe(exc)
+
+
+# --- the node's side ---------------------------------------------------------------------
+
+class ClusterPausedJobs(PausedNames):
+    """The paused job names of the cluster (worker_paused), answered from memory;
+    read again at most once a heartbeat (`refresh`, on the loop thread), written
+    at once by `set`."""
+
+    def __init__(self, cluster) -> None:
+        self.cluster = cluster
+        self._read_at = 0.0
+        ensure_control_schema(cluster.database.engine)
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> None:
+        from sqlalchemy import select
+        from sqlalchemy.exc import DBAPIError
+        if not force and time.monotonic() - self._read_at < self.cluster.settings.heartbeat:
+            return
+        self._read_at = time.monotonic()
+        table = control_tables()[1]
+        try:
+            with self.cluster.database.engine.connect() as connection:
+                names = frozenset(connection.execute(select(table.c.job)).scalars())
+        except DBAPIError as exc:   # the last known pauses stay
+            log.warning("cannot read the paused jobs: %s", exc.__class__.__name__)
+            return
+        for name in sorted(names ^ self._names):
+            log.info("job=%s %s (through the cluster)", name, "paused" if name in names
+                     else "resumed", extra={"job": name})
+        self._names = names
+
+    def set(self, name: str, paused: bool) -> None:
+        set_paused(self.cluster, name, paused, self.cluster.node)
+        self._remember(name, paused)
+
+
+def set_paused(cluster, name: str, paused: bool, through: str) -> None:
+    from sqlalchemy import delete, insert
+    table = control_tables()[1]
+    with cluster.database.engine.begin() as connection:
+        connection.execute(delete(table).where(table.c.job == name))
+        if paused:
+            connection.execute(insert(table).values(
+                job=name, since_ms=cluster.clock.now_ms(), node=through[:200]))
+
+
+class NodeRow:
+    """This daemon's row in worker_nodes: written by each heartbeat of its cluster
+    (`beat`, on the heartbeat thread, after the clock was read), removed by a clean
+    stop (`leave`). `jobs` is published by the loop thread (a reference swap)."""
+
+    def __init__(self, cluster) -> None:
+        self.cluster = cluster
+        self.token = os.urandom(8).hex()
+        self.jobs: dict[str, str | None] = {}
+
+    def beat(self) -> None:
+        from sqlalchemy import insert, update
+        from sqlalchemy.exc import IntegrityError
+        nodes = control_tables()[2]
+        cluster = self.cluster
+        values = dict(token=self.token, host=socket.gethostname()[:200], pid=os.getpid(),
+                      heartbeat_ms=cluster.clock.now_ms(), lease_ms=cluster.lease_ms,
+                      interval_ms=int(cluster.settings.heartbeat * 1000),
+                      jobs=json.dumps(self.jobs))
+        with cluster.database.engine.begin() as connection:
+            if connection.execute(update(nodes).where(nodes.c.node == cluster.node)
+                                  .values(**values)).rowcount:
+                return
+        try:
+            with cluster.database.engine.begin() as connection:
+                connection.execute(insert(nodes).values(node=cluster.node, **values))
+        except IntegrityError:   # the same name inserted meanwhile: updated next beat
+            pass
+
+    def leave(self) -> None:
+        from sqlalchemy import delete
+        nodes = control_tables()[2]
+        try:
+            with self.cluster.database.engine.begin() as connection:
+                connection.execute(delete(nodes).where(nodes.c.node == self.cluster.node,
+                                                       nodes.c.token == self.token))
+        except Exception as exc:  # of any kind: the row then ages out of its lease
+            log.warning("could not remove this node's row from worker_nodes: %s",
+                        _describe(exc))
+
+
+class ClusterNode:
+    """A daemon's part in cluster commands, on its loop thread (`turn`, each turn of
+    the loop): once a heartbeat it reads the pauses, publishes its jobs' next runs
+    for its node row, and takes the run-now requests for its jobs. Follows a
+    reload that replaces the cluster membership."""
+
+    def __init__(self, runtime) -> None:
+        self.cluster = runtime.cluster
+        self.paused = ClusterPausedJobs(self.cluster)
+        self.row = NodeRow(self.cluster)
+        self.row.jobs = _next_runs(runtime)
+        self._last_turn = time.monotonic()
+        self._last_prune = 0.0
+        self._join(self.cluster)
+
+    def _join(self, cluster) -> None:
+        try:
+            self.row.beat()      # seen at once, not a heartbeat later
+        except Exception as exc:  # of any kind: the next heartbeat writes it
+            log.warning("could not write this node's row in worker_nodes yet: %s",
+                        _describe(exc))
+        cluster.membership = self.row
+
+    def turn(self, loop) -> None:
+        if time.monotonic() - self._last_turn < self.cluster.settings.heartbeat and \
+                loop.runtime.cluster in (self.cluster, None):
+            return
+        self._last_turn = time.monotonic()
+        try:
+            cluster = loop.runtime.cluster
+            if cluster is not self.cluster and cluster is not None:
+                self._rebind(cluster)
+            self.paused.refresh(force=True)
+            self.row.jobs = _next_runs(loop.runtime)
+            if self.cluster.healthy and not loop.stop_requested:
+                self._take_requests(loop)
+        except Exception as exc:  # of any kind: never the loop's; again next heartbeat
+            log.warning("cluster commands: %s", _describe(exc))
+
+    def _rebind(self, cluster) -> None:
+        """A reload replaced the membership (a new cluster section): the new one
+        gets the row and the pauses; the old one's row goes."""
+        ensure_control_schema(cluster.database.engine)   # raises: tried again next turn
+        old, self.row = self.row, NodeRow(cluster)
+        self.row.jobs = old.jobs
+        self.cluster.membership = None
+        self.cluster = self.paused.cluster = cluster
+        self._join(cluster)
+        old.leave()
+
+    def _take_requests(self, loop) -> None:
+        from sqlalchemy import delete, select, update
+        requests = control_tables()[3]
+        cluster = self.cluster
+        now = cluster.clock.now_ms()
+        jobs = {job.name: job for job in loop.runtime.jobs}
+        with cluster.database.engine.connect() as connection:
+            rows = connection.execute(select(requests.c.id, requests.c.job,
+                                             requests.c.requested_ms).where(
+                requests.c.state == WAITING, requests.c.expires_ms > now,
+                requests.c.job.in_(list(jobs))).order_by(requests.c.id).limit(20)).all()
+        for row in rows:
+            with cluster.database.engine.begin() as connection:
+                taken = connection.execute(update(requests).where(
+                    requests.c.id == row.id, requests.c.state == WAITING,
+                    requests.c.expires_ms > cluster.clock.now_ms()).values(
+                    state=TAKEN, node=cluster.node)).rowcount == 1
+            if taken:
+                self._run_now(loop, row.id, jobs[row.job], row.requested_ms)
+        if time.monotonic() - self._last_prune > 600:
+            self._last_prune = time.monotonic()
+            with cluster.database.engine.begin() as connection:
+                connection.execute(delete(requests).where(
+                    requests.c.expires_ms < now - REQUEST_KEPT_MS))
+
+    def _run_now(self, loop, request_id: int, job, requested_ms: int) -> None:
+        """The request is ours: start its run (its own slot in the run table), or
+        refuse it (75) when a run of the job is in progress on any node."""
+        busy = running_node(self.cluster, job.name) if job.name not in \
+            loop.running_jobs() else self.cluster.node
+        if busy is not None:
+            code, message = EXIT_ALL_SKIPPED, f"job {job.name} has a run in progress on " \
+                                              f"node {busy}: nothing started"
+        elif loop.start_now(job, off_schedule_slot(job, requested_ms, loop.runtime)):
+            log.info("job=%s run-now (through the cluster): started", job.name,
+                     extra={"job": job.name})
+            code = EXIT_OK
+            message = f"job {job.name}: run started on node {self.cluster.node}"
+        else:
+            code, message = EXIT_ALL_SKIPPED, f"job {job.name}: node {self.cluster.node} " \
+                                              f"could not start its run (one in progress, " \
+                                              f"or the node is stopping): nothing started"
+        self._answer(request_id, code, message)
+
+    def _answer(self, request_id: int, code: int, message: str) -> None:
+        from sqlalchemy import update
+        requests = control_tables()[3]
+        with self.cluster.database.engine.begin() as connection:
+            connection.execute(update(requests).where(requests.c.id == request_id).values(
+                state=STARTED if code == EXIT_OK else REFUSED, code=code, message=message))
+
+
+def _next_runs(runtime) -> dict[str, str | None]:
+    """The jobs this daemon runs and their next runs (None: not scheduled)."""
+    scheduler = runtime.scheduler
+    return {job.name: scheduler.next_run(job.name) if scheduler is not None else None
+            for job in runtime.jobs}
+
+
+def running_node(cluster, job: str) -> str | None:
+    """A node whose run of `job` is in progress (its row running, within its
+    lease), or None."""
+    from sqlalchemy import func, select
+
+    from .cluster import RUNNING, runs
+    lease = func.coalesce(runs.c.lease_ms, cluster.lease_ms)
+    with cluster.database.engine.connect() as connection:
+        return connection.execute(select(runs.c.node).where(
+            runs.c.job == job, runs.c.outcome == RUNNING,
+            runs.c.heartbeat_ms + lease >= cluster.clock.now_ms()).limit(1)).scalar()
+
+
+def off_schedule_slot(job, requested_ms: int, runtime) -> float:
+    """The run-now's slot (seconds) in the run table: the request's time, moved by a
+    millisecond while it is one of the job's own occurrences (or, without a
+    schedule, a `--once` slot), so that it never takes a scheduled run's key."""
+    from .scheduler import schedule_for
+    cluster = runtime.cluster
+    schedule = schedule_for(job, runtime.ledger.zone, cluster.clock.now)
+    grid = cluster.settings.batch_slot
+    slot = requested_ms
+    while True:
+        instant = slot / 1000
+        occurrence = schedule.previous_at_or_before(instant) if schedule is not None \
+            else round(instant / grid) * grid
+        if round(occurrence * 1000) != slot:
+            return instant
+        slot += 1
+
+
+# --- the caller's side --------------------------------------------------------------------
+
+class NoNode(Exception):
+    """No node has heartbeated within its lease (exit 69)."""
+
+
+class Caller:
+    """The command line's view of the cluster: its database (the run table's),
+    the database's clock, and the live nodes."""
+
+    def __init__(self, config) -> None:
+        from .app import open_cluster
+        self.config = config
+        self.cluster = open_cluster(config)
+
+    def close(self) -> None:
+        self.cluster.database.dispose()
+
+    def live_nodes(self) -> list:
+        """The nodes whose heartbeat is within their lease and that run a job of this
+        config, newest heartbeat first; NoNode when there are none."""
+        from sqlalchemy import inspect, select
+        nodes = control_tables()[2]
+        with self.cluster.database.engine.connect() as connection:
+            self.cluster.clock.sync(connection)
+            if not inspect(connection).has_table(nodes.name):
+                raise NoNode("no node has ever run here (no table worker_nodes)")
+            rows = connection.execute(select(nodes).order_by(
+                nodes.c.heartbeat_ms.desc())).all()
+        now = self.cluster.clock.now_ms()
+        names = set(self.config.job_names())
+        live = [row for row in rows if row.heartbeat_ms + row.lease_ms >= now
+                and names & set(_jobs_of(row))]
+        if not live:
+            stale = [f"{row.node} ({(now - row.heartbeat_ms) / 1000:.1f}s ago, lease "
+                     f"{row.lease_ms / 1000:g}s)" for row in rows
+                     if names & set(_jobs_of(row))]
+            raise NoNode("no cluster node has heartbeated within its lease" +
+                         (f"; last heard: {', '.join(stale)}" if stale else ""))
+        return live
+
+    def next_runs(self, live: list) -> dict[str, str]:
+        """Each job's next run as the live nodes have it (the earliest)."""
+        paused = self.paused()
+        shown: dict[str, str] = {}
+        for row in live:     # newest heartbeat first: the freshest view of a job wins
+            for job, when in _jobs_of(row).items():
+                if when is not None:
+                    shown.setdefault(job, when)
+        for job in self.config.jobs:
+            if job.name in paused:
+                shown[job.name] = "paused" + (f" (was due {shown[job.name]})"
+                                              if job.name in shown else "")
+        return shown
+
+    def paused(self) -> frozenset[str]:
+        from sqlalchemy import select
+        table = control_tables()[1]
+        with self.cluster.database.engine.connect() as connection:
+            return frozenset(connection.execute(select(table.c.job)).scalars())
+
+    def run_now(self, job: str, live: list) -> tuple[int, str]:
+        """Ask the nodes for a run of `job`; (exit code, message)."""
+        from sqlalchemy import delete, insert, select
+        from sqlalchemy.exc import DBAPIError
+        runners = [row for row in live if job in _jobs_of(row)]
+        if not runners:
+            return EXIT_UNAVAILABLE, f"no live node runs job {job} (not one of their --job)"
+        busy = running_node(self.cluster, job)
+        if busy is not None:
+            return EXIT_ALL_SKIPPED, f"job {job} has a run in progress on node {busy}: " \
+                                     f"nothing started"
+        within = TAKE_HEARTBEATS * max(row.interval_ms for row in runners) / 1000 + TAKE_SLACK
+        requests = control_tables()[3]
+        now = self.cluster.clock.now_ms()
+        with self.cluster.database.engine.begin() as connection:
+            request_id = connection.execute(insert(requests).values(
+                job=job, state=WAITING, requested_ms=now, expires_ms=now + int(within * 1000),
+                requested_by=f"{socket.gethostname()}:{os.getpid()}"[:200])
+            ).inserted_primary_key[0]
+        mine = requests.c.id == request_id
+        try:
+            return self._await(mine, job, within)
+        finally:
+            try:   # answered: nothing left behind (else pruned by the nodes in an hour)
+                with self.cluster.database.engine.begin() as connection:
+                    connection.execute(delete(requests).where(
+                        mine, requests.c.state.in_([STARTED, REFUSED])))
+            except DBAPIError as exc:
+                log.debug("run-now request %s not removed: %s", request_id, _describe(exc))
+
+    def _await(self, mine, job: str, within: float) -> tuple[int, str]:
+        """The answer to the request `mine`: a node's; or, once it has expired
+        untaken, its withdrawal (69: it never runs). Bounded: a node that took it
+        and did not answer within ANSWER_SLACK more is reported (69)."""
+        from sqlalchemy import delete, select
+        requests = control_tables()[3]
+        expired = time.monotonic() + within
+        while True:
+            row = self._read(select(requests).where(mine))
+            if row is not _UNREAD and row is not None and row.state in (STARTED, REFUSED):
+                return row.code, row.message
+            if row is not _UNREAD and time.monotonic() > expired and \
+                    (row is None or row.state == WAITING):
+                with self.cluster.database.engine.begin() as connection:
+                    withdrawn = connection.execute(delete(requests).where(
+                        mine, requests.c.state == WAITING)).rowcount == 1
+                if withdrawn or row is None:
+                    return EXIT_UNAVAILABLE, (f"no node took the run-now of {job} within "
+                                              f"{within:g}s; the request was withdrawn: "
+                                              f"it will not run")
+                # else a node took it just now: its answer follows
+            if time.monotonic() > expired + ANSWER_SLACK:
+                taker = f"node {row.node} took it" if row not in (_UNREAD, None) and \
+                    row.node else "it could not be read"
+                return EXIT_UNAVAILABLE, (f"no answer to the run-now of {job} ({taker}); "
+                                          f"whether its run started is unknown: see "
+                                          f"--status and --history")
+            time.sleep(POLL)
+
+    def _read(self, statement):
+        """The request's row (None: gone); _UNREAD if it cannot be read this time."""
+        from sqlalchemy.exc import DBAPIError
+        try:
+            with self.cluster.database.engine.connect() as connection:
+                return connection.execute(statement).first()
+        except DBAPIError as exc:
+            log.debug("run-now request not read: %s", _describe(exc))
+            return _UNREAD
+
+
+_UNREAD = object()     # a request's row that could not be read this time
+
+
+def _jobs_of(row) -> dict[str, str | None]:
+    try:
+        jobs = json.loads(row.jobs or "{}")
+    except ValueError:
+        return {}
+    return jobs if isinstance(jobs, dict) else {}
+
+
+def command(config, name: str, job: str | None) -> int:
+    """The CLI's --run-now, --pause, --resume and --status in cluster mode."""
+    from .logs import command_error
+    caller = Caller(config)
+    try:
+        try:
+            live = caller.live_nodes()
+        except NoNode as exc:
+            command_error(str(exc))
+            return EXIT_UNAVAILABLE
+        if name == "status":
+            _print_status(caller, live)
+            return EXIT_OK
+        if name == "run-now":
+            code, message = caller.run_now(job, live)
+            if code != EXIT_OK:
+                command_error(message)
+                return code
+            print(message)
+            return code
+        set_paused(caller.cluster, job, name == "pause",
+                   f"{socket.gethostname()} (command line)")
+        heartbeat = max(row.interval_ms for row in live) / 1000
+        print(f"job {job} {name}d: every node of the cluster "
+              f"{'skips its scheduled runs' if name == 'pause' else 'schedules it again'} "
+              f"within one heartbeat ({heartbeat:g}s)")
+        return EXIT_OK
+    except Exception as exc:  # of any kind: the database refused, or is out of reach
+        command_error(f"cannot use the cluster's database at "
+                      f"{caller.cluster.database.display_url}: {_describe(exc)}")
+        return EXIT_UNAVAILABLE
+    finally:
+        caller.close()
+
+
+def _print_status(caller: Caller, live: list) -> None:
+    from .control import _next_run_text
+    from .reports import _ms_to_text, print_table
+    now = caller.cluster.clock.now_ms()
+    print(f"cluster: {len(live)} live node(s): " + ", ".join(
+        f"{row.node} (heartbeat {(now - row.heartbeat_ms) / 1000:.1f}s ago)" for row in live))
+    paused = caller.paused()
+    next_runs = caller.next_runs(live)
+    last = caller.cluster.last_runs()
+    run_by = set().union(*(_jobs_of(row) for row in live))
+    rows = []
+    for job in caller.config.jobs:
+        busy = running_node(caller.cluster, job.name)
+        state = f"running on {busy}" if busy else "paused" if job.name in paused else "idle"
+        entry = last.get(job.name)
+        if job.name not in run_by:
+            when = "not run by any live node"
+        elif job.name in paused:
+            when = next_runs[job.name]
+        else:
+            when = _next_run_text({"paused": False, "enabled": job.enabled,
+                                   "next_run": next_runs.get(job.name)})
+        rows.append([job.name, state, when,
+                     f"{entry.outcome} at {_ms_to_text(entry.ended_ms or entry.started_ms)} "
+                     f"on {entry.node}" if entry else "never"])
+    print_table(["job", "state", "next run", "last run"], rows)
+
+
+def cluster_next_runs(config) -> tuple[str, dict[str, str]] | None:
+    """--list: (where from, each job's next run as the live nodes have it), or None
+    when no node is live (or the database cannot be read)."""
+    caller = Caller(config)
+    try:
+        live = caller.live_nodes()
+        runs = caller.next_runs(live)
+    except Exception:  # of any kind (NoNode too): the list is computed here then
+        return None
+    finally:
+        caller.close()
+    return f"the cluster's live nodes ({', '.join(row.node for row in live)})", runs
