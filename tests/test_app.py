@@ -240,3 +240,25 @@ def test_a_run_in_flight_when_lock_dir_moves_holds_its_lock_in_the_new_directory
     after = daemons(config, "--once", "--job", "B")
     assert after.wait() == 0, after.log
     assert daemon.stop() == 0
+
+
+def test_once_ignores_sighup_and_finishes_its_batch(tmp_path, daemons):
+    """SIGHUP's default action killed a batch mid-run: no summary, no textfile, exit
+    -1 (a closed terminal, a reload sent to every worker process)."""
+    started = tmp_path / "started"
+    config = tmp_path / "jobs.yaml"
+    config.write_text(f"""\
+database: {{url: "sqlite:///{tmp_path / 'jobs.db'}"}}
+worker: {{lock_dir: "{tmp_path / 'locks'}"}}
+jobs:
+  - {{name: slow, call: 'tests.jobfuncs:touch_then_python_sleep',
+     kwargs: {{path: "{started}", seconds: 0.5}}}}
+""")
+    batch = daemons(config, "--once")
+    deadline = time.monotonic() + 20
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    batch.signal(signal.SIGHUP)
+    assert batch.wait() == 0, batch.log
+    assert "received SIGHUP: ignored (a batch does not reload" in batch.log
+    assert "1 job(s): 1 succeeded" in batch.process.stdout.read()

@@ -180,19 +180,20 @@ def only_jobs(config: Config, names: Sequence[str] | None) -> tuple[JobSpec, ...
     return tuple(job for job in config.jobs if job.name in names)
 
 
-def install_signal_handlers(loop, reload: bool) -> None:
+def install_signal_handlers(loop) -> None:
     """A handler only records the signal (a list append: no lock, no log line) and
     the interpreter wakes the loop through its wakeup fd; the loop thread does the
     rest (log, stop, reload). A handler that logged could stop for ever on the log
-    handler's lock, held by the code it interrupted on the same thread."""
+    handler's lock, held by the code it interrupted on the same thread. SIGHUP is
+    handled by `--once` too: its default action killed the batch without a summary
+    (a `systemctl reload` of the wrong unit, a closed terminal); it is ignored there."""
     signal.set_wakeup_fd(loop.wakeup_fd, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, loop.signal_received)
     signal.signal(signal.SIGINT, loop.signal_received)
     # A process a job forks must not run these (a SIGTERM would only ask a loop the
     # child does not run to stop, so the child would never end).
     os.register_at_fork(after_in_child=default_signal_handlers)
-    if reload:
-        signal.signal(signal.SIGHUP, loop.signal_received)
+    signal.signal(signal.SIGHUP, loop.signal_received)
 
 
 def default_signal_handlers() -> None:
@@ -246,7 +247,7 @@ def run_once(config: Config, functions: Mapping[str, JobFunction],
             return _run_table_unusable(runtime, selected, observers, monitoring, exc)
     loop = WorkLoop(runtime, BatchSource(list(selected)),
                     observer=Observers((history, observers)))
-    install_signal_handlers(loop, reload=False)
+    install_signal_handlers(loop)
     try:
         report = loop.run()
     finally:
@@ -361,7 +362,7 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
                     observer=Observers((history, observers)))
     if held[0] is not None:
         held[0].probe_readiness(lambda: loop.runtime)
-    install_signal_handlers(loop, reload=True)
+    install_signal_handlers(loop)
     try:
         if not _wait_for_database(loop, runtime, notifier, observers):
             log.info("stopped while waiting for the database: no job ran")

@@ -165,7 +165,10 @@ class WorkLoop:
             return
         received, self._signals = self._signals, []
         for signum in received:
-            if signum == signal.SIGHUP:
+            if signum == signal.SIGHUP and self._reload is None:
+                log.info("received SIGHUP: ignored (a batch does not reload its "
+                         "configuration)")
+            elif signum == signal.SIGHUP:
                 log.info("received SIGHUP: reloading the configuration")
                 self._reload_requested = True
             else:
