@@ -4,10 +4,14 @@ finish on the runtime they started on. Real daemons, real signals."""
 from __future__ import annotations
 
 import signal
+import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.processes import runs
 from tests.test_cluster import cluster_config, run_rows
 from tests.test_daemon import write_config
@@ -262,3 +266,71 @@ jobs:
     assert batch.wait() == 0, batch.log
     assert "received SIGHUP: ignored (a batch does not reload" in batch.log
     assert "1 job(s): 1 succeeded" in batch.process.stdout.read()
+
+
+def test_a_reload_that_moves_lock_dir_moves_the_control_socket_and_the_pauses(
+        tmp_path, daemons):
+    """The socket and the paused-jobs file stayed in the old lock directory: with the
+    new config --status/--pause/--resume found no daemon (69), and a restart forgot
+    every pause (the paused job ran again)."""
+    def cli(*args):
+        return subprocess.run([sys.executable, str(ROOT / "run_worker.py"), "-c",
+                               str(config), *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=30)
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    config = tmp_path / "jobs.yaml"
+    config.write_text(f"""\
+database: {{url: "sqlite:///{tmp_path / 'jobs.db'}"}}
+worker: {{lock_dir: "{first}"}}
+jobs:
+  - {{name: held, call: 'tests.jobfuncs:select_one', every: 1h}}
+  - {{name: free, call: 'tests.jobfuncs:select_one', every: 1h}}
+""")
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    assert cli("--pause", "held").returncode == 0
+    config.write_text(config.read_text().replace(str(first), str(second)))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reloaded")
+    status = cli("--status")
+    assert status.returncode == 0, status.stderr
+    assert [line.split()[:2] for line in status.stdout.splitlines()
+            if line.startswith(("held", "free"))] == [["held", "paused"], ["free", "idle"]]
+    assert daemon.stop() == 0
+    # What a restart reads: the pause, in the new directory.
+    [paused] = second.glob("*.paused.sqlite")
+    with sqlite3.connect(paused) as db:
+        assert db.execute("SELECT name FROM paused_jobs").fetchall() == [("held",)]
+
+
+def test_a_reload_to_a_database_that_never_answers_keeps_the_daemon_answering_signals(
+        tmp_path, daemons):
+    """The new database accepts connections and never answers (a stuck server or
+    proxy): the reload's check froze the loop, SIGTERM unanswered for as long as the
+    server stayed so (60 s and more); now the check runs aside and a stop ends it."""
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0), backlog=16)   # never accepts
+    try:
+        config = tmp_path / "jobs.yaml"
+        config.write_text(f"""\
+database: {{url: "sqlite:///{tmp_path / 'jobs.db'}"}}
+worker: {{lock_dir: "{tmp_path / 'locks'}"}}
+jobs:
+  - {{name: tick, call: 'tests.jobfuncs:noop', every: 1h}}
+""")
+        daemon = daemons(config)
+        daemon.wait_for("daemon started")
+        config.write_text(config.read_text().replace(
+            f"sqlite:///{tmp_path / 'jobs.db'}", "mysql+pyodbc://u:p@127.0.0.1/x?driver="
+            f"MariaDB+Unicode&Port={silent.getsockname()[1]}"))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for("received SIGHUP")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(timeout=8) == 0, daemon.log
+    finally:
+        silent.close()
+    rejected = [line for line in daemon.log.splitlines() if "reload rejected" in line]
+    assert len(rejected) == 1 and "a stop was requested while the new configuration's " \
+        "database was being checked" in rejected[0], daemon.log

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Container, Mapping, Sequence
@@ -31,6 +33,7 @@ from .parts import CLOSE_TIMEOUT, PartOwner
 log = logging.getLogger("worker")
 
 CONNECT_ATTEMPT_ALLOWANCE = 60.0   # seconds one connection attempt at start-up may take
+RELOAD_CHECK_WAIT = 10.0   # seconds a reload waits for its new database to answer
 
 
 class DatabaseUnusable(Exception):
@@ -251,10 +254,15 @@ def run_once(config: Config, functions: Mapping[str, JobFunction],
     try:
         report = loop.run()
     finally:
-        history.close()                # the last rows written (bounded wait)
-        if monitoring is not None:     # hooks waited for (bounded), then the textfile
-            monitoring.finish(textfile=True)
-        finish(loop)
+        # The last rows are written while the hooks and the parts end, not after:
+        # the stop's bound (docs/operations.md) has no room for a wait of its own.
+        history.begin_close(CLOSE_TIMEOUT)
+        try:
+            finish(loop)
+        finally:
+            history.close()            # what is left of its time, if any
+            if monitoring is not None:  # hooks waited for (bounded), then the textfile
+                monitoring.finish(textfile=True)   # with the history's final counts
     return _with_lost(report, lost_outcomes)
 
 
@@ -306,7 +314,7 @@ def run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
         return _run_daemon(path, config, functions, only, notifier, observers, held,
                            history)
     finally:
-        history.close()                # the last rows written (bounded wait)
+        history.close(CLOSE_TIMEOUT)   # begun at the loop's end (_run_daemon), if it ran
         if held[0] is not None:
             held[0].finish(textfile=False)
 
@@ -344,7 +352,9 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
                                 owner=current.owner, previous=current,
                                 lost_outcomes=lost_outcomes)
             try:
-                new.start(previous=current)
+                _start_aside(new, current, loop)
+            except ReloadGivenUp:
+                raise               # the check's thread lets go of `new` when it ends
             except BaseException:
                 new.release()       # what it shares with `current` stays open
                 raise
@@ -355,7 +365,7 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
         if change is not None:
             change.commit()
             monitoring.probe_readiness(lambda: loop.runtime)
-        new.paused = current.paused
+        _move_control(loop, current, new)
         return new
 
     loop = WorkLoop(runtime, ScheduleSource(observers), notifier=notifier, reload=reload,
@@ -371,16 +381,17 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
                  len(runtime.scheduler.jobs), config.path, runtime.database.display_url,
                  config.worker.max_workers, extra=WRITE_AT_ONCE)
         notifier.ready(f"running {len(runtime.scheduler.jobs)} scheduled job(s)")
-        control = _open_control(loop, config)
+        _open_control(loop, config)
         try:
             report = loop.run()
         finally:
-            if control is not None:
-                control.close()
+            if loop.commands is not None:     # a reload may have moved it
+                loop.commands.close()
         if not report.abandoned:
             log.info("daemon stopped: %d connection(s) still checked out of the pool",
                      loop.runtime.database.checked_out())
     finally:
+        history.begin_close(CLOSE_TIMEOUT)    # its last rows, while the parts close
         finish(loop)
         notifier.close()
     return _with_lost(report, lost_outcomes)
@@ -408,6 +419,92 @@ def _open_control(loop, config: Config):
                   "--resume and --status cannot reach this daemon", directory, describe(exc))
         return None
     return loop.commands
+
+
+class ReloadGivenUp(Exception):
+    """The new runtime's database did not answer in time, or a stop came first."""
+
+
+def _start_aside(new: Runtime, current: Runtime, loop) -> None:
+    """`new.start(previous=current)` on a thread of its own, waited for at most
+    RELOAD_CHECK_WAIT seconds while the loop takes signals: on the loop thread, a
+    new database that accepts connections and never answers froze the daemon
+    (SIGTERM unanswered, no run started) for as long as it did. Given up at a stop
+    or after that wait (ReloadGivenUp: the reload is rejected); the thread then
+    lets go of the new runtime's parts once its check ends."""
+    state = {"done": False, "given_up": False, "error": None}
+    guard = threading.Lock()
+
+    def check() -> None:
+        try:
+            new.start(previous=current)
+        except BaseException as exc:  # handed to the loop thread (or dropped: given up)
+            state["error"] = exc
+        with guard:
+            state["done"] = True
+            given_up = state["given_up"]
+        if given_up:
+            new.release()
+        loop.wake()
+
+    threading.Thread(target=check, name="reload-check", daemon=True).start()
+    deadline = time.monotonic() + RELOAD_CHECK_WAIT
+    while True:
+        with guard:
+            if state["done"]:
+                break
+            stop = loop.stop_requested
+            if stop or time.monotonic() >= deadline:
+                state["given_up"] = True
+                raise ReloadGivenUp("a stop was requested while the new configuration's "
+                                    "database was being checked" if stop else
+                                    f"the new configuration's database did not answer "
+                                    f"within {RELOAD_CHECK_WAIT:g}s")
+        loop.pause(min(0.25, max(0.0, deadline - time.monotonic())))
+    if state["error"] is not None:
+        raise state["error"]
+
+
+def _move_control(loop, current: Runtime, new: Runtime) -> None:
+    """The paused jobs and the control socket follow a reload: a new lock_dir (or
+    database, whose hash names the files) gets them, with the pauses as they are
+    now, else `--status`, `--pause`, `--resume`, `--run-now` and `--list` with the
+    new config found no daemon, and a restart forgot every pause; a changed
+    cluster reads its own pauses. If that cannot be done, they stay where they
+    were (said once)."""
+    import sqlite3
+
+    from sqlalchemy.exc import DBAPIError
+
+    from .control import ClusterPausedJobs, ControlServer, PausedJobs, control_files
+    from .locks import LockDirectoryError
+    new.paused = current.paused
+    before, after = control_files(current.config), control_files(new.config)
+    if loop.commands is None or (before == after and new.cluster is current.cluster):
+        return
+    directory, socket_name, paused_name = after
+    commands = None
+    try:
+        if new.cluster is None:
+            paused = PausedJobs(directory / paused_name)
+            for name in set(current.paused) ^ set(paused):
+                paused.set(name, name in current.paused)
+        elif new.cluster is not current.cluster:
+            paused = ClusterPausedJobs(new.cluster)
+        else:
+            paused = current.paused
+        if before[:2] != after[:2]:
+            commands = ControlServer(directory, socket_name, loop.wake)
+    except (OSError, sqlite3.Error, DBAPIError, LockDirectoryError) as exc:
+        # Never raised: the new runtime is built and the reload applied by now.
+        log.error("the control socket and paused jobs stay in %s: cannot have them in "
+                  "%s: %s", before[0], directory, describe(exc))
+        return
+    new.paused = paused
+    if commands is not None:
+        loop.commands.close()
+        loop.commands = commands
+        log.info("control socket moved to %s", commands.path)
 
 
 def _wait_for_database(loop, runtime: Runtime, notifier, observers: Observers) -> bool:

@@ -197,9 +197,10 @@ class WorkLoop:
         return self._stop.requested
 
     def pause(self, seconds: float) -> None:
-        """Wait, but wake up at once for a signal."""
+        """Wait, but wake up at once for a signal (the watchdog pinged meanwhile)."""
         self._waker.wait(seconds)
         self._take_signals()
+        self._ping_watchdog()
 
     # --- the loop ----------------------------------------------------------------
 
