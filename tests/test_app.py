@@ -334,3 +334,30 @@ jobs:
     rejected = [line for line in daemon.log.splitlines() if "reload rejected" in line]
     assert len(rejected) == 1 and "a stop was requested while the new configuration's " \
         "database was being checked" in rejected[0], daemon.log
+
+
+def test_a_daemon_started_against_a_database_that_never_answers_stops_on_sigterm(
+        tmp_path, daemons):
+    """At start-up the same: the first connection attempt held the main thread, so
+    SIGTERM was not acted on until the server answered or went away."""
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0), backlog=16)
+    silent.settimeout(20)
+    try:
+        config = tmp_path / "jobs.yaml"
+        config.write_text(f"""\
+database: {{url: "mysql+pyodbc://u:p@127.0.0.1/x?driver=MariaDB+Unicode&Port=\
+{silent.getsockname()[1]}"}}
+worker: {{lock_dir: "{tmp_path / 'locks'}"}}
+jobs:
+  - {{name: tick, call: 'tests.jobfuncs:noop', every: 1h}}
+""")
+        daemon = daemons(config)
+        connection, _ = silent.accept()     # its attempt is under way, never answered
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(timeout=8) == 0, daemon.log
+        connection.close()
+    finally:
+        silent.close()
+    assert "stopped while waiting for the database: no job ran" in daemon.log

@@ -352,8 +352,8 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
                                 owner=current.owner, previous=current,
                                 lost_outcomes=lost_outcomes)
             try:
-                _start_aside(new, current, loop)
-            except ReloadGivenUp:
+                _start_aside(new, current, loop, RELOAD_CHECK_WAIT)
+            except StartGivenUp:
                 raise               # the check's thread lets go of `new` when it ends
             except BaseException:
                 new.release()       # what it shares with `current` stays open
@@ -421,17 +421,19 @@ def _open_control(loop, config: Config):
     return loop.commands
 
 
-class ReloadGivenUp(Exception):
-    """The new runtime's database did not answer in time, or a stop came first."""
+class StartGivenUp(Exception):
+    """A runtime's database did not answer in time, or a stop came first."""
 
 
-def _start_aside(new: Runtime, current: Runtime, loop) -> None:
-    """`new.start(previous=current)` on a thread of its own, waited for at most
-    RELOAD_CHECK_WAIT seconds while the loop takes signals: on the loop thread, a
-    new database that accepts connections and never answers froze the daemon
-    (SIGTERM unanswered, no run started) for as long as it did. Given up at a stop
-    or after that wait (ReloadGivenUp: the reload is rejected); the thread then
-    lets go of the new runtime's parts once its check ends."""
+def _start_aside(new: Runtime, current: Runtime | None, loop,
+                 within: float | None) -> None:
+    """`new.start(previous=current)` on a thread of its own, waited for (at most
+    `within` seconds) while the loop takes signals: on the loop thread, a database
+    that accepts connections and never answers froze the daemon (SIGTERM
+    unanswered, no run started) for as long as it did, at start-up and at a
+    reload alike. Given up at a stop or after that wait (StartGivenUp); for a
+    reload (`current`), the thread then lets go of the new runtime's parts once
+    its check ends (at start-up, the process's end does)."""
     state = {"done": False, "given_up": False, "error": None}
     guard = threading.Lock()
 
@@ -443,12 +445,12 @@ def _start_aside(new: Runtime, current: Runtime, loop) -> None:
         with guard:
             state["done"] = True
             given_up = state["given_up"]
-        if given_up:
+        if given_up and current is not None:
             new.release()
         loop.wake()
 
-    threading.Thread(target=check, name="reload-check", daemon=True).start()
-    deadline = time.monotonic() + RELOAD_CHECK_WAIT
+    threading.Thread(target=check, name="database-check", daemon=True).start()
+    deadline = time.monotonic() + (within if within is not None else float("inf"))
     while True:
         with guard:
             if state["done"]:
@@ -456,10 +458,10 @@ def _start_aside(new: Runtime, current: Runtime, loop) -> None:
             stop = loop.stop_requested
             if stop or time.monotonic() >= deadline:
                 state["given_up"] = True
-                raise ReloadGivenUp("a stop was requested while the new configuration's "
-                                    "database was being checked" if stop else
-                                    f"the new configuration's database did not answer "
-                                    f"within {RELOAD_CHECK_WAIT:g}s")
+                raise StartGivenUp("a stop was requested while the new configuration's "
+                                   "database was being checked" if stop else
+                                   f"the new configuration's database did not answer "
+                                   f"within {within:g}s")
         loop.pause(min(0.25, max(0.0, deadline - time.monotonic())))
     if state["error"] is not None:
         raise state["error"]
@@ -518,9 +520,11 @@ def _wait_for_database(loop, runtime: Runtime, notifier, observers: Observers) -
         # start is not a failure", so systemd's start timeout must not fire either.
         notifier.extend_start(CONNECT_ATTEMPT_ALLOWANCE + delay)
         try:
-            runtime.start()
+            _start_aside(runtime, None, loop, None)   # a stop is answered meanwhile
             observers.database_ready(True)
             return True
+        except StartGivenUp:
+            return False
         except Exception as exc:  # any failure to connect: wait and try again...
             observers.database_ready(False)
             diagnosis = runtime.database.classify(exc)
