@@ -4,6 +4,7 @@ finish on the runtime they started on. Real daemons, real signals."""
 from __future__ import annotations
 
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -304,60 +305,55 @@ jobs:
         assert db.execute("SELECT name FROM paused_jobs").fetchall() == [("held",)]
 
 
-def test_a_reload_to_a_database_that_never_answers_keeps_the_daemon_answering_signals(
-        tmp_path, daemons):
-    """The new database accepts connections and never answers (a stuck server or
-    proxy): the reload's check froze the loop, SIGTERM unanswered for as long as the
-    server stayed so (60 s and more); now the check runs aside and a stop ends it."""
-    import socket
-
-    silent = socket.create_server(("127.0.0.1", 0), backlog=16)   # never accepts
-    try:
-        config = tmp_path / "jobs.yaml"
-        config.write_text(f"""\
-database: {{url: "sqlite:///{tmp_path / 'jobs.db'}"}}
+def write_tick_config(tmp_path, url: str):
+    config = tmp_path / "jobs.yaml"
+    config.write_text(f"""\
+database: {{url: "{url}"}}
 worker: {{lock_dir: "{tmp_path / 'locks'}"}}
 jobs:
   - {{name: tick, call: 'tests.jobfuncs:noop', every: 1h}}
 """)
-        daemon = daemons(config)
-        daemon.wait_for("daemon started")
-        config.write_text(config.read_text().replace(
-            f"sqlite:///{tmp_path / 'jobs.db'}", "mysql+pyodbc://u:p@127.0.0.1/x?driver="
-            f"MariaDB+Unicode&Port={silent.getsockname()[1]}"))
-        daemon.signal(signal.SIGHUP)
-        daemon.wait_for("received SIGHUP")
-        daemon.signal(signal.SIGTERM)
-        assert daemon.wait(timeout=8) == 0, daemon.log
-    finally:
-        silent.close()
+    return config
+
+
+@pytest.fixture
+def silent_database():
+    """(URL, listener) of a MariaDB that accepts connections and never answers."""
+    silent = socket.create_server(("127.0.0.1", 0), backlog=16)
+    silent.settimeout(20)
+    yield (f"mysql+pyodbc://u:p@127.0.0.1/x?driver=MariaDB+Unicode&Port="
+           f"{silent.getsockname()[1]}", silent)
+    silent.close()
+
+
+def test_a_reload_to_a_database_that_never_answers_keeps_the_daemon_answering_signals(
+        tmp_path, daemons, silent_database):
+    """The new database accepts connections and never answers (a stuck server or
+    proxy): the reload's check froze the loop, SIGTERM unanswered for as long as the
+    server stayed so (60 s and more); now the check runs aside and a stop ends it."""
+    url, silent = silent_database
+    config = write_tick_config(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}")
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    write_tick_config(tmp_path, url)
+    daemon.signal(signal.SIGHUP)
+    connection, _ = silent.accept()       # the reload's check is under way
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=8) == 0, daemon.log
+    connection.close()
     rejected = [line for line in daemon.log.splitlines() if "reload rejected" in line]
     assert len(rejected) == 1 and "a stop was requested while the new configuration's " \
         "database was being checked" in rejected[0], daemon.log
 
 
 def test_a_daemon_started_against_a_database_that_never_answers_stops_on_sigterm(
-        tmp_path, daemons):
+        tmp_path, daemons, silent_database):
     """At start-up the same: the first connection attempt held the main thread, so
     SIGTERM was not acted on until the server answered or went away."""
-    import socket
-
-    silent = socket.create_server(("127.0.0.1", 0), backlog=16)
-    silent.settimeout(20)
-    try:
-        config = tmp_path / "jobs.yaml"
-        config.write_text(f"""\
-database: {{url: "mysql+pyodbc://u:p@127.0.0.1/x?driver=MariaDB+Unicode&Port=\
-{silent.getsockname()[1]}"}}
-worker: {{lock_dir: "{tmp_path / 'locks'}"}}
-jobs:
-  - {{name: tick, call: 'tests.jobfuncs:noop', every: 1h}}
-""")
-        daemon = daemons(config)
-        connection, _ = silent.accept()     # its attempt is under way, never answered
-        daemon.signal(signal.SIGTERM)
-        assert daemon.wait(timeout=8) == 0, daemon.log
-        connection.close()
-    finally:
-        silent.close()
+    url, silent = silent_database
+    daemon = daemons(write_tick_config(tmp_path, url))
+    connection, _ = silent.accept()       # its attempt is under way, never answered
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=8) == 0, daemon.log
+    connection.close()
     assert "stopped while waiting for the database: no job ran" in daemon.log
