@@ -4,10 +4,15 @@ finish on the runtime they started on. Real daemons, real signals."""
 from __future__ import annotations
 
 import signal
+import socket
+import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.processes import runs
 from tests.test_cluster import cluster_config, run_rows
 from tests.test_daemon import write_config
@@ -240,3 +245,115 @@ def test_a_run_in_flight_when_lock_dir_moves_holds_its_lock_in_the_new_directory
     after = daemons(config, "--once", "--job", "B")
     assert after.wait() == 0, after.log
     assert daemon.stop() == 0
+
+
+def test_once_ignores_sighup_and_finishes_its_batch(tmp_path, daemons):
+    """SIGHUP's default action killed a batch mid-run: no summary, no textfile, exit
+    -1 (a closed terminal, a reload sent to every worker process)."""
+    started = tmp_path / "started"
+    config = tmp_path / "jobs.yaml"
+    config.write_text(f"""\
+database: {{url: "sqlite:///{tmp_path / 'jobs.db'}"}}
+worker: {{lock_dir: "{tmp_path / 'locks'}"}}
+jobs:
+  - {{name: slow, call: 'tests.jobfuncs:touch_then_python_sleep',
+     kwargs: {{path: "{started}", seconds: 0.5}}}}
+""")
+    batch = daemons(config, "--once")
+    deadline = time.monotonic() + 20
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    batch.signal(signal.SIGHUP)
+    assert batch.wait() == 0, batch.log
+    assert "received SIGHUP: ignored (a batch does not reload" in batch.log
+    assert "1 job(s): 1 succeeded" in batch.process.stdout.read()
+
+
+def test_a_reload_that_moves_lock_dir_moves_the_control_socket_and_the_pauses(
+        tmp_path, daemons):
+    """The socket and the paused-jobs file stayed in the old lock directory: with the
+    new config --status/--pause/--resume found no daemon (69), and a restart forgot
+    every pause (the paused job ran again)."""
+    def cli(*args):
+        return subprocess.run([sys.executable, str(ROOT / "run_worker.py"), "-c",
+                               str(config), *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=30)
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    config = tmp_path / "jobs.yaml"
+    config.write_text(f"""\
+database: {{url: "sqlite:///{tmp_path / 'jobs.db'}"}}
+worker: {{lock_dir: "{first}"}}
+jobs:
+  - {{name: held, call: 'tests.jobfuncs:select_one', every: 1h}}
+  - {{name: free, call: 'tests.jobfuncs:select_one', every: 1h}}
+""")
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    assert cli("--pause", "held").returncode == 0
+    config.write_text(config.read_text().replace(str(first), str(second)))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reloaded")
+    status = cli("--status")
+    assert status.returncode == 0, status.stderr
+    assert [line.split()[:2] for line in status.stdout.splitlines()
+            if line.startswith(("held", "free"))] == [["held", "paused"], ["free", "idle"]]
+    assert daemon.stop() == 0
+    # What a restart reads: the pause, in the new directory.
+    [paused] = second.glob("*.paused.sqlite")
+    with sqlite3.connect(paused) as db:
+        assert db.execute("SELECT name FROM paused_jobs").fetchall() == [("held",)]
+
+
+def write_tick_config(tmp_path, url: str):
+    config = tmp_path / "jobs.yaml"
+    config.write_text(f"""\
+database: {{url: "{url}"}}
+worker: {{lock_dir: "{tmp_path / 'locks'}"}}
+jobs:
+  - {{name: tick, call: 'tests.jobfuncs:noop', every: 1h}}
+""")
+    return config
+
+
+@pytest.fixture
+def silent_database():
+    """(URL, listener) of a MariaDB that accepts connections and never answers."""
+    silent = socket.create_server(("127.0.0.1", 0), backlog=16)
+    silent.settimeout(20)
+    yield (f"mysql+pyodbc://u:p@127.0.0.1/x?driver=MariaDB+Unicode&Port="
+           f"{silent.getsockname()[1]}", silent)
+    silent.close()
+
+
+def test_a_reload_to_a_database_that_never_answers_keeps_the_daemon_answering_signals(
+        tmp_path, daemons, silent_database):
+    """The new database accepts connections and never answers (a stuck server or
+    proxy): the reload's check froze the loop, SIGTERM unanswered for as long as the
+    server stayed so (60 s and more); now the check runs aside and a stop ends it."""
+    url, silent = silent_database
+    config = write_tick_config(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}")
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    write_tick_config(tmp_path, url)
+    daemon.signal(signal.SIGHUP)
+    connection, _ = silent.accept()       # the reload's check is under way
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=8) == 0, daemon.log
+    connection.close()
+    rejected = [line for line in daemon.log.splitlines() if "reload rejected" in line]
+    assert len(rejected) == 1 and "a stop was requested while the new configuration's " \
+        "database was being checked" in rejected[0], daemon.log
+
+
+def test_a_daemon_started_against_a_database_that_never_answers_stops_on_sigterm(
+        tmp_path, daemons, silent_database):
+    """At start-up the same: the first connection attempt held the main thread, so
+    SIGTERM was not acted on until the server answered or went away."""
+    url, silent = silent_database
+    daemon = daemons(write_tick_config(tmp_path, url))
+    connection, _ = silent.accept()       # its attempt is under way, never answered
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=8) == 0, daemon.log
+    connection.close()
+    assert "stopped while waiting for the database: no job ran" in daemon.log

@@ -308,6 +308,19 @@ def test_list_columns_are_aligned(tmp_path):
             assert row[start - 2:start] == "  " and row[start] != " ", (row, start)
 
 
+def test_list_says_unknown_not_never_when_the_run_table_cannot_be_read(tmp_path):
+    """A cluster whose run table is out of reach: --list said every job's last run
+    was "never" (exit 0), as if no run had ever happened."""
+    config = write_config(tmp_path, "- {name: tick, call: 'tests.jobfuncs:noop', every: 30s}\n")
+    config.write_text(config.read_text() + f'cluster: {{url: "sqlite:///'
+                      f'{tmp_path / "missing" / "runs.db"}"}}\n')
+    done = worker("-c", str(config), "--list")
+    assert done.returncode == 0, done.stderr
+    assert "cannot read the run table" in done.stderr
+    header, row = done.stdout.splitlines()
+    assert row.endswith("unknown (the run table cannot be read)") and "never" not in row
+
+
 def test_a_failing_jobs_traceback_is_logged_once_at_info(tmp_path):
     """Issue 10 item 15: file and line of the job's failure, at INFO, once."""
     config = write_config(tmp_path, "- {name: bad, call: 'tests.jobfuncs:fail_with_value_error'}\n")

@@ -239,7 +239,12 @@ def test_another_uid_is_refused_with_77_even_through_a_loosened_socket(backend):
         daemon = Daemon(config)
         try:
             daemon.wait_for("daemon started")
-            sockets = [p for p in lock_dir.iterdir() if p.name.endswith(".control")]
+            # The socket is bound just after that line: wait for it, not a race.
+            deadline = time.monotonic() + 30
+            while not (sockets := [p for p in lock_dir.iterdir()
+                                   if p.name.endswith(".control")]) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert len(sockets) == 1 and len(str(sockets[0])) > 108
             info = sockets[0].lstat()
             assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600

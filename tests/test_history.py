@@ -212,3 +212,37 @@ def test_a_reload_that_moves_the_history_loses_no_queued_row(tmp_path):
     assert counts == {first: 0, second: 2}
     assert SimpleNamespace(failed=writer.failed_writes, dropped=writer.dropped_rows) == \
         SimpleNamespace(failed=0, dropped=0)
+
+
+def test_a_stop_with_the_history_store_locked_waits_only_its_share_and_counts_the_lost_rows(
+        tmp_path, caplog):
+    """The writer's last rows, blocked by a lock on the store: a stop waited 10 s for
+    them (12 s for a daemon with shutdown_timeout 1 s and nothing running, outside the
+    documented stop bound) and then said "0 row(s) lost" while the rows being written
+    were lost."""
+    import logging
+    import sqlite3
+
+    from worker.config import HistorySettings
+    from worker.history import HistoryStore, HistoryWriter
+
+    url = f"sqlite:///{tmp_path / 'history.db'}"
+    store = HistoryStore(url)
+    store.ensure_schema()
+    locker = sqlite3.connect(tmp_path / "history.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")      # another process holds the file
+    try:
+        writer = HistoryWriter()
+        writer.use(url, lambda: store, HistorySettings())
+        now = int(time.time() * 1000)
+        writer.add(("job", "once", None, now - 1, now, "success", 1, "host", 1, None))
+        with caplog.at_level(logging.WARNING, logger="worker.history"):
+            writer.close(0.3)
+        assert writer._thread.is_alive()    # still in its write: not waited for
+        assert "1 row(s) lost" in caplog.text
+        assert writer.dropped_rows == 1
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+        writer._thread.join(30)
+        store.dispose()

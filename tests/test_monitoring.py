@@ -793,6 +793,38 @@ jobs:
     assert prom.stat().st_mtime > 1_000_000
 
 
+@pytest.mark.parametrize("planted", ["fifo", "link"])
+def test_once_never_hangs_on_nor_follows_what_another_user_planted_as_the_textfile(
+        tmp_path, planted):
+    """A shared textfile directory: a FIFO planted as the file blocked --once for ever
+    at its end (SIGTERM too); a link to a device (/dev/zero) grew it without bound, a
+    link to a file had it read. Only a regular file is read; the new one replaces it."""
+    prom = tmp_path / "run_worker.prom"
+    victim = tmp_path / "victim.prom"
+    victim.write_text('run_worker_runs_total{job_name="ok",outcome="failed"} 7\n')
+    if planted == "fifo":
+        os.mkfifo(prom)
+    else:
+        prom.symlink_to(victim)
+    config = write_config(tmp_path / "jobs.yaml", f"""
+database: {{url: "{sqlite_db(tmp_path)}"}}
+metrics: {{textfile: "{prom}"}}
+jobs: [{{name: ok, call: "tests.jobfuncs:select_one"}}]
+""")
+    done = run_cli(config, "--once", timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert "cannot be read" in done.stderr and "replaced whole" in done.stderr
+    assert prom.is_file() and not prom.is_symlink()
+    assert (prom.stat().st_mode & 0o777) == 0o644       # node-exporter reads it
+    assert value(samples_of(prom.read_text()), "run_worker_runs_total", job_name="ok",
+                 outcome="success") == 1
+    assert value(samples_of(prom.read_text()), "run_worker_runs_total", job_name="ok",
+                 outcome="failed") == 0
+    assert victim.read_text().endswith("} 7\n")
+    assert sorted(p.name for p in tmp_path.iterdir() if "prom" in p.name) == \
+        ["run_worker.prom", "victim.prom"]                # no temporary file left
+
+
 # --- the listener: HEAD, and no client can starve it (issue 22) --------------------------
 
 def raw_request(port: int, request: bytes, timeout: float = 5) -> bytes:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Container, Mapping, Sequence
@@ -31,6 +33,7 @@ from .parts import CLOSE_TIMEOUT, PartOwner
 log = logging.getLogger("worker")
 
 CONNECT_ATTEMPT_ALLOWANCE = 60.0   # seconds one connection attempt at start-up may take
+RELOAD_CHECK_WAIT = 10.0   # seconds a reload waits for its new database to answer
 
 
 class DatabaseUnusable(Exception):
@@ -180,19 +183,20 @@ def only_jobs(config: Config, names: Sequence[str] | None) -> tuple[JobSpec, ...
     return tuple(job for job in config.jobs if job.name in names)
 
 
-def install_signal_handlers(loop, reload: bool) -> None:
+def install_signal_handlers(loop) -> None:
     """A handler only records the signal (a list append: no lock, no log line) and
     the interpreter wakes the loop through its wakeup fd; the loop thread does the
     rest (log, stop, reload). A handler that logged could stop for ever on the log
-    handler's lock, held by the code it interrupted on the same thread."""
+    handler's lock, held by the code it interrupted on the same thread. SIGHUP is
+    handled by `--once` too: its default action killed the batch without a summary
+    (a `systemctl reload` of the wrong unit, a closed terminal); it is ignored there."""
     signal.set_wakeup_fd(loop.wakeup_fd, warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, loop.signal_received)
     signal.signal(signal.SIGINT, loop.signal_received)
     # A process a job forks must not run these (a SIGTERM would only ask a loop the
     # child does not run to stop, so the child would never end).
     os.register_at_fork(after_in_child=default_signal_handlers)
-    if reload:
-        signal.signal(signal.SIGHUP, loop.signal_received)
+    signal.signal(signal.SIGHUP, loop.signal_received)
 
 
 def default_signal_handlers() -> None:
@@ -246,14 +250,19 @@ def run_once(config: Config, functions: Mapping[str, JobFunction],
             return _run_table_unusable(runtime, selected, observers, monitoring, exc)
     loop = WorkLoop(runtime, BatchSource(list(selected)),
                     observer=Observers((history, observers)))
-    install_signal_handlers(loop, reload=False)
+    install_signal_handlers(loop)
     try:
         report = loop.run()
     finally:
-        history.close()                # the last rows written (bounded wait)
-        if monitoring is not None:     # hooks waited for (bounded), then the textfile
-            monitoring.finish(textfile=True)
-        finish(loop)
+        # The last rows are written while the hooks and the parts end, not after:
+        # the stop's bound (docs/operations.md) has no room for a wait of its own.
+        history.begin_close(CLOSE_TIMEOUT)
+        try:
+            finish(loop)
+        finally:
+            history.close()            # what is left of its time, if any
+            if monitoring is not None:  # hooks waited for (bounded), then the textfile
+                monitoring.finish(textfile=True)   # with the history's final counts
     return _with_lost(report, lost_outcomes)
 
 
@@ -305,7 +314,7 @@ def run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
         return _run_daemon(path, config, functions, only, notifier, observers, held,
                            history)
     finally:
-        history.close()                # the last rows written (bounded wait)
+        history.close(CLOSE_TIMEOUT)   # begun at the loop's end (_run_daemon), if it ran
         if held[0] is not None:
             held[0].finish(textfile=False)
 
@@ -343,7 +352,9 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
                                 owner=current.owner, previous=current,
                                 lost_outcomes=lost_outcomes)
             try:
-                new.start(previous=current)
+                _start_aside(new, current, loop, RELOAD_CHECK_WAIT)
+            except StartGivenUp:
+                raise               # the check's thread lets go of `new` when it ends
             except BaseException:
                 new.release()       # what it shares with `current` stays open
                 raise
@@ -364,7 +375,7 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
                     observer=Observers((history, observers)))
     if held[0] is not None:
         held[0].probe_readiness(lambda: loop.runtime)
-    install_signal_handlers(loop, reload=True)
+    install_signal_handlers(loop)
     try:
         if not _wait_for_database(loop, runtime, notifier, observers):
             log.info("stopped while waiting for the database: no job ran")
@@ -383,6 +394,7 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
             log.info("daemon stopped: %d connection(s) still checked out of the pool",
                      loop.runtime.database.checked_out())
     finally:
+        history.begin_close(CLOSE_TIMEOUT)    # its last rows, while the parts close
         finish(loop)
         notifier.close()
     return _with_lost(report, lost_outcomes)
@@ -406,6 +418,52 @@ def _open_control(loop, config: Config):
         return None
 
 
+class StartGivenUp(Exception):
+    """A runtime's database did not answer in time, or a stop came first."""
+
+
+def _start_aside(new: Runtime, current: Runtime | None, loop,
+                 within: float | None) -> None:
+    """`new.start(previous=current)` on a thread of its own, waited for (at most
+    `within` seconds) while the loop takes signals: on the loop thread, a database
+    that accepts connections and never answers froze the daemon (SIGTERM
+    unanswered, no run started) for as long as it did, at start-up and at a
+    reload alike. Given up at a stop or after that wait (StartGivenUp); for a
+    reload (`current`), the thread then lets go of the new runtime's parts once
+    its check ends (at start-up, the process's end does)."""
+    state = {"done": False, "given_up": False, "error": None}
+    guard = threading.Lock()
+
+    def check() -> None:
+        try:
+            new.start(previous=current)
+        except BaseException as exc:  # handed to the loop thread (or dropped: given up)
+            state["error"] = exc
+        with guard:
+            state["done"] = True
+            given_up = state["given_up"]
+        if given_up and current is not None:
+            new.release()
+        loop.wake()
+
+    threading.Thread(target=check, name="database-check", daemon=True).start()
+    deadline = time.monotonic() + (within if within is not None else float("inf"))
+    while True:
+        with guard:
+            if state["done"]:
+                break
+            stop = loop.stop_requested
+            if stop or time.monotonic() >= deadline:
+                state["given_up"] = True
+                raise StartGivenUp("a stop was requested while the new configuration's "
+                                   "database was being checked" if stop else
+                                   f"the new configuration's database did not answer "
+                                   f"within {within:g}s")
+        loop.pause(min(0.25, max(0.0, deadline - time.monotonic())))
+    if state["error"] is not None:
+        raise state["error"]
+
+
 def _wait_for_database(loop, runtime: Runtime, notifier, observers: Observers) -> bool:
     """READY only once the database answers; until then say why we wait. False when
     a stop came first; DatabaseUnusable when waiting cannot help."""
@@ -417,9 +475,11 @@ def _wait_for_database(loop, runtime: Runtime, notifier, observers: Observers) -
         # start is not a failure", so systemd's start timeout must not fire either.
         notifier.extend_start(CONNECT_ATTEMPT_ALLOWANCE + delay)
         try:
-            runtime.start()
+            _start_aside(runtime, None, loop, None)   # a stop is answered meanwhile
             observers.database_ready(True)
             return True
+        except StartGivenUp:
+            return False
         except Exception as exc:  # any failure to connect: wait and try again...
             observers.database_ready(False)
             diagnosis = runtime.database.classify(exc)

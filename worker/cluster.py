@@ -28,7 +28,7 @@ from sqlalchemy import (BigInteger, Column, Index, Integer, MetaData, String, Ta
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from .config import ClusterSettings, DatabaseSettings
-from .db import Database, create_tables
+from .db import Database, create_tables, record_schema_version
 from .errors import describe
 
 log = logging.getLogger("worker.cluster")
@@ -714,17 +714,6 @@ class Cluster:
 def _what(values: dict | None) -> str:
     return "release its run claimed ahead" if values is None else \
         f"record its outcome ({values['outcome']})"
-
-
-def record_schema_version(engine, component: str, version: int) -> None:
-    """Write `component`'s schema version, unless a node wrote one first (that one
-    is read and checked, or upgraded, by the caller)."""
-    try:
-        with engine.begin() as connection:
-            connection.execute(insert(schema_versions).values(component=component,
-                                                               version=version))
-    except IntegrityError:
-        pass   # another node wrote it first
 
 
 def nearest_slot(schedule, now: float, batch_slot: float) -> float:

@@ -345,6 +345,21 @@ def create_tables(connection, metadata) -> None:
         metadata.create_all(connection, checkfirst=True)
 
 
+def record_schema_version(engine, component: str, version: int) -> None:
+    """Write `component`'s row in worker_schema (the run table's "runs", the
+    history, the cluster's pauses), unless a process wrote one first (that one is
+    read and checked, or upgraded, by the caller)."""
+    from sqlalchemy import column, insert, table
+    from sqlalchemy.exc import IntegrityError
+    versions = table("worker_schema", column("component"), column("version"))
+    try:
+        with engine.begin() as connection:
+            connection.execute(insert(versions).values(component=component,
+                                                       version=version))
+    except IntegrityError:
+        pass   # another process wrote it first
+
+
 def _missing_tables(connection, metadata) -> bool:
     """True if a table of the metadata does not exist yet (no lock needed otherwise:
     jobs that only check never wait for each other)."""

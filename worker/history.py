@@ -40,7 +40,8 @@ ROWS_PER_INSERT = 200     # 2,000 parameters: SQL Server takes at most 2,100
 MAX_QUEUED = 50_000       # rows kept while the store is out of reach; the oldest go first
 RETRY_WAIT_MAX = 30.0     # seconds between tries while the store is out of reach
 PRUNE_EVERY = 600.0       # seconds between retention passes
-CLOSE_WAIT = 10.0         # seconds a stop waits for the last rows to be written
+CLOSE_WAIT = 2.0          # seconds a stop waits for the last rows to be written, at
+                          # least (beside the hooks and the parts: worker.app)
 CLOSING_TRIES = 4         # a stop tries the last rows this often (a deadlock, a lock)...
 CLOSING_RETRY_WAIT = 0.1  # ...this many seconds apart at first, doubling
 ERROR_MAX = 1000          # characters of an error kept
@@ -113,20 +114,14 @@ class HistoryStore:
         processes start at once); refuse a table of a newer version."""
         if self._schema_ready:
             return
-        from sqlalchemy import insert, select
-        from sqlalchemy.exc import IntegrityError
+        from sqlalchemy import select
 
-        from .db import create_tables
+        from .db import create_tables, record_schema_version
         versions = self.versions
         engine = self.database.engine
         with engine.begin() as connection:
             create_tables(connection, self.metadata)
-        try:
-            with engine.begin() as connection:
-                connection.execute(insert(versions).values(component=COMPONENT,
-                                                           version=SCHEMA_VERSION))
-        except IntegrityError:
-            pass   # another process wrote it first
+        record_schema_version(engine, COMPONENT, SCHEMA_VERSION)
         with engine.connect() as connection:
             version = connection.execute(select(versions.c.version).where(
                 versions.c.component == COMPONENT)).scalar_one()
@@ -231,6 +226,8 @@ class HistoryWriter:
         self._key: str | None = None
         self._retired: list[HistoryStore] = []
         self._closing = False
+        self._close_by = 0.0         # monotonic: when close() stops waiting
+        self._writing = 0            # rows taken by the thread, not written yet
         self._failing = False
         # The store refused us in a way no wait can fix (a login refused): rows are
         # dropped until the next use() (a reload), so that a wrong password is not
@@ -278,16 +275,28 @@ class HistoryWriter:
             if waiting == 1 or waiting == BATCH_ROWS:
                 self._wake.notify()
 
-    def close(self, timeout: float = CLOSE_WAIT) -> None:
-        """Write what waits (for at most `timeout` seconds), then let the store go."""
+    def begin_close(self, within: float = CLOSE_WAIT) -> None:
+        """Start writing the last rows now, to be waited for by close() at most until
+        `within` seconds from now (the first call decides): the stop waits for the
+        hooks and the parts meanwhile, not after."""
         with self._wake:
-            self._closing = True
-            self._wake.notify()
+            if not self._closing:
+                self._closing = True
+                self._close_by = time.monotonic() + within
+                self._wake.notify()
+
+    def close(self, within: float = CLOSE_WAIT) -> None:
+        """Write what waits (until begin_close's time, or `within` seconds), then let
+        the store go."""
+        self.begin_close(within)
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(max(0.0, self._close_by - time.monotonic()))
             if self._thread.is_alive():
-                log.warning("run history: the last rows were not written within %gs; "
-                            "%d row(s) lost", timeout, len(self._rows))
+                with self._wake:     # those being written count: they are lost too
+                    lost = len(self._rows) + self._writing
+                    self.dropped_rows += lost
+                log.warning("run history: the last rows were not written in time for "
+                            "the stop; %d row(s) lost", lost)
                 return
         for store in self._retired + ([self._store] if self._store is not None else []):
             store.dispose()
@@ -299,12 +308,15 @@ class HistoryWriter:
             with self._wake:
                 self._wait_for_batch()
                 rows, self._rows = self._rows, []
+                self._writing = len(rows)
                 settings, closing = self.settings, self._closing
                 retired, self._retired = self._retired, []
             for old in retired:
                 old.dispose()
             written = not rows or self._write(rows)
             if written:
+                with self._wake:
+                    self._writing = 0
                 delay = FLUSH_EVERY
                 if self._store is not None and not self._given_up:
                     self._prune(self._store, settings)
@@ -362,6 +374,7 @@ class HistoryWriter:
         """Rows that could not be written go back first in line, bounded."""
         with self._wake:
             self._rows[:0] = rows
+            self._writing = 0
             excess = len(self._rows) - MAX_QUEUED
             if excess > 0:
                 del self._rows[:excess]
@@ -455,5 +468,8 @@ class History(NoObserver):
                          result.outcome.value, result.attempts, self._node, self._pid,
                          result.error))
 
-    def close(self, timeout: float = CLOSE_WAIT) -> None:
-        self.writer.close(timeout)
+    def begin_close(self, within: float = CLOSE_WAIT) -> None:
+        self.writer.begin_close(within)
+
+    def close(self, within: float = CLOSE_WAIT) -> None:
+        self.writer.close(within)

@@ -167,7 +167,10 @@ class WorkLoop:
             return
         received, self._signals = self._signals, []
         for signum in received:
-            if signum == signal.SIGHUP:
+            if signum == signal.SIGHUP and self._reload is None:
+                log.info("received SIGHUP: ignored (a batch does not reload its "
+                         "configuration)")
+            elif signum == signal.SIGHUP:
                 log.info("received SIGHUP: reloading the configuration")
                 self._reload_requested = True
             else:
@@ -196,9 +199,10 @@ class WorkLoop:
         return self._stop.requested
 
     def pause(self, seconds: float) -> None:
-        """Wait, but wake up at once for a signal."""
+        """Wait, but wake up at once for a signal (the watchdog pinged meanwhile)."""
         self._waker.wait(seconds)
         self._take_signals()
+        self._ping_watchdog()
 
     # --- the loop ----------------------------------------------------------------
 

@@ -67,7 +67,9 @@ def job_list(config: Config) -> int:
         else:
             when = scheduler.next_run(job.name)
         row = [job.name, job.schedule or "-", when]
-        if last is not None:
+        if last is UNREADABLE:
+            row.append("unknown (the run table cannot be read)")
+        elif last is not None:
             entry = last.get(job.name)
             row.append(f"{entry.outcome} at {_ms_to_text(entry.ended_ms or entry.started_ms)}"
                        f" on {entry.node}" if entry else "never")
@@ -84,8 +86,12 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(f"{str(cell):<{width}}" for cell, width in zip(row, widths)).rstrip())
 
 
+UNREADABLE = object()     # _last_runs: the run table could not be read
+
+
 def _last_runs(config: Config):
-    """Each job's newest row in the cluster's run table; None without a cluster."""
+    """Each job's newest row in the cluster's run table; None without a cluster;
+    UNREADABLE when it cannot be read (not "never": that would say no run was)."""
     from .app import open_cluster
     from .errors import describe
     cluster = open_cluster(config)
@@ -95,7 +101,7 @@ def _last_runs(config: Config):
         return cluster.last_runs()
     except Exception as exc:  # the listing must work without the run table
         command_error(f"cannot read the run table: {describe(exc)}")
-        return {}
+        return UNREADABLE
     finally:
         cluster.database.dispose()
 

@@ -10,7 +10,9 @@ scrape time from the runtime now in use.
 from __future__ import annotations
 
 import logging
+import os
 import platform
+import stat
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -234,7 +236,6 @@ class MetricsObserver:
         so that a scrape never reads half. Nothing is written when no run finished and
         none was another node's (every run found its previous run still going, exit
         75): the file's age then says so. False then."""
-        from prometheus_client import write_to_textfile
         if not self.settled:
             return False
         runtime = self._runtime
@@ -244,9 +245,29 @@ class MetricsObserver:
         configured = {job.name for job in runtime.config.jobs}
         # A job this run did not run keeps its series from the file, if it has any.
         theirs = (configured - {job.name for job in runtime.jobs}) & in_file
-        write_to_textfile(path, _Merged(self.registry, previous, configured - theirs,
-                                        theirs))
+        _replace_file(path, _Merged(self.registry, previous, configured - theirs, theirs))
         return True
+
+
+def _replace_file(path: str, registry) -> None:
+    """The families written to a new file beside `path`, then renamed over it. The
+    temporary file is made with O_EXCL (never through a link another user planted in
+    a shared textfile directory), mode 0644 for node-exporter, whatever the umask."""
+    import tempfile
+
+    from prometheus_client import generate_latest
+    from prometheus_client.openmetrics.exposition import ALLOWUTF8
+    data = generate_latest(registry, ALLOWUTF8)
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), 0o644)
+            file.write(data)
+        os.rename(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 class _Merged:
@@ -294,7 +315,13 @@ def _read_families(path: str) -> list:
     read (it is then replaced whole)."""
     from prometheus_client.parser import text_string_to_metric_families
     try:
-        with open(path, encoding="utf-8") as file:
+        # Not through a link, nor a FIFO or device another user put there (a FIFO
+        # blocked --once for ever at its end, SIGTERM included; /dev/zero grew it
+        # without bound): only a regular file is read, and it is replaced whole.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, encoding="utf-8") as file:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"not a regular file (mode {os.fstat(fd).st_mode:o})")
             return list(text_string_to_metric_families(file.read()))
     except FileNotFoundError:
         return []
