@@ -4,9 +4,9 @@ IntervalTrigger(1 h) jobs whose first run is due at start (the worker's `every: 
 each running `benchmarks.jobs:stamp_select`; the others are CronTrigger jobs at the
 minutes MINUTES (one a job, in turn), each running `select_one`. Every run is in the
 thread's scoped_session (commit, rollback on error, remove). Logs at INFO to stderr, as
-the worker does; prints `ready` to stdout once the scheduler has started. Runs until SIGTERM.
+the worker does; creates the file READY once the scheduler has started. Runs until SIGTERM.
 
-    python -m benchmarks.apsched_scale URL JOBS BURST THREADS OUT MINUTES
+    python -m benchmarks.apsched_scale URL JOBS BURST THREADS OUT MINUTES READY
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def main(argv: list[str]) -> int:
     url, jobs, burst, threads, out = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), \
         argv[4]
     minutes = [int(m) for m in argv[5].split(",")]
+    ready = argv[6]
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = create_engine(url, pool_size=threads, max_overflow=0)
@@ -63,7 +64,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     scheduler.start()
-    print("ready", flush=True)
+    with open(ready, "w"):
+        pass
     stop.wait()
     scheduler.shutdown(wait=True)
     engine.dispose()

@@ -39,6 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .common import ROOT, Target, print_table, ratio
 
@@ -119,16 +120,16 @@ def _stamps(out: Path) -> list[float]:
             if len(line.split()) == 2]
 
 
-def measure_daemon(name: str, argv: list[str], log_path: Path, out: Path, ready: str,
-                   burst: int, idle_seconds: float) -> dict:
+def measure_daemon(name: str, argv: list[str], log_path: Path, out: Path,
+                   ready: Callable[[], bool], burst: int, idle_seconds: float) -> dict:
+    """`ready`: whether the process says it has started."""
     out.unlink(missing_ok=True)
     with open(log_path, "wb") as log:
         started = time.monotonic()
         process = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT)
         try:
-            startup = _wait(lambda: ready in log_path.read_text(errors="replace"),
-                            process, log_path, START_TIMEOUT) - started
+            startup = _wait(ready, process, log_path, START_TIMEOUT) - started
             _wait(lambda: len(_stamps(out)) >= burst, process, log_path, BURST_TIMEOUT)
             time.sleep(1.0)   # the last runs' ends, their log lines, history writes
             cpu_before, idle_started = _cpu_seconds(process.pid), time.monotonic()
@@ -155,6 +156,25 @@ def measure_daemon(name: str, argv: list[str], log_path: Path, out: Path, ready:
     return figures
 
 
+class LogWatch:
+    """Whether a line has appeared in a growing log, reading only what is new
+    (APScheduler's log of 100,000 jobs is 24 MB)."""
+
+    def __init__(self, path: Path, text: bytes) -> None:
+        self.path, self.text, self.offset, self.tail = path, text, 0, b""
+
+    def seen(self) -> bool:
+        try:
+            with open(self.path, "rb") as log:
+                log.seek(self.offset)
+                new = log.read()
+        except FileNotFoundError:
+            return False
+        self.offset += len(new)
+        window, self.tail = self.tail + new, (self.tail + new)[-len(self.text):]
+        return self.text in window
+
+
 def _wait(condition, process, log_path: Path, timeout: float) -> float:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -178,17 +198,19 @@ def daemon_sizes(directory: Path, profile: ScaleProfile) -> dict[int, dict[str, 
         results[jobs] = {}
         order = (WORKER, APSCHEDULER) if position % 2 == 0 else (APSCHEDULER, WORKER)
         for name in order:   # who goes first alternates between sizes
+            log_path = directory / f"{name.split()[0]}-{jobs}.log"
             if name == WORKER:
                 argv = [sys.executable, "run_worker.py", "-c", str(config)]
-                ready = "daemon started:"
+                ready = LogWatch(log_path, b"daemon started:").seen
             else:
+                marker = directory / "ready"
+                marker.unlink(missing_ok=True)
                 argv = [sys.executable, "-m", "benchmarks.apsched_scale", url, str(jobs),
                         str(burst), str(THREADS), str(out),
-                        ",".join(str(m) for m in minutes)]
-                ready = "\nready\n"
-            results[jobs][name] = measure_daemon(
-                name, argv, directory / f"{name.split()[0]}-{jobs}.log", out, ready, burst,
-                profile.idle_seconds)
+                        ",".join(str(m) for m in minutes), str(marker)]
+                ready = marker.exists
+            results[jobs][name] = measure_daemon(name, argv, log_path, out, ready, burst,
+                                                 profile.idle_seconds)
     return results
 
 
