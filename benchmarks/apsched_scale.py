@@ -10,20 +10,16 @@ the worker does; creates the file READY once the scheduler has started. Runs unt
 """
 from __future__ import annotations
 
-import logging
-import signal
 import sys
-import threading
 from datetime import datetime, timedelta
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import create_engine
-from sqlalchemy.orm import scoped_session, sessionmaker
 
 from . import jobs as bench_jobs
+from .apsched import run_until_signalled, session_runner
 
 
 def main(argv: list[str]) -> int:
@@ -31,20 +27,7 @@ def main(argv: list[str]) -> int:
         argv[4]
     minutes = [int(m) for m in argv[5].split(",")]
     ready = argv[6]
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = create_engine(url, pool_size=threads, max_overflow=0)
-    Session = scoped_session(sessionmaker(bind=engine))
-
-    def run(job, **kwargs) -> None:
-        try:
-            job(Session, **kwargs)
-            Session.commit()
-        except Exception:
-            Session.rollback()
-            raise
-        finally:
-            Session.remove()
+    engine, run = session_runner(url, threads)
 
     scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(threads)})
     start = datetime.now().astimezone()
@@ -60,15 +43,7 @@ def main(argv: list[str]) -> int:
                                                    timezone="UTC"),
                               args=(bench_jobs.select_one,), id=name,
                               misfire_grace_time=3600)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    scheduler.start()
-    with open(ready, "w"):
-        pass
-    stop.wait()
-    scheduler.shutdown(wait=True)
-    engine.dispose()
+    run_until_signalled(scheduler, engine, ready)
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 from .common import ROOT, Target, print_table, ratio
+from .daemon import stop
 
 WORKER, APSCHEDULER = "worker", "APScheduler 3.11"
 THREADS = 8
@@ -50,6 +50,7 @@ START_TIMEOUT = 300.0
 BURST_TIMEOUT = 120.0
 CLUSTER_NODES = 3
 KEEP_HOURS = 6
+IDLE_NOISE = 0.1   # % of a core
 SIZES, QUICK_SIZES = (1000, 10_000, 100_000), (1000,)
 
 
@@ -138,12 +139,7 @@ def measure_daemon(name: str, argv: list[str], log_path: Path, out: Path,
                                                                - idle_started)
             rss, peak = _status_kb(process.pid, "VmRSS"), _status_kb(process.pid, "VmHWM")
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, 60)
     stamps = sorted(_stamps(out))[:burst]
     late = [stamp - stamps[0] for stamp in stamps]
     figures = {"startup": startup, "rss_mb": rss / 1024, "peak_mb": peak / 1024,
@@ -396,11 +392,14 @@ def _daemon_table(daemons: dict[int, dict[str, dict]]) -> list[Target]:
                                         ("lateness median", "median", "ms", 1000),
                                         ("lateness p99", "p99", "ms", 1000)):
             value, base = mine[key] * scale, theirs[key] * scale
-            # Idle CPU below a tenth of a percent of a core is no cost at all.
-            met = value <= base or (key == "idle_cpu" and value < 0.1)
+            # The CPU clock counts 10 ms ticks: 0.05 % over 20 s. Below 0.1 % of a
+            # core idle is no cost a user can measure, whatever APScheduler's.
+            met = value <= base or (key == "idle_cpu" and value < IDLE_NOISE)
             targets.append(Target(f"scale daemon {jobs:,} jobs: {label}",
                                   f"{value:,.2f} {unit}", f"APScheduler {base:,.2f} {unit}",
-                                  f"{ratio(value, base):.2f}x", "<= 1.0x", met))
+                                  f"{ratio(value, base):.2f}x",
+                                  f"<= 1.0x{' or < 0.1 %' if key == 'idle_cpu' else ''}",
+                                  met))
     print_table(f"Daemon at scale: {BURST:,} jobs due at start, the rest cron over the "
                 f"hour, SQLite, {THREADS} threads (lateness: start minus the burst's "
                 f"first start)", ["jobs", "figure", "worker", "APScheduler", "ratio"], rows)
