@@ -218,29 +218,28 @@ class Scheduler:
     def due(self) -> list[DueRun]:
         """The runs due now; each job's next occurrence moves past now."""
         runs: list[DueRun] = []
-        entries = self._pop_due()
+        popped = self._pop_due()
         try:
-            self._take_due(entries, runs)
+            self._take_due(popped, runs)
         finally:
-            for entry in entries:
+            for entry, _ in popped:
                 heapq.heappush(self._heaps[entry.schedule.now],
                                (entry.next_due, entry.position, entry))
         return runs
 
-    def _pop_due(self) -> list[_Entry]:
-        """The entries due now, in config order, off their heaps (due() puts each
-        back under its next occurrence)."""
-        popped: list[_Entry] = []
+    def _pop_due(self) -> list[tuple[_Entry, float]]:
+        """The entries due now, each with the time its clock said, in config order,
+        off their heaps (due() puts each back under its next occurrence)."""
+        popped: list[tuple[_Entry, float]] = []
         for clock, heap in self._heaps.items():
             now = clock()
             while heap and heap[0][0] <= now:
-                popped.append(heapq.heappop(heap)[2])
-        popped.sort(key=lambda entry: entry.position)
+                popped.append((heapq.heappop(heap)[2], now))
+        popped.sort(key=lambda pair: pair[0].position)
         return popped
 
-    def _take_due(self, entries: list[_Entry], runs: list[DueRun]) -> None:
-        for entry in entries:
-            now = entry.schedule.now()
+    def _take_due(self, popped: list[tuple[_Entry, float]], runs: list[DueRun]) -> None:
+        for entry, now in popped:
             latest, count = entry.schedule.latest_at_or_before(now, entry.next_due)
             lateness = now - latest
             entry.next_due = entry.schedule.next_after(now, latest)
