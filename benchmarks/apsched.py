@@ -16,28 +16,28 @@ import signal
 import sys
 import threading
 from datetime import datetime, timedelta
+from typing import Callable
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import create_engine
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import scoped_session, sessionmaker
 
 from . import jobs as bench_jobs
 
 
-def main(argv: list[str]) -> int:
-    url, jobs, every, threads, out = (argv[0], int(argv[1]), float(argv[2]), int(argv[3]),
-                                      argv[4])
-    stamp = getattr(bench_jobs, argv[5] if len(argv) > 5 else "stamp_select")
+def session_runner(url: str, threads: int) -> tuple[Engine, Callable[..., None]]:
+    """INFO logging, an engine, and `run(job, **kwargs)`: the job in the thread's
+    scoped_session, committed, rolled back on error, removed whatever happened."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = create_engine(url, pool_size=threads, max_overflow=0)
     Session = scoped_session(sessionmaker(bind=engine))
 
-    def run(out: str, tag: str) -> None:
+    def run(job: Callable[..., None], **kwargs) -> None:
         try:
-            stamp(Session, out, tag)
+            job(Session, **kwargs)
             Session.commit()
         except Exception:
             Session.rollback()
@@ -45,22 +45,40 @@ def main(argv: list[str]) -> int:
         finally:
             Session.remove()
 
+    return engine, run
+
+
+def main(argv: list[str]) -> int:
+    url, jobs, every, threads, out = (argv[0], int(argv[1]), float(argv[2]), int(argv[3]),
+                                      argv[4])
+    stamp = getattr(bench_jobs, argv[5] if len(argv) > 5 else "stamp_select")
+    engine, run = session_runner(url, threads)
     scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(threads)})
     # The first run of every job now (as the worker's `every`), then every EVERY.
     start = datetime.now().astimezone() + timedelta(milliseconds=50)
     for number in range(jobs):
         scheduler.add_job(run, IntervalTrigger(seconds=every, start_date=start),
+                          args=(stamp,),
                           kwargs={"out": out, "tag": f"job-{number:02d}"},
                           id=f"job-{number:02d}",
                           next_run_time=start)
+    run_until_signalled(scheduler, engine)
+    return 0
+
+
+def run_until_signalled(scheduler, engine: Engine, ready: str | None = None) -> None:
+    """Start the scheduler (then create the file `ready`, if given), run until
+    SIGTERM or SIGINT, shut down waiting for the runs in progress."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     scheduler.start()
+    if ready is not None:
+        with open(ready, "w"):
+            pass
     stop.wait()
     scheduler.shutdown(wait=True)
     engine.dispose()
-    return 0
 
 
 if __name__ == "__main__":

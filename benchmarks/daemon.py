@@ -167,13 +167,18 @@ def _run(argv: list[str], out: Path, log_path: Path, seconds: int) -> list[tuple
             # Until the window's last burst has been due and had time to start.
             time.sleep(max(0.0, first + seconds * EVERY + EVERY / 2 - time.monotonic()))
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, 30)
     return _read(out)
+
+
+def stop(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within `timeout` seconds."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _read(out: Path) -> list[tuple[str, float]]:

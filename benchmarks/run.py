@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import batch, daemon, roundtrips, scaling, soak, startup, throughput
+from . import batch, daemon, roundtrips, scale, scaling, soak, startup, throughput
 from .backends import Backend, mariadb_backend, mariadb_problem, sqlite_backend
 from .common import ROOT, Profile, Report, Target, make_profile, print_targets
 
@@ -33,7 +33,10 @@ SECTIONS: dict[str, Section] = {
     "batch": batch.run_batch,
     "check": batch.run_check,
     "daemon": daemon.run,
+    "scale": scale.run,
 }
+# Run only when named (--only scale): it takes longer than the whole default run.
+NOT_BY_DEFAULT = {"scale"}
 NEEDS_MARIADB = {"roundtrips", "scaling"}
 
 
@@ -42,6 +45,7 @@ class Context:
     profile: Profile
     backends: list[Backend]
     report: Report
+    scale: scale.ScaleProfile
 
     @property
     def mariadb(self) -> Backend | None:
@@ -61,11 +65,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-jobs", type=int, nargs="+", metavar="N",
                         help="the batch section's config sizes (default: the profile's), "
                              "e.g. --batch-jobs 3000 for the history and log-line rows only")
+    parser.add_argument("--scale-jobs", type=int, nargs="+", metavar="N",
+                        help="the scale section's daemon sizes (default 1000 10000 100000, "
+                             "with --quick 1000); the largest is also its --once size")
     parser.add_argument("--output", type=Path, default=RESULTS_PATH,
                         help=f"where to write the JSON results (default: {RESULTS_PATH})")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.scale_jobs and min(args.scale_jobs) < 1:
+        parser.error("--scale-jobs must be at least 1")
     return args
 
 
@@ -77,11 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_jobs:
         profile = replace(profile, batch_sizes=tuple(args.batch_jobs))
     report = Report(meta=_meta(args, profile))
-    selected = args.only or list(SECTIONS)
+    selected = args.only or [name for name in SECTIONS if name not in NOT_BY_DEFAULT]
     _print_header(report.meta)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-") as directory:
-        context = Context(profile, _backends(Path(directory), report), report)
+        context = Context(profile, _backends(Path(directory), report), report,
+                          scale.scale_profile(args.quick, args.scale_jobs))
         for name in selected:
             _run_section(name, context)
     report.meta["seconds"] = round(time.perf_counter() - started, 1)

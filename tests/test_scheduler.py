@@ -160,3 +160,52 @@ def test_a_run_started_after_it_was_found_due_is_as_late_as_when_it_starts():
     run = DueRun(JobSpec(name="j", call="m:f", every=5.0), "t", 0.5, 1)
     time.sleep(0.3)
     assert run.lateness >= 0.8
+
+
+class CountingClock(Clock):
+    def __init__(self, now: float = 1000.0) -> None:
+        super().__init__(now)
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return self.now
+
+
+def test_a_pass_with_nothing_due_reads_each_clock_once_whatever_the_job_count():
+    """Issue 27: the loop asks due() and seconds_until_next() at every pass (once per
+    finished run in a burst); with 100,000 jobs a look at every job cost ~40 ms."""
+    clock = CountingClock()
+    scheduler = Scheduler([job(f"j{n}", every=10 + n % 7) for n in range(1000)], BERLIN,
+                          60, every_factory(clock))
+    assert len(scheduler.due()) == 1000
+    clock.now += 5
+    clock.calls = 0
+    assert scheduler.due() == []
+    assert abs(scheduler.seconds_until_next() - 5) < 1e-9
+    assert clock.calls == 2
+
+
+def test_runs_due_on_two_clocks_come_in_config_order_and_the_nearest_wins():
+    wall, ticks = Clock(datetime(2026, 6, 1, 11, 59, 30, tzinfo=ZoneInfo("UTC"))
+                        .timestamp()), Clock(5000.0)
+
+    def factory(spec, zone):
+        if spec.every is not None:
+            return EverySchedule(spec.every, ticks)
+        return CronSchedule(spec.cron, zone, wall)
+
+    jobs = [JobSpec(name="c1", call="m:f", cron="0 12 * * *"),
+            JobSpec(name="e1", call="m:f", every=60.0),
+            JobSpec(name="c2", call="m:f", cron="0 12 * * *"),
+            JobSpec(name="e2", call="m:f", every=45.0)]
+    scheduler = Scheduler(jobs, ZoneInfo("UTC"), 60.0, factory)
+    assert [run.job.name for run in scheduler.due()] == ["e1", "e2"]   # due at start
+    assert abs(scheduler.seconds_until_next() - 30) < 1e-9             # the cron jobs
+    wall.now += 30
+    ticks.now += 30
+    assert [run.job.name for run in scheduler.due()] == ["c1", "c2"]
+    assert abs(scheduler.seconds_until_next() - 15) < 1e-9             # e2's next
+    wall.now += 30
+    ticks.now += 30
+    assert [run.job.name for run in scheduler.due()] == ["e1", "e2"]

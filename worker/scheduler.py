@@ -10,6 +10,7 @@ skipped with a log line otherwise.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import time
@@ -142,6 +143,7 @@ class _Entry:
     next_due: float
     coalesced: int = 0                       # missed runs not yet reported
     coalesced_logged: float = float("-inf")  # when they were last reported
+    position: int = 0                        # in the config's job list (due() order)
 
 
 def _keeps_next_run(old: _Entry, job: JobSpec, zone: tzinfo) -> bool:
@@ -166,6 +168,10 @@ class Scheduler:
         self.misfire_grace_time = misfire_grace_time
         self._factory = schedule_factory
         self._entries: dict[str, _Entry] = dict(carry_over._entries) if carry_over else {}
+        # Per clock, a heap of (next_due, position in the config, entry): a pass of
+        # the loop looks at the jobs that are due, not at all of them (100,000 jobs:
+        # a scan of every entry cost ~40 ms, once per finished run in a burst).
+        self._heaps: dict[Callable[[], float], list[tuple[float, int, _Entry]]] = {}
         self.unscheduled: list[str] = []
         self._misfired: list[JobSpec] = []    # skipped runs not yet taken (take_misfired)
         self.update(jobs)
@@ -193,6 +199,13 @@ class Scheduler:
                 continue
             entries[job.name] = _Entry(job, schedule, schedule.first(schedule.now()))
         self._entries = entries
+        self._heaps = {}
+        for position, entry in enumerate(entries.values()):
+            entry.position = position
+            self._heaps.setdefault(entry.schedule.now, []).append(
+                (entry.next_due, position, entry))
+        for heap in self._heaps.values():
+            heapq.heapify(heap)
 
     def reset(self, jobs: Iterable[JobSpec]) -> None:
         """Forget every next-run time and start afresh (e.g. once a clock is synced)."""
@@ -206,7 +219,7 @@ class Scheduler:
     def seconds_until_next(self) -> float | None:
         if not self._entries:
             return None
-        return max(0.0, min(e.next_due - e.schedule.now() for e in self._entries.values()))
+        return max(0.0, min(heap[0][0] - clock() for clock, heap in self._heaps.items()))
 
     def next_run(self, name: str) -> str | None:
         entry = self._entries.get(name)
@@ -215,10 +228,28 @@ class Scheduler:
     def due(self) -> list[DueRun]:
         """The runs due now; each job's next occurrence moves past now."""
         runs: list[DueRun] = []
-        for entry in self._entries.values():
-            now = entry.schedule.now()
-            if entry.next_due > now:
-                continue
+        popped = self._pop_due()
+        try:
+            self._take_due(popped, runs)
+        finally:
+            for entry, _ in popped:
+                heapq.heappush(self._heaps[entry.schedule.now],
+                               (entry.next_due, entry.position, entry))
+        return runs
+
+    def _pop_due(self) -> list[tuple[_Entry, float]]:
+        """The entries due now, each with the time its clock said, in config order,
+        off their heaps (due() puts each back under its next occurrence)."""
+        popped: list[tuple[_Entry, float]] = []
+        for clock, heap in self._heaps.items():
+            now = clock()
+            while heap and heap[0][0] <= now:
+                popped.append((heapq.heappop(heap)[2], now))
+        popped.sort(key=lambda pair: pair[0].position)
+        return popped
+
+    def _take_due(self, popped: list[tuple[_Entry, float]], runs: list[DueRun]) -> None:
+        for entry, now in popped:
             latest, count = entry.schedule.latest_at_or_before(now, entry.next_due)
             lateness = now - latest
             entry.next_due = entry.schedule.next_after(now, latest)
