@@ -209,3 +209,70 @@ def test_runs_due_on_two_clocks_come_in_config_order_and_the_nearest_wins():
     wall.now += 30
     ticks.now += 30
     assert [run.job.name for run in scheduler.due()] == ["e1", "e2"]
+
+
+class CountingCron(CronSchedule):
+    """A cron schedule that counts the fire times it computes (the work a count of
+    missed runs costs)."""
+
+    def __init__(self, expression, zone, clock) -> None:
+        super().__init__(expression, zone, clock)
+        self.fires_computed = 0
+        next_after = self._times.next_after
+
+        def counting(instant: float) -> float:
+            self.fires_computed += 1
+            return next_after(instant)
+        self._times.next_after = counting
+
+
+def test_a_wall_clock_a_week_ahead_counts_the_missed_runs_once_per_schedule_not_per_job():
+    """A wall clock stepped a week ahead (a resumed VM, an RTC set by NTP) left
+    each of 1,000 `* * * * *` jobs counting its 10,000 missed runs one fire time at
+    a time: one due() call held the loop for 64 s (10,000 jobs: 10 min) with no
+    signal answered and no watchdog ping. Jobs sharing a schedule and a next run
+    share the count."""
+    wall = Clock(datetime(2026, 6, 1, 11, 0, 30, tzinfo=ZoneInfo("UTC")).timestamp())
+    made: list[CountingCron] = []
+
+    def factory(spec, zone):
+        made.append(CountingCron(spec.cron, zone, wall))
+        return made[-1]
+    jobs = [job(f"j{n}", cron="* * * * *") for n in range(20)]
+    scheduler = Scheduler(jobs, BERLIN, 60.0, factory)
+    wall.now += 30                                   # 11:01 passes: a run each
+    assert len(scheduler.due()) == 20
+    wall.now += 7 * 86400 + 30                       # a week ahead, mid-minute
+    (schedule,) = made
+    schedule.fires_computed = 0
+    runs = scheduler.due()
+    assert [run.job.name for run in runs] == [job.name for job in jobs]
+    assert {run.coalesced for run in runs} == {10_000}   # counted up to the cap
+    assert {run.slot for run in runs} == {wall.now - 30}  # 11:01 a week later
+    assert schedule.fires_computed <= 10_100         # was 20 times that
+    assert scheduler.due() == []
+    assert abs(scheduler.seconds_until_next() - 30) < 1e-9
+
+
+class SlowToDescribe(EverySchedule):
+    """An `every` schedule whose readable time takes 0.2 s (a pass over many due
+    jobs, or a SIGSTOP, between the clock reading and the run's DueRun)."""
+
+    def describe(self, instant: float) -> str:
+        time.sleep(0.2)
+        return super().describe(instant)
+
+
+def test_a_run_is_late_from_the_clock_reading_that_found_it_due():
+    """late_when_found is measured at the pass's clock reading: the time the pass
+    took after that reading (64 s over 1,000 jobs after a clock jump) belongs to
+    the run's lateness too, or the start line, metrics and the history's
+    scheduled time are short by it."""
+    clock = Clock()
+    scheduler = Scheduler([job("a", every=10)], BERLIN, 60,
+                          lambda spec, zone: SlowToDescribe(spec.every, clock))
+    scheduler.due()
+    clock.now += 10.5
+    (run,) = scheduler.due()
+    assert abs(run.late_when_found - 0.5) < 1e-9
+    assert run.lateness >= 0.5 + 0.2

@@ -232,31 +232,46 @@ class Scheduler:
         try:
             self._take_due(popped, runs)
         finally:
-            for entry, _ in popped:
+            for entry, _, _ in popped:
                 heapq.heappush(self._heaps[entry.schedule.now],
                                (entry.next_due, entry.position, entry))
         return runs
 
-    def _pop_due(self) -> list[tuple[_Entry, float]]:
-        """The entries due now, each with the time its clock said, in config order,
-        off their heaps (due() puts each back under its next occurrence)."""
-        popped: list[tuple[_Entry, float]] = []
+    def _pop_due(self) -> list[tuple[_Entry, float, float]]:
+        """The entries due now, each with the time its clock said and the monotonic
+        time of that reading, in config order, off their heaps (due() puts each
+        back under its next occurrence)."""
+        popped: list[tuple[_Entry, float, float]] = []
         for clock, heap in self._heaps.items():
             now = clock()
+            # A run's lateness goes on from this reading, not from when its DueRun
+            # is made: the rest of the pass (a minute over 1,000 jobs after a clock
+            # jump, before the counts were shared) or a SIGSTOP in between was lost.
+            found_at = time.monotonic()
             while heap and heap[0][0] <= now:
-                popped.append((heapq.heappop(heap)[2], now))
-        popped.sort(key=lambda pair: pair[0].position)
+                popped.append((heapq.heappop(heap)[2], now, found_at))
+        popped.sort(key=lambda item: item[0].position)
         return popped
 
-    def _take_due(self, popped: list[tuple[_Entry, float]], runs: list[DueRun]) -> None:
-        for entry, now in popped:
-            latest, count = entry.schedule.latest_at_or_before(now, entry.next_due)
+    def _take_due(self, popped: list[tuple[_Entry, float, float]],
+                  runs: list[DueRun]) -> None:
+        # Jobs with one schedule (shared: update) and one next run have the same
+        # missed runs: counted once a pass. A cron count walks fire time by fire
+        # time (up to MAX_MISSED_COUNTED): a wall clock a week ahead held the loop
+        # 64 s for 1,000 `* * * * *` jobs counting the same 10,000 fires each.
+        counted: dict[tuple[Schedule, float], tuple[float, int, float, str]] = {}
+        for entry, now, found_at in popped:
+            key = (entry.schedule, entry.next_due)
+            if key not in counted:
+                latest, count = entry.schedule.latest_at_or_before(now, entry.next_due)
+                counted[key] = (latest, count, entry.schedule.next_after(now, latest),
+                                entry.schedule.describe(latest))
+            latest, count, entry.next_due, scheduled = counted[key]
             lateness = now - latest
-            entry.next_due = entry.schedule.next_after(now, latest)
             if lateness > self.misfire_grace_time:
                 log.warning("job=%s missed %d run(s), the latest at %s, %s ago (more than "
                             "misfire_grace_time %s): skipped; next run at %s",
-                            entry.job.name, count, entry.schedule.describe(latest),
+                            entry.job.name, count, scheduled,
                             format_duration(round(lateness, 3)),
                             format_duration(self.misfire_grace_time),
                             entry.schedule.describe(entry.next_due),
@@ -265,9 +280,8 @@ class Scheduler:
                 continue
             if count > 1:
                 self._log_coalesced(entry, count)
-            runs.append(DueRun(entry.job, entry.schedule.describe(latest), lateness, count,
-                               latest))
-        return runs
+            runs.append(DueRun(entry.job, scheduled, lateness, count, latest,
+                               found_at=found_at))
 
     def take_misfired(self) -> list[JobSpec]:
         """The jobs whose due run was skipped as too late since the last call (one
