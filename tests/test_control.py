@@ -3,13 +3,17 @@
 real uid."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
+import sqlite3
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -18,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.test_app import silent_database  # noqa: F401  (a fixture)
 from tests.test_daemon import write_config
 
 NOBODY = 65534
@@ -266,3 +271,204 @@ def test_another_uid_is_refused_with_77_even_through_a_loosened_socket(backend):
             daemon.stop()
     finally:
         shutil.rmtree(base)
+
+
+# --- the socket under stress: callers that give up, floods, silence, failures ----------
+
+def control_paths(config: Path) -> tuple[Path, str, str]:
+    """(lock directory, socket name, paused-jobs file name) of `config`'s daemon."""
+    from worker.app import load_config
+    from worker.control import control_files
+    return control_files(load_config(str(config))[0])
+
+
+class RawCaller:
+    """A caller on the daemon's socket without the command line: connects through
+    the lock directory's descriptor (the path may be too long for a socket)."""
+
+    def __init__(self, config: Path) -> None:
+        directory, self.name, _ = control_paths(config)
+        self.dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+        self.opened: list[socket.socket] = []
+
+    def connect(self, blocking: bool = True) -> socket.socket:
+        caller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        caller.setblocking(blocking)
+        if blocking:
+            caller.settimeout(20)
+        caller.connect(f"/proc/self/fd/{self.dir_fd}/{self.name}")
+        self.opened.append(caller)
+        return caller
+
+    def ask(self, command: str, job: str | None = None) -> dict:
+        caller = self.connect()
+        caller.sendall(json.dumps({"command": command, "job": job}).encode() + b"\n")
+        return json.loads(caller.makefile("rb").readline())
+
+    def close(self) -> None:
+        for caller in self.opened:
+            caller.close()
+        os.close(self.dir_fd)
+
+
+def still_open(connection: socket.socket) -> bool:
+    """The daemon has not closed its side of `connection` (nor sent anything)."""
+    connection.setblocking(False)
+    try:
+        return connection.recv(1) != b""
+    except BlockingIOError:
+        return True
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_run_now_whose_caller_was_told_69_never_runs(control_runs, tmp_path, daemons,
+                                                       silent_database):
+    """The loop thread is held by a reload whose new database never answers; the
+    caller is told 69 after the daemon's wait (1 s here). Before: the request stayed
+    queued and the loop started the run once the reload gave up; an operator told
+    "no daemon answers" found the run had happened."""
+    db_url = control_runs
+    name = token()
+    jobs = f"""\
+        - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
+            kwargs: {{name: {name}}}}}
+        """
+    config = write_config(tmp_path / "jobs.yaml", db_url, jobs)
+    original = config.read_text()
+    daemon = daemons(config, env={"RUN_WORKER_CONTROL_WAIT": "1"})
+    daemon.wait_for("daemon started")
+    url, silent = silent_database
+    write_config(config, url, jobs)
+    daemon.signal(signal.SIGHUP)
+    held, _ = silent.accept()             # the loop waits in the reload's check
+    config.write_text(original)           # the command line reads this one
+    try:
+        told = cli(config, "--run-now", "yearly")
+        assert told.returncode == 69, told.stderr
+        assert "nothing was done" in told.stderr
+    finally:
+        held.close()                      # the check fails: the loop turns again
+    daemon.wait_for("reload rejected")
+    daemon.wait_for("control command run-now yearly not carried out: its caller "
+                    "stopped waiting")
+    status = cli(config, "--status")      # a turn of the loop after the reload
+    assert status.returncode == 0, status.stderr
+    assert runs(db_url, name) == []
+    assert "run-now: started" not in daemon.log
+    assert cli(config, "--run-now", "yearly").returncode == 0    # the daemon is fine
+    daemon.wait_for("job=yearly attempt=1/3 succeeded")
+    assert len(runs(db_url, name)) == 1
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_full_backlog_is_69_and_a_clear_message_not_a_traceback(db_url, tmp_path,
+                                                                  daemons):
+    """The daemon stopped (SIGSTOP) while callers fill its socket's backlog: the
+    next caller is told 69. Before: a BlockingIOError traceback, exit 1."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: tick, call: 'tests.jobfuncs:noop', every: 1h}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    raw = RawCaller(config)
+    daemon.signal(signal.SIGSTOP)
+    try:
+        for _ in range(2000):
+            try:
+                raw.connect(blocking=False)
+            except BlockingIOError:
+                break
+        else:
+            pytest.fail("the backlog never filled")
+        done = cli(config, "--status")
+        assert done.returncode == 69, done.stderr
+        assert "Traceback" not in done.stderr
+        assert "no daemon answers" in done.stderr and "busy" in done.stderr, done.stderr
+    finally:
+        raw.close()
+        daemon.signal(signal.SIGCONT)
+    status = cli(config, "--status")
+    assert status.returncode == 0, status.stderr
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_silent_caller_holds_up_no_other(db_url, tmp_path, daemons):
+    """A caller that connects and sends nothing: another is answered meanwhile.
+    Before: the one socket thread read the silent caller until its 5 s timeout, and
+    only then the next (the silent one was closed by then)."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: tick, call: 'tests.jobfuncs:noop', every: 1h}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    raw = RawCaller(config)
+    try:
+        silent = [raw.connect() for _ in range(3)]
+        answer = raw.ask("status")
+        assert answer["code"] == 0 and answer["jobs"][0]["name"] == "tick"
+        assert all(still_open(connection) for connection in silent)
+        status = cli(config, "--status")
+        assert status.returncode == 0, status.stderr
+    finally:
+        raw.close()
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_command_failing_in_the_daemon_is_one_log_line_and_69(db_url, tmp_path,
+                                                               daemons):
+    """The paused-jobs file cannot be written (a directory stands in its place):
+    --pause fails in the daemon. Before: a traceback in the daemon's log."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: tick, call: 'tests.jobfuncs:noop', every: 1h}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    directory, _, paused_name = control_paths(config)
+    (directory / paused_name).unlink()
+    (directory / paused_name).mkdir()
+    done = cli(config, "--pause", "tick")
+    assert done.returncode == 69, done.stderr
+    assert "the daemon could not carry out pause tick: OperationalError" in done.stderr
+    assert "Traceback" not in done.stderr
+    failed = [line for line in daemon.log.splitlines() if "control command" in line]
+    assert len(failed) == 1 and "control command pause tick failed: OperationalError" \
+        in failed[0], daemon.log
+    assert "Traceback" not in daemon.log
+    assert "tick  idle" in cli(config, "--status").stdout
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_the_socket_answers_as_soon_as_the_daemon_says_it_started(db_url, tmp_path,
+                                                                  daemons):
+    """The paused-jobs file is held by another process for a while at start-up.
+    Before: "daemon started" (and READY) came first, the socket only once the file
+    could be read, so a caller right after start-up was told 69."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: tick, call: 'tests.jobfuncs:noop', every: 1h}
+        """)
+    directory, _, paused_name = control_paths(config)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    holder = sqlite3.connect(directory / paused_name, isolation_level=None,
+                             check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+
+    def release() -> None:
+        holder.rollback()
+        holder.close()
+
+    # Let go of within the daemon's 5 s wait for the file, after its start-up.
+    releaser = threading.Timer(3, release)
+    daemon = daemons(config)
+    releaser.start()
+    try:
+        daemon.wait_for("daemon started")
+        status = cli(config, "--status")
+    finally:
+        releaser.join()
+    assert status.returncode == 0, status.stderr
+    assert "tick  idle" in status.stdout
+    assert daemon.stop() == 0

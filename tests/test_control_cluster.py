@@ -209,3 +209,37 @@ def test_a_version_1_control_schema_is_raised_to_2_keeping_its_pauses(tmp_path):
                                                                .get_table_names())
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_locked_control_tables_do_not_hold_up_the_scheduled_runs(
+        control_runs, cluster_tables, tmp_path, daemons):
+    """Another session holds the control tables (LOCK TABLES ... WRITE) for 8 s:
+    the node's every-1s job runs on meanwhile; its commands wait. Before: the loop
+    thread read the pauses and requests itself and stood still until the lock went
+    (its statements wait up to their timeout, 1 s, again and again: 3 runs in 6 s)."""
+    db_url, runs_url = control_runs, cluster_tables
+    tick = token()
+    config = cluster_config(tmp_path / "jobs.yaml", db_url, run_table_url=runs_url, jobs=f"""\
+  - {{name: tick, call: 'tests.jobfuncs:record_control_run', every: 1s,
+      kwargs: {{name: {tick}}}}}
+""")
+    node = daemons(config, env={"NODE": "node-a"})
+    node.wait_for("daemon started")
+    assert wait_for(lambda: runs(db_url, tick))
+    engine = create_engine(runs_url)
+    try:
+        with engine.connect() as locker:
+            locker.exec_driver_sql("LOCK TABLES worker_paused WRITE, worker_nodes WRITE, "
+                                   "worker_requests WRITE")
+            since = time.time()
+            time.sleep(8)
+            until = time.time()
+            locker.exec_driver_sql("UNLOCK TABLES")
+    finally:
+        engine.dispose()
+    during = [at for at in runs(db_url, tick, after=since) if at < until]
+    assert len(during) >= 6, (during, node.log)     # 8 on time
+    # The commands work again once the lock is gone.
+    assert wait_for(lambda: on("elsewhere", config, "--status").returncode == 0)
+    assert node.stop() == 0

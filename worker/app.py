@@ -380,12 +380,15 @@ def _run_daemon(path: str, config: Config, functions: Mapping[str, JobFunction],
         if not _wait_for_database(loop, runtime, notifier, observers):
             log.info("stopped while waiting for the database: no job ran")
             return None
-        log.info("daemon started: %d scheduled job(s) from %s on %s, max_workers %d",
-                 len(runtime.scheduler.jobs), config.path, runtime.database.display_url,
-                 config.worker.max_workers, extra=WRITE_AT_ONCE)
-        notifier.ready(f"running {len(runtime.scheduler.jobs)} scheduled job(s)")
+        # Before "started" and READY: a caller right after start-up finds the socket
+        # (and the pauses hold from the first run).
         control[0] = _open_control(loop, config)
         try:
+            log.info("daemon started: %d scheduled job(s) from %s on %s, max_workers %d",
+                     len(runtime.scheduler.jobs), config.path,
+                     runtime.database.display_url, config.worker.max_workers,
+                     extra=WRITE_AT_ONCE)
+            notifier.ready(f"running {len(runtime.scheduler.jobs)} scheduled job(s)")
             report = loop.run()
         finally:
             if control[0] is not None:

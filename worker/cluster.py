@@ -346,7 +346,7 @@ class Cluster:
         self._last_prune = 0.0
         self.abandoned_marked = 0    # runs of silent nodes marked abandoned (metrics)
         # A daemon's row in worker_nodes (worker.control_cluster.NodeRow): written
-        # at each heartbeat that worked, removed at the stop.
+        # by the cluster-commands thread while heartbeats work, removed at the stop.
         self.membership = None
 
     # --- life cycle ---------------------------------------------------------------
@@ -621,13 +621,9 @@ class Cluster:
         self._last_beat_ok, self._beat_error = started, None
         self.check_health()
         self.ends.retry()
-        membership = self.membership
-        if membership is not None:
-            try:
-                membership.beat()
-            except Exception as exc:  # of any kind: written again at the next heartbeat
-                log.warning("could not write this node's row in worker_nodes: %s",
-                            describe(exc))
+        # The node's row in worker_nodes (`membership`) is written by its own thread
+        # (worker.control_cluster): a locked control table must not hold up this
+        # heartbeat, whose silence past the lease stops the claims.
         try:
             self._mark_abandoned()
             self._prune()

@@ -10,9 +10,14 @@ bound and reached through the directory's descriptor (/proc/self/fd/N/name), so
 a deep lock directory does not run into the 108-byte limit of socket paths.
 Never through the HTTP listener: that one has no authentication.
 
-The socket's thread only reads a request and hands it to the loop thread (it wakes
-the loop); the loop thread answers it (`ControlServer.answer`), as it does for a
-signal, so that no command races a run starting or a reload.
+The socket's thread only accepts callers; each caller is read on a short-lived
+thread of its own (at most MAX_CALLERS at once, each given READ_WITHIN seconds to
+send its request), so that a silent caller holds up nobody. The request is handed
+to the loop thread (it wakes the loop), which answers it (`ControlServer.answer`)
+as it does a signal, so that no command races a run starting or a reload. A
+command is acted on only while its caller still waits: once the caller has been
+told 69 (the loop gave no answer within the wait) or has hung up, the loop drops
+it (`Handoff`), so that an operator told "no answer" never finds it done later.
 
 Paused jobs are kept in a small SQLite file beside the lock file: a pause holds
 across restarts and reloads until resumed; a reload that moves the lock directory
@@ -27,12 +32,12 @@ import json
 import logging
 import os
 import queue
+import select
 import socket
 import sqlite3
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +47,13 @@ from .exitcodes import (EXIT_ALL_SKIPPED, EXIT_NOT_ALLOWED, EXIT_OK, EXIT_UNAVAI
 log = logging.getLogger("worker.control")
 
 ANSWER_WITHIN = 10.0      # seconds a caller waits for the loop thread's answer
+# The daemon's environment may shorten (or lengthen) that wait, in seconds.
+ANSWER_WITHIN_ENV = "RUN_WORKER_CONTROL_WAIT"
 MAX_REQUEST = 64 * 1024   # bytes: a request is one short JSON line
+READ_WITHIN = 5.0         # seconds a caller has to send its whole request
+MAX_CALLERS = 16          # conversations at once; more are told 69 (busy) at once
+BACKLOG = 64              # connections the kernel queues before accept
+CONNECT_BUSY_WAIT = 2.0   # seconds a caller retries a socket whose backlog is full
 COMMANDS = ("run-now", "pause", "resume", "status")
 
 
@@ -122,9 +133,10 @@ class PausedJobs(PausedNames):
 class Control:
     """A daemon's commands: its paused jobs (set on the runtime), its control socket
     and, in cluster mode, its part in the cluster's commands (a
-    worker.control_cluster.ClusterNode). Built on the main thread at start, both
-    turned by the loop thread (`loop.on_turn`), moved by a reload that changes the
-    lock directory (`follow`), closed at the stop."""
+    worker.control_cluster.ClusterNode, whose database I/O has a thread of its
+    own). Built on the main thread at start, before the daemon says it is ready;
+    both turned by the loop thread (`loop.on_turn`), moved by a reload that changes
+    the lock directory (`follow`), closed at the stop."""
 
     def __init__(self, loop, config) -> None:
         """OSError, sqlite3.Error or a DBAPIError when the pauses cannot be had."""
@@ -133,11 +145,12 @@ class Control:
         runtime = loop.runtime
         self.clustered = runtime.cluster is not None
         self.server: ControlServer | None = None
+        self.node = None
         if self.clustered:     # the commands come through the database, not a socket
             from .control_cluster import ClusterNode
-            node = ClusterNode(runtime)
-            runtime.paused = node.paused
-            loop.on_turn.append(node.turn)
+            self.node = ClusterNode(loop)
+            runtime.paused = self.node.paused
+            loop.on_turn.append(self.node.turn)
         else:
             runtime.paused = PausedJobs(directory / paused_name)
         if runtime.paused:
@@ -197,27 +210,83 @@ class Control:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.node is not None:
+            self.node.close()
 
 
-@dataclass
-class Request:
-    command: str
-    job: str | None
-    answered: threading.Event = field(default_factory=threading.Event)
-    answer: dict | None = None
+class Handoff:
+    """Work handed to the loop thread by a thread that waits for its answer, done
+    only while that thread still waits: the waiter gives up (`give_up`) and the
+    loop acts (`settle`) under one lock, so that exactly one of them wins. Used for
+    the socket's requests and for the cluster's run-now requests."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.answered = threading.Event()
+        self.answer = None
+        self.given_up = False
+
+    def give_up(self) -> bool:
+        """The waiter stops waiting: True when nothing was done (and now nothing will
+        be); False when the answer came meanwhile (`answer` holds it)."""
+        with self.lock:
+            if self.answered.is_set():
+                return False
+            self.given_up = True
+            return True
+
+    def settle(self, act: Callable[[], object]) -> bool:
+        """On the loop thread: `act()` and its result as the answer, unless the
+        waiter gave up (False: nothing done)."""
+        with self.lock:
+            if self.given_up:
+                return False
+            self.answer = act()
+            self.answered.set()
+            return True
+
+
+class Request(Handoff):
+    def __init__(self, command: str, job: str | None) -> None:
+        super().__init__()
+        self.command = command
+        self.job = job
+
+    def __str__(self) -> str:
+        return self.command + (f" {self.job}" if self.job is not None else "")
+
+
+def answer_within() -> float:
+    """How long a caller's request waits for the loop thread: ANSWER_WITHIN, or the
+    daemon's RUN_WORKER_CONTROL_WAIT (seconds)."""
+    text = os.environ.get(ANSWER_WITHIN_ENV)
+    if not text:
+        return ANSWER_WITHIN
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 3600:
+        log.warning("%s=%r is not a number of seconds (0-3600): the control socket "
+                    "waits %gs", ANSWER_WITHIN_ENV, text, ANSWER_WITHIN)
+        return ANSWER_WITHIN
+    return seconds
 
 
 class ControlServer:
-    """The daemon's control socket. Built and closed by worker.app on the main
-    thread; its thread only reads requests; the loop thread answers them."""
+    """The daemon's control socket. Built and closed on the main thread (at start,
+    and by a reload that moves it); its thread accepts callers, each read on a
+    thread of its own; the loop thread answers them."""
 
     def __init__(self, directory: Path, name: str, wake: Callable[[], None]) -> None:
         from .locks import open_lock_directory
         self.path = directory / name
         self._name = name
         self._wake = wake
+        self._wait = answer_within()
         self._requests: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._closing = threading.Event()
+        self._callers = threading.BoundedSemaphore(MAX_CALLERS)
         self._dir_fd = open_lock_directory(directory)
         try:
             self._socket = self._bind()
@@ -235,7 +304,7 @@ class ControlServer:
             listener.bind(where)
             # Before listen(): nobody can connect while the mode is still the umask's.
             os.chmod(self._name, 0o600, dir_fd=self._dir_fd)
-            listener.listen(8)
+            listener.listen(BACKLOG)
             listener.settimeout(0.5)      # to see `_closing` between connections
         except BaseException:
             listener.close()
@@ -244,7 +313,7 @@ class ControlServer:
 
     def close(self) -> None:
         self._closing.set()
-        self._thread.join(10)     # a caller's answer times out (0.5 s) first
+        self._thread.join(10)     # it sees `_closing` within 0.5 s
         self._socket.close()
         try:
             os.unlink(self._name, dir_fd=self._dir_fd)
@@ -262,17 +331,41 @@ class ControlServer:
                 log.warning("control socket %s: %s", self.path, exc)
                 time.sleep(0.5)
                 continue
+            if not self._callers.acquire(blocking=False):
+                # Told at once, never queued: a flood of callers holds up nobody.
+                with connection:
+                    try:
+                        connection.settimeout(0.5)
+                        _send(connection, {"code": EXIT_UNAVAILABLE, "message":
+                                           f"the daemon is busy: more than {MAX_CALLERS} "
+                                           f"callers at once on {self.path}; try again"})
+                    except OSError as exc:
+                        log.debug("control socket %s: %s", self.path, exc)
+                continue
+            try:
+                threading.Thread(target=self._caller, args=(connection,),
+                                 name="control-caller", daemon=True).start()
+            except RuntimeError as exc:   # no thread to be had: the caller is told 69
+                self._callers.release()
+                connection.close()
+                log.warning("control socket %s: %s", self.path, exc)
+
+    def _caller(self, connection: socket.socket) -> None:
+        try:
             with connection:
-                try:
-                    self._converse(connection)
-                except OSError as exc:     # the caller left, or sent nothing in time
-                    log.debug("control socket %s: %s", self.path, exc)
+                self._converse(connection)
+        except OSError as exc:     # the caller left, or sent nothing in time
+            log.debug("control socket %s: %s", self.path, exc)
+        finally:
+            self._callers.release()
 
     def _converse(self, connection: socket.socket) -> None:
-        connection.settimeout(5)
         uid = struct.unpack("3i", connection.getsockopt(
             socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
-        line = _read_line(connection)   # first: a caller refused still reads why
+        # First: a caller refused still reads why. Bounded as a whole, so that a
+        # caller sending a byte at a time cannot hold its thread either.
+        line = _read_line(connection, time.monotonic() + READ_WITHIN)
+        connection.settimeout(5)
         if uid not in (0, os.geteuid()):
             log.warning("control socket %s: refused a caller with uid %d", self.path, uid)
             _send(connection, {"code": EXIT_NOT_ALLOWED, "message": "not allowed: only "
@@ -286,32 +379,67 @@ class ControlServer:
             return
         self._requests.put(request)
         self._wake()
-        _send(connection, self._answer_of(request))
+        answer = self._answer_of(request, connection)
+        if answer is not None:
+            _send(connection, answer)
 
-    def _answer_of(self, request: Request) -> dict:
+    def _answer_of(self, request: Request, connection: socket.socket) -> dict | None:
         """The loop thread's answer; 69 if it gives none in time, or the daemon is
-        stopping (its loop has ended: a stop is not held up by a caller)."""
-        deadline = time.monotonic() + ANSWER_WITHIN
+        stopping (its loop has ended: a stop is not held up by a caller); None when
+        the caller hung up. In the last cases the request is given up: the loop
+        will not act on it."""
+        deadline = time.monotonic() + self._wait
         while not request.answered.wait(0.2):
-            if self._closing.is_set() or time.monotonic() > deadline:
-                return {"code": EXIT_UNAVAILABLE, "message": "the daemon did not answer "
-                        "(stopping, or busy for more than "
-                        f"{ANSWER_WITHIN:g}s)"}
+            left = _caller_left(connection)
+            if not (left or self._closing.is_set() or time.monotonic() > deadline):
+                continue
+            if not request.give_up():
+                break       # answered just now: that answer stands
+            if left:
+                return None
+            return {"code": EXIT_UNAVAILABLE, "message": "the daemon did not answer "
+                    f"(stopping, or busy for more than {self._wait:g}s); nothing was "
+                    "done"}
         return request.answer
 
     def answer(self, loop) -> None:
-        """On the loop thread: answer every request waiting."""
+        """On the loop thread: answer every request whose caller still waits."""
+        from .errors import describe
         while True:
             try:
                 request = self._requests.get_nowait()
             except queue.Empty:
                 return
-            try:
-                request.answer = _answer(loop, request)
-            except Exception as exc:  # a command must never stop the loop
-                log.exception("control command %s failed", request.command)
-                request.answer = {"code": EXIT_UNAVAILABLE, "message": f"failed: {exc}"}
-            request.answered.set()
+
+            def act(request=request) -> dict:
+                try:
+                    return _answer(loop, request)
+                except Exception as exc:  # a command must never stop the loop
+                    # One line: the command and why (describe: never SQL parameters).
+                    log.error("control command %s failed: %s", request, describe(exc))
+                    return {"code": EXIT_UNAVAILABLE, "message": f"the daemon could not "
+                            f"carry out {request}: {describe(exc)}"}
+
+            if not request.settle(act) and request.command != "status":
+                log.warning("control command %s not carried out: its caller stopped "
+                            "waiting for the answer", request)
+
+
+def _caller_left(connection: socket.socket) -> bool:
+    """The caller hung up (it sends nothing after its request: readable is EOF)."""
+    poll = select.poll()
+    poll.register(connection, select.POLLIN | select.POLLHUP | select.POLLRDHUP)
+    if not poll.poll(0):
+        return False
+    try:
+        connection.settimeout(0)
+        return connection.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        connection.settimeout(5)
 
 
 def _remove_stale(where: str, dir_fd: int, name: str) -> None:
@@ -380,9 +508,15 @@ def job_states(loop) -> list[dict]:
     return states
 
 
-def _read_line(connection: socket.socket) -> bytes:
+def _read_line(connection: socket.socket, deadline: float | None = None) -> bytes:
+    """One line; TimeoutError once `deadline` (monotonic) passes."""
     data = b""
     while b"\n" not in data and len(data) < MAX_REQUEST:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the caller did not send its request in time")
+            connection.settimeout(left)
         chunk = connection.recv(4096)
         if not chunk:
             break
@@ -420,18 +554,13 @@ def ask(config, command: str, job: str | None = None) -> dict:
     caller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         caller.settimeout(ANSWER_WITHIN + 5)
-        try:
-            caller.connect(_through(dir_fd, name))
-        except PermissionError as exc:
-            raise NotAllowed(f"control socket {path}: {exc.strerror}") from None
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise NoDaemon(f"no daemon answers on {path}") from None
+        _connect(caller, _through(dir_fd, name), path)
         try:
             _send(caller, {"command": command, "job": job})
         except BrokenPipeError:   # it answered and closed at once: read why
             pass
         line = _read_line(caller)
-    except (TimeoutError, ConnectionResetError) as exc:
+    except OSError as exc:      # a timeout, a reset: whatever it did is unknown
         raise NoDaemon(f"no answer on {path}: {exc}") from None
     finally:
         caller.close()
@@ -439,6 +568,28 @@ def ask(config, command: str, job: str | None = None) -> dict:
     if not line:
         raise NoDaemon(f"the daemon on {path} closed the connection without answering")
     return json.loads(line)
+
+
+def _connect(caller: socket.socket, where: str, path: Path) -> None:
+    """Connect, retrying a while when the socket's backlog is full (EAGAIN: many
+    callers at once, or a daemon that does not accept); NoDaemon, NotAllowed."""
+    busy_until = time.monotonic() + CONNECT_BUSY_WAIT
+    while True:
+        try:
+            caller.connect(where)
+            return
+        except PermissionError as exc:
+            raise NotAllowed(f"control socket {path}: {exc.strerror}") from None
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NoDaemon(f"no daemon answers on {path}") from None
+        except BlockingIOError:
+            if time.monotonic() > busy_until:
+                raise NoDaemon(f"no daemon answers on {path}: it is busy (its queue of "
+                               f"callers stayed full for {CONNECT_BUSY_WAIT:g}s); try "
+                               f"again") from None
+            time.sleep(0.1)
+        except OSError as exc:
+            raise NoDaemon(f"no daemon answers on {path}: {exc.strerror or exc}") from None
 
 
 def command(config, name: str, job: str | None = None) -> int:

@@ -4,18 +4,22 @@ credentials, whether a node runs there or not (the credentials are the permissio
 no socket, no exit 77).
 
 Three tables beside the run table (component "control" of `worker_schema`):
-- `worker_paused`: the paused job names. Every node reads it at most once a
-  heartbeat, on its loop thread (`ClusterPausedJobs.refresh`).
-- `worker_nodes`: one row per running daemon node, written by the cluster's
-  heartbeat (`NodeRow.beat`, from `Cluster.beat`) with the database's clock,
+A node's I/O on these tables runs on its "cluster-commands" thread, once a
+heartbeat (`ClusterNode`), never on its loop thread: a control table locked by
+another session holds up the commands, not the scheduled runs.
+- `worker_paused`: the paused job names. Every node reads it once a heartbeat
+  (`ClusterPausedJobs.refresh`); the loop reads the names from memory.
+- `worker_nodes`: one row per running daemon node, written once a heartbeat while
+  the cluster's heartbeat works (`NodeRow.beat`) with the database's clock,
   removed at a clean stop. Its `jobs` column is the node's view, published by its
   loop thread once a heartbeat: each job it runs and that job's next run. A node
-  is live while its heartbeat is within its lease; none live: exit 69.
+  is live while its row's heartbeat is within its lease; none live: exit 69.
 - `worker_requests`: a run-now. The command line inserts it `waiting` with an
-  expiry; a node's loop thread takes it with one conditional UPDATE (waiting ->
-  taken: exactly one node wins on every backend), runs it through the run table
-  with a slot of its own (so it runs once and shows in the history) and writes
-  `started` or `refused`. The command line waits for that; a request nobody took
+  expiry; a node takes it with one conditional UPDATE (waiting -> taken: exactly
+  one node wins on every backend), hands its start to the loop thread, which runs
+  it through the run table with a slot of its own (so it runs once and shows in
+  the history) if it comes to it within HAND_OVER_WITHIN, and writes `started` or
+  `refused`. The command line waits for that; a request nobody took
   by its expiry is withdrawn (one conditional DELETE, racing the take fairly), so
   it never runs late.
 """
@@ -25,10 +29,12 @@ import functools
 import json
 import logging
 import os
+import queue
 import socket
+import threading
 import time
 
-from .control import PausedNames
+from .control import Handoff, PausedNames
 from .exitcodes import EXIT_ALL_SKIPPED, EXIT_OK, EXIT_UNAVAILABLE
 
 log = logging.getLogger("worker.control")
@@ -41,6 +47,7 @@ TAKE_HEARTBEATS = 3           # a request waits this many heartbeats (of the slo
 TAKE_SLACK = 2.0              # ...plus this many seconds before it expires
 ANSWER_SLACK = 10.0           # seconds a request taken by a node may take to be answered
 POLL = 0.1                    # seconds between the command line's looks at its request
+HAND_OVER_WITHIN = 5.0        # seconds a taken run-now waits for the loop thread to start it
 
 
 @functools.cache
@@ -101,7 +108,7 @@ def _describe(exc: BaseException) -> str:
 
 class ClusterPausedJobs(PausedNames):
     """The paused job names of the cluster (worker_paused), answered from memory;
-    read again at most once a heartbeat (`refresh`, on the loop thread), written
+    read again once a heartbeat (`refresh`, on the cluster-commands thread), written
     at once by `set`."""
 
     def __init__(self, cluster) -> None:
@@ -144,14 +151,16 @@ def set_paused(cluster, name: str, paused: bool, through: str) -> None:
 
 
 class NodeRow:
-    """This daemon's row in worker_nodes: written by each heartbeat of its cluster
-    (`beat`, on the heartbeat thread, after the clock was read), removed by a clean
-    stop (`leave`). `jobs` is published by the loop thread (a reference swap)."""
+    """This daemon's row in worker_nodes: written once a heartbeat while the
+    cluster's heartbeat works (`beat`, on the cluster-commands thread, with the
+    clock the heartbeat reads), removed by a clean stop (`leave`, by the cluster's
+    stop). `jobs` is published by the loop thread (a reference swap)."""
 
     def __init__(self, cluster) -> None:
         self.cluster = cluster
         self.token = os.urandom(8).hex()
         self.jobs: dict[str, str | None] = {}
+        self.closed = False      # the stop: not inserted again after its leave
 
     def beat(self) -> None:
         from sqlalchemy import insert, update
@@ -164,7 +173,7 @@ class NodeRow:
                       jobs=json.dumps(self.jobs))
         with cluster.database.engine.begin() as connection:
             if connection.execute(update(nodes).where(nodes.c.node == cluster.node)
-                                  .values(**values)).rowcount:
+                                  .values(**values)).rowcount or self.closed:
                 return
         try:
             with cluster.database.engine.begin() as connection:
@@ -184,20 +193,40 @@ class NodeRow:
                         _describe(exc))
 
 
-class ClusterNode:
-    """A daemon's part in cluster commands, on its loop thread (`turn`, each turn of
-    the loop): once a heartbeat it reads the pauses, publishes its jobs' next runs
-    for its node row, and takes the run-now requests for its jobs. Follows a
-    reload that replaces the cluster membership."""
+class RunNow(Handoff):
+    """A run-now request taken by this node, handed to the loop thread to start."""
 
-    def __init__(self, runtime) -> None:
+    def __init__(self, name: str, requested_ms: int) -> None:
+        super().__init__()
+        self.name = name
+        self.requested_ms = requested_ms
+
+
+class ClusterNode:
+    """A daemon's part in cluster commands. Its database I/O runs on a thread of its
+    own ("cluster-commands"), once a heartbeat: it reads the pauses (a reference
+    swap the loop reads), writes this node's row, and takes the run-now requests
+    for its jobs, handing the loop thread only the start of a run (`RunNow`). A
+    locked or slow control table then holds up this thread, never the loop and
+    its scheduled runs. On the loop thread (`turn`): publish the jobs' next runs,
+    start the runs handed over. Follows a reload that replaces the cluster
+    membership."""
+
+    def __init__(self, loop) -> None:
+        runtime = loop.runtime
+        self.loop = loop
         self.cluster = runtime.cluster
         self.paused = ClusterPausedJobs(self.cluster)
         self.row = NodeRow(self.cluster)
         self.row.jobs = _next_runs(runtime)
-        self._last_turn = time.monotonic()
+        self._published = time.monotonic()
         self._last_prune = 0.0
+        self._handed: queue.SimpleQueue[RunNow] = queue.SimpleQueue()
+        self._closing = threading.Event()
         self._join(self.cluster)
+        self._thread = threading.Thread(target=self._serve, name="cluster-commands",
+                                        daemon=True)
+        self._thread.start()
 
     def _join(self, cluster) -> None:
         try:
@@ -205,28 +234,77 @@ class ClusterNode:
         except Exception as exc:  # of any kind: the next heartbeat writes it
             log.warning("could not write this node's row in worker_nodes yet: %s",
                         _describe(exc))
-        cluster.membership = self.row
+        cluster.membership = self.row      # removed by the cluster's stop
+
+    def close(self) -> None:
+        """At the stop, before the cluster's (which removes the row): no more I/O.
+        A thread stuck in a statement is left; the row it may still write ages out
+        of its lease."""
+        self._closing.set()
+        self.row.closed = True
+        self._thread.join(5)
+
+    # --- the loop thread ----------------------------------------------------------
 
     def turn(self, loop) -> None:
-        if time.monotonic() - self._last_turn < self.cluster.settings.heartbeat and \
-                loop.runtime.cluster in (self.cluster, None):
-            return
-        self._last_turn = time.monotonic()
-        try:
-            cluster = loop.runtime.cluster
-            if cluster is not self.cluster and cluster is not None:
-                self._rebind(cluster)
-            self.paused.refresh(force=True)
+        """On the loop thread, each turn: in memory only."""
+        if time.monotonic() - self._published >= self.cluster.settings.heartbeat:
+            self._published = time.monotonic()
             self.row.jobs = _next_runs(loop.runtime)
-            if self.cluster.healthy and not loop.stop_requested:
-                self._take_requests(loop)
-        except Exception as exc:  # of any kind: never the loop's; again next heartbeat
-            log.warning("cluster commands: %s", _describe(exc))
+        while True:
+            try:
+                handed = self._handed.get_nowait()
+            except queue.Empty:
+                return
+            if not handed.settle(lambda: self._start(loop, handed)):
+                log.warning("job=%s run-now (through the cluster) not started: waited "
+                            "for too long", handed.name, extra={"job": handed.name})
+
+    def _start(self, loop, handed: RunNow) -> tuple[int, str]:
+        node = self.cluster.node
+        job = next((j for j in loop.runtime.jobs if j.name == handed.name), None)
+        try:
+            if job is None:
+                return EXIT_UNAVAILABLE, f"job {handed.name} is no longer run by node " \
+                                         f"{node} (reloaded): nothing started"
+            slot = off_schedule_slot(job, handed.requested_ms, loop.runtime)
+            if loop.start_now(job, slot):
+                log.info("job=%s run-now (through the cluster): started", job.name,
+                         extra={"job": job.name})
+                return EXIT_OK, f"job {job.name}: run started on node {node}"
+        except Exception as exc:  # of any kind: never the loop's
+            log.error("job=%s run-now (through the cluster) failed: %s", handed.name,
+                      _describe(exc), extra={"job": handed.name})
+            return EXIT_UNAVAILABLE, f"job {handed.name}: node {node} could not start " \
+                                     f"its run: {_describe(exc)}"
+        return EXIT_ALL_SKIPPED, f"job {job.name}: node {node} could not start its run " \
+                                 f"(one in progress, or the node is stopping): nothing " \
+                                 f"started"
+
+    # --- the cluster-commands thread ----------------------------------------------
+
+    def _serve(self) -> None:
+        while not self._closing.wait(self.cluster.settings.heartbeat):
+            try:
+                self._duties()
+            except Exception as exc:  # of any kind: again next heartbeat
+                log.warning("cluster commands: %s", _describe(exc))
+
+    def _duties(self) -> None:
+        cluster = self.loop.runtime.cluster
+        if cluster is not self.cluster and cluster is not None:
+            self._rebind(cluster)
+        self.paused.refresh(force=True)
+        if not self.cluster.healthy or self._closing.is_set():
+            return    # a node whose heartbeat fails is not live, and takes nothing
+        self.row.beat()
+        if not self.loop.stopping:
+            self._take_requests()
 
     def _rebind(self, cluster) -> None:
         """A reload replaced the membership (a new cluster section): the new one
         gets the row and the pauses; the old one's row goes."""
-        ensure_control_schema(cluster.database.engine)   # raises: tried again next turn
+        ensure_control_schema(cluster.database.engine)   # raises: tried again next beat
         old, self.row = self.row, NodeRow(cluster)
         self.row.jobs = old.jobs
         self.cluster.membership = None
@@ -234,48 +312,53 @@ class ClusterNode:
         self._join(cluster)
         old.leave()
 
-    def _take_requests(self, loop) -> None:
+    def _take_requests(self) -> None:
         from sqlalchemy import delete, select, update
         requests = control_tables()[3]
         cluster = self.cluster
         now = cluster.clock.now_ms()
-        jobs = {job.name: job for job in loop.runtime.jobs}
+        jobs = {job.name for job in self.loop.runtime.jobs}
         with cluster.database.engine.connect() as connection:
             rows = connection.execute(select(requests.c.id, requests.c.job,
                                              requests.c.requested_ms).where(
                 requests.c.state == WAITING, requests.c.expires_ms > now,
                 requests.c.job.in_(list(jobs))).order_by(requests.c.id).limit(20)).all()
         for row in rows:
+            if self._closing.is_set() or self.loop.stopping:
+                return     # left waiting: another node takes it, or it expires
             with cluster.database.engine.begin() as connection:
                 taken = connection.execute(update(requests).where(
                     requests.c.id == row.id, requests.c.state == WAITING,
                     requests.c.expires_ms > cluster.clock.now_ms()).values(
                     state=TAKEN, node=cluster.node)).rowcount == 1
             if taken:
-                self._run_now(loop, row.id, jobs[row.job], row.requested_ms)
+                self._run_now(row.id, row.job, row.requested_ms)
         if time.monotonic() - self._last_prune > 600:
             self._last_prune = time.monotonic()
             with cluster.database.engine.begin() as connection:
                 connection.execute(delete(requests).where(
                     requests.c.expires_ms < now - REQUEST_KEPT_MS))
 
-    def _run_now(self, loop, request_id: int, job, requested_ms: int) -> None:
-        """The request is ours: start its run (its own slot in the run table), or
-        refuse it (75) when a run of the job is in progress on any node."""
-        busy = running_node(self.cluster, job.name) if job.name not in \
-            loop.running_jobs() else self.cluster.node
+    def _run_now(self, request_id: int, name: str, requested_ms: int) -> None:
+        """The request is ours: refuse it (75) when a run of the job is in progress
+        on any node, else hand its start to the loop thread and write its answer.
+        The loop starts it only while this thread waits (HAND_OVER_WITHIN, well
+        within the caller's wait): a run never starts after its caller was told
+        that nothing started."""
+        busy = running_node(self.cluster, name)
         if busy is not None:
-            code, message = EXIT_ALL_SKIPPED, f"job {job.name} has a run in progress on " \
-                                              f"node {busy}: nothing started"
-        elif loop.start_now(job, off_schedule_slot(job, requested_ms, loop.runtime)):
-            log.info("job=%s run-now (through the cluster): started", job.name,
-                     extra={"job": job.name})
-            code = EXIT_OK
-            message = f"job {job.name}: run started on node {self.cluster.node}"
+            self._answer(request_id, EXIT_ALL_SKIPPED,
+                         f"job {name} has a run in progress on node {busy}: nothing started")
+            return
+        handed = RunNow(name, requested_ms)
+        self._handed.put(handed)
+        self.loop.wake()
+        if not handed.answered.wait(HAND_OVER_WITHIN) and handed.give_up():
+            code, message = EXIT_UNAVAILABLE, (
+                f"node {self.cluster.node} took the run-now of {name}, but its loop was "
+                f"busy for more than {HAND_OVER_WITHIN:g}s: nothing started")
         else:
-            code, message = EXIT_ALL_SKIPPED, f"job {job.name}: node {self.cluster.node} " \
-                                              f"could not start its run (one in progress, " \
-                                              f"or the node is stopping): nothing started"
+            code, message = handed.answer
         self._answer(request_id, code, message)
 
     def _answer(self, request_id: int, code: int, message: str) -> None:

@@ -198,6 +198,11 @@ class WorkLoop:
         self._take_signals()
         return self._stop.requested
 
+    @property
+    def stopping(self) -> bool:
+        """From any thread: a stop was acted on (signals are the loop thread's to take)."""
+        return self._stop.requested
+
     def pause(self, seconds: float) -> None:
         """Wait, but wake up at once for a signal (the watchdog pinged meanwhile)."""
         self._waker.wait(seconds)
