@@ -143,6 +143,12 @@ BROKEN = [
            HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
                   f"    every: 0  {MARK}\n",
            "must be greater than 0, got 0", key="every", job="b"),
+    # Accepted before: the loop spun on overlap skips, and near 1e-300 counting the
+    # missed runs raised OverflowError out of the loop (the daemon died).
+    Broken("every-below-a-millisecond",
+           HEAD + "  - name: b\n    call: tests.jobfuncs:noop\n"
+                  f"    every: 1.0e-320  {MARK}\n",
+           "must be at least 1ms, got 1e-320", key="every", job="b"),
     bad_cron("bad-cron", "61 * * * *", "not a valid cron expression: '61 * * * *'"),
     bad_cron("cron-never-fires-feb-30", "0 0 30 2 *", "no fire time within 28 years"),
     bad_cron("cron-never-fires-31-april-june", "0 0 31 4,6 *", "no fire time within 28 years"),

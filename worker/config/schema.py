@@ -235,6 +235,11 @@ def _job(raw: Any, index: int, defaults: RetryPolicy, check: _Checker,
         raise check.fail("give either 'every' or 'cron', not both", at + ("cron",), name)
     if raw.get("every") is not None:
         every = check.duration(raw["every"], at + ("every",), name)
+        # Below a millisecond the next run never moves past now (the loop spins on
+        # overlap skips) and, near 1e-300, counting missed runs overflows.
+        if every < 0.001:
+            raise check.fail(f"must be at least 1ms, got {raw['every']!r}",
+                             at + ("every",), name)
     if raw.get("cron") is not None:
         cron = raw["cron"] if isinstance(raw["cron"], str) else \
             check.string(raw["cron"], at + ("cron",), name)
