@@ -77,7 +77,9 @@ class Process:
             cwd=ROOT, stdout=self._out, stderr=self._log, text=True)
         record.pid = self.popen.pid
         self.paused_since: float | None = None
-        self.pending_hup = False
+        # The reload lines counted when a SIGHUP was sent to this paused process: its
+        # answer is awaited from there at SIGCONT (a line written since counts).
+        self.pending_hup: int | None = None
         self._ready = False
 
     def alive(self) -> bool:
