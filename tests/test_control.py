@@ -472,3 +472,62 @@ def test_the_socket_answers_as_soon_as_the_daemon_says_it_started(db_url, tmp_pa
     assert status.returncode == 0, status.stderr
     assert "tick  idle" in status.stdout
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_run_now_sent_to_a_stopped_daemon_never_runs_once_its_caller_gave_up(
+        control_runs, tmp_path, daemons):
+    """The daemon is stopped (SIGSTOP) while a --run-now waits: the kernel keeps the
+    connection and the request for it, the caller gives up (69, 15 s) and hangs up.
+    At SIGCONT the daemon reads the request. Before: the loop started the run at
+    once (its caller's thread looked for the hang-up only after 0.2 s), a run an
+    operator had been told did not happen."""
+    db_url = control_runs
+    name = token()
+    config = write_config(tmp_path / "jobs.yaml", db_url, f"""\
+        - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
+            kwargs: {{name: {name}}}}}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    assert cli(config, "--status").returncode == 0
+    daemon.signal(signal.SIGSTOP)
+    try:
+        told = cli(config, "--run-now", "yearly")
+    finally:
+        daemon.signal(signal.SIGCONT)
+    assert told.returncode == 69, told.stderr
+    assert "Traceback" not in told.stderr
+    daemon.wait_for("control command run-now yearly not carried out: its caller "
+                    "stopped waiting")
+    assert cli(config, "--status").returncode == 0      # a turn of the loop since
+    assert runs(db_url, name) == []
+    assert "run-now: started" not in daemon.log
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_malformed_request_is_2_and_no_traceback(db_url, tmp_path, daemons):
+    """Requests from the daemon's own user that are not what the command line sends:
+    deeply nested JSON, not UTF-8, JSON of the wrong shape. Before: the nested one
+    raised RecursionError on the caller's thread, a CRITICAL line and a traceback
+    in the log, and the caller's connection reset."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: tick, call: 'tests.jobfuncs:noop', every: 1h}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    assert cli(config, "--status").returncode == 0
+    raw = RawCaller(config)
+    try:
+        for request in (b"[" * 50_000 + b"\n", b"\xff\xfe\n", b'"status"\n', b"[1]\n",
+                        b'{"job": "tick"}\n'):
+            caller = raw.connect()
+            caller.sendall(request)
+            answer = json.loads(caller.makefile("rb").readline())
+            assert answer == {"code": 2, "message": "not a request"}, request[:20]
+        assert raw.ask("status")["code"] == 0
+    finally:
+        raw.close()
+    assert "Traceback" not in daemon.log and "CRITICAL" not in daemon.log, daemon.log
+    assert daemon.stop() == 0

@@ -218,13 +218,23 @@ class Handoff:
     """Work handed to the loop thread by a thread that waits for its answer, done
     only while that thread still waits: the waiter gives up (`give_up`) and the
     loop acts (`settle`) under one lock, so that exactly one of them wins. Used for
-    the socket's requests and for the cluster's run-now requests."""
+    the socket's requests and for the cluster's run-now requests.
 
-    def __init__(self) -> None:
+    `deadline` (monotonic): the loop does not act after it, even when the waiter
+    has not given up yet. A process stopped (SIGSTOP) past it resumes all its
+    threads at once, and the loop thread may come to `settle` before the waiter's
+    own timed wait returns: the deadline, not that race, decides."""
+
+    def __init__(self, deadline: float | None = None) -> None:
         self.lock = threading.Lock()
         self.answered = threading.Event()
         self.answer = None
         self.given_up = False
+        self.deadline = deadline
+
+    def waited_for(self) -> bool:
+        """Whether the waiter can still be waiting for the answer (under the lock)."""
+        return self.deadline is None or time.monotonic() < self.deadline
 
     def give_up(self) -> bool:
         """The waiter stops waiting: True when nothing was done (and now nothing will
@@ -237,9 +247,10 @@ class Handoff:
 
     def settle(self, act: Callable[[], object]) -> bool:
         """On the loop thread: `act()` and its result as the answer, unless the
-        waiter gave up (False: nothing done)."""
+        waiter gave up or cannot be waiting any more (False: nothing done)."""
         with self.lock:
-            if self.given_up:
+            if self.given_up or not self.waited_for():
+                self.given_up = True
                 return False
             self.answer = act()
             self.answered.set()
@@ -247,10 +258,21 @@ class Handoff:
 
 
 class Request(Handoff):
-    def __init__(self, command: str, job: str | None) -> None:
-        super().__init__()
+    """A caller's request on the socket: acted on only while its caller is still
+    connected, within the daemon's wait."""
+
+    def __init__(self, command: str, job: str | None, connection: socket.socket,
+                 deadline: float) -> None:
+        super().__init__(deadline)
         self.command = command
         self.job = job
+        self.connection = connection
+
+    def waited_for(self) -> bool:
+        # The caller's own thread looks for a hang-up only every 0.2 s; a daemon
+        # stopped (SIGSTOP) while a caller waited reads the request the kernel kept
+        # for it after that caller was told 69 and hung up: the loop looks too.
+        return super().waited_for() and not _caller_left(self.connection)
 
     def __str__(self) -> str:
         return self.command + (f" {self.job}" if self.job is not None else "")
@@ -373,8 +395,11 @@ class ControlServer:
             return
         try:
             message = json.loads(line)
-            request = Request(str(message["command"]), message.get("job"))
-        except (ValueError, KeyError, TypeError):
+            request = Request(str(message["command"]), message.get("job"), connection,
+                              time.monotonic() + self._wait)
+        # RecursionError: JSON nested deeper than the parser's stack (not what the
+        # command line sends, but the daemon's own user may send anything).
+        except (ValueError, KeyError, TypeError, RecursionError):
             _send(connection, {"code": EXIT_USAGE, "message": "not a request"})
             return
         self._requests.put(request)
@@ -426,20 +451,19 @@ class ControlServer:
 
 
 def _caller_left(connection: socket.socket) -> bool:
-    """The caller hung up (it sends nothing after its request: readable is EOF)."""
+    """The caller hung up (it sends nothing after its request: readable is EOF).
+    Called from the caller's thread and from the loop thread: it only peeks, and
+    leaves the connection's timeout alone (MSG_DONTWAIT instead)."""
     poll = select.poll()
     poll.register(connection, select.POLLIN | select.POLLHUP | select.POLLRDHUP)
     if not poll.poll(0):
         return False
     try:
-        connection.settimeout(0)
-        return connection.recv(1, socket.MSG_PEEK) == b""
-    except BlockingIOError:
+        return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
         return False
     except OSError:
         return True
-    finally:
-        connection.settimeout(5)
 
 
 def _remove_stale(where: str, dir_fd: int, name: str) -> None:
