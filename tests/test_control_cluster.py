@@ -243,3 +243,63 @@ def test_locked_control_tables_do_not_hold_up_the_scheduled_runs(
     # The commands work again once the lock is gone.
     assert wait_for(lambda: on("elsewhere", config, "--status").returncode == 0)
     assert node.stop() == 0
+
+
+def long_lease(config):
+    """A lease of 30 s (statement timeout 5 s): a node stopped for 15 s stays live."""
+    config.write_text(config.read_text().replace("lease: 3.0s", "lease: 30s"))
+    return config
+
+
+def insert_request(url: str, job: str, within: float = 3.5) -> None:
+    """A run-now request as the command line leaves it (waiting, expiring after
+    `within` seconds); the command line then waits `within` + ANSWER_SLACK."""
+    now_ms = int(time.time() * 1000)
+    query(url, "INSERT INTO worker_requests (job, state, requested_ms, expires_ms, "
+               "requested_by) VALUES (:job, 'waiting', :now, :expires, 'test')",
+          job=job, now=now_ms, expires=now_ms + int(within * 1000))
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_a_run_now_taken_by_a_node_stopped_past_its_callers_wait_never_runs(
+        control_runs, cluster_tables, tmp_path, daemons):
+    """A node takes a run-now and is stopped (SIGSTOP) before it hands the start to
+    its loop (held there by a lock on the run table), for longer than the command
+    line waits for an answer. Before: at SIGCONT it handed the start over with a
+    fresh 5 s and the run started, 15 s after its caller gave up (69)."""
+    from worker.control_cluster import ANSWER_SLACK
+    db_url, runs_url = control_runs, cluster_tables
+    yearly = token()
+    config = long_lease(cluster_config(
+        tmp_path / "jobs.yaml", db_url, run_table_url=runs_url, jobs=f"""\
+  - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
+      kwargs: {{name: {yearly}}}}}
+"""))
+    node = daemons(config, env={"NODE": "node-a"})
+    node.wait_for("daemon started")
+    assert wait_for(lambda: on("elsewhere", config, "--status").returncode == 0)
+    engine = create_engine(runs_url)
+    try:
+        with engine.connect() as locker:
+            # The node's check for a run in progress waits on this lock (up to its 5 s
+            # statement timeout), between its take and its hand-over.
+            locker.exec_driver_sql("LOCK TABLES worker_runs WRITE")
+            insert_request(runs_url, "yearly")
+            gave_up = time.monotonic() + 3.5 + ANSWER_SLACK
+            assert wait_for(lambda: query(runs_url, "SELECT state FROM worker_requests")
+                            == [("taken",)], timeout=5)
+            node.signal(signal.SIGSTOP)
+            locker.exec_driver_sql("UNLOCK TABLES")
+    finally:
+        engine.dispose()
+    try:
+        time.sleep(max(0.0, gave_up - time.monotonic()) + 1)
+    finally:
+        node.signal(signal.SIGCONT)
+    node.wait_for("job=yearly run-now (through the cluster) not started")
+    assert wait_for(lambda: query(runs_url, "SELECT state, code FROM worker_requests")
+                    == [("refused", 69)])
+    time.sleep(1)
+    assert runs(db_url, yearly) == []
+    assert "run-now (through the cluster): started" not in node.log
+    assert node.stop() == 0

@@ -47,7 +47,9 @@ TAKE_HEARTBEATS = 3           # a request waits this many heartbeats (of the slo
 TAKE_SLACK = 2.0              # ...plus this many seconds before it expires
 ANSWER_SLACK = 10.0           # seconds a request taken by a node may take to be answered
 POLL = 0.1                    # seconds between the command line's looks at its request
-HAND_OVER_WITHIN = 5.0        # seconds a taken run-now waits for the loop thread to start it
+# Seconds from a node's take of a run-now to the latest start of its run (checked by
+# the loop thread, well within ANSWER_SLACK: never after its caller gave up).
+HAND_OVER_WITHIN = 5.0
 
 
 @functools.cache
@@ -196,8 +198,8 @@ class NodeRow:
 class RunNow(Handoff):
     """A run-now request taken by this node, handed to the loop thread to start."""
 
-    def __init__(self, name: str, requested_ms: int) -> None:
-        super().__init__()
+    def __init__(self, name: str, requested_ms: int, deadline: float) -> None:
+        super().__init__(deadline)
         self.name = name
         self.requested_ms = requested_ms
 
@@ -326,37 +328,44 @@ class ClusterNode:
         for row in rows:
             if self._closing.is_set() or self.loop.stopping:
                 return     # left waiting: another node takes it, or it expires
+            # Read before the take: the run starts within HAND_OVER_WITHIN of it
+            # however long this thread is held afterwards (a slow statement, the
+            # process stopped), so never after the command line gave up.
+            deadline = time.monotonic() + HAND_OVER_WITHIN
             with cluster.database.engine.begin() as connection:
                 taken = connection.execute(update(requests).where(
                     requests.c.id == row.id, requests.c.state == WAITING,
                     requests.c.expires_ms > cluster.clock.now_ms()).values(
                     state=TAKEN, node=cluster.node)).rowcount == 1
             if taken:
-                self._run_now(row.id, row.job, row.requested_ms)
+                self._run_now(row.id, row.job, row.requested_ms, deadline)
         if time.monotonic() - self._last_prune > 600:
             self._last_prune = time.monotonic()
             with cluster.database.engine.begin() as connection:
                 connection.execute(delete(requests).where(
                     requests.c.expires_ms < now - REQUEST_KEPT_MS))
 
-    def _run_now(self, request_id: int, name: str, requested_ms: int) -> None:
+    def _run_now(self, request_id: int, name: str, requested_ms: int,
+                 deadline: float) -> None:
         """The request is ours: refuse it (75) when a run of the job is in progress
         on any node, else hand its start to the loop thread and write its answer.
-        The loop starts it only while this thread waits (HAND_OVER_WITHIN, well
-        within the caller's wait): a run never starts after its caller was told
-        that nothing started."""
+        The loop starts it only while this thread waits and before `deadline`
+        (HAND_OVER_WITHIN after the take, well within the caller's wait): a run
+        never starts after its caller was told that nothing started, or gave up."""
         busy = running_node(self.cluster, name)
         if busy is not None:
             self._answer(request_id, EXIT_ALL_SKIPPED,
                          f"job {name} has a run in progress on node {busy}: nothing started")
             return
-        handed = RunNow(name, requested_ms)
+        handed = RunNow(name, requested_ms, deadline)
         self._handed.put(handed)
         self.loop.wake()
-        if not handed.answered.wait(HAND_OVER_WITHIN) and handed.give_up():
+        if not handed.answered.wait(max(0.0, deadline - time.monotonic())) and \
+                handed.give_up():
             code, message = EXIT_UNAVAILABLE, (
-                f"node {self.cluster.node} took the run-now of {name}, but its loop was "
-                f"busy for more than {HAND_OVER_WITHIN:g}s: nothing started")
+                f"node {self.cluster.node} took the run-now of {name}, but could not "
+                f"start it within {HAND_OVER_WITHIN:g}s (its loop busy, or the node "
+                f"held up): nothing started")
         else:
             code, message = handed.answer
         self._answer(request_id, code, message)
