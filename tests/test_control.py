@@ -531,3 +531,40 @@ def test_a_malformed_request_is_2_and_no_traceback(db_url, tmp_path, daemons):
         raw.close()
     assert "Traceback" not in daemon.log and "CRITICAL" not in daemon.log, daemon.log
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_ctrl_c_while_a_command_waits_is_130_one_line_and_nothing_done(
+        control_runs, tmp_path, daemons):
+    """Ctrl-C on a --run-now waiting for a stopped daemon. Before: a KeyboardInterrupt
+    traceback and exit 1."""
+    db_url = control_runs
+    name = token()
+    config = write_config(tmp_path / "jobs.yaml", db_url, f"""\
+        - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
+            kwargs: {{name: {name}}}}}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    assert cli(config, "--status").returncode == 0
+    daemon.signal(signal.SIGSTOP)
+    try:
+        caller = subprocess.Popen([sys.executable, str(ROOT / "run_worker.py"), "-c",
+                                   str(config), "--run-now", "yearly"], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(2)           # connected, sent, waiting for the answer
+            caller.send_signal(signal.SIGINT)
+            _, err = caller.communicate(timeout=20)
+        finally:
+            if caller.poll() is None:
+                caller.kill()
+                caller.wait()
+    finally:
+        daemon.signal(signal.SIGCONT)
+    assert caller.returncode == 130, err
+    assert err.startswith("run-worker: interrupted") and len(err.splitlines()) == 1, err
+    daemon.wait_for("control command run-now yearly not carried out")
+    assert cli(config, "--status").returncode == 0
+    assert runs(db_url, name) == []
+    assert daemon.stop() == 0

@@ -303,3 +303,46 @@ def test_a_run_now_taken_by_a_node_stopped_past_its_callers_wait_never_runs(
     assert runs(db_url, yearly) == []
     assert "run-now (through the cluster): started" not in node.log
     assert node.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_a_run_now_interrupted_while_it_waits_is_withdrawn_and_never_runs(
+        control_runs, cluster_tables, tmp_path, daemons):
+    """Ctrl-C on a --run-now waiting for a node (stopped here, so that it cannot take
+    the request first). Before: a traceback, exit 1, and the request left waiting:
+    the node took it at SIGCONT and the run started, after the operator had given
+    up on it."""
+    db_url, runs_url = control_runs, cluster_tables
+    yearly = token()
+    config = long_lease(cluster_config(
+        tmp_path / "jobs.yaml", db_url, run_table_url=runs_url, jobs=f"""\
+  - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
+      kwargs: {{name: {yearly}}}}}
+"""))
+    node = daemons(config, env={"NODE": "node-a"})
+    node.wait_for("daemon started")
+    assert wait_for(lambda: on("elsewhere", config, "--status").returncode == 0)
+    node.signal(signal.SIGSTOP)
+    try:
+        caller = subprocess.Popen(
+            [sys.executable, str(ROOT / "run_worker.py"), "-c", str(config), "--run-now",
+             "yearly"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "NODE": "elsewhere"})
+        try:
+            assert wait_for(lambda: query(runs_url, "SELECT state FROM worker_requests")
+                            == [("waiting",)], timeout=20)
+            caller.send_signal(signal.SIGINT)
+            _, err = caller.communicate(timeout=20)
+        finally:
+            if caller.poll() is None:
+                caller.kill()
+                caller.wait()
+    finally:
+        node.signal(signal.SIGCONT)
+    assert caller.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err, err
+    assert query(runs_url, "SELECT COUNT(*) FROM worker_requests") == [(0,)]
+    time.sleep(3)       # six heartbeats of the node
+    assert runs(db_url, yearly) == []
+    assert "run-now (through the cluster): started" not in node.log
+    assert node.stop() == 0

@@ -41,8 +41,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .exitcodes import (EXIT_ALL_SKIPPED, EXIT_NOT_ALLOWED, EXIT_OK, EXIT_UNAVAILABLE,
-                        EXIT_USAGE)
+from .exitcodes import (EXIT_ALL_SKIPPED, EXIT_INTERRUPTED, EXIT_NOT_ALLOWED, EXIT_OK,
+                        EXIT_UNAVAILABLE, EXIT_USAGE)
 
 log = logging.getLogger("worker.control")
 
@@ -618,7 +618,19 @@ def _connect(caller: socket.socket, where: str, path: Path) -> None:
 
 def command(config, name: str, job: str | None = None) -> int:
     """The CLI's --run-now, --pause, --resume and --status: ask, print, exit code.
-    In cluster mode through the database instead (worker.control_cluster)."""
+    In cluster mode through the database instead (worker.control_cluster).
+    Ctrl-C while it waits: one line, 130 (the daemon, or the nodes, then drop a
+    command not carried out yet: its caller hung up, or withdrew its request)."""
+    from .logs import command_error
+    try:
+        return _command(config, name, job)
+    except KeyboardInterrupt:
+        command_error(f"interrupted: {name}{f' {job}' if job else ''} is not carried out "
+                      "unless it was already; see --status")
+        return EXIT_INTERRUPTED
+
+
+def _command(config, name: str, job: str | None) -> int:
     if config.cluster is not None:
         from .control_cluster import command as cluster_command
         return cluster_command(config, name, job)

@@ -430,6 +430,9 @@ class Caller:
         from .app import open_cluster
         self.config = config
         self.cluster = open_cluster(config)
+        # This command's requests, whatever becomes of their ids: a random part, as
+        # a host name and a pid may come back.
+        self.tag = f"{socket.gethostname()[:150]}:{os.getpid()}:{os.urandom(4).hex()}"
 
     def close(self) -> None:
         self.cluster.database.dispose()
@@ -491,21 +494,25 @@ class Caller:
         within = TAKE_HEARTBEATS * max(row.interval_ms for row in runners) / 1000 + TAKE_SLACK
         requests = control_tables()[3]
         now = self.cluster.clock.now_ms()
-        with self.cluster.database.engine.begin() as connection:
-            request_id = connection.execute(insert(requests).values(
-                job=job, state=WAITING, requested_ms=now, expires_ms=now + int(within * 1000),
-                requested_by=f"{socket.gethostname()}:{os.getpid()}"[:200])
-            ).inserted_primary_key[0]
-        mine = requests.c.id == request_id
+        mine = requests.c.requested_by == self.tag
         try:
+            with self.cluster.database.engine.begin() as connection:
+                connection.execute(insert(requests).values(
+                    job=job, state=WAITING, requested_ms=now,
+                    expires_ms=now + int(within * 1000), requested_by=self.tag))
             return self._await(mine, job, within)
         finally:
-            try:   # answered: nothing left behind (else pruned by the nodes in an hour)
+            # However this ends (answered, or not: Ctrl-C, a connection lost, even
+            # an insert committed whose answer never came), a request still waiting
+            # is withdrawn, so that no node takes it after its command stopped
+            # waiting; an answered one is removed (else pruned in an hour). One
+            # taken and not answered yet is left to its node.
+            try:
                 with self.cluster.database.engine.begin() as connection:
                     connection.execute(delete(requests).where(
-                        mine, requests.c.state.in_([STARTED, REFUSED])))
+                        mine, requests.c.state.in_([WAITING, STARTED, REFUSED])))
             except DBAPIError as exc:
-                log.debug("run-now request %s not removed: %s", request_id, _describe(exc))
+                log.debug("run-now request not withdrawn or removed: %s", _describe(exc))
 
     def _await(self, mine, job: str, within: float) -> tuple[int, str]:
         """The answer to the request `mine`: a node's; or, once it has expired
