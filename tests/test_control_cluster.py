@@ -346,3 +346,42 @@ def test_a_run_now_interrupted_while_it_waits_is_withdrawn_and_never_runs(
     assert runs(db_url, yearly) == []
     assert "run-now (through the cluster): started" not in node.log
     assert node.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_a_pause_holds_at_start_up_while_the_paused_jobs_cannot_be_read(
+        control_runs, cluster_tables, tmp_path, daemons):
+    """A node starts while another session holds worker_paused (LOCK TABLES ...
+    WRITE): it cannot read the pauses. Before: it took that for "none paused" and
+    ran the paused job every second until the lock went."""
+    from worker.cluster import metadata
+    from worker.control_cluster import ensure_control_schema
+    db_url, runs_url = control_runs, cluster_tables
+    tick = token()
+    config = long_lease(cluster_config(
+        tmp_path / "jobs.yaml", db_url, run_table_url=runs_url, jobs=f"""\
+  - {{name: tick, call: 'tests.jobfuncs:record_control_run', every: 1s,
+      kwargs: {{name: {tick}}}}}
+"""))
+    engine = create_engine(runs_url)
+    try:
+        metadata.create_all(engine)       # the run table and worker_schema
+        ensure_control_schema(engine)
+        query(runs_url, "INSERT INTO worker_paused (job, since_ms, node) VALUES "
+                        "('tick', 1, 'test')")
+        with engine.connect() as locker:
+            locker.exec_driver_sql("LOCK TABLES worker_paused WRITE")
+            since = time.time()
+            node = daemons(config, env={"NODE": "node-a"})
+            node.wait_for("daemon started", timeout=40)
+            time.sleep(4)
+            until = time.time()
+            locker.exec_driver_sql("UNLOCK TABLES")
+    finally:
+        engine.dispose()
+    assert [at for at in runs(db_url, tick, after=since) if at < until] == [], node.log
+    node.wait_for("paused jobs (until --resume): tick")
+    assert on("elsewhere", config, "--resume", "tick").returncode == 0
+    back = time.time()
+    assert wait_for(lambda: runs(db_url, tick, after=back))
+    assert node.stop() == 0

@@ -77,6 +77,7 @@ class PausedNames:
     """The paused job names as a container, answered from memory (by the loop and
     the metrics thread); `set` keeps the memory and the store in step."""
     _names: frozenset[str] = frozenset()
+    known = True    # False: not read yet, any job may be paused (ClusterPausedJobs)
 
     def __contains__(self, name: object) -> bool:
         return name in self._names
@@ -153,10 +154,10 @@ class Control:
             loop.on_turn.append(self.node.turn)
         else:
             runtime.paused = PausedJobs(directory / paused_name)
+        if self.clustered:      # logged by ClusterPausedJobs once it has read them
+            return
         if runtime.paused:
             log.info("paused jobs (until --resume): %s", ", ".join(sorted(runtime.paused)))
-        if self.clustered:
-            return
         try:
             self.server = ControlServer(directory, socket_name, loop.wake)
         except OSError as exc:

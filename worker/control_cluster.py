@@ -50,6 +50,11 @@ POLL = 0.1                    # seconds between the command line's looks at its 
 # Seconds from a node's take of a run-now to the latest start of its run (checked by
 # the loop thread, well within ANSWER_SLACK: never after its caller gave up).
 HAND_OVER_WITHIN = 5.0
+# Seconds the start-up waits for the cluster-commands thread's first pass (the control
+# tables, the pauses, this node's row), so that a command right after "daemon started"
+# finds the node; no longer: a locked control table must not hold up the start-up
+# (the scheduled runs wait for the pauses instead: ClusterPausedJobs.known).
+FIRST_PASS_WAIT = 2.0
 
 
 @functools.cache
@@ -110,14 +115,16 @@ def _describe(exc: BaseException) -> str:
 
 class ClusterPausedJobs(PausedNames):
     """The paused job names of the cluster (worker_paused), answered from memory;
-    read again once a heartbeat (`refresh`, on the cluster-commands thread), written
-    at once by `set`."""
+    read once a heartbeat (`refresh`, on the cluster-commands thread), written at
+    once by `set`. Not `known` until the first read: a node that cannot read them
+    at start-up (a locked table, a database that does not answer) cannot tell a
+    paused job from another, and starts no scheduled run until it can (the
+    loop's ScheduleSource holds them), instead of running the paused ones."""
 
     def __init__(self, cluster) -> None:
         self.cluster = cluster
         self._read_at = 0.0
-        ensure_control_schema(cluster.database.engine)
-        self.refresh(force=True)
+        self.known = False
 
     def refresh(self, force: bool = False) -> None:
         from sqlalchemy import select
@@ -130,12 +137,18 @@ class ClusterPausedJobs(PausedNames):
             with self.cluster.database.engine.connect() as connection:
                 names = frozenset(connection.execute(select(table.c.job)).scalars())
         except DBAPIError as exc:   # the last known pauses stay
-            log.warning("cannot read the paused jobs: %s", exc.__class__.__name__)
+            log.warning("cannot read the paused jobs: %s%s", exc.__class__.__name__,
+                        "" if self.known else "; no scheduled run starts until they "
+                        "can be read")
             return
         for name in sorted(names ^ self._names):
             log.info("job=%s %s (through the cluster)", name, "paused" if name in names
                      else "resumed", extra={"job": name})
         self._names = names
+        if not self.known:
+            self.known = True
+            if names:
+                log.info("paused jobs (until --resume): %s", ", ".join(sorted(names)))
 
     def set(self, name: str, paused: bool) -> None:
         set_paused(self.cluster, name, paused, self.cluster.node)
@@ -215,6 +228,8 @@ class ClusterNode:
     membership."""
 
     def __init__(self, loop) -> None:
+        """On the main thread at start-up: no database I/O here (it is the
+        thread's first pass, waited for FIRST_PASS_WAIT at most)."""
         runtime = loop.runtime
         self.loop = loop
         self.cluster = runtime.cluster
@@ -223,12 +238,15 @@ class ClusterNode:
         self.row.jobs = _next_runs(runtime)
         self._published = time.monotonic()
         self._last_prune = 0.0
+        self._schema_ready = False
         self._handed: queue.SimpleQueue[RunNow] = queue.SimpleQueue()
         self._closing = threading.Event()
-        self._join(self.cluster)
+        self._first_pass = threading.Event()
+        self.cluster.membership = self.row      # removed by the cluster's stop
         self._thread = threading.Thread(target=self._serve, name="cluster-commands",
                                         daemon=True)
         self._thread.start()
+        self._first_pass.wait(FIRST_PASS_WAIT)
 
     def _join(self, cluster) -> None:
         try:
@@ -286,17 +304,27 @@ class ClusterNode:
     # --- the cluster-commands thread ----------------------------------------------
 
     def _serve(self) -> None:
-        while not self._closing.wait(self.cluster.settings.heartbeat):
+        while True:     # the first pass at once (start-up waits for it a little)
             try:
                 self._duties()
             except Exception as exc:  # of any kind: again next heartbeat
                 log.warning("cluster commands: %s", _describe(exc))
+            finally:
+                self._first_pass.set()
+            if self._closing.wait(self.cluster.settings.heartbeat):
+                return
 
     def _duties(self) -> None:
         cluster = self.loop.runtime.cluster
         if cluster is not self.cluster and cluster is not None:
             self._rebind(cluster)
+        if not self._schema_ready:      # raises: tried again next heartbeat
+            ensure_control_schema(self.cluster.database.engine)
+            self._schema_ready = True
+        held = not self.paused.known
         self.paused.refresh(force=True)
+        if held and self.paused.known:
+            self.loop.wake()    # the scheduled runs it held may start now
         if not self.cluster.healthy or self._closing.is_set():
             return    # a node whose heartbeat fails is not live, and takes nothing
         self.row.beat()
