@@ -568,3 +568,37 @@ def test_ctrl_c_while_a_command_waits_is_130_one_line_and_nothing_done(
     assert cli(config, "--status").returncode == 0
     assert runs(db_url, name) == []
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_second_daemon_starts_beside_a_stopped_one_whose_socket_queue_is_full(
+        db_url, tmp_path, daemons):
+    """Daemon A is stopped (SIGSTOP) with its socket's queue of callers full; B starts
+    for the same config. Before: B's check for a stale socket (a blocking connect)
+    waited for room in A's queue: B hung before 'daemon started', deaf to SIGTERM,
+    until A ran again."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: tick, call: 'tests.jobfuncs:noop', every: 1h}
+        """)
+    first = daemons(config)
+    first.wait_for("daemon started")
+    assert cli(config, "--status").returncode == 0
+    raw = RawCaller(config)
+    first.signal(signal.SIGSTOP)
+    try:
+        for _ in range(2000):
+            try:
+                raw.connect(blocking=False)
+            except BlockingIOError:
+                break
+        else:
+            pytest.fail("the backlog never filled")
+        second = daemons(config)
+        second.wait_for("daemon started", timeout=20)
+        assert "another daemon answers on its control socket" in second.log
+        assert second.stop() == 0
+    finally:
+        raw.close()
+        first.signal(signal.SIGCONT)
+    assert cli(config, "--status").returncode == 0      # A's socket stayed
+    assert first.stop() == 0

@@ -470,7 +470,11 @@ def _caller_left(connection: socket.socket) -> bool:
 def _remove_stale(where: str, dir_fd: int, name: str) -> None:
     """A socket left by a daemon that died is removed; one that answers is another
     daemon's, and stays (OSError: this one cannot listen there)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    # Non-blocking: a blocking connect to a listener whose queue is full (a daemon
+    # stopped with SIGSTOP) waits for room, here on the main thread at start-up or
+    # the loop thread in a reload, deaf to signals. EAGAIN means someone listens.
+    probe = socket.socket(socket.AF_UNIX,
+                          socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     try:
         probe.connect(where)
     except FileNotFoundError:
@@ -478,9 +482,11 @@ def _remove_stale(where: str, dir_fd: int, name: str) -> None:
     except ConnectionRefusedError:
         os.unlink(name, dir_fd=dir_fd)
         return
+    except BlockingIOError:
+        pass
     finally:
         probe.close()
-    raise OSError(f"another daemon answers on its control socket")
+    raise OSError("another daemon answers on its control socket")
 
 
 def _answer(loop, request: Request) -> dict:
