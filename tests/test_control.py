@@ -602,3 +602,48 @@ def test_a_second_daemon_starts_beside_a_stopped_one_whose_socket_queue_is_full(
         first.signal(signal.SIGCONT)
     assert cli(config, "--status").returncode == 0      # A's socket stayed
     assert first.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_pause_holds_at_start_up_while_the_paused_jobs_file_cannot_be_read(
+        control_runs, tmp_path, daemons):
+    """The paused-jobs file is held by another process (an exclusive transaction)
+    for longer than the daemon's 5 s wait for it at start-up. Before: the daemon
+    ran without pauses and without a control socket for its whole life ('no control
+    socket or paused jobs'): the paused job ran every second."""
+    db_url = control_runs
+    name = token()
+    config = write_config(tmp_path / "jobs.yaml", db_url, f"""\
+        - {{name: tick, call: 'tests.jobfuncs:record_control_run', every: 1s,
+            kwargs: {{name: {name}}}}}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    assert cli(config, "--pause", "tick").returncode == 0
+    assert daemon.stop() == 0
+    directory, _, paused_name = control_paths(config)
+    holder = sqlite3.connect(directory / paused_name, isolation_level=None,
+                             check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        since = time.time()
+        daemon = daemons(config)
+        daemon.wait_for("daemon started", timeout=30)
+        time.sleep(8)
+        status = cli(config, "--status")         # the socket answers meanwhile
+        assert status.returncode == 0, status.stderr
+        until = time.time()
+    finally:
+        holder.rollback()
+        holder.close()
+    assert runs(db_url, name, after=since) == [], daemon.log
+    daemon.wait_for("paused jobs (until --resume): tick")
+    assert "tick  paused" in cli(config, "--status").stdout
+    time.sleep(1.5)
+    assert runs(db_url, name, after=since) == []
+    assert cli(config, "--resume", "tick").returncode == 0
+    back = time.time()
+    time.sleep(2.5)
+    assert runs(db_url, name, after=back)
+    assert until > since
+    assert daemon.stop() == 0

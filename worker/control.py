@@ -51,10 +51,17 @@ ANSWER_WITHIN = 10.0      # seconds a caller waits for the loop thread's answer
 ANSWER_WITHIN_ENV = "RUN_WORKER_CONTROL_WAIT"
 MAX_REQUEST = 64 * 1024   # bytes: a request is one short JSON line
 READ_WITHIN = 5.0         # seconds a caller has to send its whole request
+PAUSES_WAIT = 5.0         # seconds to wait for the paused-jobs file when it is busy
+PAUSES_RETRY = 1.0        # seconds between reads of a paused-jobs file not read at start
 MAX_CALLERS = 16          # conversations at once; more are told 69 (busy) at once
 BACKLOG = 64              # connections the kernel queues before accept
 CONNECT_BUSY_WAIT = 2.0   # seconds a caller retries a socket whose backlog is full
 COMMANDS = ("run-now", "pause", "resume", "status")
+
+
+def _describe(exc: BaseException) -> str:
+    from .errors import describe
+    return describe(exc)
 
 
 def control_files(config) -> tuple[Path, str, str]:
@@ -96,20 +103,21 @@ class PausedJobs(PausedNames):
     """One host: the paused job names in a SQLite file, read once at start, written
     at each pause and resume."""
 
-    def __init__(self, path: Path) -> None:
-        """sqlite3.Error or OSError when the file cannot be used."""
+    def __init__(self, path: Path, wait: float = PAUSES_WAIT) -> None:
+        """sqlite3.Error or OSError when the file cannot be used (`wait`: seconds
+        for it while another process holds it)."""
         self.path = path
         # Created 0600 (by the service user, in its 0700 lock directory).
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
                          0o600))
-        with self._connect() as db:
+        with sqlite3.connect(path, timeout=wait, isolation_level=None) as db:
             db.execute("CREATE TABLE IF NOT EXISTS paused_jobs "
                        "(name TEXT PRIMARY KEY, since REAL NOT NULL)")
             self._names = frozenset(row[0] for row in db.execute(
                 "SELECT name FROM paused_jobs"))
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=5, isolation_level=None)
+        return sqlite3.connect(self.path, timeout=PAUSES_WAIT, isolation_level=None)
 
     def replace(self, names) -> None:
         """Exactly these names paused (a reload moved the file here)."""
@@ -127,6 +135,20 @@ class PausedJobs(PausedNames):
             else:
                 db.execute("DELETE FROM paused_jobs WHERE name = ?", (name,))
         self._remember(name, paused)
+
+
+class UnreadPausedJobs(PausedNames):
+    """One host: the paused-jobs file could not be read at start (held by another
+    process past PAUSES_WAIT, an I/O error). Not `known`: which jobs are paused is
+    not, so no scheduled run starts (ScheduleSource) until the loop thread reads
+    it (`Control.answer`, every PAUSES_RETRY), rather than run a paused job."""
+    known = False
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def set(self, name: str, paused: bool) -> None:
+        raise OSError(f"the paused jobs in {self.path} could not be read yet")
 
 
 # --- the daemon's side ----------------------------------------------------------------
@@ -152,10 +174,16 @@ class Control:
             self.node = ClusterNode(loop)
             runtime.paused = self.node.paused
             loop.on_turn.append(self.node.turn)
-        else:
-            runtime.paused = PausedJobs(directory / paused_name)
         if self.clustered:      # logged by ClusterPausedJobs once it has read them
             return
+        self._pauses_read_at = time.monotonic()
+        try:
+            runtime.paused = PausedJobs(directory / paused_name)
+        except (OSError, sqlite3.Error) as exc:
+            # The socket opens all the same: --status answers meanwhile.
+            runtime.paused = UnreadPausedJobs(directory / paused_name)
+            log.error("cannot read the paused jobs in %s: %s; no scheduled run starts "
+                      "until they can be read", directory / paused_name, _describe(exc))
         if runtime.paused:
             log.info("paused jobs (until --resume): %s", ", ".join(sorted(runtime.paused)))
         try:
@@ -166,8 +194,25 @@ class Control:
         loop.on_turn.append(self.answer)
 
     def answer(self, loop) -> None:
+        if not getattr(loop.runtime.paused, "known", True) and \
+                time.monotonic() - self._pauses_read_at >= PAUSES_RETRY:
+            self._read_pauses(loop.runtime)
         if self.server is not None:
             self.server.answer(loop)
+
+    def _read_pauses(self, runtime) -> None:
+        """On the loop thread: the paused-jobs file not read at start, again; held
+        for a moment at most when another process still holds it."""
+        self._pauses_read_at = time.monotonic()
+        path = runtime.paused.path
+        try:
+            runtime.paused = PausedJobs(path, wait=0.05)
+        except (OSError, sqlite3.Error) as exc:
+            log.debug("paused jobs in %s still not read: %s", path, _describe(exc))
+            return
+        log.info("paused jobs read from %s: scheduled runs start again", path)
+        if runtime.paused:
+            log.info("paused jobs (until --resume): %s", ", ".join(sorted(runtime.paused)))
 
     def follow(self, loop, runtime) -> None:
         """After a reload, on the loop thread: when the new config's control files
@@ -187,6 +232,12 @@ class Control:
         except OSError as exc:
             log.error("cannot move the control socket to %s: %s; it stays in %s",
                       directory, exc, self.files[0])
+            return
+        if not getattr(runtime.paused, "known", True):   # moving: "none paused" there
+            server.close()
+            log.error("cannot move the control socket to %s: the paused jobs in %s are "
+                      "not read yet; both stay in %s", directory, runtime.paused.path,
+                      self.files[0])
             return
         old_file = getattr(runtime.paused, "path", None)
         if old_file is not None:        # one host: the pauses move with the socket

@@ -122,12 +122,12 @@ class ScheduleSource:
         return runs
 
     def seconds_until_next(self, runtime) -> float | None:
-        seconds = runtime.scheduler.seconds_until_next()
-        if seconds is not None and not getattr(runtime.paused, "known", True):
-            # Held (see `due`): not a busy loop over runs already due; the pauses'
-            # first read wakes the loop.
-            return max(seconds, HELD_POLL)
-        return seconds
+        if not getattr(runtime.paused, "known", True):
+            # Held (see `due`): not a busy loop over runs already due, and a turn
+            # of the loop at least this often, in which the pauses are read again
+            # (one host: worker.control); in a cluster their first read wakes it.
+            return HELD_POLL
+        return runtime.scheduler.seconds_until_next()
 
     def started(self, run: DueRun) -> None:
         self._lateness.append(run.lateness)
