@@ -647,3 +647,61 @@ def test_a_pause_holds_at_start_up_while_the_paused_jobs_file_cannot_be_read(
     assert runs(db_url, name, after=back)
     assert until > since
     assert daemon.stop() == 0
+
+
+def test_a_default_lock_directory_made_by_another_user_is_not_talked_to(tmp_path,
+                                                                          monkeypatch):
+    """Another local user (uid 12345 here) made the default lock directory of the
+    caller (nobody: no lock_dir in the config, XDG_RUNTIME_DIR a shared folder, as
+    /tmp is) and listens there. Before: the caller sent it its command and printed
+    its answer, 'job tick paused', exit 0, with nothing paused anywhere."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a client as another uid")
+    from worker.app import load_config
+    from worker.control import control_files
+    base = Path(tempfile.mkdtemp(prefix="control-test-"))
+    try:
+        os.chmod(base, 0o1777)                  # a shared folder, as /tmp
+        config = base / "jobs.yaml"
+        config.write_text(f'database:\n  url: "sqlite:///{base / "d.db"}"\njobs:\n'
+                          "  - {name: tick, call: 'tests.jobfuncs:noop', every: 1h}\n")
+        os.chmod(config, 0o644)
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(base))
+        planted = base / f"run-worker-{NOBODY}"
+        planted.mkdir(mode=0o755)
+        name = control_files(load_config(str(config))[0])[1]
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(planted / name))
+        os.chmod(planted / name, 0o777)
+        os.chown(planted / name, 12345, 12345)
+        os.chown(planted, 12345, 12345)
+        listener.listen(5)
+        listener.settimeout(0.2)
+        asked: list[bytes] = []
+
+        def answer() -> None:       # as a daemon would, for anyone
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not asked[-1:] == [b"stop"]:
+                try:
+                    connection, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                with connection:
+                    asked.append(connection.recv(1000))
+                    connection.sendall(b'{"code": 0, "message": "job tick paused"}\n')
+
+        server = threading.Thread(target=answer, daemon=True)
+        server.start()
+        try:
+            done = cli(config, "--pause", "tick", as_uid=NOBODY)
+        finally:
+            asked.append(b"stop")
+            server.join(5)
+            listener.close()
+        assert done.returncode == 69, (done.stdout, done.stderr)
+        assert "paused" not in done.stdout
+        assert "owned by uid 12345" in done.stderr and "refusing" in done.stderr, \
+            done.stderr
+        assert asked == [b"stop"]               # it was told nothing
+    finally:
+        shutil.rmtree(base)

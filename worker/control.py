@@ -35,6 +35,7 @@ import queue
 import select
 import socket
 import sqlite3
+import stat
 import struct
 import threading
 import time
@@ -635,6 +636,7 @@ def ask(config, command: str, job: str | None = None) -> dict:
     path = directory / name
     caller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
+        _check_directory(dir_fd, directory, default=not config.worker.lock_dir)
         caller.settimeout(ANSWER_WITHIN + 5)
         _connect(caller, _through(dir_fd, name), path)
         try:
@@ -650,6 +652,25 @@ def ask(config, command: str, job: str | None = None) -> dict:
     if not line:
         raise NoDaemon(f"the daemon on {path} closed the connection without answering")
     return json.loads(line)
+
+
+def _check_directory(dir_fd: int, directory: Path, default: bool) -> None:
+    """NoDaemon when the lock directory is one the daemon itself refuses (writable
+    by its group or others), or, the default one (named after this user, in /tmp
+    when XDG_RUNTIME_DIR is unset), is not this user's: another local user could
+    have made it and put a socket of theirs in it, to answer in the daemon's place
+    ("job tick paused", exit 0, with nothing paused)."""
+    from .locks import _user
+    info = os.fstat(dir_fd)
+    problem = None
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = f"is writable by its group or others (mode {stat.S_IMODE(info.st_mode):o})"
+    elif default and info.st_uid != os.geteuid():
+        problem = f"(this user's default one) is owned by {_user(info.st_uid)}"
+    if problem is not None:
+        raise NoDaemon(f"no daemon of this config can listen in {directory}: it {problem}; "
+                       f"refusing to talk to a socket there (another user could have "
+                       f"put it there)")
 
 
 def _connect(caller: socket.socket, where: str, path: Path) -> None:
