@@ -385,3 +385,44 @@ def test_a_pause_holds_at_start_up_while_the_paused_jobs_cannot_be_read(
     back = time.time()
     assert wait_for(lambda: runs(db_url, tick, after=back))
     assert node.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_a_paused_jobs_abandoned_run_is_not_recovered_until_resumed(
+        control_runs, cluster_tables, tmp_path, daemons):
+    """An idempotent job's run is abandoned (its node killed) and the job paused:
+    the other node leaves the run alone until --resume. Before: it took the run over
+    and ran it again at once, paused or not."""
+    db_url, runs_url = control_runs, cluster_tables
+    slow = token()
+    release = tmp_path / "release-slow"
+    config = cluster_config(tmp_path / "jobs.yaml", db_url, run_table_url=runs_url,
+                            jobs=f"""\
+  - {{name: slow, call: 'tests.jobfuncs:wait_then_record_control_run',
+      cron: '0 0 1 1 *', idempotent: true, kwargs: {{name: {slow}, path: "{release}"}}}}
+""")
+    nodes = {name: daemons(config, env={"NODE": name}) for name in ("node-a", "node-b")}
+    for node in nodes.values():
+        node.wait_for("daemon started")
+    assert wait_for(lambda: "2 live node(s)" in on("elsewhere", config, "--status").stdout)
+    started = on("elsewhere", config, "--run-now", "slow")
+    assert started.returncode == 0, started.stderr
+    taker = started.stdout.split("on node ")[1].split()[0]
+    other = nodes["node-b" if taker == "node-a" else "node-a"]
+    nodes[taker].process.kill()
+    nodes[taker].wait()
+    assert on("elsewhere", config, "--pause", "slow").returncode == 0
+    other.wait_for("job=slow paused (through the cluster)")
+    # The dead node's run is marked abandoned after its lease (3 s).
+    assert wait_for(lambda: query(runs_url, "SELECT outcome, recovered FROM worker_runs "
+                                            "WHERE job = 'slow'") == [("abandoned", 0)])
+    time.sleep(3)       # six heartbeats of the other node
+    assert query(runs_url, "SELECT outcome, recovered FROM worker_runs WHERE job = 'slow'") \
+        == [("abandoned", 0)], other.log
+    assert "job=slow starting" not in other.log
+    assert on("elsewhere", config, "--resume", "slow").returncode == 0
+    release.touch()
+    assert wait_for(lambda: query(runs_url, "SELECT outcome, recovered FROM worker_runs "
+                                            "WHERE job = 'slow'") == [("success", 1)])
+    assert len(runs(db_url, slow)) == 1
+    assert other.stop() == 0
