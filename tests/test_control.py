@@ -705,3 +705,23 @@ def test_a_default_lock_directory_made_by_another_user_is_not_talked_to(tmp_path
         assert asked == [b"stop"]               # it was told nothing
     finally:
         shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_status_and_list_of_a_daemon_with_many_jobs(db_url, tmp_path, daemons):
+    """600 jobs: the daemon's --status answer is about 130 KB. Before: the command
+    line read at most 64 KiB of it (the bound of a request) and died on the cut
+    JSON, a traceback and exit 1, for --status and --list alike."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, "".join(
+        f"- {{name: job-{i:04d}, call: 'tests.jobfuncs:noop', every: 1h}}\n"
+        for i in range(600)))
+    daemon = daemons(config)
+    daemon.wait_for("daemon started", timeout=60)
+    status = cli(config, "--status")
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert len([line for line in status.stdout.splitlines()
+                if line.startswith("job-")]) == 600
+    listed = cli(config, "--list")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert "from the running daemon" in listed.stderr
+    assert daemon.stop() == 0

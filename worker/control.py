@@ -51,6 +51,7 @@ ANSWER_WITHIN = 10.0      # seconds a caller waits for the loop thread's answer
 # The daemon's environment may shorten (or lengthen) that wait, in seconds.
 ANSWER_WITHIN_ENV = "RUN_WORKER_CONTROL_WAIT"
 MAX_REQUEST = 64 * 1024   # bytes: a request is one short JSON line
+MAX_ANSWER = 256 * 1024 * 1024   # bytes: --status of 100,000 jobs is about 25 MB
 READ_WITHIN = 5.0         # seconds a caller has to send its whole request
 PAUSES_WAIT = 5.0         # seconds to wait for the paused-jobs file when it is busy
 PAUSES_RETRY = 1.0        # seconds between reads of a paused-jobs file not read at start
@@ -591,20 +592,27 @@ def job_states(loop) -> list[dict]:
     return states
 
 
-def _read_line(connection: socket.socket, deadline: float | None = None) -> bytes:
-    """One line; TimeoutError once `deadline` (monotonic) passes."""
-    data = b""
-    while b"\n" not in data and len(data) < MAX_REQUEST:
+def _read_line(connection: socket.socket, deadline: float | None = None,
+               limit: int = MAX_REQUEST) -> bytes:
+    """One line, cut at about `limit` bytes; TimeoutError once `deadline`
+    (monotonic) passes. A request is short; an answer (`--status` of many jobs)
+    may be megabytes: read into one buffer, looking for the end in each chunk."""
+    data = bytearray()
+    while len(data) < limit:
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("the caller did not send its request in time")
             connection.settimeout(left)
-        chunk = connection.recv(4096)
+        chunk = connection.recv(65536)
         if not chunk:
             break
+        end = chunk.find(b"\n")
+        if end >= 0:
+            data += chunk[:end]
+            break
         data += chunk
-    return data.split(b"\n", 1)[0]
+    return bytes(data)
 
 
 def _send(connection: socket.socket, answer: dict) -> None:
@@ -643,7 +651,7 @@ def ask(config, command: str, job: str | None = None) -> dict:
             _send(caller, {"command": command, "job": job})
         except BrokenPipeError:   # it answered and closed at once: read why
             pass
-        line = _read_line(caller)
+        line = _read_line(caller, limit=MAX_ANSWER)
     except OSError as exc:      # a timeout, a reset: whatever it did is unknown
         raise NoDaemon(f"no answer on {path}: {exc}") from None
     finally:
@@ -651,7 +659,14 @@ def ask(config, command: str, job: str | None = None) -> dict:
         os.close(dir_fd)
     if not line:
         raise NoDaemon(f"the daemon on {path} closed the connection without answering")
-    return json.loads(line)
+    try:
+        answer = json.loads(line)
+    except (ValueError, RecursionError):
+        answer = None
+    if not isinstance(answer, dict):
+        raise NoDaemon(f"the answer on {path} could not be read ({len(line)} bytes, not "
+                       f"one JSON object)")
+    return answer
 
 
 def _check_directory(dir_fd: int, directory: Path, default: bool) -> None:
