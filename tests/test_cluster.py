@@ -1005,6 +1005,49 @@ def test_pruning_a_long_backlog_goes_in_batches_and_keeps_recent_rows(run_table_
         cluster.stop()
 
 
+FRESH_BOOT_PRUNE = """
+import sys
+from sqlalchemy import create_engine, text
+from worker.cluster import Cluster
+from worker.config import ClusterSettings
+url = sys.argv[1]
+cluster = Cluster(ClusterSettings(url=url, node="n1", lease=60, heartbeat=20,
+                                  keep_history=3600), url)
+cluster.ensure_schema()
+engine = create_engine(url)
+with engine.begin() as connection:
+    connection.execute(text(
+        "INSERT INTO worker_runs (job, slot_ms, node, started_ms, heartbeat_ms, outcome, "
+        "attempts, recovered) VALUES ('report', 1, 'gone', 0, 0, 'success', 1, 0)"))
+cluster.beat()
+with engine.connect() as connection:
+    print(connection.execute(text("SELECT COUNT(*) FROM worker_runs")).scalar())
+cluster.stop()
+"""
+
+
+def test_a_host_booted_a_minute_ago_prunes_at_its_first_heartbeat(tmp_path):
+    """Throttles compared time.monotonic() with a last time of 0: the monotonic clock
+    counts from boot, so a daemon started by systemd at boot pruned nothing (and
+    recovered no abandoned run, pinged no watchdog early) until the clock passed the
+    interval (10 minutes for pruning). Run in a time namespace whose monotonic clock
+    reads 5 s; this test's pruning twin failed on a machine up for under 10 minutes."""
+    import shutil
+    import subprocess
+    import sys
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a time namespace needs root and unshare(1)")
+    offset = str(-int(time.monotonic() - 5))
+    command = ["unshare", "--time", "--monotonic", offset, sys.executable, "-c",
+               FRESH_BOOT_PRUNE, f"sqlite:///{tmp_path / 'runs.db'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    if done.returncode != 0 and "unshare" in done.stderr:
+        pytest.skip(f"no time namespace here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0"]
+
+
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_sigterm_while_the_run_table_is_locked_reports_the_release_it_could_not_write(
         db_url, run_table_url, tmp_path, daemons):

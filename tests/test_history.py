@@ -246,3 +246,29 @@ def test_a_stop_with_the_history_store_locked_waits_only_its_share_and_counts_th
         locker.close()
         writer._thread.join(30)
         store.dispose()
+
+
+def test_a_cron_runs_scheduled_time_is_its_fire_time_even_after_a_wall_clock_step(tmp_path):
+    """A single host's cron run was written as now - lateness: a wall clock stepped
+    between the fire time and the run's start moved the row's scheduled time by the
+    step (3 s here) though the fire time is known exactly."""
+    from types import SimpleNamespace
+
+    from worker.config import HistorySettings, JobSpec
+    from worker.history import History, HistoryStore
+    from worker.runner import JobResult, Outcome
+    from worker.scheduler import DueRun
+
+    url = f"sqlite:///{tmp_path / 'history.db'}"
+    history = History()
+    history.enabled = True
+    history.writer.use(url, lambda: HistoryStore(url), HistorySettings())
+    fire = 1_800_000_000.0      # a minute's start, on the wall clock
+    job = JobSpec(name="nightly", call="tests.jobfuncs:select_one", cron="0 * * * *")
+    # Found due 3 s late by a wall clock that has since stepped back 3 s.
+    run = DueRun(job, "2027-01-15 08:00", late_when_found=3.0, coalesced=1, slot=fire)
+    history.run_started(run, SimpleNamespace(cluster=None))
+    history.run_finished(run, JobResult("nightly", Outcome.SUCCESS, 1, 0.01))
+    history.close()
+    [row] = history_rows(url, "nightly")
+    assert row.scheduled_ms == fire * 1000

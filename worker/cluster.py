@@ -343,7 +343,7 @@ class Cluster:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_prune = 0.0
+        self._last_prune = float("-inf")   # not 0: monotonic starts near 0 at boot
         self.abandoned_marked = 0    # runs of silent nodes marked abandoned (metrics)
         # A daemon's row in worker_nodes (worker.control_cluster.NodeRow): written
         # by the cluster-commands thread while heartbeats work, removed at the stop.

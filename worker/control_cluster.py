@@ -123,7 +123,7 @@ class ClusterPausedJobs(PausedNames):
 
     def __init__(self, cluster) -> None:
         self.cluster = cluster
-        self._read_at = 0.0
+        self._read_at = float("-inf")
         self.known = False
 
     def refresh(self, force: bool = False) -> None:
@@ -237,7 +237,7 @@ class ClusterNode:
         self.row = NodeRow(self.cluster)
         self.row.jobs = _next_runs(runtime)
         self._published = time.monotonic()
-        self._last_prune = 0.0
+        self._last_prune = float("-inf")   # not 0: monotonic starts near 0 at boot
         self._schema_ready = False
         self._handed: queue.SimpleQueue[RunNow] = queue.SimpleQueue()
         self._closing = threading.Event()

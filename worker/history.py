@@ -453,7 +453,9 @@ class History(NoObserver):
             return
         if run.slot is None:
             scheduled = None
-        elif runtime.cluster is not None:   # the slot is on the database's epoch clock
+        elif runtime.cluster is not None or run.job.cron is not None:
+            # The slot is an epoch time (the database's clock, or a cron fire time on
+            # the wall clock): exact even if the wall clock stepped since it was due.
             scheduled = round(run.slot * 1000)
         else:                               # `every` runs on the monotonic clock
             scheduled = round((time.time() - run.lateness) * 1000)

@@ -102,7 +102,7 @@ class ClusterLedger(HostLedger):
         super().__init__(locks)
         self.cluster = cluster
         self.zone = zone
-        self._last_recovery = 0.0
+        self._last_recovery = float("-inf")   # not 0: monotonic starts near 0 at boot
 
     def claim(self, run: DueRun) -> Ticket | Refusal:
         if run.slot is not None and not run.recovering and not self._healthy():

@@ -142,8 +142,8 @@ class WorkLoop:
         self._stop = _StopState()
         self._reload_requested = False
         self._runs = self._cancelled = 0
-        self._last_watchdog = 0.0
-        self._last_stuck_check = 0.0
+        self._last_watchdog = float("-inf")    # not 0: monotonic starts near 0 at boot
+        self._last_stuck_check = float("-inf")
         # Called with the loop on each turn, on the loop thread (daemon: the control
         # socket's answers, the cluster commands: worker.control, control_cluster).
         self.on_turn: list[Callable[["WorkLoop"], None]] = []
