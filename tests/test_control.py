@@ -472,3 +472,256 @@ def test_the_socket_answers_as_soon_as_the_daemon_says_it_started(db_url, tmp_pa
     assert status.returncode == 0, status.stderr
     assert "tick  idle" in status.stdout
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_run_now_sent_to_a_stopped_daemon_never_runs_once_its_caller_gave_up(
+        control_runs, tmp_path, daemons):
+    """The daemon is stopped (SIGSTOP) while a --run-now waits: the kernel keeps the
+    connection and the request for it, the caller gives up (69, 15 s) and hangs up.
+    At SIGCONT the daemon reads the request. Before: the loop started the run at
+    once (its caller's thread looked for the hang-up only after 0.2 s), a run an
+    operator had been told did not happen."""
+    db_url = control_runs
+    name = token()
+    config = write_config(tmp_path / "jobs.yaml", db_url, f"""\
+        - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
+            kwargs: {{name: {name}}}}}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    assert cli(config, "--status").returncode == 0
+    daemon.signal(signal.SIGSTOP)
+    try:
+        told = cli(config, "--run-now", "yearly")
+    finally:
+        daemon.signal(signal.SIGCONT)
+    assert told.returncode == 69, told.stderr
+    assert "Traceback" not in told.stderr
+    daemon.wait_for("control command run-now yearly not carried out: its caller "
+                    "stopped waiting")
+    assert cli(config, "--status").returncode == 0      # a turn of the loop since
+    assert runs(db_url, name) == []
+    assert "run-now: started" not in daemon.log
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_malformed_request_is_2_and_no_traceback(db_url, tmp_path, daemons):
+    """Requests from the daemon's own user that are not what the command line sends:
+    deeply nested JSON, not UTF-8, JSON of the wrong shape. Before: the nested one
+    raised RecursionError on the caller's thread, a CRITICAL line and a traceback
+    in the log, and the caller's connection reset."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: tick, call: 'tests.jobfuncs:noop', every: 1h}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    assert cli(config, "--status").returncode == 0
+    raw = RawCaller(config)
+    try:
+        for request in (b"[" * 50_000 + b"\n", b"\xff\xfe\n", b'"status"\n', b"[1]\n",
+                        b'{"job": "tick"}\n'):
+            caller = raw.connect()
+            caller.sendall(request)
+            answer = json.loads(caller.makefile("rb").readline())
+            assert answer == {"code": 2, "message": "not a request"}, request[:20]
+        assert raw.ask("status")["code"] == 0
+    finally:
+        raw.close()
+    assert "Traceback" not in daemon.log and "CRITICAL" not in daemon.log, daemon.log
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_ctrl_c_while_a_command_waits_is_130_one_line_and_nothing_done(
+        control_runs, tmp_path, daemons):
+    """Ctrl-C on a --run-now waiting for a stopped daemon. Before: a KeyboardInterrupt
+    traceback and exit 1."""
+    db_url = control_runs
+    name = token()
+    config = write_config(tmp_path / "jobs.yaml", db_url, f"""\
+        - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
+            kwargs: {{name: {name}}}}}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    assert cli(config, "--status").returncode == 0
+    daemon.signal(signal.SIGSTOP)
+    try:
+        caller = subprocess.Popen([sys.executable, str(ROOT / "run_worker.py"), "-c",
+                                   str(config), "--run-now", "yearly"], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(2)           # connected, sent, waiting for the answer
+            caller.send_signal(signal.SIGINT)
+            _, err = caller.communicate(timeout=20)
+        finally:
+            if caller.poll() is None:
+                caller.kill()
+                caller.wait()
+    finally:
+        daemon.signal(signal.SIGCONT)
+    assert caller.returncode == 130, err
+    assert err.startswith("run-worker: interrupted") and len(err.splitlines()) == 1, err
+    daemon.wait_for("control command run-now yearly not carried out")
+    assert cli(config, "--status").returncode == 0
+    assert runs(db_url, name) == []
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_second_daemon_starts_beside_a_stopped_one_whose_socket_queue_is_full(
+        db_url, tmp_path, daemons):
+    """Daemon A is stopped (SIGSTOP) with its socket's queue of callers full; B starts
+    for the same config. Before: B's check for a stale socket (a blocking connect)
+    waited for room in A's queue: B hung before 'daemon started', deaf to SIGTERM,
+    until A ran again."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: tick, call: 'tests.jobfuncs:noop', every: 1h}
+        """)
+    first = daemons(config)
+    first.wait_for("daemon started")
+    assert cli(config, "--status").returncode == 0
+    raw = RawCaller(config)
+    first.signal(signal.SIGSTOP)
+    try:
+        for _ in range(2000):
+            try:
+                raw.connect(blocking=False)
+            except BlockingIOError:
+                break
+        else:
+            pytest.fail("the backlog never filled")
+        second = daemons(config)
+        second.wait_for("daemon started", timeout=20)
+        assert "another daemon answers on its control socket" in second.log
+        assert second.stop() == 0
+    finally:
+        raw.close()
+        first.signal(signal.SIGCONT)
+    assert cli(config, "--status").returncode == 0      # A's socket stayed
+    assert first.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_pause_holds_at_start_up_while_the_paused_jobs_file_cannot_be_read(
+        control_runs, tmp_path, daemons):
+    """The paused-jobs file is held by another process (an exclusive transaction)
+    for longer than the daemon's 5 s wait for it at start-up. Before: the daemon
+    ran without pauses and without a control socket for its whole life ('no control
+    socket or paused jobs'): the paused job ran every second."""
+    db_url = control_runs
+    name = token()
+    config = write_config(tmp_path / "jobs.yaml", db_url, f"""\
+        - {{name: tick, call: 'tests.jobfuncs:record_control_run', every: 1s,
+            kwargs: {{name: {name}}}}}
+        """)
+    daemon = daemons(config)
+    daemon.wait_for("daemon started")
+    assert cli(config, "--pause", "tick").returncode == 0
+    assert daemon.stop() == 0
+    directory, _, paused_name = control_paths(config)
+    holder = sqlite3.connect(directory / paused_name, isolation_level=None,
+                             check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        since = time.time()
+        daemon = daemons(config)
+        daemon.wait_for("daemon started", timeout=30)
+        time.sleep(8)
+        status = cli(config, "--status")         # the socket answers meanwhile
+        assert status.returncode == 0, status.stderr
+        until = time.time()
+    finally:
+        holder.rollback()
+        holder.close()
+    assert runs(db_url, name, after=since) == [], daemon.log
+    daemon.wait_for("paused jobs (until --resume): tick")
+    assert "tick  paused" in cli(config, "--status").stdout
+    time.sleep(1.5)
+    assert runs(db_url, name, after=since) == []
+    assert cli(config, "--resume", "tick").returncode == 0
+    back = time.time()
+    time.sleep(2.5)
+    assert runs(db_url, name, after=back)
+    assert until > since
+    assert daemon.stop() == 0
+
+
+def test_a_default_lock_directory_made_by_another_user_is_not_talked_to(tmp_path,
+                                                                          monkeypatch):
+    """Another local user (uid 12345 here) made the default lock directory of the
+    caller (nobody: no lock_dir in the config, XDG_RUNTIME_DIR a shared folder, as
+    /tmp is) and listens there. Before: the caller sent it its command and printed
+    its answer, 'job tick paused', exit 0, with nothing paused anywhere."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a client as another uid")
+    from worker.app import load_config
+    from worker.control import control_files
+    base = Path(tempfile.mkdtemp(prefix="control-test-"))
+    try:
+        os.chmod(base, 0o1777)                  # a shared folder, as /tmp
+        config = base / "jobs.yaml"
+        config.write_text(f'database:\n  url: "sqlite:///{base / "d.db"}"\njobs:\n'
+                          "  - {name: tick, call: 'tests.jobfuncs:noop', every: 1h}\n")
+        os.chmod(config, 0o644)
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(base))
+        planted = base / f"run-worker-{NOBODY}"
+        planted.mkdir(mode=0o755)
+        name = control_files(load_config(str(config))[0])[1]
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(planted / name))
+        os.chmod(planted / name, 0o777)
+        os.chown(planted / name, 12345, 12345)
+        os.chown(planted, 12345, 12345)
+        listener.listen(5)
+        listener.settimeout(0.2)
+        asked: list[bytes] = []
+
+        def answer() -> None:       # as a daemon would, for anyone
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not asked[-1:] == [b"stop"]:
+                try:
+                    connection, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                with connection:
+                    asked.append(connection.recv(1000))
+                    connection.sendall(b'{"code": 0, "message": "job tick paused"}\n')
+
+        server = threading.Thread(target=answer, daemon=True)
+        server.start()
+        try:
+            done = cli(config, "--pause", "tick", as_uid=NOBODY)
+        finally:
+            asked.append(b"stop")
+            server.join(5)
+            listener.close()
+        assert done.returncode == 69, (done.stdout, done.stderr)
+        assert "paused" not in done.stdout
+        assert "owned by uid 12345" in done.stderr and "refusing" in done.stderr, \
+            done.stderr
+        assert asked == [b"stop"]               # it was told nothing
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_status_and_list_of_a_daemon_with_many_jobs(db_url, tmp_path, daemons):
+    """600 jobs: the daemon's --status answer is about 130 KB. Before: the command
+    line read at most 64 KiB of it (the bound of a request) and died on the cut
+    JSON, a traceback and exit 1, for --status and --list alike."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, "".join(
+        f"- {{name: job-{i:04d}, call: 'tests.jobfuncs:noop', every: 1h}}\n"
+        for i in range(600)))
+    daemon = daemons(config)
+    daemon.wait_for("daemon started", timeout=60)
+    status = cli(config, "--status")
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert len([line for line in status.stdout.splitlines()
+                if line.startswith("job-")]) == 600
+    listed = cli(config, "--list")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert "from the running daemon" in listed.stderr
+    assert daemon.stop() == 0

@@ -243,3 +243,186 @@ def test_locked_control_tables_do_not_hold_up_the_scheduled_runs(
     # The commands work again once the lock is gone.
     assert wait_for(lambda: on("elsewhere", config, "--status").returncode == 0)
     assert node.stop() == 0
+
+
+def long_lease(config):
+    """A lease of 30 s (statement timeout 5 s): a node stopped for 15 s stays live."""
+    config.write_text(config.read_text().replace("lease: 3.0s", "lease: 30s"))
+    return config
+
+
+def insert_request(url: str, job: str, within: float = 3.5) -> None:
+    """A run-now request as the command line leaves it (waiting, expiring after
+    `within` seconds); the command line then waits `within` + ANSWER_SLACK."""
+    now_ms = int(time.time() * 1000)
+    query(url, "INSERT INTO worker_requests (job, state, requested_ms, expires_ms, "
+               "requested_by) VALUES (:job, 'waiting', :now, :expires, 'test')",
+          job=job, now=now_ms, expires=now_ms + int(within * 1000))
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_a_run_now_taken_by_a_node_stopped_past_its_callers_wait_never_runs(
+        control_runs, cluster_tables, tmp_path, daemons):
+    """A node takes a run-now and is stopped (SIGSTOP) before it hands the start to
+    its loop (held there by a lock on the run table), for longer than the command
+    line waits for an answer. Before: at SIGCONT it handed the start over with a
+    fresh 5 s and the run started, 15 s after its caller gave up (69)."""
+    from worker.control_cluster import ANSWER_SLACK
+    db_url, runs_url = control_runs, cluster_tables
+    yearly = token()
+    config = long_lease(cluster_config(
+        tmp_path / "jobs.yaml", db_url, run_table_url=runs_url, jobs=f"""\
+  - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
+      kwargs: {{name: {yearly}}}}}
+"""))
+    node = daemons(config, env={"NODE": "node-a"})
+    node.wait_for("daemon started")
+    assert wait_for(lambda: on("elsewhere", config, "--status").returncode == 0)
+    engine = create_engine(runs_url)
+    try:
+        with engine.connect() as locker:
+            # The node's check for a run in progress waits on this lock (up to its 5 s
+            # statement timeout), between its take and its hand-over.
+            locker.exec_driver_sql("LOCK TABLES worker_runs WRITE")
+            insert_request(runs_url, "yearly")
+            gave_up = time.monotonic() + 3.5 + ANSWER_SLACK
+            assert wait_for(lambda: query(runs_url, "SELECT state FROM worker_requests")
+                            == [("taken",)], timeout=5)
+            node.signal(signal.SIGSTOP)
+            locker.exec_driver_sql("UNLOCK TABLES")
+    finally:
+        engine.dispose()
+    try:
+        time.sleep(max(0.0, gave_up - time.monotonic()) + 1)
+    finally:
+        node.signal(signal.SIGCONT)
+    node.wait_for("job=yearly run-now (through the cluster) not started")
+    assert wait_for(lambda: query(runs_url, "SELECT state, code FROM worker_requests")
+                    == [("refused", 69)])
+    time.sleep(1)
+    assert runs(db_url, yearly) == []
+    assert "run-now (through the cluster): started" not in node.log
+    assert node.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_a_run_now_interrupted_while_it_waits_is_withdrawn_and_never_runs(
+        control_runs, cluster_tables, tmp_path, daemons):
+    """Ctrl-C on a --run-now waiting for a node (stopped here, so that it cannot take
+    the request first). Before: a traceback, exit 1, and the request left waiting:
+    the node took it at SIGCONT and the run started, after the operator had given
+    up on it."""
+    db_url, runs_url = control_runs, cluster_tables
+    yearly = token()
+    config = long_lease(cluster_config(
+        tmp_path / "jobs.yaml", db_url, run_table_url=runs_url, jobs=f"""\
+  - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
+      kwargs: {{name: {yearly}}}}}
+"""))
+    node = daemons(config, env={"NODE": "node-a"})
+    node.wait_for("daemon started")
+    assert wait_for(lambda: on("elsewhere", config, "--status").returncode == 0)
+    node.signal(signal.SIGSTOP)
+    try:
+        caller = subprocess.Popen(
+            [sys.executable, str(ROOT / "run_worker.py"), "-c", str(config), "--run-now",
+             "yearly"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "NODE": "elsewhere"})
+        try:
+            assert wait_for(lambda: query(runs_url, "SELECT state FROM worker_requests")
+                            == [("waiting",)], timeout=20)
+            caller.send_signal(signal.SIGINT)
+            _, err = caller.communicate(timeout=20)
+        finally:
+            if caller.poll() is None:
+                caller.kill()
+                caller.wait()
+    finally:
+        node.signal(signal.SIGCONT)
+    assert caller.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err, err
+    assert query(runs_url, "SELECT COUNT(*) FROM worker_requests") == [(0,)]
+    time.sleep(3)       # six heartbeats of the node
+    assert runs(db_url, yearly) == []
+    assert "run-now (through the cluster): started" not in node.log
+    assert node.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_a_pause_holds_at_start_up_while_the_paused_jobs_cannot_be_read(
+        control_runs, cluster_tables, tmp_path, daemons):
+    """A node starts while another session holds worker_paused (LOCK TABLES ...
+    WRITE): it cannot read the pauses. Before: it took that for "none paused" and
+    ran the paused job every second until the lock went."""
+    from worker.cluster import metadata
+    from worker.control_cluster import ensure_control_schema
+    db_url, runs_url = control_runs, cluster_tables
+    tick = token()
+    config = long_lease(cluster_config(
+        tmp_path / "jobs.yaml", db_url, run_table_url=runs_url, jobs=f"""\
+  - {{name: tick, call: 'tests.jobfuncs:record_control_run', every: 1s,
+      kwargs: {{name: {tick}}}}}
+"""))
+    engine = create_engine(runs_url)
+    try:
+        metadata.create_all(engine)       # the run table and worker_schema
+        ensure_control_schema(engine)
+        query(runs_url, "INSERT INTO worker_paused (job, since_ms, node) VALUES "
+                        "('tick', 1, 'test')")
+        with engine.connect() as locker:
+            locker.exec_driver_sql("LOCK TABLES worker_paused WRITE")
+            since = time.time()
+            node = daemons(config, env={"NODE": "node-a"})
+            node.wait_for("daemon started", timeout=40)
+            time.sleep(4)
+            until = time.time()
+            locker.exec_driver_sql("UNLOCK TABLES")
+    finally:
+        engine.dispose()
+    assert [at for at in runs(db_url, tick, after=since) if at < until] == [], node.log
+    node.wait_for("paused jobs (until --resume): tick")
+    assert on("elsewhere", config, "--resume", "tick").returncode == 0
+    back = time.time()
+    assert wait_for(lambda: runs(db_url, tick, after=back))
+    assert node.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_a_paused_jobs_abandoned_run_is_not_recovered_until_resumed(
+        control_runs, cluster_tables, tmp_path, daemons):
+    """An idempotent job's run is abandoned (its node killed) and the job paused:
+    the other node leaves the run alone until --resume. Before: it took the run over
+    and ran it again at once, paused or not."""
+    db_url, runs_url = control_runs, cluster_tables
+    slow = token()
+    release = tmp_path / "release-slow"
+    config = cluster_config(tmp_path / "jobs.yaml", db_url, run_table_url=runs_url,
+                            jobs=f"""\
+  - {{name: slow, call: 'tests.jobfuncs:wait_then_record_control_run',
+      cron: '0 0 1 1 *', idempotent: true, kwargs: {{name: {slow}, path: "{release}"}}}}
+""")
+    nodes = {name: daemons(config, env={"NODE": name}) for name in ("node-a", "node-b")}
+    for node in nodes.values():
+        node.wait_for("daemon started")
+    assert wait_for(lambda: "2 live node(s)" in on("elsewhere", config, "--status").stdout)
+    started = on("elsewhere", config, "--run-now", "slow")
+    assert started.returncode == 0, started.stderr
+    taker = started.stdout.split("on node ")[1].split()[0]
+    other = nodes["node-b" if taker == "node-a" else "node-a"]
+    nodes[taker].process.kill()
+    nodes[taker].wait()
+    assert on("elsewhere", config, "--pause", "slow").returncode == 0
+    other.wait_for("job=slow paused (through the cluster)")
+    # The dead node's run is marked abandoned after its lease (3 s).
+    assert wait_for(lambda: query(runs_url, "SELECT outcome, recovered FROM worker_runs "
+                                            "WHERE job = 'slow'") == [("abandoned", 0)])
+    time.sleep(3)       # six heartbeats of the other node
+    assert query(runs_url, "SELECT outcome, recovered FROM worker_runs WHERE job = 'slow'") \
+        == [("abandoned", 0)], other.log
+    assert "job=slow starting" not in other.log
+    assert on("elsewhere", config, "--resume", "slow").returncode == 0
+    release.touch()
+    assert wait_for(lambda: query(runs_url, "SELECT outcome, recovered FROM worker_runs "
+                                            "WHERE job = 'slow'") == [("success", 1)])
+    assert len(runs(db_url, slow)) == 1
+    assert other.stop() == 0

@@ -53,7 +53,9 @@ exit codes:
   77  a control command from a user who is neither the daemon's nor root (not
       in cluster mode: there the database's credentials are the permission)
   78  invalid configuration: nothing ran
-  130 --once: interrupted by SIGINT (Ctrl-C); running jobs were stopped
+  130 --once: interrupted by SIGINT (Ctrl-C); running jobs were stopped; a
+      control command interrupted while it waits (not carried out, unless
+      it already was)
 """
 
 log = logging.getLogger("worker")

@@ -35,14 +35,15 @@ import queue
 import select
 import socket
 import sqlite3
+import stat
 import struct
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
-from .exitcodes import (EXIT_ALL_SKIPPED, EXIT_NOT_ALLOWED, EXIT_OK, EXIT_UNAVAILABLE,
-                        EXIT_USAGE)
+from .exitcodes import (EXIT_ALL_SKIPPED, EXIT_INTERRUPTED, EXIT_NOT_ALLOWED, EXIT_OK,
+                        EXIT_UNAVAILABLE, EXIT_USAGE)
 
 log = logging.getLogger("worker.control")
 
@@ -50,11 +51,19 @@ ANSWER_WITHIN = 10.0      # seconds a caller waits for the loop thread's answer
 # The daemon's environment may shorten (or lengthen) that wait, in seconds.
 ANSWER_WITHIN_ENV = "RUN_WORKER_CONTROL_WAIT"
 MAX_REQUEST = 64 * 1024   # bytes: a request is one short JSON line
+MAX_ANSWER = 256 * 1024 * 1024   # bytes: --status of 100,000 jobs is about 25 MB
 READ_WITHIN = 5.0         # seconds a caller has to send its whole request
+PAUSES_WAIT = 5.0         # seconds to wait for the paused-jobs file when it is busy
+PAUSES_RETRY = 1.0        # seconds between reads of a paused-jobs file not read at start
 MAX_CALLERS = 16          # conversations at once; more are told 69 (busy) at once
 BACKLOG = 64              # connections the kernel queues before accept
 CONNECT_BUSY_WAIT = 2.0   # seconds a caller retries a socket whose backlog is full
 COMMANDS = ("run-now", "pause", "resume", "status")
+
+
+def _describe(exc: BaseException) -> str:
+    from .errors import describe
+    return describe(exc)
 
 
 def control_files(config) -> tuple[Path, str, str]:
@@ -77,6 +86,7 @@ class PausedNames:
     """The paused job names as a container, answered from memory (by the loop and
     the metrics thread); `set` keeps the memory and the store in step."""
     _names: frozenset[str] = frozenset()
+    known = True    # False: not read yet, any job may be paused (ClusterPausedJobs)
 
     def __contains__(self, name: object) -> bool:
         return name in self._names
@@ -95,20 +105,21 @@ class PausedJobs(PausedNames):
     """One host: the paused job names in a SQLite file, read once at start, written
     at each pause and resume."""
 
-    def __init__(self, path: Path) -> None:
-        """sqlite3.Error or OSError when the file cannot be used."""
+    def __init__(self, path: Path, wait: float = PAUSES_WAIT) -> None:
+        """sqlite3.Error or OSError when the file cannot be used (`wait`: seconds
+        for it while another process holds it)."""
         self.path = path
         # Created 0600 (by the service user, in its 0700 lock directory).
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
                          0o600))
-        with self._connect() as db:
+        with sqlite3.connect(path, timeout=wait, isolation_level=None) as db:
             db.execute("CREATE TABLE IF NOT EXISTS paused_jobs "
                        "(name TEXT PRIMARY KEY, since REAL NOT NULL)")
             self._names = frozenset(row[0] for row in db.execute(
                 "SELECT name FROM paused_jobs"))
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=5, isolation_level=None)
+        return sqlite3.connect(self.path, timeout=PAUSES_WAIT, isolation_level=None)
 
     def replace(self, names) -> None:
         """Exactly these names paused (a reload moved the file here)."""
@@ -126,6 +137,20 @@ class PausedJobs(PausedNames):
             else:
                 db.execute("DELETE FROM paused_jobs WHERE name = ?", (name,))
         self._remember(name, paused)
+
+
+class UnreadPausedJobs(PausedNames):
+    """One host: the paused-jobs file could not be read at start (held by another
+    process past PAUSES_WAIT, an I/O error). Not `known`: which jobs are paused is
+    not, so no scheduled run starts (ScheduleSource) until the loop thread reads
+    it (`Control.answer`, every PAUSES_RETRY), rather than run a paused job."""
+    known = False
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def set(self, name: str, paused: bool) -> None:
+        raise OSError(f"the paused jobs in {self.path} could not be read yet")
 
 
 # --- the daemon's side ----------------------------------------------------------------
@@ -151,12 +176,18 @@ class Control:
             self.node = ClusterNode(loop)
             runtime.paused = self.node.paused
             loop.on_turn.append(self.node.turn)
-        else:
+        if self.clustered:      # logged by ClusterPausedJobs once it has read them
+            return
+        self._pauses_read_at = time.monotonic()
+        try:
             runtime.paused = PausedJobs(directory / paused_name)
+        except (OSError, sqlite3.Error) as exc:
+            # The socket opens all the same: --status answers meanwhile.
+            runtime.paused = UnreadPausedJobs(directory / paused_name)
+            log.error("cannot read the paused jobs in %s: %s; no scheduled run starts "
+                      "until they can be read", directory / paused_name, _describe(exc))
         if runtime.paused:
             log.info("paused jobs (until --resume): %s", ", ".join(sorted(runtime.paused)))
-        if self.clustered:
-            return
         try:
             self.server = ControlServer(directory, socket_name, loop.wake)
         except OSError as exc:
@@ -165,8 +196,25 @@ class Control:
         loop.on_turn.append(self.answer)
 
     def answer(self, loop) -> None:
+        if not getattr(loop.runtime.paused, "known", True) and \
+                time.monotonic() - self._pauses_read_at >= PAUSES_RETRY:
+            self._read_pauses(loop.runtime)
         if self.server is not None:
             self.server.answer(loop)
+
+    def _read_pauses(self, runtime) -> None:
+        """On the loop thread: the paused-jobs file not read at start, again; held
+        for a moment at most when another process still holds it."""
+        self._pauses_read_at = time.monotonic()
+        path = runtime.paused.path
+        try:
+            runtime.paused = PausedJobs(path, wait=0.05)
+        except (OSError, sqlite3.Error) as exc:
+            log.debug("paused jobs in %s still not read: %s", path, _describe(exc))
+            return
+        log.info("paused jobs read from %s: scheduled runs start again", path)
+        if runtime.paused:
+            log.info("paused jobs (until --resume): %s", ", ".join(sorted(runtime.paused)))
 
     def follow(self, loop, runtime) -> None:
         """After a reload, on the loop thread: when the new config's control files
@@ -186,6 +234,12 @@ class Control:
         except OSError as exc:
             log.error("cannot move the control socket to %s: %s; it stays in %s",
                       directory, exc, self.files[0])
+            return
+        if not getattr(runtime.paused, "known", True):   # moving: "none paused" there
+            server.close()
+            log.error("cannot move the control socket to %s: the paused jobs in %s are "
+                      "not read yet; both stay in %s", directory, runtime.paused.path,
+                      self.files[0])
             return
         old_file = getattr(runtime.paused, "path", None)
         if old_file is not None:        # one host: the pauses move with the socket
@@ -218,13 +272,23 @@ class Handoff:
     """Work handed to the loop thread by a thread that waits for its answer, done
     only while that thread still waits: the waiter gives up (`give_up`) and the
     loop acts (`settle`) under one lock, so that exactly one of them wins. Used for
-    the socket's requests and for the cluster's run-now requests."""
+    the socket's requests and for the cluster's run-now requests.
 
-    def __init__(self) -> None:
+    `deadline` (monotonic): the loop does not act after it, even when the waiter
+    has not given up yet. A process stopped (SIGSTOP) past it resumes all its
+    threads at once, and the loop thread may come to `settle` before the waiter's
+    own timed wait returns: the deadline, not that race, decides."""
+
+    def __init__(self, deadline: float | None = None) -> None:
         self.lock = threading.Lock()
         self.answered = threading.Event()
         self.answer = None
         self.given_up = False
+        self.deadline = deadline
+
+    def waited_for(self) -> bool:
+        """Whether the waiter can still be waiting for the answer (under the lock)."""
+        return self.deadline is None or time.monotonic() < self.deadline
 
     def give_up(self) -> bool:
         """The waiter stops waiting: True when nothing was done (and now nothing will
@@ -237,9 +301,10 @@ class Handoff:
 
     def settle(self, act: Callable[[], object]) -> bool:
         """On the loop thread: `act()` and its result as the answer, unless the
-        waiter gave up (False: nothing done)."""
+        waiter gave up or cannot be waiting any more (False: nothing done)."""
         with self.lock:
-            if self.given_up:
+            if self.given_up or not self.waited_for():
+                self.given_up = True
                 return False
             self.answer = act()
             self.answered.set()
@@ -247,10 +312,21 @@ class Handoff:
 
 
 class Request(Handoff):
-    def __init__(self, command: str, job: str | None) -> None:
-        super().__init__()
+    """A caller's request on the socket: acted on only while its caller is still
+    connected, within the daemon's wait."""
+
+    def __init__(self, command: str, job: str | None, connection: socket.socket,
+                 deadline: float) -> None:
+        super().__init__(deadline)
         self.command = command
         self.job = job
+        self.connection = connection
+
+    def waited_for(self) -> bool:
+        # The caller's own thread looks for a hang-up only every 0.2 s; a daemon
+        # stopped (SIGSTOP) while a caller waited reads the request the kernel kept
+        # for it after that caller was told 69 and hung up: the loop looks too.
+        return super().waited_for() and not _caller_left(self.connection)
 
     def __str__(self) -> str:
         return self.command + (f" {self.job}" if self.job is not None else "")
@@ -373,8 +449,11 @@ class ControlServer:
             return
         try:
             message = json.loads(line)
-            request = Request(str(message["command"]), message.get("job"))
-        except (ValueError, KeyError, TypeError):
+            request = Request(str(message["command"]), message.get("job"), connection,
+                              time.monotonic() + self._wait)
+        # RecursionError: JSON nested deeper than the parser's stack (not what the
+        # command line sends, but the daemon's own user may send anything).
+        except (ValueError, KeyError, TypeError, RecursionError):
             _send(connection, {"code": EXIT_USAGE, "message": "not a request"})
             return
         self._requests.put(request)
@@ -426,26 +505,29 @@ class ControlServer:
 
 
 def _caller_left(connection: socket.socket) -> bool:
-    """The caller hung up (it sends nothing after its request: readable is EOF)."""
+    """The caller hung up (it sends nothing after its request: readable is EOF).
+    Called from the caller's thread and from the loop thread: it only peeks, and
+    leaves the connection's timeout alone (MSG_DONTWAIT instead)."""
     poll = select.poll()
     poll.register(connection, select.POLLIN | select.POLLHUP | select.POLLRDHUP)
     if not poll.poll(0):
         return False
     try:
-        connection.settimeout(0)
-        return connection.recv(1, socket.MSG_PEEK) == b""
-    except BlockingIOError:
+        return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
         return False
     except OSError:
         return True
-    finally:
-        connection.settimeout(5)
 
 
 def _remove_stale(where: str, dir_fd: int, name: str) -> None:
     """A socket left by a daemon that died is removed; one that answers is another
     daemon's, and stays (OSError: this one cannot listen there)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    # Non-blocking: a blocking connect to a listener whose queue is full (a daemon
+    # stopped with SIGSTOP) waits for room, here on the main thread at start-up or
+    # the loop thread in a reload, deaf to signals. EAGAIN means someone listens.
+    probe = socket.socket(socket.AF_UNIX,
+                          socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     try:
         probe.connect(where)
     except FileNotFoundError:
@@ -453,9 +535,11 @@ def _remove_stale(where: str, dir_fd: int, name: str) -> None:
     except ConnectionRefusedError:
         os.unlink(name, dir_fd=dir_fd)
         return
+    except BlockingIOError:
+        pass
     finally:
         probe.close()
-    raise OSError(f"another daemon answers on its control socket")
+    raise OSError("another daemon answers on its control socket")
 
 
 def _answer(loop, request: Request) -> dict:
@@ -508,20 +592,27 @@ def job_states(loop) -> list[dict]:
     return states
 
 
-def _read_line(connection: socket.socket, deadline: float | None = None) -> bytes:
-    """One line; TimeoutError once `deadline` (monotonic) passes."""
-    data = b""
-    while b"\n" not in data and len(data) < MAX_REQUEST:
+def _read_line(connection: socket.socket, deadline: float | None = None,
+               limit: int = MAX_REQUEST) -> bytes:
+    """One line, cut at about `limit` bytes; TimeoutError once `deadline`
+    (monotonic) passes. A request is short; an answer (`--status` of many jobs)
+    may be megabytes: read into one buffer, looking for the end in each chunk."""
+    data = bytearray()
+    while len(data) < limit:
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("the caller did not send its request in time")
             connection.settimeout(left)
-        chunk = connection.recv(4096)
+        chunk = connection.recv(65536)
         if not chunk:
             break
+        end = chunk.find(b"\n")
+        if end >= 0:
+            data += chunk[:end]
+            break
         data += chunk
-    return data.split(b"\n", 1)[0]
+    return bytes(data)
 
 
 def _send(connection: socket.socket, answer: dict) -> None:
@@ -553,13 +644,14 @@ def ask(config, command: str, job: str | None = None) -> dict:
     path = directory / name
     caller = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
+        _check_directory(dir_fd, directory, default=not config.worker.lock_dir)
         caller.settimeout(ANSWER_WITHIN + 5)
         _connect(caller, _through(dir_fd, name), path)
         try:
             _send(caller, {"command": command, "job": job})
         except BrokenPipeError:   # it answered and closed at once: read why
             pass
-        line = _read_line(caller)
+        line = _read_line(caller, limit=MAX_ANSWER)
     except OSError as exc:      # a timeout, a reset: whatever it did is unknown
         raise NoDaemon(f"no answer on {path}: {exc}") from None
     finally:
@@ -567,7 +659,33 @@ def ask(config, command: str, job: str | None = None) -> dict:
         os.close(dir_fd)
     if not line:
         raise NoDaemon(f"the daemon on {path} closed the connection without answering")
-    return json.loads(line)
+    try:
+        answer = json.loads(line)
+    except (ValueError, RecursionError):
+        answer = None
+    if not isinstance(answer, dict):
+        raise NoDaemon(f"the answer on {path} could not be read ({len(line)} bytes, not "
+                       f"one JSON object)")
+    return answer
+
+
+def _check_directory(dir_fd: int, directory: Path, default: bool) -> None:
+    """NoDaemon when the lock directory is one the daemon itself refuses (writable
+    by its group or others), or, the default one (named after this user, in /tmp
+    when XDG_RUNTIME_DIR is unset), is not this user's: another local user could
+    have made it and put a socket of theirs in it, to answer in the daemon's place
+    ("job tick paused", exit 0, with nothing paused)."""
+    from .locks import _user
+    info = os.fstat(dir_fd)
+    problem = None
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = f"is writable by its group or others (mode {stat.S_IMODE(info.st_mode):o})"
+    elif default and info.st_uid != os.geteuid():
+        problem = f"(this user's default one) is owned by {_user(info.st_uid)}"
+    if problem is not None:
+        raise NoDaemon(f"no daemon of this config can listen in {directory}: it {problem}; "
+                       f"refusing to talk to a socket there (another user could have "
+                       f"put it there)")
 
 
 def _connect(caller: socket.socket, where: str, path: Path) -> None:
@@ -594,7 +712,19 @@ def _connect(caller: socket.socket, where: str, path: Path) -> None:
 
 def command(config, name: str, job: str | None = None) -> int:
     """The CLI's --run-now, --pause, --resume and --status: ask, print, exit code.
-    In cluster mode through the database instead (worker.control_cluster)."""
+    In cluster mode through the database instead (worker.control_cluster).
+    Ctrl-C while it waits: one line, 130 (the daemon, or the nodes, then drop a
+    command not carried out yet: its caller hung up, or withdrew its request)."""
+    from .logs import command_error
+    try:
+        return _command(config, name, job)
+    except KeyboardInterrupt:
+        command_error(f"interrupted: {name}{f' {job}' if job else ''} is not carried out "
+                      "unless it was already; see --status")
+        return EXIT_INTERRUPTED
+
+
+def _command(config, name: str, job: str | None) -> int:
     if config.cluster is not None:
         from .control_cluster import command as cluster_command
         return cluster_command(config, name, job)

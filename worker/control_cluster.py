@@ -47,7 +47,14 @@ TAKE_HEARTBEATS = 3           # a request waits this many heartbeats (of the slo
 TAKE_SLACK = 2.0              # ...plus this many seconds before it expires
 ANSWER_SLACK = 10.0           # seconds a request taken by a node may take to be answered
 POLL = 0.1                    # seconds between the command line's looks at its request
-HAND_OVER_WITHIN = 5.0        # seconds a taken run-now waits for the loop thread to start it
+# Seconds from a node's take of a run-now to the latest start of its run (checked by
+# the loop thread, well within ANSWER_SLACK: never after its caller gave up).
+HAND_OVER_WITHIN = 5.0
+# Seconds the start-up waits for the cluster-commands thread's first pass (the control
+# tables, the pauses, this node's row), so that a command right after "daemon started"
+# finds the node; no longer: a locked control table must not hold up the start-up
+# (the scheduled runs wait for the pauses instead: ClusterPausedJobs.known).
+FIRST_PASS_WAIT = 2.0
 
 
 @functools.cache
@@ -108,14 +115,16 @@ def _describe(exc: BaseException) -> str:
 
 class ClusterPausedJobs(PausedNames):
     """The paused job names of the cluster (worker_paused), answered from memory;
-    read again once a heartbeat (`refresh`, on the cluster-commands thread), written
-    at once by `set`."""
+    read once a heartbeat (`refresh`, on the cluster-commands thread), written at
+    once by `set`. Not `known` until the first read: a node that cannot read them
+    at start-up (a locked table, a database that does not answer) cannot tell a
+    paused job from another, and starts no scheduled run until it can (the
+    loop's ScheduleSource holds them), instead of running the paused ones."""
 
     def __init__(self, cluster) -> None:
         self.cluster = cluster
         self._read_at = float("-inf")
-        ensure_control_schema(cluster.database.engine)
-        self.refresh(force=True)
+        self.known = False
 
     def refresh(self, force: bool = False) -> None:
         from sqlalchemy import select
@@ -128,12 +137,18 @@ class ClusterPausedJobs(PausedNames):
             with self.cluster.database.engine.connect() as connection:
                 names = frozenset(connection.execute(select(table.c.job)).scalars())
         except DBAPIError as exc:   # the last known pauses stay
-            log.warning("cannot read the paused jobs: %s", exc.__class__.__name__)
+            log.warning("cannot read the paused jobs: %s%s", exc.__class__.__name__,
+                        "" if self.known else "; no scheduled run starts until they "
+                        "can be read")
             return
         for name in sorted(names ^ self._names):
             log.info("job=%s %s (through the cluster)", name, "paused" if name in names
                      else "resumed", extra={"job": name})
         self._names = names
+        if not self.known:
+            self.known = True
+            if names:
+                log.info("paused jobs (until --resume): %s", ", ".join(sorted(names)))
 
     def set(self, name: str, paused: bool) -> None:
         set_paused(self.cluster, name, paused, self.cluster.node)
@@ -196,8 +211,8 @@ class NodeRow:
 class RunNow(Handoff):
     """A run-now request taken by this node, handed to the loop thread to start."""
 
-    def __init__(self, name: str, requested_ms: int) -> None:
-        super().__init__()
+    def __init__(self, name: str, requested_ms: int, deadline: float) -> None:
+        super().__init__(deadline)
         self.name = name
         self.requested_ms = requested_ms
 
@@ -213,6 +228,8 @@ class ClusterNode:
     membership."""
 
     def __init__(self, loop) -> None:
+        """On the main thread at start-up: no database I/O here (it is the
+        thread's first pass, waited for FIRST_PASS_WAIT at most)."""
         runtime = loop.runtime
         self.loop = loop
         self.cluster = runtime.cluster
@@ -221,12 +238,15 @@ class ClusterNode:
         self.row.jobs = _next_runs(runtime)
         self._published = time.monotonic()
         self._last_prune = float("-inf")   # not 0: monotonic starts near 0 at boot
+        self._schema_ready = False
         self._handed: queue.SimpleQueue[RunNow] = queue.SimpleQueue()
         self._closing = threading.Event()
-        self._join(self.cluster)
+        self._first_pass = threading.Event()
+        self.cluster.membership = self.row      # removed by the cluster's stop
         self._thread = threading.Thread(target=self._serve, name="cluster-commands",
                                         daemon=True)
         self._thread.start()
+        self._first_pass.wait(FIRST_PASS_WAIT)
 
     def _join(self, cluster) -> None:
         try:
@@ -284,17 +304,27 @@ class ClusterNode:
     # --- the cluster-commands thread ----------------------------------------------
 
     def _serve(self) -> None:
-        while not self._closing.wait(self.cluster.settings.heartbeat):
+        while True:     # the first pass at once (start-up waits for it a little)
             try:
                 self._duties()
             except Exception as exc:  # of any kind: again next heartbeat
                 log.warning("cluster commands: %s", _describe(exc))
+            finally:
+                self._first_pass.set()
+            if self._closing.wait(self.cluster.settings.heartbeat):
+                return
 
     def _duties(self) -> None:
         cluster = self.loop.runtime.cluster
         if cluster is not self.cluster and cluster is not None:
             self._rebind(cluster)
+        if not self._schema_ready:      # raises: tried again next heartbeat
+            ensure_control_schema(self.cluster.database.engine)
+            self._schema_ready = True
+        held = not self.paused.known
         self.paused.refresh(force=True)
+        if held and self.paused.known:
+            self.loop.wake()    # the scheduled runs it held may start now
         if not self.cluster.healthy or self._closing.is_set():
             return    # a node whose heartbeat fails is not live, and takes nothing
         self.row.beat()
@@ -326,37 +356,44 @@ class ClusterNode:
         for row in rows:
             if self._closing.is_set() or self.loop.stopping:
                 return     # left waiting: another node takes it, or it expires
+            # Read before the take: the run starts within HAND_OVER_WITHIN of it
+            # however long this thread is held afterwards (a slow statement, the
+            # process stopped), so never after the command line gave up.
+            deadline = time.monotonic() + HAND_OVER_WITHIN
             with cluster.database.engine.begin() as connection:
                 taken = connection.execute(update(requests).where(
                     requests.c.id == row.id, requests.c.state == WAITING,
                     requests.c.expires_ms > cluster.clock.now_ms()).values(
                     state=TAKEN, node=cluster.node)).rowcount == 1
             if taken:
-                self._run_now(row.id, row.job, row.requested_ms)
+                self._run_now(row.id, row.job, row.requested_ms, deadline)
         if time.monotonic() - self._last_prune > 600:
             self._last_prune = time.monotonic()
             with cluster.database.engine.begin() as connection:
                 connection.execute(delete(requests).where(
                     requests.c.expires_ms < now - REQUEST_KEPT_MS))
 
-    def _run_now(self, request_id: int, name: str, requested_ms: int) -> None:
+    def _run_now(self, request_id: int, name: str, requested_ms: int,
+                 deadline: float) -> None:
         """The request is ours: refuse it (75) when a run of the job is in progress
         on any node, else hand its start to the loop thread and write its answer.
-        The loop starts it only while this thread waits (HAND_OVER_WITHIN, well
-        within the caller's wait): a run never starts after its caller was told
-        that nothing started."""
+        The loop starts it only while this thread waits and before `deadline`
+        (HAND_OVER_WITHIN after the take, well within the caller's wait): a run
+        never starts after its caller was told that nothing started, or gave up."""
         busy = running_node(self.cluster, name)
         if busy is not None:
             self._answer(request_id, EXIT_ALL_SKIPPED,
                          f"job {name} has a run in progress on node {busy}: nothing started")
             return
-        handed = RunNow(name, requested_ms)
+        handed = RunNow(name, requested_ms, deadline)
         self._handed.put(handed)
         self.loop.wake()
-        if not handed.answered.wait(HAND_OVER_WITHIN) and handed.give_up():
+        if not handed.answered.wait(max(0.0, deadline - time.monotonic())) and \
+                handed.give_up():
             code, message = EXIT_UNAVAILABLE, (
-                f"node {self.cluster.node} took the run-now of {name}, but its loop was "
-                f"busy for more than {HAND_OVER_WITHIN:g}s: nothing started")
+                f"node {self.cluster.node} took the run-now of {name}, but could not "
+                f"start it within {HAND_OVER_WITHIN:g}s (its loop busy, or the node "
+                f"held up): nothing started")
         else:
             code, message = handed.answer
         self._answer(request_id, code, message)
@@ -421,6 +458,9 @@ class Caller:
         from .app import open_cluster
         self.config = config
         self.cluster = open_cluster(config)
+        # This command's requests, whatever becomes of their ids: a random part, as
+        # a host name and a pid may come back.
+        self.tag = f"{socket.gethostname()[:150]}:{os.getpid()}:{os.urandom(4).hex()}"
 
     def close(self) -> None:
         self.cluster.database.dispose()
@@ -482,21 +522,25 @@ class Caller:
         within = TAKE_HEARTBEATS * max(row.interval_ms for row in runners) / 1000 + TAKE_SLACK
         requests = control_tables()[3]
         now = self.cluster.clock.now_ms()
-        with self.cluster.database.engine.begin() as connection:
-            request_id = connection.execute(insert(requests).values(
-                job=job, state=WAITING, requested_ms=now, expires_ms=now + int(within * 1000),
-                requested_by=f"{socket.gethostname()}:{os.getpid()}"[:200])
-            ).inserted_primary_key[0]
-        mine = requests.c.id == request_id
+        mine = requests.c.requested_by == self.tag
         try:
+            with self.cluster.database.engine.begin() as connection:
+                connection.execute(insert(requests).values(
+                    job=job, state=WAITING, requested_ms=now,
+                    expires_ms=now + int(within * 1000), requested_by=self.tag))
             return self._await(mine, job, within)
         finally:
-            try:   # answered: nothing left behind (else pruned by the nodes in an hour)
+            # However this ends (answered, or not: Ctrl-C, a connection lost, even
+            # an insert committed whose answer never came), a request still waiting
+            # is withdrawn, so that no node takes it after its command stopped
+            # waiting; an answered one is removed (else pruned in an hour). One
+            # taken and not answered yet is left to its node.
+            try:
                 with self.cluster.database.engine.begin() as connection:
                     connection.execute(delete(requests).where(
-                        mine, requests.c.state.in_([STARTED, REFUSED])))
+                        mine, requests.c.state.in_([WAITING, STARTED, REFUSED])))
             except DBAPIError as exc:
-                log.debug("run-now request %s not removed: %s", request_id, _describe(exc))
+                log.debug("run-now request not withdrawn or removed: %s", _describe(exc))
 
     def _await(self, mine, job: str, within: float) -> tuple[int, str]:
         """The answer to the request `mine`: a node's; or, once it has expired

@@ -287,7 +287,14 @@ class WorkLoop:
         free = (1 + ahead) * runtime.pool.max_workers - (len(self._running) - stuck)
         for run in self.source.due(runtime, self._running, max(0, free)):
             self._start(run)
-        for run in runtime.ledger.recoverable(runtime.jobs, self._running):
+        paused = runtime.paused
+        if not getattr(paused, "known", True):
+            return      # which jobs are paused is not known yet (worker.control)
+        # A paused job's abandoned runs are not taken over either (a recovery is a
+        # run started): they wait for the resume, in the run table.
+        jobs = [job for job in runtime.jobs if job.name not in paused] if paused \
+            else runtime.jobs
+        for run in runtime.ledger.recoverable(jobs, self._running):
             self._start(run)
 
     def _start(self, run: DueRun) -> None:

@@ -26,6 +26,7 @@ log = logging.getLogger("worker.sources")
 
 KEPT_RESULTS = 10_000     # daemon: the recent failures and lateness figures kept
 OVERLAP_LOG_EVERY = 60.0  # seconds between "runs skipped: still going" lines for a job
+HELD_POLL = 1.0          # seconds between looks at due runs held while the pauses are unknown
 
 
 class RunSource(Protocol):
@@ -103,6 +104,11 @@ class ScheduleSource:
         self.last: dict[str, tuple[str, float]] = {}  # job -> (last outcome, when: epoch s)
 
     def due(self, runtime, running: Container[str], free_workers: int) -> list[DueRun]:
+        if not getattr(runtime.paused, "known", True):
+            # Cluster start-up: which jobs are paused is not known yet. The due runs
+            # stay with the scheduler, as if the loop were busy: they start once the
+            # pauses are read (late, coalesced; missed past misfire_grace_time).
+            return []
         runs = []
         for run in runtime.scheduler.due():
             if run.job.name in runtime.paused:    # worker.control: skipped, not kept
@@ -116,6 +122,11 @@ class ScheduleSource:
         return runs
 
     def seconds_until_next(self, runtime) -> float | None:
+        if not getattr(runtime.paused, "known", True):
+            # Held (see `due`): not a busy loop over runs already due, and a turn
+            # of the loop at least this often, in which the pauses are read again
+            # (one host: worker.control); in a cluster their first read wakes it.
+            return HELD_POLL
         return runtime.scheduler.seconds_until_next()
 
     def started(self, run: DueRun) -> None:
