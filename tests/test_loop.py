@@ -6,6 +6,8 @@ connections, and the host locks are counted where the ledger takes and gives the
 back (the real flock still happens underneath)."""
 from __future__ import annotations
 
+import os
+import queue
 import threading
 import time
 from collections import Counter
@@ -19,7 +21,7 @@ from worker.config import Config, DatabaseSettings, JobSpec, RetryPolicy, Worker
 from worker.db import Database
 from worker.ledger import HostLedger
 from worker.locks import HostLocks, JobLock
-from worker.loop import WorkLoop
+from worker.loop import Waker, WorkLoop
 from worker.pool import WorkerPool
 from worker.runner import Outcome
 from worker.sources import BatchSource
@@ -164,3 +166,72 @@ def test_a_stop_starts_none_of_the_batch_runs_claimed_ahead(tmp_path):
         assert again.try_acquire("second") is not None  # given back
     finally:
         again.close()
+
+
+def _bytes_waiting(waker: Waker) -> int:
+    try:
+        return len(os.read(waker.read_fd, 65536))
+    except BlockingIOError:
+        return 0
+
+
+def test_wakes_before_the_loop_waits_write_one_byte_not_one_per_wake():
+    """A finished run wakes the loop; 1,000 runs ending before the loop thread
+    next waits need one byte in the pipe, not 1,000 writes (each a system call
+    that hands the GIL over)."""
+    waker = Waker()
+    for _ in range(1000):
+        waker.wake()
+    assert _bytes_waiting(waker) == 1
+
+
+def test_a_wake_after_a_wait_always_wakes_the_next_wait():
+    """The flag that saves the writes never loses a wake: after a wait returns
+    (woken, or timed out with nothing written), the next wake writes again."""
+    waker = Waker()
+    waker.wake()
+    waker.wait(5)                   # woken: drained
+    waker.wake()
+    assert _bytes_waiting(waker) == 1
+    waker.wait(0)                   # nothing to drain (read above): times out
+    waker.wake()
+    assert _bytes_waiting(waker) == 1
+    # A byte written by someone else (the signal wakeup fd) changes nothing.
+    os.write(waker.write_fd, b"\x02")
+    waker.wait(5)
+    waker.wake()
+    assert _bytes_waiting(waker) == 1
+
+
+def test_no_news_is_lost_between_threads_that_wake_and_the_loop_that_waits():
+    """8 threads each queue 2,000 items, waking after each; one waiting thread
+    takes them as the loop takes finished runs (wait, then drain the queue).
+    Every wait is bounded by 20 s: a lost wake would leave an item queued through
+    a whole wait."""
+    waker, items = Waker(), queue.SimpleQueue()
+    senders, per_sender = 8, 2000
+
+    def send():
+        for number in range(per_sender):
+            items.put(number)
+            waker.wake()
+
+    threads = [threading.Thread(target=send) for _ in range(senders)]
+    for thread in threads:
+        thread.start()
+    taken, slow_waits = 0, 0
+    while taken < senders * per_sender:
+        before = time.monotonic()
+        waker.wait(20)
+        if time.monotonic() - before >= 19:
+            slow_waits += 1
+            break
+        while True:
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                break
+            taken += 1
+    for thread in threads:
+        thread.join()
+    assert slow_waits == 0 and taken == senders * per_sender

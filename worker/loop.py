@@ -75,7 +75,16 @@ class LoopReport:
 class Waker:
     """How the loop thread is woken: a pipe it waits on. Job threads write a byte
     when a run ends; the interpreter writes the number of a signal to it (the
-    signal wakeup fd). A write takes no lock, so a signal handler could do it too."""
+    signal wakeup fd). A write takes no lock, so a signal handler could do it too.
+
+    One byte per wait is enough: a wake while an earlier one has not yet been
+    taken by `wait` writes nothing (`_pending`). A write per finished run cost the
+    job threads a system call each, which hands the GIL over, and woke the loop
+    thread to fight for it once per run: about 160 µs of CPU per run in a
+    30,000-job SQLite batch (16.0 against 11.2 CPU s). `wait` clears the flag only
+    after draining the pipe, so a wake that found it set came before the drain and
+    its caller's news (queued before it calls wake) is seen by the turn that
+    follows; a wake after the clear writes again."""
 
     def __init__(self) -> None:
         self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -84,8 +93,12 @@ class Waker:
         weakref.finalize(self, _close_pipe, self.read_fd, self.write_fd)
         self._poll = select.poll()
         self._poll.register(self.read_fd, select.POLLIN)
+        self._pending = False       # a byte was written that no wait has taken yet
 
     def wake(self) -> None:
+        if self._pending:
+            return
+        self._pending = True
         try:
             os.write(self.write_fd, b"\0")
         except OSError:     # full (the loop wakes anyway), or closed: nobody waits
@@ -100,6 +113,8 @@ class Waker:
                     pass
             except BlockingIOError:
                 pass
+        # After the drain, never before: see the class's docstring.
+        self._pending = False
 
 
 def _close_pipe(*fds: int) -> None:
