@@ -21,7 +21,7 @@ from worker.config import Config, DatabaseSettings, JobSpec, RetryPolicy, Worker
 from worker.db import Database
 from worker.ledger import HostLedger
 from worker.locks import HostLocks, JobLock
-from worker.loop import Waker, WorkLoop
+from worker.loop import Waker, WorkLoop, new_run_id, with_changes
 from worker.pool import WorkerPool
 from worker.runner import Outcome
 from worker.sources import BatchSource
@@ -235,3 +235,69 @@ def test_no_news_is_lost_between_threads_that_wake_and_the_loop_that_waits():
     for thread in threads:
         thread.join()
     assert slow_waits == 0 and taken == senders * per_sender
+
+
+def test_a_batchs_runs_get_distinct_uuid4_run_ids_without_a_random_read_per_run(
+        tmp_path, monkeypatch):
+    """Each run has its own run_id (a UUID, docs/monitoring.md), but the random
+    bytes are read in batches: uuid4() read them (a getrandom() call that gives up
+    the GIL) once per run."""
+    import uuid
+
+    from worker.loop import _RunIds
+    monkeypatch.setattr("worker.loop.new_run_id", _RunIds())   # a fresh pool
+    reads = []
+    real_urandom = os.urandom
+    monkeypatch.setattr(os, "urandom", lambda n: reads.append(n) or real_urandom(n))
+    database = Database(DatabaseSettings(url=f"sqlite:///{tmp_path / 'w.db'}",
+                                         pool_size=2))
+    jobs = [JobSpec(name=f"job-{n:04d}", call="tests.jobfuncs:select_one",
+                    retry=RetryPolicy(attempts=1)) for n in range(1000)]
+    with WorkerPool(2) as pool:
+        report = run_batch(jobs, {job.name: select_one for job in jobs}, database, pool,
+                           lock_dir=tmp_path)
+    ids = [result.run_id for result in report.results]
+    assert report.ok and len(set(ids)) == 1000
+    for run_id in ids:
+        parsed = uuid.UUID(run_id)
+        assert str(parsed) == run_id and parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+    assert len(reads) <= 10
+
+
+def test_run_ids_stay_unique_across_threads_and_a_fork():
+    ids: list[str] = []
+    threads = [threading.Thread(target=lambda: ids.extend(new_run_id() for _ in range(5000)))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(ids)) == 20000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:    # the child's next id must not be the parent's next one
+        os.write(write, new_run_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(write)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    assert child != new_run_id()
+
+
+def test_with_changes_makes_what_dataclasses_replace_makes():
+    from dataclasses import fields, replace
+
+    from worker.runner import JobResult
+    from worker.scheduler import DueRun
+    job = JobSpec(name="a", call="tests.jobfuncs:select_one")
+    error = ValueError("x")
+    for instance, changes in [
+            (DueRun(job, "12:00", 0.5, 3, 1.5, "claim", None, "run_now"), {"run_id": "r"}),
+            (JobResult("a", Outcome.FAILED, 2, 1.0, "boom", None, error), {"run_id": "r"})]:
+        made, expected = with_changes(instance, **changes), replace(instance, **changes)
+        assert type(made) is type(expected) and made == expected
+        for item in fields(expected):   # compare=False ones (found_at, exception) too
+            assert getattr(made, item.name) is getattr(expected, item.name)
+        assert instance.run_id is None      # the original is left as it was
