@@ -371,3 +371,32 @@ def test_skipped_ok_turns_75_into_0_with_a_log_line(tmp_path):
     assert first.returncode == 0
     misuse = worker("-c", str(config), "--skipped-ok")
     assert misuse.returncode == 2 and "--skipped-ok goes with --once" in misuse.stderr
+
+
+def test_the_summary_of_3000_jobs_is_written_in_a_few_writes_not_two_per_job(monkeypatch):
+    """`--once` prints one line per job: on an unbuffered stdout (PYTHONUNBUFFERED=1)
+    print() per line was two write() calls per job. The lines are the same."""
+    import io
+
+    from worker import reports
+    from worker.runner import JobResult, Outcome
+
+    class CountingStdout(io.StringIO):
+        writes = 0
+
+        def write(self, text):
+            CountingStdout.writes += 1
+            return super().write(text)
+
+    results = [JobResult(f"job-{n:05d}", Outcome.SUCCESS, 1, 0.001) for n in range(3000)]
+    results[7] = JobResult("job-00007", Outcome.FAILED, 3, 0.5, "boom")
+    out = CountingStdout()
+    monkeypatch.setattr(sys, "stdout", out)
+    reports.summary(results)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["job", "outcome", "attempts", "duration", "error"]
+    assert [line.split()[0] for line in lines[1:3001]] == [r.job for r in results]
+    assert lines[8].split() == ["job-00007", "failed", "3", "0.500s", "boom"]
+    assert lines[3001] == "3000 job(s): 2999 succeeded, 1 failed"
+    assert len(lines) == 3002
+    assert CountingStdout.writes <= 12

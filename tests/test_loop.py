@@ -6,6 +6,8 @@ connections, and the host locks are counted where the ledger takes and gives the
 back (the real flock still happens underneath)."""
 from __future__ import annotations
 
+import os
+import queue
 import threading
 import time
 from collections import Counter
@@ -19,7 +21,7 @@ from worker.config import Config, DatabaseSettings, JobSpec, RetryPolicy, Worker
 from worker.db import Database
 from worker.ledger import HostLedger
 from worker.locks import HostLocks, JobLock
-from worker.loop import WorkLoop
+from worker.loop import Waker, WorkLoop, new_run_id, with_changes
 from worker.pool import WorkerPool
 from worker.runner import Outcome
 from worker.sources import BatchSource
@@ -164,3 +166,138 @@ def test_a_stop_starts_none_of_the_batch_runs_claimed_ahead(tmp_path):
         assert again.try_acquire("second") is not None  # given back
     finally:
         again.close()
+
+
+def _bytes_waiting(waker: Waker) -> int:
+    try:
+        return len(os.read(waker.read_fd, 65536))
+    except BlockingIOError:
+        return 0
+
+
+def test_wakes_before_the_loop_waits_write_one_byte_not_one_per_wake():
+    """A finished run wakes the loop; 1,000 runs ending before the loop thread
+    next waits need one byte in the pipe, not 1,000 writes (each a system call
+    that hands the GIL over)."""
+    waker = Waker()
+    for _ in range(1000):
+        waker.wake()
+    assert _bytes_waiting(waker) == 1
+
+
+def test_a_wake_after_a_wait_always_wakes_the_next_wait():
+    """The flag that saves the writes never loses a wake: after a wait returns
+    (woken, or timed out with nothing written), the next wake writes again."""
+    waker = Waker()
+    waker.wake()
+    waker.wait(5)                   # woken: drained
+    waker.wake()
+    assert _bytes_waiting(waker) == 1
+    waker.wait(0)                   # nothing to drain (read above): times out
+    waker.wake()
+    assert _bytes_waiting(waker) == 1
+    # A byte written by someone else (the signal wakeup fd) changes nothing.
+    os.write(waker.write_fd, b"\x02")
+    waker.wait(5)
+    waker.wake()
+    assert _bytes_waiting(waker) == 1
+
+
+def test_no_news_is_lost_between_threads_that_wake_and_the_loop_that_waits():
+    """8 threads each queue 2,000 items, waking after each; one waiting thread
+    takes them as the loop takes finished runs (wait, then drain the queue).
+    Every wait is bounded by 20 s: a lost wake would leave an item queued through
+    a whole wait."""
+    waker, items = Waker(), queue.SimpleQueue()
+    senders, per_sender = 8, 2000
+
+    def send():
+        for number in range(per_sender):
+            items.put(number)
+            waker.wake()
+
+    threads = [threading.Thread(target=send) for _ in range(senders)]
+    for thread in threads:
+        thread.start()
+    taken, slow_waits = 0, 0
+    while taken < senders * per_sender:
+        before = time.monotonic()
+        waker.wait(20)
+        if time.monotonic() - before >= 19:
+            slow_waits += 1
+            break
+        while True:
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                break
+            taken += 1
+    for thread in threads:
+        thread.join()
+    assert slow_waits == 0 and taken == senders * per_sender
+
+
+def test_a_batchs_runs_get_distinct_uuid4_run_ids_without_a_random_read_per_run(
+        tmp_path, monkeypatch):
+    """Each run has its own run_id (a UUID, docs/monitoring.md), but the random
+    bytes are read in batches: uuid4() read them (a getrandom() call that gives up
+    the GIL) once per run."""
+    import uuid
+
+    from worker.loop import _RunIds
+    monkeypatch.setattr("worker.loop.new_run_id", _RunIds())   # a fresh pool
+    reads = []
+    real_urandom = os.urandom
+    monkeypatch.setattr(os, "urandom", lambda n: reads.append(n) or real_urandom(n))
+    database = Database(DatabaseSettings(url=f"sqlite:///{tmp_path / 'w.db'}",
+                                         pool_size=2))
+    jobs = [JobSpec(name=f"job-{n:04d}", call="tests.jobfuncs:select_one",
+                    retry=RetryPolicy(attempts=1)) for n in range(1000)]
+    with WorkerPool(2) as pool:
+        report = run_batch(jobs, {job.name: select_one for job in jobs}, database, pool,
+                           lock_dir=tmp_path)
+    ids = [result.run_id for result in report.results]
+    assert report.ok and len(set(ids)) == 1000
+    for run_id in ids:
+        parsed = uuid.UUID(run_id)
+        assert str(parsed) == run_id and parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+    assert len(reads) <= 10
+
+
+def test_run_ids_stay_unique_across_threads_and_a_fork():
+    ids: list[str] = []
+    threads = [threading.Thread(target=lambda: ids.extend(new_run_id() for _ in range(5000)))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(ids)) == 20000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:    # the child's next id must not be the parent's next one
+        os.write(write, new_run_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(write)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    assert child != new_run_id()
+
+
+def test_with_changes_makes_what_dataclasses_replace_makes():
+    from dataclasses import fields, replace
+
+    from worker.runner import JobResult
+    from worker.scheduler import DueRun
+    job = JobSpec(name="a", call="tests.jobfuncs:select_one")
+    error = ValueError("x")
+    for instance, changes in [
+            (DueRun(job, "12:00", 0.5, 3, 1.5, "claim", None, "run_now"), {"run_id": "r"}),
+            (JobResult("a", Outcome.FAILED, 2, 1.0, "boom", None, error), {"run_id": "r"})]:
+        made, expected = with_changes(instance, **changes), replace(instance, **changes)
+        assert type(made) is type(expected) and made == expected
+        for item in fields(expected):   # compare=False ones (found_at, exception) too
+            assert getattr(made, item.name) is getattr(expected, item.name)
+        assert instance.run_id is None      # the original is left as it was

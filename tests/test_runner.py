@@ -285,3 +285,39 @@ def test_a_different_error_in_a_failure_streak_logs_its_traceback(tmp_path, capl
              if "traceback of the last attempt" in r.getMessage()]
     assert shown == ["ValueError", "OperationalError"]   # SQLite: a syntax error
     assert sum("runs in a row" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_success_without_a_streak_takes_no_lock():
+    """FailureStreaks.succeeded runs after every successful run: with no streak to
+    end (almost always) it must not take the lock the job threads share."""
+    from worker.runner import FailureStreaks
+
+    class NoLock:
+        def __enter__(self):
+            raise AssertionError("the lock was taken")
+
+        def __exit__(self, *exc_info):
+            return False
+
+    streaks = FailureStreaks()
+    streaks._lock = NoLock()
+    streaks.succeeded("a")          # no streak: nothing to do
+    with pytest.raises(AssertionError, match="lock was taken"):
+        streaks.failed("a")         # a failure does take it
+
+
+def test_a_success_line_builds_its_log_fields_only_when_the_line_is_written(
+        tmp_path, monkeypatch, caplog):
+    import worker.runner as runner
+    built = []
+    real_fields = runner._fields
+    monkeypatch.setattr(runner, "_fields", lambda *a: built.append(a) or real_fields(*a))
+    database = Database(DatabaseSettings(url=sqlite_url(tmp_path), pool_size=1))
+    with caplog.at_level(logging.WARNING, logger="worker.runner"):
+        assert run_job(spec("quiet"), resolve("tests.jobfuncs:select_one"), database).ok
+    assert built == []
+    with caplog.at_level(logging.INFO, logger="worker.runner"):
+        assert run_job(spec("loud"), resolve("tests.jobfuncs:select_one"), database).ok
+    assert [(job.name, attempt) for job, attempt in built] == [("loud", 1)]
+    line = [r for r in caplog.records if "succeeded" in r.getMessage()][-1]
+    assert line.job == "loud" and line.attempt == 1 and line.attempts == 3

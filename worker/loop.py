@@ -15,11 +15,11 @@ import os
 import queue
 import select
 import signal
+import threading
 import time
-import uuid
 import weakref
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .config import format_duration
@@ -75,7 +75,16 @@ class LoopReport:
 class Waker:
     """How the loop thread is woken: a pipe it waits on. Job threads write a byte
     when a run ends; the interpreter writes the number of a signal to it (the
-    signal wakeup fd). A write takes no lock, so a signal handler could do it too."""
+    signal wakeup fd). A write takes no lock, so a signal handler could do it too.
+
+    One byte per wait is enough: a wake while an earlier one has not yet been
+    taken by `wait` writes nothing (`_pending`). A write per finished run cost the
+    job threads a system call each, which hands the GIL over, and woke the loop
+    thread to fight for it once per run: about 160 µs of CPU per run in a
+    30,000-job SQLite batch (16.0 against 11.2 CPU s). `wait` clears the flag only
+    after draining the pipe, so a wake that found it set came before the drain and
+    its caller's news (queued before it calls wake) is seen by the turn that
+    follows; a wake after the clear writes again."""
 
     def __init__(self) -> None:
         self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -84,8 +93,12 @@ class Waker:
         weakref.finalize(self, _close_pipe, self.read_fd, self.write_fd)
         self._poll = select.poll()
         self._poll.register(self.read_fd, select.POLLIN)
+        self._pending = False       # a byte was written that no wait has taken yet
 
     def wake(self) -> None:
+        if self._pending:
+            return
+        self._pending = True
         try:
             os.write(self.write_fd, b"\0")
         except OSError:     # full (the loop wakes anyway), or closed: nobody waits
@@ -100,6 +113,8 @@ class Waker:
                     pass
             except BlockingIOError:
                 pass
+        # After the drain, never before: see the class's docstring.
+        self._pending = False
 
 
 def _close_pipe(*fds: int) -> None:
@@ -309,7 +324,7 @@ class WorkLoop:
                             extra={"job": run.job.name})
                 self._record(run, JobResult(run.job.name, outcome, 0, 0.0, ticket.reason))
             return
-        run = replace(run, run_id=str(uuid.uuid4()))    # its hooks' shared run_id
+        run = with_changes(run, run_id=new_run_id())    # its hooks' shared run_id
         self.source.started(run)
         self.observer.run_started(run, runtime)
         name = run.job.name
@@ -399,7 +414,7 @@ class WorkLoop:
 
     def _record(self, run: DueRun, result: JobResult) -> None:
         if run.run_id is not None:
-            result = replace(result, run_id=run.run_id)
+            result = with_changes(result, run_id=run.run_id)
         self._runs += result.outcome is not Outcome.SKIPPED
         self._cancelled += result.outcome is Outcome.CANCELLED
         self.source.record(run, result)
@@ -537,6 +552,51 @@ class WorkLoop:
         if interval and time.monotonic() - self._last_watchdog >= interval:
             self._last_watchdog = time.monotonic()
             self.notifier.watchdog()
+
+
+def with_changes(instance, **changes):
+    """dataclasses.replace for the loop's frozen dataclasses (DueRun, JobResult: no
+    __post_init__, no InitVar, no init=False field): a copy of the instance's
+    attributes with `changes`. replace() cost 2.4-3.0 us a call (it reads the
+    fields and calls __init__, which sets each through object.__setattr__), this
+    0.65 us; the loop makes two a run."""
+    new = object.__new__(type(instance))
+    attributes = new.__dict__
+    attributes.update(instance.__dict__)
+    attributes.update(changes)
+    return new
+
+
+class _RunIds:
+    """Random (version 4) UUIDs as strings, as str(uuid.uuid4()) makes them, from
+    random bytes read BATCH ids at a time: uuid4() read 16 bytes per run with a
+    getrandom() call (which releases the GIL) and built a UUID object, 2.8 us;
+    this takes 0.8 us a run."""
+
+    BATCH = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = b""
+        self._next = 0
+        self._pid = os.getpid()
+
+    def __call__(self) -> str:
+        with self._lock:
+            if self._next >= len(self._pool) or os.getpid() != self._pid:
+                # Anew in a forked child too: it must not repeat its parent's ids.
+                self._pool, self._next, self._pid = os.urandom(16 * self.BATCH), 0, \
+                    os.getpid()
+            start = self._next
+            self._next = start + 16
+            raw = bytearray(self._pool[start:start + 16])
+        raw[6] = (raw[6] & 0x0F) | 0x40     # version 4
+        raw[8] = (raw[8] & 0x3F) | 0x80     # the RFC 4122 variant
+        h = raw.hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+new_run_id = _RunIds()
 
 
 def _result_of(running: _Running) -> JobResult:

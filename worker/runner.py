@@ -247,6 +247,10 @@ class FailureStreaks:
             return count
 
     def succeeded(self, job: str) -> None:
+        if job not in self._counts:
+            # No streak (the common case): nothing to clear, and no lock to take.
+            # Only a run of this job adds one, and this run is its only one here.
+            return
         with self._lock:
             self._counts.pop(job, None)
             self._shown.pop(job, None)
@@ -296,8 +300,9 @@ def _run_job(job: JobSpec, function: JobFunction, database: Database,
         except AttemptFailed as last:
             return _failed(job, watch.attempt, last, started, watch, streaks)
     duration = time.monotonic() - started
-    log.info("job=%s attempt=%d/%d succeeded in %.3fs", job.name, attempt,
-             job.retry.attempts, duration, extra=_fields(job, attempt))
+    if log.isEnabledFor(logging.INFO):   # its fields built only for a line written
+        log.info("job=%s attempt=%d/%d succeeded in %.3fs", job.name, attempt,
+                 job.retry.attempts, duration, extra=_fields(job, attempt))
     return JobResult(job.name, Outcome.SUCCESS, attempt, duration)
 
 
