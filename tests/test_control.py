@@ -632,6 +632,10 @@ def test_a_pause_holds_at_start_up_while_the_paused_jobs_file_cannot_be_read(
         time.sleep(8)
         status = cli(config, "--status")         # the socket answers meanwhile
         assert status.returncode == 0, status.stderr
+        # ...and says that the scheduled runs are held (before: nothing did, and
+        # /readyz said ok: test_monitoring).
+        assert "held: the paused jobs in" in status.stdout, status.stdout
+        assert "no scheduled run starts" in status.stdout
         until = time.time()
     finally:
         holder.rollback()

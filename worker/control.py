@@ -545,8 +545,12 @@ def _remove_stale(where: str, dir_fd: int, name: str) -> None:
 def _answer(loop, request: Request) -> dict:
     runtime = loop.runtime
     if request.command == "status":
-        return {"code": EXIT_OK, "pid": os.getpid(), "config": str(runtime.config.path),
-                "jobs": job_states(loop)}
+        answer = {"code": EXIT_OK, "pid": os.getpid(), "config": str(runtime.config.path),
+                  "jobs": job_states(loop)}
+        if not getattr(runtime.paused, "known", True):
+            answer["held"] = f"the paused jobs in {runtime.paused.path} are not read yet: " \
+                             f"no scheduled run starts until they can be read (see the log)"
+        return answer
     if request.command not in COMMANDS:
         return {"code": EXIT_USAGE, "message": f"unknown command {request.command!r}"}
     job = next((j for j in runtime.config.jobs if j.name == request.job), None)
@@ -747,6 +751,8 @@ def _command(config, name: str, job: str | None) -> int:
         return code
     from .reports import print_table
     print(f"daemon pid {answer['pid']}, config {answer['config']}")
+    if answer.get("held"):
+        print(f"held: {answer['held']}")
     print_table(["job", "state", "next run", "last run"], [
         [job["name"], job["state"], _next_run_text(job),
          f"{job['last']['outcome']} at {_local_time(job['last']['at'])}"
