@@ -53,6 +53,7 @@ ANSWER_WITHIN_ENV = "RUN_WORKER_CONTROL_WAIT"
 MAX_REQUEST = 64 * 1024   # bytes: a request is one short JSON line
 MAX_ANSWER = 256 * 1024 * 1024   # bytes: --status of 100,000 jobs is about 25 MB
 READ_WITHIN = 5.0         # seconds a caller has to send its whole request
+INTERRUPT_READ = 2.0      # seconds a caller interrupted reads an answer already given
 PAUSES_WAIT = 5.0         # seconds to wait for the paused-jobs file when it is busy
 PAUSES_RETRY = 1.0        # seconds between reads of a paused-jobs file not read at start
 MAX_CALLERS = 16          # conversations at once; more are told 69 (busy) at once
@@ -655,7 +656,10 @@ def ask(config, command: str, job: str | None = None) -> dict:
             _send(caller, {"command": command, "job": job})
         except BrokenPipeError:   # it answered and closed at once: read why
             pass
-        line = _read_line(caller, limit=MAX_ANSWER)
+        try:
+            line = _read_line(caller, limit=MAX_ANSWER)
+        except KeyboardInterrupt:
+            raise Interrupted(_answer_after_interrupt(caller)) from None
     except OSError as exc:      # a timeout, a reset: whatever it did is unknown
         raise NoDaemon(f"no answer on {path}: {exc}") from None
     finally:
@@ -671,6 +675,29 @@ def ask(config, command: str, job: str | None = None) -> dict:
         raise NoDaemon(f"the answer on {path} could not be read ({len(line)} bytes, not "
                        f"one JSON object)")
     return answer
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while a command waited for the daemon's answer: `answer`, the one the
+    daemon had already given (it acted before it saw the hang-up), else None."""
+
+    def __init__(self, answer: dict | None) -> None:
+        super().__init__()
+        self.answer = answer
+
+
+def _answer_after_interrupt(caller: socket.socket) -> dict | None:
+    """Ctrl-C while waiting for the answer: hang up this side, so that the daemon
+    acts on nothing more (it looks for the hang-up before it acts, and every 0.2 s
+    while it waits), then read the answer it may have given already: a run started
+    just before the hang-up is told, not reported as not carried out."""
+    try:
+        caller.shutdown(socket.SHUT_WR)
+        line = _read_line(caller, time.monotonic() + INTERRUPT_READ, limit=MAX_ANSWER)
+        answer = json.loads(line) if line else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    return answer if isinstance(answer, dict) and "code" in answer else None
 
 
 def _check_directory(dir_fd: int, directory: Path, default: bool) -> None:
@@ -722,9 +749,15 @@ def command(config, name: str, job: str | None = None) -> int:
     from .logs import command_error
     try:
         return _command(config, name, job)
-    except KeyboardInterrupt:
-        command_error(f"interrupted: {name}{f' {job}' if job else ''} is not carried out "
-                      "unless it was already; see --status")
+    except KeyboardInterrupt as exc:
+        answer = getattr(exc, "answer", None)
+        if answer is not None and name != "status":   # the daemon acted already
+            told = answer.get("message", "refused")
+            command_error(f"interrupted: {told}" + (" (carried out before the interrupt)"
+                                                    if answer["code"] == EXIT_OK else ""))
+        else:
+            command_error(f"interrupted: {name}{f' {job}' if job else ''} is not carried "
+                          "out unless it was already; see --status")
         return EXIT_INTERRUPTED
 
 
