@@ -659,6 +659,8 @@ def ask(config, command: str, job: str | None = None) -> dict:
         try:
             line = _read_line(caller, limit=MAX_ANSWER)
         except KeyboardInterrupt:
+            if command == "status":     # nothing done: nothing to tell
+                raise
             raise Interrupted(_answer_after_interrupt(caller)) from None
     except OSError as exc:      # a timeout, a reset: whatever it did is unknown
         raise NoDaemon(f"no answer on {path}: {exc}") from None
@@ -751,7 +753,7 @@ def command(config, name: str, job: str | None = None) -> int:
         return _command(config, name, job)
     except KeyboardInterrupt as exc:
         answer = getattr(exc, "answer", None)
-        if answer is not None and name != "status":   # the daemon acted already
+        if answer is not None:      # the daemon had acted already
             told = answer.get("message", "refused")
             command_error(f"interrupted: {told}" + (" (carried out before the interrupt)"
                                                     if answer["code"] == EXIT_OK else ""))
