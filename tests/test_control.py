@@ -632,6 +632,10 @@ def test_a_pause_holds_at_start_up_while_the_paused_jobs_file_cannot_be_read(
         time.sleep(8)
         status = cli(config, "--status")         # the socket answers meanwhile
         assert status.returncode == 0, status.stderr
+        # ...and says that the scheduled runs are held (before: nothing did, and
+        # /readyz said ok: test_monitoring).
+        assert "held: the paused jobs in" in status.stdout, status.stdout
+        assert "no scheduled run starts" in status.stdout
         until = time.time()
     finally:
         holder.rollback()
@@ -725,3 +729,67 @@ def test_status_and_list_of_a_daemon_with_many_jobs(db_url, tmp_path, daemons):
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert "from the running daemon" in listed.stderr
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_ctrl_c_while_the_daemons_answer_is_in_flight_tells_that_the_run_started(
+        db_url, tmp_path):
+    """Ctrl-C on a --run-now just as the daemon starts the run (it acted while its
+    caller was still connected; its answer is on the way). A stand-in for the daemon
+    answers 1 s after the request, the Ctrl-C comes at 0.5 s. Before: the command
+    closed the socket and said 'run-now yearly is not carried out unless it was
+    already', never reading the answer: the run had started, the caller was not
+    told. Now it hangs up its side (the daemon acts on nothing more) and reads what
+    the daemon had already answered."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - {name: yearly, call: 'tests.jobfuncs:noop', cron: '0 0 1 1 *'}
+        """)
+    directory, name, _ = control_paths(config)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"/proc/self/fd/{dir_fd}/{name}")
+    listener.listen(1)
+    listener.settimeout(30)
+    requests = []
+
+    def stand_in():
+        connection, _ = listener.accept()
+        with connection:
+            requests.append(connection.recv(4096))
+            time.sleep(1.0)                 # the run started: the answer follows
+            connection.sendall(b'{"code": 0, "message": "job yearly: run started"}\n')
+            connection.settimeout(10)
+            connection.recv(1)              # until the caller closes
+
+    daemon = threading.Thread(target=stand_in, daemon=True)
+    daemon.start()
+    try:
+        caller = subprocess.Popen([sys.executable, str(ROOT / "run_worker.py"), "-c",
+                                   str(config), "--run-now", "yearly"], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert wait_until_true(lambda: requests, 20)
+            time.sleep(0.3)
+            caller.send_signal(signal.SIGINT)
+            _, err = caller.communicate(timeout=20)
+        finally:
+            if caller.poll() is None:
+                caller.kill()
+                caller.wait()
+        daemon.join(20)
+    finally:
+        listener.close()
+        os.close(dir_fd)
+    assert caller.returncode == 130, err
+    assert len(err.splitlines()) == 1, err
+    assert "interrupted" in err and "job yearly: run started" in err, err
+
+
+def wait_until_true(condition, timeout: float) -> bool:
+    until = time.monotonic() + timeout
+    while time.monotonic() < until:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False

@@ -426,3 +426,64 @@ def test_a_paused_jobs_abandoned_run_is_not_recovered_until_resumed(
                                             "WHERE job = 'slow'") == [("success", 1)])
     assert len(runs(db_url, slow)) == 1
     assert other.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+@pytest.mark.parametrize("answer", ["started", "refused"])
+def test_ctrl_c_after_a_node_took_the_run_now_says_whether_its_run_started(
+        cluster_tables, tmp_path, monkeypatch, capsys, answer):
+    """Ctrl-C on a --run-now while a node has taken the request (taken, its run
+    about to start). Before: the request was left to the node, which started the
+    run after the command had exited 130 saying 'run-now yearly is not carried out
+    unless it was already': a run started after its caller gave up, the caller never
+    told. Now the command waits for the node's answer (it comes within
+    HAND_OVER_WITHIN of the take) and says whether the run started."""
+    import threading
+
+    from worker import control_cluster
+    from worker.config import load
+    from worker.control import command
+    from worker.exitcodes import EXIT_INTERRUPTED
+    runs_url = cluster_tables
+    config = load(cluster_config(tmp_path / "jobs.yaml", runs_url, run_table_url=runs_url,
+                                 jobs="""\
+  - {name: yearly, call: 'tests.jobfuncs:select_one', cron: '0 0 1 1 *'}
+"""), environ={**os.environ, "NODE": "elsewhere"})
+    probe = control_cluster.Caller(config)
+    try:
+        probe.cluster.ensure_schema()
+        control_cluster.ensure_control_schema(probe.cluster.database.engine)
+    finally:
+        probe.close()
+    node = type("Row", (), {"node": "node-a", "interval_ms": 500,
+                            "jobs": '{"yearly": null}'})()
+    monkeypatch.setattr(control_cluster.Caller, "live_nodes", lambda self: [node])
+    answered = []
+
+    def node_answers_later():          # the node: its loop starts the run (or not)
+        time.sleep(1.5)
+        state, code = ("started", 0) if answer == "started" else ("refused", 69)
+        query(runs_url, "UPDATE worker_requests SET state = :state, code = :code, "
+                        "message = :message WHERE state = 'taken'", state=state,
+              code=code, message=f"job yearly: run started on node node-a"
+              if code == 0 else "node node-a took the run-now of yearly, but could not "
+                                "start it within 5s: nothing started")
+        answered.append(time.monotonic())
+
+    def interrupted_after_the_take(self, mine, job, within):
+        assert wait_for(lambda: query(runs_url, "SELECT state FROM worker_requests")
+                        == [("waiting",)], timeout=10)
+        query(runs_url, "UPDATE worker_requests SET state = 'taken', node = 'node-a'")
+        threading.Thread(target=node_answers_later, daemon=True).start()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(control_cluster.Caller, "_await", interrupted_after_the_take)
+    code = command(config, "run-now", "yearly")
+    err = capsys.readouterr().err
+    assert code == EXIT_INTERRUPTED, err
+    assert answered, "the command did not wait for the node's answer: " + err
+    if answer == "started":
+        assert "run started on node node-a" in err, err
+    else:
+        assert "nothing started" in err and "unless" not in err, err
+    assert query(runs_url, "SELECT COUNT(*) FROM worker_requests") == [(0,)]

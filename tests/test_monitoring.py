@@ -1072,3 +1072,25 @@ def test_the_readiness_probe_survives_a_reload_that_drops_the_metrics_section(tm
     finally:
         monitoring.close()
         database.dispose()
+
+
+def test_readyz_is_503_while_the_paused_jobs_are_not_read_and_no_scheduled_run_starts(
+        tmp_path):
+    """A daemon that could not read its paused jobs at start holds every scheduled
+    run until it can (worker.control.UnreadPausedJobs; a cluster node's
+    ClusterPausedJobs before its first read). Before: /readyz said 200 'ok' all the
+    while, so a node held for good (a paused-jobs file that stays unreadable) was
+    seen by nothing but one log line at its start."""
+    from types import SimpleNamespace
+
+    from worker.control import PausedJobs, UnreadPausedJobs
+    from worker.monitoring.monitor import Health
+    health = Health(stall_after=60)
+    health.database_ready(True)
+    runtime = SimpleNamespace(cluster=None,
+                              paused=UnreadPausedJobs(tmp_path / "x.paused.sqlite"))
+    health.runtime_changed(runtime)
+    ready, why = health.readiness()
+    assert not ready and "paused jobs" in why and "no scheduled run starts" in why
+    runtime.paused = PausedJobs(tmp_path / "x.paused.sqlite")    # read at last
+    assert health.readiness() == (True, "ok")

@@ -53,6 +53,7 @@ ANSWER_WITHIN_ENV = "RUN_WORKER_CONTROL_WAIT"
 MAX_REQUEST = 64 * 1024   # bytes: a request is one short JSON line
 MAX_ANSWER = 256 * 1024 * 1024   # bytes: --status of 100,000 jobs is about 25 MB
 READ_WITHIN = 5.0         # seconds a caller has to send its whole request
+INTERRUPT_READ = 2.0      # seconds a caller interrupted reads an answer already given
 PAUSES_WAIT = 5.0         # seconds to wait for the paused-jobs file when it is busy
 PAUSES_RETRY = 1.0        # seconds between reads of a paused-jobs file not read at start
 MAX_CALLERS = 16          # conversations at once; more are told 69 (busy) at once
@@ -545,8 +546,12 @@ def _remove_stale(where: str, dir_fd: int, name: str) -> None:
 def _answer(loop, request: Request) -> dict:
     runtime = loop.runtime
     if request.command == "status":
-        return {"code": EXIT_OK, "pid": os.getpid(), "config": str(runtime.config.path),
-                "jobs": job_states(loop)}
+        answer = {"code": EXIT_OK, "pid": os.getpid(), "config": str(runtime.config.path),
+                  "jobs": job_states(loop)}
+        if not getattr(runtime.paused, "known", True):
+            answer["held"] = f"the paused jobs in {runtime.paused.path} are not read yet: " \
+                             f"no scheduled run starts until they can be read (see the log)"
+        return answer
     if request.command not in COMMANDS:
         return {"code": EXIT_USAGE, "message": f"unknown command {request.command!r}"}
     job = next((j for j in runtime.config.jobs if j.name == request.job), None)
@@ -651,7 +656,12 @@ def ask(config, command: str, job: str | None = None) -> dict:
             _send(caller, {"command": command, "job": job})
         except BrokenPipeError:   # it answered and closed at once: read why
             pass
-        line = _read_line(caller, limit=MAX_ANSWER)
+        try:
+            line = _read_line(caller, limit=MAX_ANSWER)
+        except KeyboardInterrupt:
+            if command == "status":     # nothing done: nothing to tell
+                raise
+            raise Interrupted(_answer_after_interrupt(caller)) from None
     except OSError as exc:      # a timeout, a reset: whatever it did is unknown
         raise NoDaemon(f"no answer on {path}: {exc}") from None
     finally:
@@ -667,6 +677,29 @@ def ask(config, command: str, job: str | None = None) -> dict:
         raise NoDaemon(f"the answer on {path} could not be read ({len(line)} bytes, not "
                        f"one JSON object)")
     return answer
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while a command waited for the daemon's answer: `answer`, the one the
+    daemon had already given (it acted before it saw the hang-up), else None."""
+
+    def __init__(self, answer: dict | None) -> None:
+        super().__init__()
+        self.answer = answer
+
+
+def _answer_after_interrupt(caller: socket.socket) -> dict | None:
+    """Ctrl-C while waiting for the answer: hang up this side, so that the daemon
+    acts on nothing more (it looks for the hang-up before it acts, and every 0.2 s
+    while it waits), then read the answer it may have given already: a run started
+    just before the hang-up is told, not reported as not carried out."""
+    try:
+        caller.shutdown(socket.SHUT_WR)
+        line = _read_line(caller, time.monotonic() + INTERRUPT_READ, limit=MAX_ANSWER)
+        answer = json.loads(line) if line else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    return answer if isinstance(answer, dict) and "code" in answer else None
 
 
 def _check_directory(dir_fd: int, directory: Path, default: bool) -> None:
@@ -718,9 +751,15 @@ def command(config, name: str, job: str | None = None) -> int:
     from .logs import command_error
     try:
         return _command(config, name, job)
-    except KeyboardInterrupt:
-        command_error(f"interrupted: {name}{f' {job}' if job else ''} is not carried out "
-                      "unless it was already; see --status")
+    except KeyboardInterrupt as exc:
+        answer = getattr(exc, "answer", None)
+        if answer is not None:      # the daemon had acted already
+            told = answer.get("message", "refused")
+            command_error(f"interrupted: {told}" + (" (carried out before the interrupt)"
+                                                    if answer["code"] == EXIT_OK else ""))
+        else:
+            command_error(f"interrupted: {name}{f' {job}' if job else ''} is not carried "
+                          "out unless it was already; see --status")
         return EXIT_INTERRUPTED
 
 
@@ -747,6 +786,8 @@ def _command(config, name: str, job: str | None) -> int:
         return code
     from .reports import print_table
     print(f"daemon pid {answer['pid']}, config {answer['config']}")
+    if answer.get("held"):
+        print(f"held: {answer['held']}")
     print_table(["job", "state", "next run", "last run"], [
         [job["name"], job["state"], _next_run_text(job),
          f"{job['last']['outcome']} at {_local_time(job['last']['at'])}"

@@ -35,7 +35,7 @@ import threading
 import time
 
 from .control import Handoff, PausedNames
-from .exitcodes import EXIT_ALL_SKIPPED, EXIT_OK, EXIT_UNAVAILABLE
+from .exitcodes import EXIT_ALL_SKIPPED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE
 
 log = logging.getLogger("worker.control")
 
@@ -529,6 +529,8 @@ class Caller:
                     job=job, state=WAITING, requested_ms=now,
                     expires_ms=now + int(within * 1000), requested_by=self.tag))
             return self._await(mine, job, within)
+        except KeyboardInterrupt:
+            raise RunNowInterrupted(self._interrupted(mine, job)) from None
         finally:
             # However this ends (answered, or not: Ctrl-C, a connection lost, even
             # an insert committed whose answer never came), a request still waiting
@@ -541,6 +543,46 @@ class Caller:
                         mine, requests.c.state.in_([WAITING, STARTED, REFUSED])))
             except DBAPIError as exc:
                 log.debug("run-now request not withdrawn or removed: %s", _describe(exc))
+
+    def _interrupted(self, mine, job: str) -> str:
+        """Ctrl-C while the command waited: a request still waiting is withdrawn;
+        one a node has taken is that node's, whose loop starts the run within
+        HAND_OVER_WITHIN of the take: its answer is waited for, so that the caller
+        is told whether the run started (never left to start after the command
+        said it did not)."""
+        from sqlalchemy import delete, select
+        from sqlalchemy.exc import DBAPIError
+        requests = control_tables()[3]
+        try:
+            with self.cluster.database.engine.begin() as connection:
+                if connection.execute(delete(requests).where(
+                        mine, requests.c.state == WAITING)).rowcount:
+                    return f"the run-now of {job} was withdrawn before any node took it: " \
+                           f"it will not run"
+        except DBAPIError as exc:
+            log.debug("run-now request not withdrawn: %s", _describe(exc))
+        told = False
+        until = time.monotonic() + HAND_OVER_WITHIN + TAKE_SLACK
+        while True:
+            row = self._read(select(requests).where(mine))
+            if row is None:
+                return f"the run-now of {job} was not requested (or was withdrawn): it " \
+                       f"will not run"
+            if row is not _UNREAD:
+                if row.state == STARTED:
+                    return f"{row.message} (the run had started before the interrupt)"
+                if row.state == REFUSED:
+                    return row.message
+                if row.state == TAKEN and not told:
+                    told = True
+                    from .logs import command_error
+                    command_error(f"interrupted: node {row.node} has taken the run-now of "
+                                  f"{job}; waiting up to {HAND_OVER_WITHIN + TAKE_SLACK:g}s "
+                                  f"for whether its run starts")
+            if time.monotonic() > until:
+                return f"the run-now of {job} was taken by a node that has not answered; " \
+                       f"whether its run started is unknown: see --status and --history"
+            time.sleep(POLL)
 
     def _await(self, mine, job: str, within: float) -> tuple[int, str]:
         """The answer to the request `mine`: a node's; or, once it has expired
@@ -585,6 +627,10 @@ class Caller:
 _UNREAD = object()     # a request's row that could not be read this time
 
 
+class RunNowInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a cluster --run-now: what became of its request."""
+
+
 def _jobs_of(row) -> dict[str, str | None]:
     try:
         jobs = json.loads(row.jobs or "{}")
@@ -607,7 +653,11 @@ def command(config, name: str, job: str | None) -> int:
             _print_status(caller, live)
             return EXIT_OK
         if name == "run-now":
-            code, message = caller.run_now(job, live)
+            try:
+                code, message = caller.run_now(job, live)
+            except RunNowInterrupted as exc:
+                command_error(f"interrupted: {exc}")
+                return EXIT_INTERRUPTED
             if code != EXIT_OK:
                 command_error(message)
                 return code

@@ -35,7 +35,8 @@ class Health(NoObserver):
     """/healthz: the loop turns (draining after a stop signal included). /readyz:
     the job database answered last time it was asked, the process is not stopping,
     and the runtime has no reason of its own not to be ready (a cluster node whose
-    heartbeat failed)."""
+    heartbeat failed; a daemon that has not read its paused jobs yet, and so starts
+    no scheduled run: worker.control)."""
 
     def __init__(self, stall_after: float) -> None:
         self.stall_after = stall_after
@@ -62,6 +63,8 @@ class Health(NoObserver):
             return "stopping"
         if not self.ready:
             return "the job database is not answering"
+        if not getattr(getattr(self.runtime, "paused", None), "known", True):
+            return "the paused jobs are not read yet: no scheduled run starts"
         cluster = getattr(self.runtime, "cluster", None)
         return cluster.readiness_problem() if cluster is not None else None
 
