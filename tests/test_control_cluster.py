@@ -487,3 +487,50 @@ def test_ctrl_c_after_a_node_took_the_run_now_says_whether_its_run_started(
     else:
         assert "nothing started" in err and "unless" not in err, err
     assert query(runs_url, "SELECT COUNT(*) FROM worker_requests") == [(0,)]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_reload_onto_another_cluster_database_holds_its_paused_jobs_at_once(
+        control_runs, tmp_path, daemons):
+    """A reload pointing the node at another cluster database, where `tick` is
+    paused: before, the node kept the old database's pauses until its next
+    heartbeat's pass and ran `tick` every second meanwhile (heartbeat 6 s here)."""
+    db_url = control_runs
+    tick = token()
+    first, second = (f"sqlite:///{tmp_path / name}" for name in ("a.db", "b.db"))
+    jobs = f"""\
+  - {{name: tick, call: 'tests.jobfuncs:record_control_run', every: 1s,
+      kwargs: {{name: {tick}}}}}
+"""
+
+    def config_on(run_table: str):
+        config = cluster_config(tmp_path / "jobs.yaml", db_url, run_table_url=run_table,
+                                jobs=jobs)
+        config.write_text(config.read_text().replace("lease: 3.0s", "lease: 30s")
+                          .replace("heartbeat: 0.5s", "heartbeat: 6s"))
+        return config
+
+    from worker.cluster import metadata
+    from worker.control_cluster import ensure_control_schema
+    engine = create_engine(second)
+    try:
+        metadata.create_all(engine)       # the run table and worker_schema
+        ensure_control_schema(engine)
+    finally:
+        engine.dispose()
+    query(second, "INSERT INTO worker_paused (job, since_ms, node) VALUES ('tick', 1, 'test')")
+    config = config_on(first)
+    node = daemons(config, env={"NODE": "node-a"})
+    node.wait_for("daemon started", timeout=40)
+    assert wait_for(lambda: runs(db_url, tick))      # not paused in the first one
+    config_on(second)
+    node.signal(signal.SIGHUP)
+    node.wait_for("reloaded")
+    reloaded = time.time()
+    time.sleep(3)
+    assert runs(db_url, tick, after=reloaded + 0.2) == [], node.log
+    node.wait_for("paused jobs (until --resume): tick")
+    assert on("elsewhere", config, "--resume", "tick").returncode == 0
+    back = time.time()
+    assert wait_for(lambda: runs(db_url, tick, after=back))
+    assert node.stop() == 0

@@ -226,6 +226,9 @@ class Control:
             log.warning("the reload %s a cluster section: the commands still go %s until "
                         "the daemon restarts", "removed" if self.clustered else "added",
                         "through the database" if self.clustered else "through the socket")
+        if self.node is not None and runtime.cluster is not None \
+                and runtime.cluster is not self.node.cluster:
+            self.node.cluster_replaced(runtime.cluster)
         files = control_files(runtime.config)
         if self.clustered or files == self.files:
             return

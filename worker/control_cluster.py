@@ -125,6 +125,15 @@ class ClusterPausedJobs(PausedNames):
         self.cluster = cluster
         self._read_at = float("-inf")
         self.known = False
+        # A reload's new membership (another database) whose pauses are not read
+        # yet: until they are, none is known (the old database's are not its own).
+        self.awaited = None
+
+    def await_cluster(self, cluster) -> None:
+        """On the loop thread, in a reload that replaces the membership: the
+        scheduled runs wait until the new database's pauses are read."""
+        self.awaited = cluster
+        self.known = False
 
     def refresh(self, force: bool = False) -> None:
         from sqlalchemy import select
@@ -145,6 +154,10 @@ class ClusterPausedJobs(PausedNames):
             log.info("job=%s %s (through the cluster)", name, "paused" if name in names
                      else "resumed", extra={"job": name})
         self._names = names
+        if self.awaited is not None:
+            if self.awaited is not self.cluster:
+                return      # the old database's pauses: the new one's are awaited
+            self.awaited = None
         if not self.known:
             self.known = True
             if names:
@@ -241,6 +254,8 @@ class ClusterNode:
         self._schema_ready = False
         self._handed: queue.SimpleQueue[RunNow] = queue.SimpleQueue()
         self._closing = threading.Event()
+        self._nudge = threading.Event()     # a pass now, not a heartbeat later
+        self._left = None                   # the membership a reload replaced
         self._first_pass = threading.Event()
         self.cluster.membership = self.row      # removed by the cluster's stop
         self._thread = threading.Thread(target=self._serve, name="cluster-commands",
@@ -261,6 +276,7 @@ class ClusterNode:
         A thread stuck in a statement is left; the row it may still write ages out
         of its lease."""
         self._closing.set()
+        self._nudge.set()
         self.row.closed = True
         self._thread.join(5)
 
@@ -305,18 +321,31 @@ class ClusterNode:
 
     def _serve(self) -> None:
         while True:     # the first pass at once (start-up waits for it a little)
+            self._nudge.clear()     # before the pass: a nudge during it is not lost
             try:
                 self._duties()
             except Exception as exc:  # of any kind: again next heartbeat
                 log.warning("cluster commands: %s", _describe(exc))
             finally:
                 self._first_pass.set()
-            if self._closing.wait(self.cluster.settings.heartbeat):
+            self._nudge.wait(self.cluster.settings.heartbeat)
+            if self._closing.is_set():
                 return
 
+    def cluster_replaced(self, cluster) -> None:
+        """On the loop thread, in a reload whose runtime has another membership (a
+        new cluster section): its pauses are read at once, and until they are no
+        scheduled run starts (a job paused only in the new database ran once a
+        second until the next heartbeat's pass)."""
+        self.paused.await_cluster(cluster)
+        self._nudge.set()
+
     def _duties(self) -> None:
-        cluster = self.loop.runtime.cluster
-        if cluster is not self.cluster and cluster is not None:
+        # The awaited membership first: the reload names it before its runtime is
+        # the loop's; and not back to the one just left while the loop has not
+        # taken the reload's runtime yet.
+        cluster = self.paused.awaited or self.loop.runtime.cluster
+        if cluster is not None and cluster is not self.cluster and cluster is not self._left:
             self._rebind(cluster)
         if not self._schema_ready:      # raises: tried again next heartbeat
             ensure_control_schema(self.cluster.database.engine)
@@ -338,6 +367,7 @@ class ClusterNode:
         old, self.row = self.row, NodeRow(cluster)
         self.row.jobs = old.jobs
         self.cluster.membership = None
+        self._left = self.cluster
         self.cluster = self.paused.cluster = cluster
         self._join(cluster)
         old.leave()
