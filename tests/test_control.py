@@ -35,6 +35,33 @@ def cli(config: Path, *args: str, as_uid: int | None = None) -> subprocess.Compl
                            *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
+def interrupted(config: Path, args: list[str], waits, env: dict | None = None) -> \
+        tuple[int, str]:
+    """Ctrl-C on the command line once `waits()` says it waits for its answer: its
+    exit code and stderr."""
+    caller = subprocess.Popen([sys.executable, str(ROOT / "run_worker.py"), "-c", str(config),
+                               *args], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert waits(), "the command did not come to wait"
+        caller.send_signal(signal.SIGINT)
+        _, err = caller.communicate(timeout=20)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+    return caller.returncode, err
+
+
+def yearly_jobs(name: str, seconds: float | None = None) -> str:
+    """A job `yearly` (not due for months) recording its runs under `name`."""
+    extra = f", seconds: {seconds}" if seconds is not None else ""
+    return f"""\
+        - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
+            kwargs: {{name: {name}{extra}}}}}
+        """
+
+
 def _cli_as(uid: int, config: Path, *args: str) -> subprocess.CompletedProcess:
     """The command line run as `uid` in a forked child of this process: the
     checkout and its virtual environment may sit where another uid cannot read
@@ -116,10 +143,7 @@ def test_run_now_runs_once_and_is_refused_with_75_while_its_run_goes_on(
         control_runs, tmp_path, daemons):
     db_url = control_runs
     name = token()
-    config = write_config(tmp_path / "jobs.yaml", db_url, f"""\
-        - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
-            kwargs: {{name: {name}, seconds: 8}}}}
-        """)
+    config = write_config(tmp_path / "jobs.yaml", db_url, yearly_jobs(name, seconds=8))
     daemon = daemons(config)
     daemon.wait_for("daemon started")
     time.sleep(0.5)
@@ -329,10 +353,7 @@ def test_a_run_now_whose_caller_was_told_69_never_runs(control_runs, tmp_path, d
     "no daemon answers" found the run had happened."""
     db_url = control_runs
     name = token()
-    jobs = f"""\
-        - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
-            kwargs: {{name: {name}}}}}
-        """
+    jobs = yearly_jobs(name)
     config = write_config(tmp_path / "jobs.yaml", db_url, jobs)
     original = config.read_text()
     daemon = daemons(config, env={"RUN_WORKER_CONTROL_WAIT": "1"})
@@ -484,10 +505,7 @@ def test_a_run_now_sent_to_a_stopped_daemon_never_runs_once_its_caller_gave_up(
     operator had been told did not happen."""
     db_url = control_runs
     name = token()
-    config = write_config(tmp_path / "jobs.yaml", db_url, f"""\
-        - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
-            kwargs: {{name: {name}}}}}
-        """)
+    config = write_config(tmp_path / "jobs.yaml", db_url, yearly_jobs(name))
     daemon = daemons(config)
     daemon.wait_for("daemon started")
     assert cli(config, "--status").returncode == 0
@@ -540,29 +558,17 @@ def test_ctrl_c_while_a_command_waits_is_130_one_line_and_nothing_done(
     traceback and exit 1."""
     db_url = control_runs
     name = token()
-    config = write_config(tmp_path / "jobs.yaml", db_url, f"""\
-        - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
-            kwargs: {{name: {name}}}}}
-        """)
+    config = write_config(tmp_path / "jobs.yaml", db_url, yearly_jobs(name))
     daemon = daemons(config)
     daemon.wait_for("daemon started")
     assert cli(config, "--status").returncode == 0
     daemon.signal(signal.SIGSTOP)
     try:
-        caller = subprocess.Popen([sys.executable, str(ROOT / "run_worker.py"), "-c",
-                                   str(config), "--run-now", "yearly"], cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            time.sleep(2)           # connected, sent, waiting for the answer
-            caller.send_signal(signal.SIGINT)
-            _, err = caller.communicate(timeout=20)
-        finally:
-            if caller.poll() is None:
-                caller.kill()
-                caller.wait()
+        # After 2 s: connected, sent, waiting for the answer.
+        code, err = interrupted(config, ["--run-now", "yearly"], lambda: time.sleep(2) or True)
     finally:
         daemon.signal(signal.SIGCONT)
-    assert caller.returncode == 130, err
+    assert code == 130, err
     assert err.startswith("run-worker: interrupted") and len(err.splitlines()) == 1, err
     daemon.wait_for("control command run-now yearly not carried out")
     assert cli(config, "--status").returncode == 0
@@ -765,23 +771,14 @@ def test_ctrl_c_while_the_daemons_answer_is_in_flight_tells_that_the_run_started
     daemon = threading.Thread(target=stand_in, daemon=True)
     daemon.start()
     try:
-        caller = subprocess.Popen([sys.executable, str(ROOT / "run_worker.py"), "-c",
-                                   str(config), "--run-now", "yearly"], cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert wait_until_true(lambda: requests, 20)
-            time.sleep(0.3)
-            caller.send_signal(signal.SIGINT)
-            _, err = caller.communicate(timeout=20)
-        finally:
-            if caller.poll() is None:
-                caller.kill()
-                caller.wait()
+        code, err = interrupted(config, ["--run-now", "yearly"],
+                                lambda: wait_until_true(lambda: requests, 20)
+                                and not time.sleep(0.3))
         daemon.join(20)
     finally:
         listener.close()
         os.close(dir_fd)
-    assert caller.returncode == 130, err
+    assert code == 130, err
     assert len(err.splitlines()) == 1, err
     assert "interrupted" in err and "job yearly: run started" in err, err
 

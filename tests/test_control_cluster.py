@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 from tests.conftest import ROOT
 from tests.processes import history_rows
 from tests.test_cluster import cluster_config, run_table_url, wait_for  # noqa: F401
-from tests.test_control import cli, control_runs, runs, token  # noqa: F401
+from tests.test_control import cli, control_runs, interrupted, runs, token  # noqa: F401
 from tests.test_daemon import write_config
 
 CONTROL_TABLES = ("worker_paused", "worker_nodes", "worker_requests")
@@ -324,22 +324,14 @@ def test_a_run_now_interrupted_while_it_waits_is_withdrawn_and_never_runs(
     assert wait_for(lambda: on("elsewhere", config, "--status").returncode == 0)
     node.signal(signal.SIGSTOP)
     try:
-        caller = subprocess.Popen(
-            [sys.executable, str(ROOT / "run_worker.py"), "-c", str(config), "--run-now",
-             "yearly"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env={**os.environ, "NODE": "elsewhere"})
-        try:
-            assert wait_for(lambda: query(runs_url, "SELECT state FROM worker_requests")
-                            == [("waiting",)], timeout=20)
-            caller.send_signal(signal.SIGINT)
-            _, err = caller.communicate(timeout=20)
-        finally:
-            if caller.poll() is None:
-                caller.kill()
-                caller.wait()
+        code, err = interrupted(
+            config, ["--run-now", "yearly"],
+            lambda: wait_for(lambda: query(runs_url, "SELECT state FROM worker_requests")
+                             == [("waiting",)], timeout=20),
+            env={**os.environ, "NODE": "elsewhere"})
     finally:
         node.signal(signal.SIGCONT)
-    assert caller.returncode == 130, err
+    assert code == 130, err
     assert "Traceback" not in err and "interrupted" in err, err
     assert query(runs_url, "SELECT COUNT(*) FROM worker_requests") == [(0,)]
     time.sleep(3)       # six heartbeats of the node
@@ -465,7 +457,7 @@ def test_ctrl_c_after_a_node_took_the_run_now_says_whether_its_run_started(
         state, code = ("started", 0) if answer == "started" else ("refused", 69)
         query(runs_url, "UPDATE worker_requests SET state = :state, code = :code, "
                         "message = :message WHERE state = 'taken'", state=state,
-              code=code, message=f"job yearly: run started on node node-a"
+              code=code, message="job yearly: run started on node node-a"
               if code == 0 else "node node-a took the run-now of yearly, but could not "
                                 "start it within 5s: nothing started")
         answered.append(time.monotonic())
