@@ -162,6 +162,22 @@ def test_a_cluster_occurrence_without_a_row_is_a_lost_run():
     assert invariants.lost_runs(history(2, procs=[proc], run_rows=lost)) == []
 
 
+def test_a_cluster_occurrence_cancelled_by_a_stop_before_it_began_is_accounted_for():
+    """The node that claimed it was stopped while the run waited for a thread: its
+    claim released, no row; the worker's "not started" line names it."""
+    node = "n1-1"
+    slots = [T0 + 2 * k for k in range(0, 21)]
+    rows = [RunRow("tick", int(s * 1000), node, int(s * 1000), int(s * 1000) + 100,
+                   "success", 0) for s in slots]
+    lost = rows[:8] + rows[9:]
+    proc = daemon([], node=node)
+    assert len(invariants.lost_runs(history(2, procs=[proc], run_rows=lost))) == 1
+    due = datetime.fromtimestamp(slots[8]).astimezone().isoformat(timespec="seconds")
+    proc.lines.insert(1, line(slots[8] + 1, f"job=tick run due at {due} not started: the "
+                                            f"worker was stopping (it was waiting ...)"))
+    assert invariants.lost_runs(history(2, procs=[proc], run_rows=lost)) == []
+
+
 # --- a hang, exit codes, resources, logs ---------------------------------------------
 
 def test_a_process_that_does_not_stop_after_sigterm_is_a_hang():

@@ -88,6 +88,32 @@ def test_stop_past_the_shutdown_timeout_cancels_and_rolls_back(db_url, tmp_path,
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_run_waiting_for_a_thread_when_the_stop_cancels_it_is_named_in_the_log(
+        db_url, tmp_path, daemons):
+    """One thread, held by a long job; `tick`'s run waits for it. The stop cancels
+    that run before it began. Before: only "1 cancelled" in the loop's last line
+    said so; in a cluster that occurrence had been claimed by this node, so no
+    other ran it (chaos run, postgresql, seed 9403: four occurrences lost without
+    a line)."""
+    config = write_config(tmp_path / "jobs.yaml", db_url, """\
+        - name: endless
+          call: tests.jobfuncs:record_then_long_query
+          every: 1h
+          kwargs: {name: endless, seconds: 60}
+        - {name: tick, call: 'tests.jobfuncs:record_run', every: 1s, kwargs: {name: tick}}
+        """, shutdown_timeout="1s", max_workers=1)
+    daemon = daemons(config)
+    daemon.wait_for("job=endless starting")
+    daemon.wait_for("job=tick starting")             # queued behind endless
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 1
+    assert runs(db_url, "tick") == []
+    [line] = [line for line in daemon.log.splitlines() if "job=tick run due at" in line
+              and "not started: the worker was stopping" in line]
+    assert "that occurrence does not run" in line
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_a_job_cancelled_while_busy_in_python_is_rolled_back(db_url, tmp_path, daemons):
     """Cancelled at the stop while in Python (no statement to cancel), the job then
     returns: what it wrote is rolled back, not committed, and the run is cancelled."""

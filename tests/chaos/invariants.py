@@ -136,6 +136,8 @@ OVERLAP_FIRST = re.compile(r"^job=(\S+) run due at \S+ skipped: the previous run
 OVERLAP_COUNT = re.compile(r"^job=(\S+) (\d+) (?:more )?run\(s\) (?:were )?skipped")
 MISFIRE = re.compile(r"^job=(\S+) missed (\d+) run\(s\), the latest at (\S+),")
 COALESCED = re.compile(r"^job=(\S+) missed (\d+) run\(s\) since the last report")
+NOT_STARTED = re.compile(r"^job=(\S+) run due at (\S+) not started: the worker was "
+                         r"stopping")
 REFUSED = re.compile(r"^job=(\S+) (?:skipped|failed): ")
 CLAIM_LOST = re.compile(r"^job=(\S+):? (?:could not claim its run|whether its claim "
                         r"was recorded is unknown)")
@@ -417,6 +419,11 @@ def _accounted_slots(history: History) -> set[tuple[str, int]]:
                 for back in range(int(misfire.group(2))):
                     if job:
                         out.add((misfire.group(1), (latest - back * job.every) * 1000))
+                continue
+            not_started = NOT_STARTED.match(message)
+            if not_started:     # claimed here, cancelled by the stop before it began
+                out.add((not_started.group(1),
+                         round(_wall(not_started.group(2))) * 1000))
                 continue
             refused = REFUSED.match(message) or CLAIM_LOST.match(message)
             if refused:
