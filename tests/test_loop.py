@@ -21,7 +21,7 @@ from worker.config import Config, DatabaseSettings, JobSpec, RetryPolicy, Worker
 from worker.db import Database
 from worker.ledger import HostLedger
 from worker.locks import HostLocks, JobLock
-from worker.loop import Waker, WorkLoop, new_run_id, with_changes
+from worker.loop import RunIds, Waker, WorkLoop, with_changes
 from worker.pool import WorkerPool
 from worker.runner import Outcome
 from worker.sources import BatchSource
@@ -244,9 +244,7 @@ def test_a_batchs_runs_get_distinct_uuid4_run_ids_without_a_random_read_per_run(
     the GIL) once per run."""
     import uuid
 
-    from worker.loop import _RunIds
-    monkeypatch.setattr("worker.loop.new_run_id", _RunIds())   # a fresh pool
-    reads = []
+    reads = []      # (each loop has its own pool of random bytes)
     real_urandom = os.urandom
     monkeypatch.setattr(os, "urandom", lambda n: reads.append(n) or real_urandom(n))
     database = Database(DatabaseSettings(url=f"sqlite:///{tmp_path / 'w.db'}",
@@ -266,6 +264,7 @@ def test_a_batchs_runs_get_distinct_uuid4_run_ids_without_a_random_read_per_run(
 
 
 def test_run_ids_stay_unique_across_threads_and_a_fork():
+    new_run_id = RunIds()
     ids: list[str] = []
     threads = [threading.Thread(target=lambda: ids.extend(new_run_id() for _ in range(5000)))
                for _ in range(4)]

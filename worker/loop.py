@@ -157,6 +157,7 @@ class WorkLoop:
         self._stop = _StopState()
         self._reload_requested = False
         self._runs = self._cancelled = 0
+        self._run_ids = RunIds()
         self._last_watchdog = float("-inf")    # not 0: monotonic starts near 0 at boot
         self._last_stuck_check = float("-inf")
         # Called with the loop on each turn, on the loop thread (daemon: the control
@@ -324,7 +325,7 @@ class WorkLoop:
                             extra={"job": run.job.name})
                 self._record(run, JobResult(run.job.name, outcome, 0, 0.0, ticket.reason))
             return
-        run = with_changes(run, run_id=new_run_id())    # its hooks' shared run_id
+        run = with_changes(run, run_id=self._run_ids())  # its hooks' shared run_id
         self.source.started(run)
         self.observer.run_started(run, runtime)
         name = run.job.name
@@ -580,7 +581,7 @@ def with_changes(instance, **changes):
     return new
 
 
-class _RunIds:
+class RunIds:
     """Random (version 4) UUIDs as strings, as str(uuid.uuid4()) makes them, from
     random bytes read BATCH ids at a time: uuid4() read 16 bytes per run with a
     getrandom() call (which releases the GIL) and built a UUID object, 2.8 us;
@@ -608,8 +609,6 @@ class _RunIds:
         h = raw.hex()
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
-
-new_run_id = _RunIds()
 
 
 def _result_of(running: _Running) -> JobResult:
