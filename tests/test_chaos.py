@@ -230,6 +230,21 @@ def test_threads_or_files_that_grow_are_reported():
     assert len(found) == 1 and "threads at its end" in found[0].message
 
 
+def test_files_held_by_a_monitoring_listener_a_reload_turned_on_are_not_growth():
+    """A `metrics` section added by a reload opens the HTTP listener (4 files, 2-3
+    threads): seen as growth in a 20-minute MariaDB run (seed 9502: 7 files at 10 s,
+    15 at the end, max_workers 2)."""
+    proc = daemon([])
+    proc.samples = [(T0 + 11, 10, 7), (T0 + 30, 12, 15)]
+    grown = 7 + PLAN.max_workers + 5 + 1
+    proc.samples[-1] = (T0 + 30, 12, grown)
+    assert len(invariants.resources(history(procs=[proc]))) == 1
+    proc.versions.append((T0 + 20, replace(PLAN, version=PLAN.version + 1, metrics=True)))
+    assert invariants.resources(history(procs=[proc])) == []
+    proc.samples[-1] = (T0 + 30, 12, grown + invariants.MONITORING_FILES)
+    assert len(invariants.resources(history(procs=[proc]))) == 1
+
+
 def test_a_stderr_line_that_is_not_json_is_reported():
     proc = daemon([])
     assert invariants.json_logs(history(procs=[proc])) == []
