@@ -915,6 +915,9 @@ def test_readyz_is_503_while_the_cluster_heartbeat_fails(db_url, run_table_url, 
 """)
         daemon = daemons(config, env={"NODE": "cut"})
         port = listening_port(daemon)
+        # Once started: the listener answers earlier, before the node's first read
+        # of the paused jobs, which the cut would then hold up as well.
+        daemon.wait_for("daemon started", timeout=30)
         wait_until(lambda: get(port, "/readyz")[0] == 200, 20, "/readyz 200 at start")
         proxy.cut()
         status, body = wait_until(lambda: (lambda answer: answer[0] == 503 and answer)(

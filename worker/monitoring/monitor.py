@@ -63,10 +63,14 @@ class Health(NoObserver):
             return "stopping"
         if not self.ready:
             return "the job database is not answering"
-        if not getattr(getattr(self.runtime, "paused", None), "known", True):
-            return "the paused jobs are not read yet: no scheduled run starts"
+        # A failing cluster heartbeat first: it is also why a node's pauses may
+        # not be read yet.
         cluster = getattr(self.runtime, "cluster", None)
-        return cluster.readiness_problem() if cluster is not None else None
+        problem = cluster.readiness_problem() if cluster is not None else None
+        if problem is None and not getattr(getattr(self.runtime, "paused", None),
+                                           "known", True):
+            problem = "the paused jobs are not read yet: no scheduled run starts"
+        return problem
 
     def live(self) -> tuple[bool, str]:
         # Draining after SIGTERM is alive: a liveness probe failing then would have
