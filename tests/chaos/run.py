@@ -159,12 +159,17 @@ class ChaosRun:
 
     def _wait_until(self, moment: float) -> None:
         while True:
-            now = time.time()
-            for _, what, node in self.timers.take(now):
-                self._end(what, node)
+            now = self._end_due()
             if now >= moment:
                 return
             time.sleep(min(0.1, moment - now))
+
+    def _end_due(self) -> float:
+        """End the pauses and outages due by now; now."""
+        now = time.time()
+        for _, what, node in self.timers.take(now):
+            self._end(what, node)
+        return now
 
     def _end(self, what: str, node: int) -> None:
         if what == "pause":
@@ -196,10 +201,17 @@ class ChaosRun:
     def _await_reload(self, daemon: Process, before: int, sent: float) -> None:
         """Wait for the node's reload line; its time is when the new plan took over."""
         deadline = sent + ANSWER_WITHIN
-        while time.time() < deadline and daemon.alive():
+        while daemon.alive():
+            # Looked at once at least: a node awaited after another one, past its own
+            # deadline, had answered in time (seed 34332388: flagged all the same).
             if daemon.count(RELOAD_LINES) > before:
                 self._note_reload(daemon, before)
                 return
+            # Outages and pauses end on time meanwhile: a node waiting at start-up
+            # for its database answers the SIGHUP once it has started, and its
+            # outage ended only after this wait gave up (seed 34332388).
+            if self._end_due() >= deadline:
+                break
             time.sleep(0.05)
         if daemon.alive():
             daemon.record.unanswered_hups.append(sent)
