@@ -324,6 +324,16 @@ class RawCaller:
         self.opened.append(caller)
         return caller
 
+    def fill_backlog(self) -> None:
+        """Connect until the socket's queue is full (the daemon stopped: nobody
+        accepts)."""
+        for _ in range(2000):
+            try:
+                self.connect(blocking=False)
+            except BlockingIOError:
+                return
+        pytest.fail("the backlog never filled")
+
     def ask(self, command: str, job: str | None = None) -> dict:
         caller = self.connect()
         caller.sendall(json.dumps({"command": command, "job": job}).encode() + b"\n")
@@ -395,13 +405,7 @@ def test_a_full_backlog_is_69_and_a_clear_message_not_a_traceback(db_url, tmp_pa
     raw = RawCaller(config)
     daemon.signal(signal.SIGSTOP)
     try:
-        for _ in range(2000):
-            try:
-                raw.connect(blocking=False)
-            except BlockingIOError:
-                break
-        else:
-            pytest.fail("the backlog never filled")
+        raw.fill_backlog()
         done = cli(config, "--status")
         assert done.returncode == 69, done.stderr
         assert "Traceback" not in done.stderr
@@ -592,13 +596,7 @@ def test_a_second_daemon_starts_beside_a_stopped_one_whose_socket_queue_is_full(
     raw = RawCaller(config)
     first.signal(signal.SIGSTOP)
     try:
-        for _ in range(2000):
-            try:
-                raw.connect(blocking=False)
-            except BlockingIOError:
-                break
-        else:
-            pytest.fail("the backlog never filled")
+        raw.fill_backlog()
         second = daemons(config)
         second.wait_for("daemon started", timeout=20)
         assert "another daemon answers on its control socket" in second.log
