@@ -245,6 +245,22 @@ def test_locked_control_tables_do_not_hold_up_the_scheduled_runs(
     assert node.stop() == 0
 
 
+def yearly_node(tmp_path, db_url: str, runs_url: str, daemons):
+    """One node (long lease) with a job `yearly`, not due for months, recording its
+    runs under a name of its own, started and answering --status: (config, node,
+    that name)."""
+    yearly = token()
+    config = long_lease(cluster_config(
+        tmp_path / "jobs.yaml", db_url, run_table_url=runs_url, jobs=f"""\
+  - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
+      kwargs: {{name: {yearly}}}}}
+"""))
+    node = daemons(config, env={"NODE": "node-a"})
+    node.wait_for("daemon started")
+    assert wait_for(lambda: on("elsewhere", config, "--status").returncode == 0)
+    return config, node, yearly
+
+
 def long_lease(config):
     """A lease of 30 s (statement timeout 5 s): a node stopped for 15 s stays live."""
     config.write_text(config.read_text().replace("lease: 3.0s", "lease: 30s"))
@@ -269,15 +285,7 @@ def test_a_run_now_taken_by_a_node_stopped_past_its_callers_wait_never_runs(
     fresh 5 s and the run started, 15 s after its caller gave up (69)."""
     from worker.control_cluster import ANSWER_SLACK
     db_url, runs_url = control_runs, cluster_tables
-    yearly = token()
-    config = long_lease(cluster_config(
-        tmp_path / "jobs.yaml", db_url, run_table_url=runs_url, jobs=f"""\
-  - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
-      kwargs: {{name: {yearly}}}}}
-"""))
-    node = daemons(config, env={"NODE": "node-a"})
-    node.wait_for("daemon started")
-    assert wait_for(lambda: on("elsewhere", config, "--status").returncode == 0)
+    config, node, yearly = yearly_node(tmp_path, db_url, runs_url, daemons)
     engine = create_engine(runs_url)
     try:
         with engine.connect() as locker:
@@ -313,15 +321,7 @@ def test_a_run_now_interrupted_while_it_waits_is_withdrawn_and_never_runs(
     the node took it at SIGCONT and the run started, after the operator had given
     up on it."""
     db_url, runs_url = control_runs, cluster_tables
-    yearly = token()
-    config = long_lease(cluster_config(
-        tmp_path / "jobs.yaml", db_url, run_table_url=runs_url, jobs=f"""\
-  - {{name: yearly, call: 'tests.jobfuncs:record_control_run', cron: '0 0 1 1 *',
-      kwargs: {{name: {yearly}}}}}
-"""))
-    node = daemons(config, env={"NODE": "node-a"})
-    node.wait_for("daemon started")
-    assert wait_for(lambda: on("elsewhere", config, "--status").returncode == 0)
+    config, node, yearly = yearly_node(tmp_path, db_url, runs_url, daemons)
     node.signal(signal.SIGSTOP)
     try:
         code, err = interrupted(
